@@ -1,0 +1,1 @@
+"""Thin shared library of the five pipelines: config, runtime, checkpoints, run logs, losses, metrics, ensembling, plotting."""

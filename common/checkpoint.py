@@ -1,0 +1,305 @@
+"""Checkpoints that rebuild their model on their own (nnU-Net style), written atomically.
+
+A checkpoint is a dict of plain Python types and tensors, loadable with ``torch.load(weights_only=True)``:
+
+    project, format_version, domain, created, git_sha, versions
+    model: {"target": "asl.models.SpatialASLNet", "kwargs": {...}}   # class path + constructor arguments
+    state_dict                                                       # unwrapped from DDP / torch.compile
+    optimizer, scheduler, scaler, rng                                # full training state (optional)
+    epoch, step, best_metric, best_metric_name
+    config, preprocessing, extra                                     # resolved config, data metadata
+
+Models are built with :func:`build_model`, which records ``model_spec`` on the instance so that
+:func:`save_checkpoint` stores the class path and arguments without the caller repeating them.
+Validation calls :func:`load_model` and never names a model class.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import math
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.runtime import unwrap_model
+
+PROJECT_TAG = "imaging-pipelines"
+FORMAT_VERSION = 1
+# Checkpoints may only name classes inside the project's own packages.
+ALLOWED_MODEL_PACKAGES = ("common", "asl", "vmat", "rsna_spine", "lensing", "abr")
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a usable checkpoint of this project; the message names the file and why."""
+
+
+# ----------------------------------------------------------------------------------------- model spec
+def _check_plain(value: Any, where: str) -> None:
+    """Model kwargs must be plain data (they are saved and must rebuild the model without code)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: keys must be str, got {type(key).__name__}")
+            _check_plain(item, f"{where}.{key}")
+        return
+    raise TypeError(f"{where}: {type(value).__name__} is not plain data (use int/float/str/bool/list/dict)")
+
+
+def _import_target(target: str):
+    if not isinstance(target, str) or "." not in target:
+        raise CheckpointError(f"model target must be 'package.module.Class', got {target!r}")
+    module_name, _, class_name = target.rpartition(".")
+    if module_name.split(".")[0] not in ALLOWED_MODEL_PACKAGES:
+        raise CheckpointError(
+            f"model target '{target}' is outside this project's packages {ALLOWED_MODEL_PACKAGES}")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointError(f"cannot import model class '{target}': {exc}") from exc
+
+
+def build_model(target: str, kwargs: Mapping | None = None) -> torch.nn.Module:
+    """Instantiate ``target`` (a class path) with plain ``kwargs`` and record the spec on the model."""
+    kwargs = dict(kwargs or {})
+    _check_plain(kwargs, f"{target} kwargs")
+    cls = _import_target(target)
+    model = cls(**kwargs)
+    model.model_spec = {"target": target, "kwargs": kwargs}
+    return model
+
+
+def model_spec(model: torch.nn.Module) -> dict:
+    """The {target, kwargs} recorded by :func:`build_model` (or set by hand on the model)."""
+    spec = getattr(unwrap_model(model), "model_spec", None)
+    if spec is None:
+        raise CheckpointError(
+            f"{type(unwrap_model(model)).__name__} has no model_spec: create it with "
+            "common.checkpoint.build_model(target, kwargs) so the checkpoint can rebuild it")
+    return spec
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Strip the 'module.' (DDP) and '_orig_mod.' (torch.compile) prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------ rng state
+def capture_rng_state() -> dict:
+    """torch / numpy / python RNG states as tensors and plain types (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state_to_plain(state):
+    version, internal, gauss = state
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def restore_rng_state(state: Mapping) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- save
+def environment_versions() -> dict:
+    import platform
+    import sys
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__),
+            "platform": platform.platform()}
+
+
+def git_sha(cwd: str | Path | None = None) -> str | None:
+    """Commit of the working tree (None outside git); reads .git directly so git need not be installed."""
+    start = Path(cwd or Path(__file__).resolve().parent)
+    for folder in [start, *start.parents]:
+        git_dir = folder / ".git"
+        if git_dir.is_dir():
+            head = (git_dir / "HEAD").read_text().strip()
+            if head.startswith("ref: "):
+                ref = head[5:]
+                ref_file = git_dir / ref
+                if ref_file.is_file():
+                    return ref_file.read_text().strip()
+                packed = git_dir / "packed-refs"
+                if packed.is_file():
+                    for line in packed.read_text().splitlines():
+                        if line.endswith(" " + ref):
+                            return line.split()[0]
+                return None
+            return head
+    return None
+
+
+def _to_plain_number(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, flush to disk, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact and no half-written checkpoint under ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, *, domain: str, config: Mapping | None = None,
+                    optimizer=None, scheduler=None, scaler=None, epoch: int = 0, step: int = 0,
+                    best_metric: float | None = None, best_metric_name: str | None = None,
+                    preprocessing: Mapping | None = None, extra: Mapping | None = None,
+                    include_rng: bool = True, spec: Mapping | None = None) -> Path:
+    """Write a checkpoint atomically (see the module docstring for its contents)."""
+    spec = dict(spec) if spec is not None else model_spec(model)
+    state = {
+        "project": PROJECT_TAG,
+        "format_version": FORMAT_VERSION,
+        "domain": domain,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "versions": environment_versions(),
+        "model": {"target": spec["target"], "kwargs": dict(spec["kwargs"])},
+        "state_dict": clean_state_dict(unwrap_model(model).state_dict()),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": capture_rng_state() if include_rng else None,
+        "epoch": int(epoch),
+        "step": int(step),
+        "best_metric": _to_plain_number(best_metric),
+        "best_metric_name": best_metric_name,
+        "config": dict(config) if config is not None else {},
+        "preprocessing": dict(preprocessing) if preprocessing is not None else {},
+        "extra": dict(extra) if extra is not None else {},
+    }
+    return atomic_torch_save(state, path)
+
+
+# ----------------------------------------------------------------------------------------------- load
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    expected_domain: str | None = None) -> dict:
+    """Load and validate a checkpoint (``weights_only=True``: no arbitrary code runs).
+
+    Accepts a checkpoint file or a run folder (then ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
+    """
+    path = resolve_checkpoint_path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, unsafe globals ...
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: not a readable checkpoint of this project "
+                              f"({type(exc).__name__}: {reason[:300]})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("project") != PROJECT_TAG:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no '{PROJECT_TAG}' tag)")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is not supported "
+                              f"(this code reads version {FORMAT_VERSION})")
+    if expected_domain is not None and ckpt.get("domain") != expected_domain:
+        raise CheckpointError(f"{path}: field 'domain' is '{ckpt.get('domain')}', but a '{expected_domain}' "
+                              "checkpoint is needed here")
+    for field in ("model", "state_dict"):
+        if field not in ckpt:
+            raise CheckpointError(f"{path}: missing field '{field}'")
+    return ckpt
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: folder holds neither checkpoint_best.pt nor checkpoint_last.pt")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def model_from_checkpoint(ckpt: Mapping, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model class recorded in ``ckpt`` and load its weights (strict)."""
+    spec = ckpt["model"]
+    model = build_model(spec["target"], spec.get("kwargs", {}))
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not fit {spec['target']}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               expected_domain: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Load a checkpoint file or run folder and rebuild its model, in eval mode on ``device``."""
+    ckpt = load_checkpoint(path, expected_domain=expected_domain)
+    return model_from_checkpoint(ckpt, device), ckpt
+
+
+def restore_training_state(ckpt: Mapping, model: torch.nn.Module, optimizer=None, scheduler=None,
+                           scaler=None, restore_rng: bool = True) -> dict:
+    """Load weights and optimizer/scheduler/scaler/RNG state into live objects for ``--resume``.
+
+    Returns {"epoch", "step", "best_metric"}; training continues at ``epoch + 1``.
+    """
+    unwrap_model(model).load_state_dict(ckpt["state_dict"], strict=True)
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if restore_rng and ckpt.get("rng"):
+        restore_rng_state(ckpt["rng"])
+    return {"epoch": int(ckpt.get("epoch", 0)), "step": int(ckpt.get("step", 0)),
+            "best_metric": ckpt.get("best_metric")}

@@ -1,0 +1,1 @@
+"""rsna_spine pipeline."""
