@@ -4,18 +4,22 @@
 - :func:`mc_dropout_predict`: the same over stochastic passes of one model with only dropout active.
 - :class:`SWA`: torch.optim.swa_utils.AveragedModel + SWALR, with a BatchNorm update that accepts the
   project's dict batches (swa_utils.update_bn only understands tensors or lists).
+- :class:`EMA`: exponential moving average of weights (evaluation and diffusion sampling).
 - :func:`train_members`: train ensemble members one after another with seeds ``seed + i`` so only
   one model occupies the GPU at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 from torch.optim.swa_utils import SWALR, AveragedModel
+
+from common.runtime import unwrap_model
 
 
 def _stack_outputs(outputs: list):
@@ -171,3 +175,60 @@ def train_members(n_members: int, base_seed: int, train_one: Callable[[int, int]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
+
+
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging), for evaluation and sampling.
+
+    shadow ← decay·shadow + (1 − decay)·weights after each optimizer step; the effective decay ramps up
+    as min(decay, (1 + n)/(10 + n)) so early averages are not dominated by the random init. Buffers
+    (e.g. BatchNorm statistics) are copied, not averaged.
+
+        ema = EMA(model, decay=0.999)
+        ... after optimizer.step(): ema.update(model)
+        with ema.applied(model): evaluate(model)       # swaps the EMA weights in, then back
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = float(decay)
+        self.num_updates = 0
+        model = unwrap_model(model)
+        self.shadow = {k: v.detach().clone().float() if v.dtype.is_floating_point else v.detach().clone()
+                       for k, v in model.state_dict().items()}
+        self._params = {name for name, _ in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for name, value in unwrap_model(model).state_dict().items():
+            if name in self._params and value.dtype.is_floating_point:
+                self.shadow[name].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+            else:
+                self.shadow[name].copy_(value.detach())
+
+    def copy_to(self, model: nn.Module) -> None:
+        target = unwrap_model(model)
+        state = target.state_dict()
+        target.load_state_dict({k: self.shadow[k].to(dtype=state[k].dtype, device=state[k].device) for k in state})
+
+    def applied(self, model: nn.Module):
+        """Context manager: EMA weights inside, the live weights restored on exit."""
+        @contextlib.contextmanager
+        def _swap():
+            backup = {k: v.detach().clone() for k, v in unwrap_model(model).state_dict().items()}
+            self.copy_to(model)
+            try:
+                yield model
+            finally:
+                unwrap_model(model).load_state_dict(backup)
+        return _swap()
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        for key, value in state["shadow"].items():
+            self.shadow[key] = value.clone()
