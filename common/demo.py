@@ -5,7 +5,7 @@ checkpoints → a model rebuilt from checkpoint_best.pt alone → whole-set metr
 figures and summary.json. It is also the reference training loop the domain scripts follow.
 
     python -m common.demo --config configs/common/demo.yaml
-    python -m torch.distributed.run --nproc_per_node=2 -m common.demo --config configs/common/demo.yaml
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m common.demo --config configs/common/demo.yaml
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ from common.runtime import (
     RUNTIME_DEFAULTS,
     CoolingPause,
     GracefulInterrupt,
+    ResumableSampler,
     all_reduce_mean,
     amp_policy,
+    any_rank,
     dataloader_kwargs,
     optimizer_step,
     wrap_model,
@@ -97,6 +99,17 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return np.concatenate(preds).ravel(), np.concatenate(targets).ravel()
 
 
+def weight_spread_across_ranks(model: nn.Module) -> float:
+    """max over parameters of (max over ranks − min over ranks); 0.0 when all ranks agree."""
+    import torch.distributed as tdist
+
+    flat = torch.cat([p.detach().float().ravel() for p in model.parameters()])  # on the DDP device (nccl: CUDA)
+    high, low = flat.clone(), flat.clone()
+    tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
+    tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
+    return float((high - low).max())
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, train=True)
     args = parser.parse_args(argv)
@@ -107,10 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = SineSumDataset(dcfg["n_train"], dcfg["n_features"], dcfg["noise_std"], seed=cfg["seed"])
     val_set = SineSumDataset(dcfg["n_val"], dcfg["n_features"], dcfg["noise_std"], seed=cfg["seed"] + 10_000)
     # DistributedSampler also in a single process: shuffling depends only on (seed, epoch), so a resumed
-    # run sees exactly the batches an uninterrupted one would.
-    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=cfg["seed"])
-    loader_kw = dataloader_kwargs(device, rcfg["num_workers"])
+    # run sees exactly the batches an uninterrupted one would (ResumableSampler skips those already done).
+    sampler = ResumableSampler(DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
+                                                  shuffle=True, seed=cfg["seed"]))
+    # The loaders get their own generator so creating an iterator never draws from the global RNG
+    # (which the checkpoint restores for dropout): resuming mid-epoch is then exact.
+    loader_kw = dataloader_kwargs(device, rcfg["num_workers"], seed=cfg["seed"] + dist.rank)
     train_loader = DataLoader(train_set, batch_size=tcfg["batch_size"], sampler=sampler, drop_last=True, **loader_kw)
     val_sampler = DistributedSampler(val_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=False)
     val_loader = DataLoader(val_set, batch_size=256, sampler=val_sampler, **loader_kw)
@@ -120,26 +135,29 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg["epochs"])
     amp = amp_policy(device, rcfg["amp"])
     start_epoch, step, best = 1, 0, math.inf
+    partial = {"loss_sum": 0.0, "n_batches": 0}  # progress inside an epoch cut short by Ctrl+C
     if run.resume_from is not None:
-        state = restore_training_state(load_checkpoint(run.resume_from, expected_domain="common"), model,
-                                       optimizer, scheduler, amp.scaler)
+        ckpt = load_checkpoint(run.resume_from, expected_domain="common")
+        state = restore_training_state(ckpt, model, optimizer, scheduler, amp.scaler)
         start_epoch, step = state["epoch"] + 1, state["step"]
         best = state["best_metric"] if state["best_metric"] is not None else math.inf
+        partial = ckpt["extra"].get("partial_epoch", partial)
     ddp_model = wrap_model(model, dist, device)
     cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
 
-    def save(name: str, epoch: int) -> None:
+    def save(name: str, completed_epoch: int, extra: dict | None = None) -> None:
         if run.is_main:
             save_checkpoint(run.run_dir / name, model, domain="common", config=cfg, optimizer=optimizer,
-                            scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=step, best_metric=best,
-                            best_metric_name="val_mse")
+                            scheduler=scheduler, scaler=amp.scaler, epoch=completed_epoch, step=step,
+                            best_metric=best, best_metric_name="val_mse", extra=extra)
 
-    epoch = start_epoch - 1
+    epoch, stopped = start_epoch - 1, False
     with GracefulInterrupt() as interrupt:
         for epoch in range(start_epoch, tcfg["epochs"] + 1):
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch, skip_samples=partial["n_batches"] * tcfg["batch_size"])
+            loss_sum, n_batches = partial["loss_sum"], partial["n_batches"]
+            partial = {"loss_sum": 0.0, "n_batches": 0}
             ddp_model.train()
-            loss_sum, n_batches = 0.0, 0
             for batch in progress(train_loader, desc=f"epoch {epoch}", is_main=run.is_main):
                 with amp.autocast():
                     pred = ddp_model(batch["input"].to(device, non_blocking=True))
@@ -147,8 +165,16 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer_step(loss, optimizer, amp, grad_clip=tcfg["grad_clip"])
                 loss_sum, n_batches, step = loss_sum + loss.item(), n_batches + 1, step + 1
                 cooling.step()
-                if interrupt.requested:
+                if any_rank(interrupt.requested, device):
+                    stopped = True
                     break
+            if stopped:  # epoch unfinished: checkpoint_last records where to pick up
+                save("checkpoint_last.pt", epoch - 1,
+                     extra={"partial_epoch": {"loss_sum": loss_sum, "n_batches": n_batches}})
+                run.log(f"stopped by the user in epoch {epoch} after {n_batches} batches; "
+                        f"continue with --resume {run.run_dir}")
+                epoch -= 1
+                break
             scheduler.step()
             # Exact global means over all ranks: sums and counts are reduced, not per-rank means.
             pred, target = predict(model, val_loader, device)
@@ -161,11 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
                 best = float(val_mse)
                 save("checkpoint_best.pt", epoch)
             save("checkpoint_last.pt", epoch)
-            if interrupt.requested:
-                run.log(f"stopped by the user after epoch {epoch}; resume with --resume {run.run_dir}")
-                break
 
-    summary: dict = {"epochs_completed": epoch, "interrupted": interrupt.requested}
+    summary: dict = {"epochs_completed": epoch, "interrupted": stopped}
+    if dist.enabled:  # DDP must keep every rank's weights identical; measure it instead of assuming it
+        summary["ddp_max_weight_spread"] = weight_spread_across_ranks(model)
     if run.is_main:
         # Validation rebuilds the model from the checkpoint alone (no class named here).
         rebuilt, ckpt = load_model(run.run_dir, device=device, expected_domain="common")

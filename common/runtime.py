@@ -8,6 +8,7 @@ nccl on CUDA and gloo otherwise; rank 0 alone logs and writes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -128,6 +129,30 @@ def dataloader_kwargs(device: torch.device, num_workers: int = 0, seed: int | No
         generator.manual_seed(int(seed))
         kwargs["generator"] = generator
     return kwargs
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a sampler with ``set_epoch`` (e.g. DistributedSampler, also in one process) so a run resumed
+    in the middle of an epoch skips the samples it already trained on.
+
+    The wrapped order depends only on (seed, epoch), so the resumed run sees exactly the batches the
+    uninterrupted run would have (exact with num_workers=0; with workers, augmentation randomness differs).
+    """
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.skip = int(skip_samples)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
 
 
 # ------------------------------------------------------------------------------------------------- amp
@@ -264,6 +289,13 @@ def all_reduce_mean(sums, counts, device: torch.device | None = None) -> np.ndar
     total = all_reduce_sum(np.concatenate([np.atleast_1d(sums), np.atleast_1d(counts)]), device)
     n = np.atleast_1d(sums).size
     return total[:n] / np.maximum(total[n:], 1e-12)
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True when ``flag`` is true on any rank (so all ranks stop together, e.g. after Ctrl+C)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    return bool(all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0)
 
 
 def gather_arrays(array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,149 @@
+import os
+
+import pytest
+import torch
+
+import common.demo as demo
+from common.checkpoint import (FORMAT_VERSION, CheckpointError, atomic_torch_save, build_model, clean_state_dict,
+                               load_checkpoint, load_model, restore_training_state, save_checkpoint)
+
+TARGET = "common.demo.TinyRegressor"
+KWARGS = {"n_features": 4, "hidden": [8], "dropout": 0.0}
+
+
+def small_model():
+    torch.manual_seed(0)
+    return build_model(TARGET, KWARGS)
+
+
+def test_round_trip_rebuilds_identical_model_with_weights_only(tmp_path):
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "checkpoint_last.pt", model, domain="common", config={"a": 1},
+                           optimizer=optimizer, epoch=3, step=30, best_metric=0.5, best_metric_name="val",
+                           preprocessing={"mean": [0.0, 1.0]})
+    raw = torch.load(path, weights_only=True)  # plain types and tensors only
+    assert raw["model"] == {"target": TARGET, "kwargs": KWARGS}
+    assert raw["format_version"] == FORMAT_VERSION and raw["epoch"] == 3 and raw["preprocessing"]["mean"] == [0.0, 1.0]
+    rebuilt, ckpt = load_model(tmp_path, expected_domain="common")  # a run folder works too
+    x = torch.randn(5, 4)
+    assert torch.equal(rebuilt(x), model.eval()(x))
+    assert type(rebuilt).__name__ == "TinyRegressor" and not rebuilt.training
+    # full training state comes back
+    fresh = small_model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = restore_training_state(ckpt, fresh, fresh_opt)
+    assert state == {"epoch": 3, "step": 30, "best_metric": 0.5}
+    assert fresh_opt.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+def test_state_dict_is_unwrapped_from_ddp_and_compile_prefixes():
+    sd = {"module._orig_mod.net.0.weight": torch.ones(1), "net.0.bias": torch.zeros(1)}
+    assert set(clean_state_dict(sd)) == {"net.0.weight", "net.0.bias"}
+
+
+def test_clear_errors(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(foreign)
+    model = small_model()
+    path = save_checkpoint(tmp_path / "c.pt", model, domain="asl")
+    with pytest.raises(CheckpointError, match="field 'domain' is 'asl', but a 'vmat' checkpoint is needed"):
+        load_checkpoint(path, expected_domain="vmat")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["format_version"] = FORMAT_VERSION + 1
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="format version"):
+        load_checkpoint(tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="neither checkpoint_best.pt nor checkpoint_last.pt"):
+        load_checkpoint(tmp_path / "empty_dir_that_exists" if (tmp_path / "empty_dir_that_exists").mkdir() is None else "")
+    with pytest.raises(CheckpointError, match="outside this project"):
+        build_model("os.path.join", {})
+    with pytest.raises(TypeError, match="not plain data"):
+        build_model(TARGET, {**KWARGS, "hidden": torch.tensor([8])})
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_last.pt"
+    atomic_torch_save({"version": 1}, path)
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"partial bytes")
+        raise KeyboardInterrupt  # e.g. Ctrl+C or a power cut in the middle of writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"version": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]  # no temp file left
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "checkpoint_last.pt", weights_only=True)["state_dict"]
+
+
+SMALL = ["--config", "configs/common/demo.yaml", "--device", "cpu", "--set", "data.n_train=256",
+         "--set", "data.n_val=64", "--set", "train.epochs=4", "--set", "model.dropout=0.2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    summary = demo.main(SMALL + ["--output-dir", str(out)])
+    return out, summary
+
+
+def test_demo_end_to_end_beats_baseline(uninterrupted):
+    out, summary = uninterrupted
+    assert summary["epochs_completed"] == 4 and not summary["interrupted"]
+    assert summary["val"]["mae"] < summary["baseline_mean_predictor"]["mae"]
+    for name in ("config.yaml", "env.json", "log.txt", "metrics.csv", "summary.json", "checkpoint_best.pt",
+                 "figures/training_curves.png", "figures/training_curves.pdf"):
+        assert (out / name).is_file(), name
+
+
+def test_resume_after_ctrl_c_mid_epoch_matches_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+    out, _ = uninterrupted
+    resumed = tmp_path / "resumed"
+    steps_per_epoch = 256 // 32
+
+    class FakeInterrupt:
+        def __init__(self):
+            self.calls = 0
+
+        @property
+        def requested(self):
+            self.calls += 1
+            return self.calls == 2 * steps_per_epoch + 3  # 3 batches into epoch 3
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(demo, "GracefulInterrupt", FakeInterrupt)
+    first = demo.main(SMALL + ["--output-dir", str(resumed)])
+    assert first["interrupted"] and first["epochs_completed"] == 2
+    saved = torch.load(resumed / "checkpoint_last.pt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["extra"]["partial_epoch"]["n_batches"] == 3
+    monkeypatch.undo()
+    second = demo.main(SMALL + ["--output-dir", str(resumed), "--resume"])
+    assert second["epochs_completed"] == 4
+    reference, result = final_weights(out), final_weights(resumed)
+    for key in reference:
+        assert torch.equal(reference[key], result[key]), key
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint_last.pt does not exist"):
+        demo.main(SMALL + ["--output-dir", str(tmp_path), "--resume"])
+    assert os.path.isdir(tmp_path)

@@ -1,0 +1,72 @@
+"""Project-wide rules: every script has --help and a README line, configs load, recipes are cmd.exe-safe,
+no module shadows the standard library, the demo report lists what is there and what is missing."""
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import common.demo as demo
+from common.report import build_report
+
+ROOT = Path(__file__).resolve().parents[2]
+DOMAINS = ["asl", "vmat", "rsna_spine", "lensing", "abr"]
+SCRIPT_PREFIXES = ("preprocess_", "train_", "validate_", "predict_", "benchmark_", "generate_")
+SCRIPTS = sorted(p for d in DOMAINS for p in (ROOT / d).glob("*.py") if p.name.startswith(SCRIPT_PREFIXES))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_script_has_help_readme_line_and_smoke_config(script, capsys):
+    module = importlib.import_module(f"{script.parent.name}.{script.stem}")
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--config" in help_text and "--set" in help_text and "--output-dir" in help_text
+    readme = (script.parent / "README.md").read_text(encoding="utf-8")
+    assert script.name in readme, f"{script.parent.name}/README.md does not mention {script.name}"
+    assert (ROOT / "configs" / script.parent.name / "smoke.yaml").is_file()
+
+
+def test_demo_help_and_config_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--help"])
+    assert info.value.code == 0
+    assert "--resume" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"unknown config key 'train.lrr'.*Did you mean 'lr'"):
+        demo.main(["--set", "train.lrr=1", "--device", "cpu"])
+
+
+def test_no_module_shadows_the_standard_library():
+    offenders = [p.relative_to(ROOT).as_posix() for d in ["common", "tools", *DOMAINS]
+                 for p in (ROOT / d).glob("*.py") if p.stem in sys.stdlib_module_names]
+    assert offenders == []
+
+
+def test_makefile_recipes_are_python_only_under_cmd(tmp_path):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run([make, "-n", "OS=Windows_NT", "demo"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert lines, "make -n printed nothing"
+    for line in lines:
+        assert line.startswith((".venv\\Scripts\\python.exe ", "python ")), line
+        assert "'" not in line and " && " not in line and "rm -rf" not in line, line
+
+
+def test_report_lists_headlines_figures_and_missing_domains(tmp_path):
+    (tmp_path / "common" / "figures").mkdir(parents=True)
+    (tmp_path / "common" / "summary.json").write_text(json.dumps(
+        {"headline": {"val_mae": 0.25, "r2": None}, "figures": ["figures/curves.png"]}), encoding="utf-8")
+    (tmp_path / "asl").mkdir()
+    text = build_report(tmp_path, tmp_path / "REPORT.md")
+    assert "| val_mae | 0.25 |" in text and "| r2 | None |" in text
+    assert "![curves](common/figures/curves.png)" in text
+    assert "ASL" in text and "did not complete" in text
+    assert (tmp_path / "REPORT.md").read_text(encoding="utf-8") == text
