@@ -1,0 +1,163 @@
+"""The preprocessed cache (written by preprocess_abr.py) and the PyTorch dataset over intensity series.
+
+Cache = ``abr_cache.npz`` (plain arrays, no pickles) + ``meta.json`` (grid, class names, feature
+statistics, label ranges). One dataset item is one EAR: all its recordings sorted by intensity, padded
+to the longest series, so per-recording heads (peaks, denoising) and series heads (threshold, class)
+train together. Dataset, sampler and collate live at module level (picklable under spawn).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+CACHE_NAME = "abr_cache.npz"
+META_NAME = "meta.json"
+SPLITS = ("train", "val", "test")
+# Model inputs besides the waveform (FMP is deliberately absent: it encodes the wave-present label).
+STATIC_FEATURES = ("log_age_months", "intensity_01", "rate_per_50s", "log10_scale_uv")
+
+
+def static_raw(age_years, intensity_db, rate_per_s, scale_uv) -> np.ndarray:
+    """Unstandardized static features (N, 4): log(1 + age in months), level/100, rate/50, log10 RMS µV."""
+    return np.stack([np.log1p(12.0 * np.asarray(age_years, dtype=np.float64)),
+                     np.asarray(intensity_db, dtype=np.float64) / 100.0,
+                     np.asarray(rate_per_s, dtype=np.float64) / 50.0,
+                     np.log10(np.asarray(scale_uv, dtype=np.float64))], axis=-1)
+
+
+def standardize_static(raw: np.ndarray, meta: dict) -> np.ndarray:
+    mean = np.asarray(meta["static_mean"], dtype=np.float64)
+    std = np.asarray(meta["static_std"], dtype=np.float64)
+    return ((raw - mean) / std).astype(np.float32)
+
+
+def load_cache(folder: str | Path) -> tuple[dict, dict]:
+    """(arrays, meta) from a preprocessing output folder; clear errors when it is not one."""
+    folder = Path(folder)
+    cache, meta_path = folder / CACHE_NAME, folder / META_NAME
+    if not cache.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CACHE_NAME} + {META_NAME}; run abr/preprocess_abr.py first "
+                                "(python -m abr.preprocess_abr --output-dir <folder>)")
+    with np.load(cache, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return arrays, meta
+
+
+def split_series(arrays: dict, split: str) -> np.ndarray:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return np.flatnonzero(arrays["series_split"] == SPLITS.index(split))
+
+
+class ABRSeriesDataset(Dataset):
+    """Items are ears. Keys (L = longest series, T = samples, W = 3 waves):
+
+    signal (L, T) normalized recording · clean (L, T) normalized noise-free trace · has_clean (L,)
+    static (L, 4) standardized · intensity_db (L,) · level_mask (L,) · exist (L, W) · exist_known (L, W)
+    latency_ms (L, W) · amp_rel (L, W) · amp_known (L, W) · class_idx () (−100 unknown)
+    threshold_db () · threshold_known () · series ()
+    """
+
+    def __init__(self, arrays: dict, meta: dict, series: np.ndarray):
+        self.a = arrays
+        self.meta = meta
+        self.series = np.asarray(series, dtype=np.int64)
+        self.static = standardize_static(arrays["static_raw"], meta)
+
+    def __len__(self) -> int:
+        return int(self.series.size)
+
+    def recording_indices(self, item: int) -> np.ndarray:
+        rows = self.a["series_rows"][self.series[item]]
+        return rows[rows >= 0]
+
+    def __getitem__(self, item: int) -> dict:
+        s = int(self.series[item])
+        rows = self.a["series_rows"][s]
+        valid = rows >= 0
+        idx = np.where(valid, rows, 0)
+        mask = torch.from_numpy(valid)
+        a = self.a
+
+        def take(name, dtype=torch.float32):
+            out = torch.as_tensor(a[name][idx]).to(dtype)
+            out[~mask] = 0
+            return out
+
+        latency = np.nan_to_num(a["latency_ms"][idx], nan=0.0)
+        amp_rel = a["amp_rel"][idx]
+        return {
+            "signal": take("signal"),
+            "clean": take("clean"),
+            "has_clean": take("has_clean", torch.bool),
+            "static": torch.from_numpy(np.where(valid[:, None], self.static[idx], 0.0).astype(np.float32)),
+            "intensity_db": take("intensity_db"),
+            "level_mask": mask,
+            "exist": take("exist", torch.bool),
+            "exist_known": take("exist_known", torch.bool),
+            "latency_ms": torch.from_numpy(np.where(valid[:, None], latency, 0.0).astype(np.float32)),
+            "amp_rel": torch.from_numpy(np.where(valid[:, None] & np.isfinite(amp_rel), amp_rel, 0.0).astype(np.float32)),
+            "amp_known": torch.from_numpy(valid[:, None] & np.isfinite(amp_rel) & a["exist"][idx]),
+            "class_idx": torch.tensor(int(a["series_class"][s]), dtype=torch.long),
+            "threshold_db": torch.tensor(float(np.nan_to_num(a["series_threshold_db"][s], nan=0.0))),
+            "threshold_known": torch.tensor(bool(np.isfinite(a["series_threshold_db"][s]))),
+            "series": torch.tensor(s, dtype=torch.long),
+        }
+
+
+def class_frequencies(arrays: dict, series: np.ndarray, n_classes: int) -> np.ndarray:
+    labels = arrays["series_class"][series]
+    labels = labels[labels >= 0]
+    return np.bincount(labels, minlength=n_classes).astype(np.float64)
+
+
+def class_weights(freq: np.ndarray, mode: str) -> np.ndarray:
+    """Per-class loss weights from training frequencies, normalized to mean 1 over present classes.
+
+    inverse: 1/n_c; inverse_sqrt: 1/√n_c (milder, more stable with very rare classes); none: ones.
+    Classes absent from training get weight 0 (they cannot be learned from these data).
+    """
+    present = freq > 0
+    if mode == "none":
+        w = present.astype(np.float64)
+    elif mode == "inverse":
+        w = np.where(present, 1.0 / np.maximum(freq, 1), 0.0)
+    elif mode == "inverse_sqrt":
+        w = np.where(present, 1.0 / np.sqrt(np.maximum(freq, 1)), 0.0)
+    else:
+        raise ValueError(f"loss.class_weighting must be none, inverse or inverse_sqrt, got {mode!r}")
+    return w / w[present].mean() if present.any() else w
+
+
+class BalancedDistributedSampler(Sampler):
+    """Class-balanced sampling with replacement that is also DDP- and resume-exact.
+
+    Each epoch draws ``len(dataset)`` (rounded to the world size) items with probability ∝ 1/frequency
+    of their class, from a generator seeded by (seed, epoch), then keeps this rank's share.
+    """
+
+    def __init__(self, labels: np.ndarray, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        labels = np.asarray(labels)
+        freq = np.bincount(labels[labels >= 0], minlength=int(labels.max()) + 1 if labels.size else 1)
+        weight = np.where(labels >= 0, 1.0 / np.maximum(freq[np.clip(labels, 0, None)], 1), 0.0)
+        self.prob = weight / weight.sum()
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(labels.size / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        draws = rng.choice(self.prob.size, size=self.num_samples * self.num_replicas, p=self.prob)
+        return iter(draws[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,151 @@
+"""The ABR pipeline's complete configuration, shared by every abr script.
+
+One YAML file (configs/abr/*.yaml) drives the whole pipeline, so the sampling grid, the label ranges
+and the class list cannot drift between preprocessing, training and validation. Each script's
+``DEFAULTS`` is a copy of :data:`ABR_DEFAULTS`; a script reads only the sections it needs (named in its
+docstring), and every key is checked by common.config (a typo is an error naming the valid keys).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from abr.data import DEFAULT_COLUMNS
+from abr.synthetic import SYNTHETIC_DEFAULTS
+from common.runtime import RUNTIME_DEFAULTS
+
+ABR_DEFAULTS = {
+    "seed": 0,
+    # ---------------------------------------------------------------- the clinical table (abr/data.py)
+    "data": {
+        "table": None,  # CSV/XLSX in the clinical format; null = generate synthetic data (section below)
+        "sheet": None,  # Excel sheet name or index (null = first)
+        "encoding": "auto",  # CSV text encoding; auto = UTF-8 (with/without BOM), else cp1254
+        "sampling_rate_hz": 30000.0,  # of the table's samples (Eclipse ABR15 export: 30 kHz)
+        "window_ms": 15.0,  # recording window; sample count must match fs × window (± tolerance)
+        "sample_count_tolerance": 0.05,  # relative; Eclipse exports ~467 samples for a nominal 15 ms
+        "pre_stimulus_ms": 0.0,  # time before the click at sample 1
+        "age_unit": "years",  # years | months | days
+        "nan_samples": "error",  # error | drop (rows with empty/NaN samples)
+        "keep_polarities": [],  # e.g. [Alternating]; empty = keep all (the original kept alternating)
+        "max_sweeps_rejected": 100.0,  # drop recordings with this many rejected sweeps or more (null = off)
+        "missing_peak_means_absent": True,  # empty latency = wave absent (clinical exports leave it blank)
+        "columns": dict(DEFAULT_COLUMNS),  # config key -> column name; null = the table has no such column
+    },
+    # ------------------------------------------------------- synthetic recordings (abr/synthetic.py)
+    "synthetic": copy.deepcopy(SYNTHETIC_DEFAULTS),
+    # --------------------------------------------------------------- preprocessing (preprocess_abr.py)
+    "preprocess": {
+        "model_rate_hz": 10000.0,  # the model's grid (150 samples per 15 ms); ABR content is < 3 kHz
+        "filter_hz": [100.0, 3000.0],  # analysis band-pass (null = none); both edges or null
+        "filter_order": 2,  # Butterworth order (zero-phase: no latency shift)
+        "split": [0.7, 0.15, 0.15],  # train / val / test share of PATIENTS (stratified by class)
+        "threshold_censor_db": None,  # value for "no response"; null = highest level in the table + step
+    },
+    # ----------------------------------------------------------------- the multi-task model (models.py)
+    "model": {
+        "channels": 32,  # high-resolution convolution width
+        "width": 64,  # transformer / embedding width
+        "transformer_layers": 2,
+        "heads": 4,
+        "series_layers": 1,  # transformer layers across the levels of one ear (threshold, class)
+        "dropout": 0.1,
+        "scales": [1, 3, 5, 7],  # multi-scale kernel sizes of the peak head (seed 003)
+        "latency_range_ms": {"I": [0.5, 6.0], "III": [2.0, 9.5], "V": [3.5, 14.0]},  # must cover the data
+        "amplitude_range_rel": [-1.0, 6.0],  # amplitude / recording RMS; must cover the data
+        "threshold_range_db": [0.0, 120.0],  # bounded threshold output
+        "weights": None,  # optional local .pt with a state_dict to start from (no downloads)
+    },
+    # ----------------------------------------------------------------------- losses (abr/objectives.py)
+    "loss": {
+        # seed 003 final weights; each may instead be a curriculum [[epoch, weight], ...] (linear between)
+        "weights": {"signal": 0.8, "peak_exist": 1.2, "peak_latency": 2.5, "peak_amplitude": 2.5,
+                    "classification": 2.0, "threshold": 3.0},
+        "curriculum": {},  # loss name -> [[epoch, weight], ...]; overrides weights for that loss
+        "regression": "nll",  # nll (Gaussian, learned σ) | huber  — peak latency/amplitude
+        "huber_delta": 1.0,  # in units of 10 dB (threshold) / ms / relative amplitude
+        "classification": "focal",  # focal | weighted_ce
+        "focal_gamma": 2.0,
+        "class_weighting": "inverse_sqrt",  # none | inverse | inverse_sqrt (of train class frequency)
+        "dynamic_class_weights": False,  # after each epoch scale class weights by (1.5 − val recall)
+        "threshold_aux_weight": 0.5,  # local-path (per-level detection) Huber, relative
+        "threshold_nll_weight": 0.1,  # Gaussian NLL of the threshold uncertainty, relative
+        "outlier_weight": 0.1,  # BCE of the outlier probability (|error| > 10 dB), relative
+        "uncertainty_weighting": False,  # learn task weights (Kendall et al. 2018) instead of fixed ones
+    },
+    # ---------------------------------------------------------------------------- training (train_abr.py)
+    "train": {
+        "epochs": 100,
+        "batch_size": 32,  # ears (intensity series) per batch
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "grad_clip": 0.5,  # seed 003: aggressive clipping
+        "restart_epochs": 20,  # CosineAnnealingWarmRestarts T_0
+        "restart_mult": 2,  # T_mult
+        "min_lr": 1e-5,
+        "balanced_sampling": False,  # draw ears with probability ∝ 1 / class frequency
+        "temperature_scaling": True,  # fit the class temperature on validation after training
+        "max_steps_per_epoch": 0,  # 0 = full epoch (smoke runs cap it)
+    },
+    "runtime": dict(RUNTIME_DEFAULTS),
+    # ----------------------------------------------------------------------- validation (validate_abr.py)
+    "validate": {
+        "split": "test",  # train | val | test
+        "batch_size": 64,
+        "figure_ears": 4,  # waveform stacks drawn
+        "calibration_bins": 10,
+    },
+    # ------------------------------------------------------------------- classical baseline (classical.py)
+    "classical": {
+        "window_ms": [1.0, 12.0],  # correlation window
+        "max_lag_ms": 0.5,  # cross-correlation lag allowed between neighbouring levels
+        "criterion_grid": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],  # criterion chosen on the validation split
+        "criterion": None,  # fixed criterion instead of fitting one
+        "v_window_80db_ms": [5.0, 7.8],  # wave V search window at 80 dB nHL ...
+        "v_window_slope_ms_per_10db": 0.45,  # ... moved later by this per 10 dB below 80
+    },
+    # --------------------------------------------------------- diffusion generator (train_diffusion_abr.py)
+    "diffusion": {
+        "target": "recorded",  # recorded (works for real data) | clean (synthetic only)
+        "channels": [32, 64, 64],  # U-Net widths per resolution
+        "cond_dim": 128,
+        "num_steps": 1000,
+        "schedule": "cosine",
+        "prediction": "v",
+        "p_uncond": 0.1,  # conditioning dropped this often (classifier-free guidance)
+        "ema_decay": 0.999,
+        "epochs": 200,
+        "batch_size": 128,  # recordings
+        "lr": 2e-4,
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "max_steps_per_epoch": 0,
+        "sampling_steps": 60,  # DDIM steps
+        "guidance_scale": 1.5,
+        "clip_x0": 3.0,  # |x̂0| clamp during sampling, in units of the data scale
+        "eval_samples": 256,  # generated for the quality metrics after training
+    },
+    # -------------------------------------------------------------------------- sampling (generate_abr.py)
+    "generate": {
+        "classes": ["NORMAL", "SNIK", "ITIK", "TOTAL", "NOROPATI"],
+        "intensities_db": [20.0, 40.0, 60.0, 80.0],
+        "age_years": 1.0,
+        "rate_per_s": 21.1,
+        "n_per_condition": 4,
+        "sampling_steps": 60,
+        "guidance_scale": 1.5,
+        "compare_split": "test",  # real recordings the quality metrics compare against
+    },
+    # --------------------------------------------------------------------------- targets (benchmark_abr.py)
+    "benchmark": {
+        "threshold_within_10db": 0.92,  # ABRpresto (mice) share within ±10 dB
+        "latency_mae_ms": 0.2,
+        "macro_f1_margin": 0.2,  # over the class-prior baseline
+        "timing_repeats": 3,
+    },
+}
+
+
+def abr_defaults() -> dict:
+    """A fresh deep copy (scripts must not share mutable defaults)."""
+    return copy.deepcopy(ABR_DEFAULTS)

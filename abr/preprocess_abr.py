@@ -1,0 +1,262 @@
+"""Preprocess ABR recordings into the model's cached arrays.
+
+Reads a clinical table (CSV/Excel, ``--table`` or data.table) or, without one, first generates a
+synthetic table in that same format (synthetic section), so the real-data path is the one exercised.
+Then: analysis band-pass, resampling to the model grid, per-recording RMS normalization (the RMS in µV
+is kept as an input feature), patient-level stratified train/val/test split, grouping into intensity
+series per patient-ear (threshold labels live on the series), and label-range statistics.
+
+Config sections used: seed, data, synthetic, preprocess.
+
+    python -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir runs/abr/data/smoke
+    python -m abr.preprocess_abr --table exports/abr.xlsx --set data.columns.threshold=null
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from abr.data import Recordings, TableError, load_recordings
+from abr.dataset import CACHE_NAME, META_NAME, SPLITS, STATIC_FEATURES, static_raw
+from abr.defaults import abr_defaults
+from abr.dsp import bandpass, normalize_recordings, resample, time_axis_ms
+from abr.labels import CLASS_NAMES, WAVES
+from abr.synthetic import clean_sidecar_path, write_synthetic_table
+from common.cli import make_parser, start_run
+from common.runlog import write_json
+
+DEFAULTS = abr_defaults()
+
+
+def load_clean_sidecar(table_path: Path, recs: Recordings) -> np.ndarray | None:
+    """Noise-free traces aligned with ``recs`` (synthetic tables only), or None when there is none."""
+    sidecar = clean_sidecar_path(table_path)
+    if not sidecar.is_file():
+        return None
+    with np.load(sidecar, allow_pickle=False) as data:
+        clean, pids, levels = data["clean_uv"], data["patient_id"], data["intensity_db"]
+    rows = recs.row_number - 2
+    if rows.max() >= clean.shape[0] or np.any(pids[rows] != recs.patient_id) or \
+            not np.allclose(levels[rows], recs.intensity_db):
+        raise TableError(f"{sidecar}: does not match the rows of {table_path} (table edited after generation?); "
+                         "delete the sidecar to use the table without clean traces")
+    return clean[rows].astype(np.float64)
+
+
+def stratified_patient_split(patient_class: dict, shares, seed: int) -> dict:
+    """Patient id -> split index. Patients of each class (their most common class) are shuffled and cut
+    by ``shares``; a class with ≥ 3 patients puts at least one in val and one in test."""
+    rng = np.random.default_rng(seed)
+    shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
+    out = {}
+    by_class: dict[int, list] = {}
+    for pid, cls in sorted(patient_class.items()):
+        by_class.setdefault(cls, []).append(pid)
+    for _, pids in sorted(by_class.items()):
+        pids = list(rng.permutation(pids))
+        n = len(pids)
+        n_val, n_test = int(round(shares[1] * n)), int(round(shares[2] * n))
+        if n >= 3:
+            n_val, n_test = max(n_val, 1), max(n_test, 1)
+        n_train = n - n_val - n_test
+        for i, pid in enumerate(pids):
+            out[pid] = 0 if i < n_train else 1 if i < n_train + n_val else 2
+    return out
+
+
+def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict) -> tuple[dict, dict]:
+    """Arrays and metadata of the cache (see abr.dataset.ABRSeriesDataset for how they are used)."""
+    pcfg = cfg["preprocess"]
+    fs_in, fs_out = recs.sampling_rate_hz, float(pcfg["model_rate_hz"])
+    window_ms = recs.signals_uv.shape[1] / fs_in * 1000.0
+    n_out = int(round(window_ms * fs_out / 1000.0))
+    band = pcfg["filter_hz"]
+
+    def to_grid(x: np.ndarray) -> np.ndarray:
+        if band is not None:
+            x = bandpass(x, fs_in, band[0], band[1], pcfg["filter_order"], zero_phase=True)
+        return resample(x, fs_in, fs_out, n_out)
+
+    signal_uv = to_grid(recs.signals_uv)
+    signal, scale = normalize_recordings(signal_uv)
+    has_clean = np.full(len(recs), clean_uv is not None)
+    clean = to_grid(clean_uv) / scale[:, None] if clean_uv is not None else np.zeros_like(signal)
+
+    latency = recs.latency_ms.copy()
+    exist = np.isfinite(latency)
+    exist_known = recs.peaks_known.copy()
+    if not cfg["data"]["missing_peak_means_absent"]:
+        exist_known &= exist
+    amp_rel = recs.amplitude_uv / scale[:, None]
+
+    # Series = patient-ear, sorted by intensity.
+    keys = [f"{p}\t{e}" for p, e in zip(recs.patient_id, recs.ear)]
+    order = sorted(range(len(recs)), key=lambda i: (keys[i], recs.intensity_db[i]))
+    series_keys = sorted(set(keys))
+    key_index = {k: i for i, k in enumerate(series_keys)}
+    members: list[list[int]] = [[] for _ in series_keys]
+    for i in order:
+        members[key_index[keys[i]]].append(i)
+    max_levels = max(len(m) for m in members)
+    series_rows = np.full((len(members), max_levels), -1, dtype=np.int64)
+    for s, rows in enumerate(members):
+        series_rows[s, :len(rows)] = rows
+    series_of_row = np.empty(len(recs), dtype=np.int64)
+    for s, rows in enumerate(members):
+        series_of_row[rows] = s
+
+    levels = np.unique(recs.intensity_db)
+    step = float(np.median(np.diff(levels))) if levels.size > 1 else 10.0
+    censor = float(pcfg["threshold_censor_db"]) if pcfg["threshold_censor_db"] is not None \
+        else float(levels.max() + step)
+    series_class = np.array([np.bincount(recs.class_idx[m]).argmax() for m in members], dtype=np.int64)
+    series_threshold = np.array([recs.threshold_db[m[0]] for m in members], dtype=np.float64)
+    series_censored = np.isinf(series_threshold)
+    series_threshold = np.where(series_censored, censor, np.minimum(series_threshold, censor))
+    series_patient = np.array([recs.patient_id[m[0]] for m in members])
+    series_ear = np.array([str(recs.ear[m[0]]) for m in members])
+
+    patient_class = {}
+    for pid in np.unique(recs.patient_id):
+        patient_class[str(pid)] = int(np.bincount(recs.class_idx[recs.patient_id == pid]).argmax())
+    split_of_patient = stratified_patient_split(patient_class, pcfg["split"], int(cfg["seed"]))
+    series_split = np.array([split_of_patient[str(p)] for p in series_patient], dtype=np.int64)
+    row_split = series_split[series_of_row]
+
+    raw = static_raw(recs.age_years, recs.intensity_db, recs.rate_per_s, scale)
+    train_rows = row_split == 0
+    mean, std = raw[train_rows].mean(axis=0), raw[train_rows].std(axis=0)
+    std = np.where(std > 1e-6, std, 1.0)
+
+    arrays = {
+        "signal": signal.astype(np.float32), "clean": clean.astype(np.float32), "has_clean": has_clean,
+        "scale_uv": scale.astype(np.float32), "static_raw": raw.astype(np.float32),
+        "intensity_db": recs.intensity_db.astype(np.float32), "rate_per_s": recs.rate_per_s.astype(np.float32),
+        "age_years": recs.age_years.astype(np.float32), "exist": exist, "exist_known": exist_known,
+        "latency_ms": latency.astype(np.float32), "amplitude_uv": recs.amplitude_uv.astype(np.float32),
+        "amp_rel": amp_rel.astype(np.float32), "class_idx": recs.class_idx, "fmp": recs.fmp.astype(np.float32),
+        "series_of_row": series_of_row, "row_number": recs.row_number,
+        "series_rows": series_rows, "series_class": series_class, "series_threshold_db": series_threshold,
+        "series_censored": series_censored, "series_split": series_split,
+        "series_patient": series_patient.astype(str), "series_ear": series_ear.astype(str),
+    }
+    finite_lat = {w: latency[:, k][exist[:, k]] for k, w in enumerate(WAVES)}
+    finite_amp = amp_rel[np.isfinite(amp_rel)]
+    meta = {
+        "source": recs.source,
+        "source_sampling_rate_hz": fs_in,
+        "pre_stimulus_ms": recs.pre_stimulus_ms,
+        "model_rate_hz": fs_out,
+        "n_samples": n_out,
+        "window_ms": window_ms,
+        "time_ms": time_axis_ms(n_out, fs_out, recs.pre_stimulus_ms).tolist(),
+        "filter_hz": band,
+        "class_names": list(CLASS_NAMES),
+        "waves": list(WAVES),
+        "static_features": list(STATIC_FEATURES),
+        "static_mean": mean.tolist(),
+        "static_std": std.tolist(),
+        "threshold_censor_db": censor,
+        "intensity_step_db": step,
+        "intensity_levels_db": levels.tolist(),
+        "max_levels": int(max_levels),
+        "label_ranges": {
+            "latency_ms": {w: [float(v.min()), float(v.max())] if v.size else None for w, v in finite_lat.items()},
+            "amp_rel": [float(finite_amp.min()), float(finite_amp.max())] if finite_amp.size else None,
+            "threshold_db": [float(series_threshold[np.isfinite(series_threshold)].min()),
+                             float(series_threshold[np.isfinite(series_threshold)].max())]
+            if np.isfinite(series_threshold).any() else None,
+        },
+        "counts": {
+            "recordings": int(len(recs)), "series": int(len(members)), "patients": int(len(patient_class)),
+            "dropped": recs.dropped,
+            "series_per_split": {name: int((series_split == i).sum()) for i, name in enumerate(SPLITS)},
+            "series_per_class": {name: {split: int(((series_class == c) & (series_split == i)).sum())
+                                        for i, split in enumerate(SPLITS)}
+                                 for c, name in enumerate(CLASS_NAMES)},
+        },
+        "has_clean": bool(clean_uv is not None),
+        "fmp_note": "FMP is cached for reporting only; it encodes the wave-present label and is never a model input",
+    }
+    return arrays, meta
+
+
+def write_cache(folder: Path, arrays: dict, meta: dict) -> None:
+    """npz + meta.json, each written under a temporary name then renamed (a crash leaves no half cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CACHE_NAME + ".partial.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(folder / CACHE_NAME)
+    write_json(folder / META_NAME, meta)
+
+
+def overview_figure(arrays: dict, meta: dict, path_stem: Path) -> list[Path]:
+    """Class counts per split, thresholds by class, and the labelled wave V latency-intensity cloud."""
+    from common.plotting import OKABE_ITO, plt, save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    names = meta["class_names"]
+    counts = meta["counts"]["series_per_class"]
+    bottom = np.zeros(len(names))
+    for i, split in enumerate(SPLITS):
+        values = np.array([counts[n][split] for n in names])
+        axes[0].bar(range(len(names)), values, bottom=bottom, label=split, color=OKABE_ITO[i])
+        bottom += values
+    axes[0].set_xticks(range(len(names)), names, rotation=30)
+    axes[0].set_ylabel("ears")
+    axes[0].legend()
+    for c, name in enumerate(names):
+        values = arrays["series_threshold_db"][arrays["series_class"] == c]
+        if values.size:
+            axes[1].scatter(np.full(values.size, c) + np.random.default_rng(c).uniform(-0.2, 0.2, values.size),
+                            values, s=6, color=OKABE_ITO[c % len(OKABE_ITO)], rasterized=True)
+    axes[1].set_xticks(range(len(names)), names, rotation=30)
+    axes[1].set_ylabel("true threshold (dB nHL)")
+    v = meta["waves"].index("V")
+    present = arrays["exist"][:, v]
+    axes[2].scatter(arrays["intensity_db"][present], arrays["latency_ms"][present, v], s=3, alpha=0.4,
+                    c=[OKABE_ITO[c % len(OKABE_ITO)] for c in arrays["class_idx"][present]], rasterized=True)
+    axes[2].set_xlabel("intensity (dB nHL)")
+    axes[2].set_ylabel("wave V latency (ms)")
+    fig.tight_layout()
+    return save_figure(fig, path_stem)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--table", type=Path, default=None, help="clinical table (overrides data.table)")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
+    cfg = run.cfg
+    table = args.table or (Path(cfg["data"]["table"]) if cfg["data"]["table"] else None)
+    if table is None:
+        run.log(f"no table given: generating {cfg['synthetic']['n_patients']} synthetic patients")
+        table, sidecar = write_synthetic_table(cfg["synthetic"], run.run_dir / "synthetic_abr.csv",
+                                               cfg["data"]["sampling_rate_hz"], cfg["data"]["window_ms"],
+                                               seed=int(cfg["seed"]), columns=cfg["data"]["columns"])
+        run.log(f"wrote {table} and {sidecar.name}")
+    try:
+        recs = load_recordings(table, cfg["data"])
+        clean = load_clean_sidecar(Path(table), recs)
+    except TableError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    run.log(f"read {len(recs)} recordings from {table}" + (f" (dropped {recs.dropped})" if recs.dropped else ""))
+    arrays, meta = build_cache(recs, clean, cfg)
+    write_cache(run.run_dir, arrays, meta)
+    figures = overview_figure(arrays, meta, run.run_dir / "figures" / "dataset_overview")
+    counts = meta["counts"]
+    run.log(f"{counts['recordings']} recordings, {counts['series']} ears, {counts['patients']} patients; "
+            f"ears per split {counts['series_per_split']}; grid {meta['n_samples']} samples at "
+            f"{meta['model_rate_hz']:g} Hz; clean traces: {meta['has_clean']}")
+    run.log("ears per class: " + json.dumps({k: sum(v.values()) for k, v in counts["series_per_class"].items()},
+                                            ensure_ascii=False))
+    return run.finish({"cache": (run.run_dir / CACHE_NAME).as_posix(), "table": Path(table).as_posix(),
+                       "counts": counts, "label_ranges": meta["label_ranges"],
+                       "figures": [p.relative_to(run.run_dir).as_posix() for p in figures if p.suffix == ".png"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Speed and accuracy of the network, the batched LS fit and the per-voxel scipy LS, in one run on the same data.
+
+Data: the saved test phantoms at benchmark.snr (brain voxels). The network runs on whole images (every
+voxel of the image is computed; voxels/s counts brain voxels); the batched LS fits all brain voxels at once;
+scipy fits a random subset (benchmark.n_scipy_voxels) one voxel at a time, from the same initialization.
+Prints voxels/s of each, the speed ratios, MAE of each on the scipy subset, and the agreement of the
+batched fit with scipy (|ΔCBF| on voxels where both converged).
+
+    python asl/benchmark_asl.py runs/asl/smoke --config configs/asl/smoke.yaml
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asl.data import load_ensemble, predict_maps
+from asl.defaults import defaults
+from asl.fitting import fit_batched, fit_scipy, grid_init
+from asl.simulate import load_fixed_set
+from asl.train_asl import check_set_matches
+from common.cli import make_parser, start_run
+
+DEFAULTS = defaults()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="run folder(s) or checkpoint file(s)")
+    parser.add_argument("--data", type=Path, default=None, help="test set .npz (default: <data.dir>/test.npz)")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
+    cfg, device, bcfg = run.cfg, run.device, run.cfg["benchmark"]
+    models, ckpts = load_ensemble(args.checkpoints, device)
+    prep = ckpts[0]["preprocessing"]
+    physics, fit_cfg = prep["physics"], prep.get("fit", cfg["fit"])
+    data_path = args.data or Path(cfg["data"]["dir"]) / "test.npz"
+    data, meta = load_fixed_set(data_path)
+    check_set_matches(meta, {"physics": physics}, data_path)
+    k = int(np.argmin(np.abs(data["snrs"] - float(bcfg["snr"]))))
+    snr = float(data["snrs"][k])
+    n = int(bcfg["max_phantoms"]) or data["cbf"].shape[0]
+    noisy, mask = data["noisy"][k, :n], data["mask"][:n]
+    cbf_true, att_true = data["cbf"][:n][mask], data["att"][:n][mask]
+    n_vox = int(mask.sum())
+    x = torch.from_numpy(noisy) / prep["input_scale"]
+
+    predict_maps(models, x[:1], prep["target_stats"])  # warm-up
+    nn_times = []
+    for _ in range(int(bcfg["repeats"])):
+        start = time.perf_counter()
+        maps = predict_maps(models, x, prep["target_stats"], batch_size=32)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        nn_times.append(time.perf_counter() - start)
+    nn_s = min(nn_times)
+    y = np.transpose(noisy, (0, 2, 3, 1))[mask].astype(np.float64)
+    fit_batched(y[:64], physics, None, fit_cfg, device=device)  # warm-up
+    batched = fit_batched(y, physics, None, fit_cfg, device=device)
+    rng = np.random.default_rng(int(cfg["seed"]))
+    sub = np.sort(rng.choice(n_vox, min(int(bcfg["n_scipy_voxels"]), n_vox), replace=False))
+    c0, a0 = grid_init(torch.from_numpy(y[sub]), physics, None, fit_cfg)
+    scipy_res = fit_scipy(y[sub], physics, None, fit_cfg, init=(c0.numpy(), a0.numpy()))
+    rates = {"nn_voxels_per_s": n_vox / nn_s, "batched_ls_voxels_per_s": n_vox / batched["seconds"],
+             "scipy_ls_voxels_per_s": len(sub) / scipy_res["seconds"]}
+    both = batched["converged"][sub] & scipy_res["converged"]
+    dcbf = np.abs(batched["cbf"][sub] - scipy_res["cbf"])[both]
+    datt = np.abs(batched["att"][sub] - scipy_res["att"])[both]
+    nn_cbf, nn_att = maps["cbf"][mask], maps["att"][mask]
+    accuracy = {}
+    for name, cbf, att in (("nn", nn_cbf[sub], nn_att[sub]), ("batched_ls", batched["cbf"][sub], batched["att"][sub]),
+                           ("scipy_ls", scipy_res["cbf"], scipy_res["att"])):
+        accuracy[name] = {"cbf_mae": float(np.abs(cbf - cbf_true[sub]).mean()),
+                          "att_mae_ms": float(np.abs(att - att_true[sub]).mean())}
+    ratios = {"batched_ls_vs_scipy": rates["batched_ls_voxels_per_s"] / rates["scipy_ls_voxels_per_s"],
+              "nn_vs_scipy": rates["nn_voxels_per_s"] / rates["scipy_ls_voxels_per_s"],
+              "nn_vs_batched_ls": rates["nn_voxels_per_s"] / rates["batched_ls_voxels_per_s"]}
+    agreement = {"voxels_both_converged": int(both.sum()), "max_abs_dcbf": float(dcbf.max()) if dcbf.size else None,
+                 "share_abs_dcbf_below_0.1": float(np.mean(dcbf < 0.1)) if dcbf.size else None,
+                 "median_abs_datt_ms": float(np.median(datt)) if datt.size else None}
+    targets = {"batched_ls_vs_scipy_ge_50": ratios["batched_ls_vs_scipy"] >= 50,
+               "nn_vs_scipy_ge_1000": ratios["nn_vs_scipy"] >= 1000,
+               "batched_agrees_with_scipy_0.1": (agreement["share_abs_dcbf_below_0.1"] or 0) >= 0.99}
+    for key, value in rates.items():
+        run.log(f"{key:>26s}: {value:12.0f}")
+    for key, value in ratios.items():
+        run.log(f"{'ratio ' + key:>26s}: {value:12.1f}")
+    run.log(f"batched vs scipy on {both.sum()} converged voxels: max |ΔCBF| {agreement['max_abs_dcbf']:.4f}, "
+            f"share < 0.1: {agreement['share_abs_dcbf_below_0.1']:.1%}")
+    for name, acc in accuracy.items():
+        run.log(f"{name:>12s}: CBF MAE {acc['cbf_mae']:.2f}, ATT MAE {acc['att_mae_ms']:.0f} ms (scipy subset, SNR {snr:g})")
+    summary = {"snr": snr, "device": str(device), "voxels": n_vox, "scipy_voxels": int(len(sub)), "n_models": len(models),
+               "rates": rates, "ratios": ratios, "agreement": agreement, "accuracy": accuracy, "targets_met": targets,
+               "seconds": {"nn": nn_s, "batched_ls": batched["seconds"], "scipy_ls": scipy_res["seconds"]}}
+    summary["headline"] = {"batched_ls_vs_scipy_speedup": ratios["batched_ls_vs_scipy"],
+                           "nn_vs_scipy_speedup": ratios["nn_vs_scipy"],
+                           "batched_vs_scipy_max_abs_dcbf": agreement["max_abs_dcbf"]}
+    summary["figures"] = []
+    return run.finish(summary)
+
+
+if __name__ == "__main__":
+    main()

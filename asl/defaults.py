@@ -1,0 +1,114 @@
+"""The complete ``asl`` configuration schema and defaults, shared by every asl script.
+
+One schema for all scripts, so one YAML (e.g. configs/asl/production_v2.yaml) drives preprocessing,
+training, validation, prediction and benchmarking; unknown keys are errors (common.config).
+Sections ``physics``, ``phantom``, ``randomization`` and ``fit`` are documented where they are defined
+(asl/physics.py, asl/simulate.py, asl/fitting.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from asl.fitting import FIT_DEFAULTS
+from asl.physics import PHYSICS_DEFAULTS
+from asl.simulate import PHANTOM_DEFAULTS, RANDOMIZATION_DEFAULTS
+from common.runtime import RUNTIME_DEFAULTS
+
+DEFAULTS = {
+    "seed": 0,  # base seed (training stream, ensemble member i uses seed + i)
+    "physics": dict(PHYSICS_DEFAULTS),  # nominal acquisition physics (LS "nominal" uses these too)
+    "phantom": dict(PHANTOM_DEFAULTS),  # phantom generator
+    "randomization": dict(RANDOMIZATION_DEFAULTS),  # per-phantom physics draw that reaches the signals
+    "noise": {
+        "kind": "gaussian",  # gaussian | rician; σ = S_ref / SNR (asl.physics.reference_signal)
+        "train_snr_range": [2.0, 20.0],  # training SNR, log-uniform per phantom
+        "train_snr_values": [],  # if non-empty: SNR drawn uniformly from this list instead (exp 19)
+        "eval_snrs": [3.0, 5.0, 10.0, 20.0],  # SNRs of the saved test set (validation reports each)
+        "val_snrs": [3.0, 10.0],  # SNRs of the saved validation set (model selection during training)
+    },
+    "data": {
+        "dir": "data/asl/phantoms",  # where preprocess writes val.npz / test.npz (and synthetic subjects)
+        "n_val": 16,  # validation phantoms (model selection)
+        "n_test": 32,  # held-out test phantoms (validate_asl / benchmark_asl)
+        "val_seed": 1_000_001,  # seeds of the fixed sets (disjoint from the training stream)
+        "test_seed": 2_000_002,
+        "synthetic_subject": True,  # also write a synthetic BIDS subject + per-PLD layout for predict tests
+        "synthetic_slices": 3,  # slices (phantoms) in the synthetic subject
+        "synthetic_snr": 8.0,  # SNR of the synthetic subject's averaged ΔM
+        "synthetic_repeats": 2,  # label/control pairs per PLD in the synthetic BIDS series
+    },
+    "model": {
+        "target": "asl.models.AmplitudeAwareSpatialASLNet",  # SpatialASLNet | AmplitudeAwareSpatialASLNet | DualEncoderSpatialASLNet
+        "features": [32, 64, 128, 256],  # U-Net widths per level (5 levels for 128² patches, exp 15)
+        "n_groups": 8,  # GroupNorm groups
+        "dropout": 0.1,  # channel dropout in conv blocks (also MC dropout, exp 17)
+        "normalization_mode": "global_scale",  # global_scale (keeps amplitude) | per_curve
+        "use_log_var": True,  # log-variance heads (aleatoric uncertainty)
+        "separate_decoders": False,  # exp 10
+        "att_conditioning": False,  # exp 11
+        "multi_scale_factors": [1],  # exp 16: e.g. [1, 2]
+        "fusion": "attention",  # attention | mean (multi-scale)
+        "denoise_head": False,  # exp 20 (needed for train.pretrain_denoise_epochs)
+        "use_film_at_bottleneck": True,  # AmplitudeAware / DualEncoder flags
+        "use_film_at_decoder": True,
+        "use_amplitude_output_modulation": True,
+        "amplitude_hidden": 64,  # width of the amplitude MLP
+    },
+    "train": {
+        "epochs": 30,  # main-task epochs (after any denoising pre-training)
+        "steps_per_epoch": 200,  # optimizer steps per epoch (new phantoms every step)
+        "batch_size": 32,  # phantoms per step and rank
+        "lr": 1.0e-4,
+        "weight_decay": 1.0e-4,
+        "grad_clip": 1.0,
+        "warmup_steps": 100,  # linear LR warm-up, then cosine decay to 1 % of lr
+        "loss": "l1",  # l1 | l2 | huber | nll (point loss on z-scored targets over the brain mask)
+        "huber_delta": 1.0,
+        "cbf_weight": 1.0,
+        "att_weight": 1.0,
+        "variance_weight": 0.1,  # weight of the Gaussian NLL that trains the log-variance heads
+        "dc_weight": 0.0,  # data-consistency: |physics(pred)/S_ref − input| over the mask, nominal physics
+        "loss_weighting": "fixed",  # fixed | inverse_validation_loss | uncertainty (exp 12)
+        "curriculum_epochs": 0,  # ramp SNR floor (from the top of the range) and randomization width over N epochs
+        "n_ensembles": 3,  # members trained one after another (seed + i)
+        "pretrain_denoise_epochs": 0,  # exp 20: epochs of denoising pre-training before the main task
+        "target_stats_phantoms": 64,  # training phantoms used for the CBF/ATT z-score statistics
+        "val_max_phantoms": 0,  # 0 = whole validation set each epoch
+    },
+    "finetune": {
+        "enabled": False,  # exp 14: self-supervised fine-tuning on preprocessed in-vivo data
+        "data": "",  # .npz written by preprocess_asl.py --invivo (or a BIDS / per-PLD folder)
+        "epochs": 5,
+        "lr": 1.0e-5,
+        "batch_size": 4,  # slices per step
+        "anchor_weight": 1.0,  # keeps predictions near the pre-fine-tuning model (z units, L1)
+    },
+    "fit": dict(FIT_DEFAULTS),  # least-squares baseline
+    "validate": {
+        "max_phantoms": 0,  # 0 = all test phantoms
+        "mc_dropout_samples": 0,  # > 0: MC-dropout uncertainty (exp 17)
+        "mc_dropout_rate": None,  # dropout p at test time (null = the training rate)
+        "linearity_k": [0.5, 0.75, 1.0, 1.5, 2.0],  # amplitude scale factors
+        "linearity_snr": 10.0,  # noise level (σ fixed) for the linearity test
+        "figure_snr": 3.0,  # SNR shown in map figures
+        "scatter_points": 4000,  # points per scatter / Bland-Altman plot
+        "error_quantile": 0.9,  # uncertainty AUROC: detect voxels above this error quantile (exp 18)
+    },
+    "predict": {
+        "mask_threshold": 0.2,  # brain mask: M0 > threshold × 99th percentile of M0
+        "ls": True,  # also fit LS maps for comparison
+        "m0_scale": 1.0,  # multiply M0 by this (e.g. a different receiver gain / TR correction)
+    },
+    "benchmark": {
+        "snr": 5.0,  # test-set SNR used
+        "max_phantoms": 0,  # 0 = all test phantoms (batched LS, network)
+        "n_scipy_voxels": 400,  # voxels for scipy (per-voxel time extrapolated by the measured rate)
+        "repeats": 3,  # network timing repeats (best of)
+    },
+    "runtime": dict(RUNTIME_DEFAULTS),
+}
+
+
+def defaults() -> dict:
+    return copy.deepcopy(DEFAULTS)

@@ -1,0 +1,281 @@
+"""ASL signal models (the single source of truth for every simulated or fitted signal) and the CRLB.
+
+Units: times in ms, CBF in ml/100g/min, f = CBF / 6000 in ml/g/s, signals ΔM in units of M0.
+
+All functions take torch tensors (any shape ``...``) and return ``(..., n_pld)`` or ``(..., n_channels)``;
+physical parameters may be Python floats or tensors broadcastable to the CBF tensor (one value per
+voxel or per phantom), so domain-randomized physics and the "oracle" least-squares fit use the same code.
+Every model is differentiable (torch.where between branches). ``*_np`` wrappers accept numpy.
+
+Models
+- PCASL, single compartment with blood T1 only (Buxton et al. MRM 1998 general kinetic model as used by
+  MULTIVERSE, Xu et al. MRM 2025):
+    PLD < ATT − τ:        ΔM = 0
+    ATT − τ ≤ PLD < ATT:  ΔM = (2 α1 f / λ)(T1b/1000)[exp(−ATT/T1b) − exp(−(τ+PLD)/T1b)]
+    PLD ≥ ATT:            ΔM = (2 α1 f / λ)(T1b/1000) exp(−PLD/T1b)(1 − exp(−τ/T1b))
+- PCASL, full Buxton (1998) model with tissue relaxation (FSL BASIL, ASLDRO), t = τ + PLD,
+  T1' = 1/(1/T1t + f/λ), q(x) = 1 − exp(−x/T1'):
+    t < ATT: 0;  ATT ≤ t < ATT+τ: 2α f' T1' e^(−ATT/T1b) q(t−ATT);
+    t ≥ ATT+τ: 2α f' T1' e^(−ATT/T1b) e^(−(t−τ−ATT)/T1') q(τ)
+- VSASL (MULTIVERSE "spatially defined bolus"): ΔM = (2 α2 f / λ)(min(PLD, ATT)/1000) exp(−PLD/T1b)
+
+Effective labeling efficiencies include background suppression: α1 = α_PCASL·α_BS1^n_bs_pcasl,
+α2 = α_VSASL·α_BS1^n_bs_vsasl (4 and 3 pulses in the original).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+# Nominal physics of the original system (production_v2); the ``physics:`` section of every config.
+PHYSICS_DEFAULTS = {
+    "modes": ["pcasl", "vsasl"],  # acquired labeling schemes, in channel order: pcasl, vsasl or both
+    "plds_ms": [500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0],  # post-labeling delays (same list per mode)
+    "pcasl_model": "blood_t1",  # blood_t1 (MULTIVERSE) | buxton_full (with tissue T1, as FSL BASIL)
+    "t1_blood_ms": 1650.0,  # arterial blood T1 at 3 T
+    "t1_tissue_ms": 1330.0,  # tissue T1 (GM, 3 T); used by buxton_full only
+    "tau_ms": 1800.0,  # PCASL labeling duration
+    "alpha_pcasl": 0.85,  # PCASL labeling efficiency
+    "alpha_vsasl": 0.56,  # VSASL labeling efficiency
+    "alpha_bs1": 0.95,  # efficiency of one background-suppression inversion pulse (centre of its randomization)
+    "n_bs_pcasl": 4,  # BS pulses in the PCASL sequence
+    "n_bs_vsasl": 3,  # BS pulses in the VSASL sequence
+    "lambda_blood": 0.9,  # blood-brain partition coefficient (ml/g)
+}
+# Parameters that may vary per voxel/phantom (domain randomization, oracle fits).
+VARIABLE_PARAMS = ("t1_blood_ms", "tau_ms", "alpha_pcasl", "alpha_vsasl", "alpha_bs1", "m0_scale", "pld_offset_ms")
+MODES = ("pcasl", "vsasl")
+PCASL_MODELS = ("blood_t1", "buxton_full")
+
+
+def check_physics(physics: Mapping) -> None:
+    """Raise ValueError naming the field when the physics section cannot describe an acquisition."""
+    modes = list(physics["modes"])
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError(f"physics.modes must be a non-empty subset of {list(MODES)}, got {modes}")
+    plds = list(physics["plds_ms"])
+    if not plds or any(not np.isfinite(p) or p < 0 for p in plds):
+        raise ValueError(f"physics.plds_ms must be non-negative numbers, got {plds}")
+    if physics["pcasl_model"] not in PCASL_MODELS:
+        raise ValueError(f"physics.pcasl_model must be one of {PCASL_MODELS}, got {physics['pcasl_model']!r}")
+    for key in ("t1_blood_ms", "t1_tissue_ms", "tau_ms", "lambda_blood"):
+        if not float(physics[key]) > 0:
+            raise ValueError(f"physics.{key} must be > 0, got {physics[key]}")
+
+
+def n_channels(physics: Mapping) -> int:
+    return len(physics["modes"]) * len(physics["plds_ms"])
+
+
+def channel_names(physics: Mapping) -> list[str]:
+    return [f"{m.upper()}_PLD{int(round(p))}" for m in physics["modes"] for p in physics["plds_ms"]]
+
+
+def _xp(x):
+    """The array library of ``x``: torch for tensors, numpy otherwise (the equations use only operations
+    both provide, so numpy callers such as the per-voxel scipy fit avoid torch's per-call overhead)."""
+    return torch if isinstance(x, torch.Tensor) else np
+
+
+def _param(name: str, physics: Mapping, params: Mapping | None, like):
+    """A physical parameter as a scalar array, or an array with a trailing PLD axis (broadcast over PLDs)."""
+    if params is not None and params.get(name) is not None:
+        value = params[name]
+        if _xp(like) is torch:
+            return torch.as_tensor(value, dtype=like.dtype, device=like.device)[..., None]
+        return np.asarray(value, dtype=np.float64)[..., None]
+    default = {"m0_scale": 1.0, "pld_offset_ms": 0.0}.get(name)
+    value = default if default is not None else float(physics[name])
+    if _xp(like) is torch:
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
+    return np.float64(value)
+
+
+def _plds(physics: Mapping, params: Mapping | None, like):
+    if _xp(like) is torch:
+        plds = torch.as_tensor(list(physics["plds_ms"]), dtype=like.dtype, device=like.device)
+    else:
+        plds = np.asarray(list(physics["plds_ms"]), dtype=np.float64)
+    return plds + _param("pld_offset_ms", physics, params, like)
+
+
+def pcasl_blood_t1(cbf, att_ms, plds_ms, t1b_ms, tau_ms, alpha_eff, lambda_blood):
+    """PCASL ΔM/M0 with blood T1 only; cbf, att (...,) and plds (..., n) or (n,) → (..., n)."""
+    xp = _xp(cbf)
+    f = cbf[..., None] / 6000.0
+    att = att_ms[..., None]
+    scale = 2.0 * alpha_eff * f / lambda_blood * (t1b_ms / 1000.0)
+    transit = scale * (xp.exp(-att / t1b_ms) - xp.exp(-(tau_ms + plds_ms) / t1b_ms))
+    arrived = scale * xp.exp(-plds_ms / t1b_ms) * (1.0 - xp.exp(-tau_ms / t1b_ms))
+    zero = 0.0 * transit
+    return xp.where(plds_ms < att - tau_ms, zero, xp.where(plds_ms < att, transit, arrived))
+
+
+def pcasl_buxton_full(cbf, att_ms, plds_ms, t1b_ms, tau_ms, alpha_eff, lambda_blood, t1t_ms):
+    """Full Buxton (1998) PCASL model with tissue relaxation; t = τ + PLD. Shapes as pcasl_blood_t1."""
+    xp = _xp(cbf)
+    f_prime = cbf[..., None] / 6000.0 / lambda_blood  # s^-1
+    att = att_ms[..., None]
+    t1_app_ms = 1.0 / (1.0 / t1t_ms + f_prime / 1000.0)
+    t = tau_ms + plds_ms
+    amp = 2.0 * alpha_eff * f_prime * (t1_app_ms / 1000.0) * xp.exp(-att / t1b_ms)
+    elapsed = xp.where(t > att, t - att, 0.0 * att)
+    during = amp * (1.0 - xp.exp(-elapsed / t1_app_ms))
+    after = amp * xp.exp(-(t - tau_ms - att) / t1_app_ms) * (1.0 - xp.exp(-tau_ms / t1_app_ms))
+    zero = 0.0 * during
+    return xp.where(t < att, zero, xp.where(t < att + tau_ms, during, after))
+
+
+def vsasl_multiverse(cbf, att_ms, plds_ms, t1b_ms, alpha_eff, lambda_blood):
+    """VSASL ΔM/M0 (MULTIVERSE): (2 α2 f/λ)(min(PLD, ATT)/1000) exp(−PLD/T1b)."""
+    xp = _xp(cbf)
+    f = cbf[..., None] / 6000.0
+    att = att_ms[..., None]
+    return 2.0 * alpha_eff * f / lambda_blood * (xp.minimum(plds_ms, att) / 1000.0) * xp.exp(-plds_ms / t1b_ms)
+
+
+def pcasl_blood_t1_datt(cbf, att_ms, plds_ms, t1b_ms, tau_ms, alpha_eff, lambda_blood):
+    """∂/∂ATT of :func:`pcasl_blood_t1`: −(2α1 f/λ)(T1b/1000)/T1b·exp(−ATT/T1b) in the transit branch, else 0."""
+    xp = _xp(cbf)
+    f = cbf[..., None] / 6000.0
+    att = att_ms[..., None]
+    scale = 2.0 * alpha_eff * f / lambda_blood * (t1b_ms / 1000.0)
+    transit = -scale / t1b_ms * xp.exp(-att / t1b_ms) + 0.0 * plds_ms
+    inside = (plds_ms >= att - tau_ms) & (plds_ms < att)
+    return xp.where(inside, transit, 0.0 * transit)
+
+
+def vsasl_multiverse_datt(cbf, att_ms, plds_ms, t1b_ms, alpha_eff, lambda_blood):
+    """∂/∂ATT of :func:`vsasl_multiverse`: (2α2 f/λ)/1000·exp(−PLD/T1b) while ATT < PLD, else 0."""
+    xp = _xp(cbf)
+    f = cbf[..., None] / 6000.0
+    att = att_ms[..., None]
+    slope = 2.0 * alpha_eff * f / lambda_blood / 1000.0 * xp.exp(-plds_ms / t1b_ms) + 0.0 * att
+    return xp.where(att < plds_ms, slope, 0.0 * slope)
+
+
+def _curves(cbf, att_ms, physics: Mapping, params: Mapping | None, d_att: bool = False):
+    """Per-mode signals (or their ATT derivatives) concatenated over channels, times the M0 scale."""
+    xp = _xp(cbf)
+    plds = _plds(physics, params, cbf)
+    t1b = _param("t1_blood_ms", physics, params, cbf)
+    lam = float(physics["lambda_blood"])
+    bs1 = _param("alpha_bs1", physics, params, cbf)
+    out = []
+    for mode in physics["modes"]:
+        if mode == "pcasl":
+            alpha = _param("alpha_pcasl", physics, params, cbf) * bs1 ** int(physics["n_bs_pcasl"])
+            tau = _param("tau_ms", physics, params, cbf)
+            if physics["pcasl_model"] == "buxton_full":
+                if d_att:
+                    raise ValueError("no closed-form ATT derivative for buxton_full (use finite differences)")
+                out.append(pcasl_buxton_full(cbf, att_ms, plds, t1b, tau, alpha, lam, float(physics["t1_tissue_ms"])))
+            else:
+                fn = pcasl_blood_t1_datt if d_att else pcasl_blood_t1
+                out.append(fn(cbf, att_ms, plds, t1b, tau, alpha, lam))
+        elif mode == "vsasl":
+            alpha = _param("alpha_vsasl", physics, params, cbf) * bs1 ** int(physics["n_bs_vsasl"])
+            fn = vsasl_multiverse_datt if d_att else vsasl_multiverse
+            out.append(fn(cbf, att_ms, plds, t1b, alpha, lam))
+        else:
+            raise ValueError(f"physics.modes: unknown mode {mode!r} (use {list(MODES)})")
+    joined = torch.cat(out, dim=-1) if xp is torch else np.concatenate(np.broadcast_arrays(*out), axis=-1)
+    return joined * _param("m0_scale", physics, params, cbf)
+
+
+def _as_arrays(cbf, att_ms):
+    if isinstance(cbf, torch.Tensor):
+        return cbf, torch.as_tensor(att_ms, dtype=cbf.dtype, device=cbf.device)
+    return np.asarray(cbf, dtype=np.float64), np.asarray(att_ms, dtype=np.float64)
+
+
+def signal_curves(cbf, att_ms, physics: Mapping, params: Mapping | None = None):
+    """Noise-free ΔM/M0 for every channel [PCASL(PLD1..N), VSASL(PLD1..N)] (modes in config order).
+
+    Args:
+        cbf, att_ms: tensors (or numpy arrays: then the result is numpy float64) of the same shape ``(...,)``.
+        physics: the ``physics`` config section (nominal values, modes, PLDs, PCASL model).
+        params: optional per-voxel/per-phantom overrides (arrays broadcastable to ``cbf``) of
+            t1_blood_ms, tau_ms, alpha_pcasl, alpha_vsasl, alpha_bs1, plus m0_scale (multiplies the
+            signal: M0 calibration error) and pld_offset_ms (added to every PLD: slice timing).
+    Returns:
+        ``(..., n_modes·n_plds)``.
+    """
+    cbf, att_ms = _as_arrays(cbf, att_ms)
+    return _curves(cbf, att_ms, physics, params)
+
+
+def signal_curves_np(cbf, att_ms, physics: Mapping, params: Mapping | None = None) -> np.ndarray:
+    """numpy (float64) front of :func:`signal_curves`."""
+    return signal_curves(np.asarray(cbf, dtype=np.float64), np.asarray(att_ms, dtype=np.float64), physics,
+                         None if params is None else {k: np.asarray(v, dtype=np.float64) for k, v in params.items()})
+
+
+def signal_jacobian(cbf, att_ms, physics: Mapping, params: Mapping | None = None):
+    """(signal, ∂signal/∂(CBF, ATT)): shapes (..., C) and (..., C, 2).
+
+    Closed form for the blood-T1 PCASL and VSASL models (both linear in CBF: ∂S/∂CBF = S(CBF=1));
+    central finite differences (CBF step 1e-3·max(CBF, 1), ATT step 0.5 ms) for the full Buxton model.
+    """
+    cbf, att_ms = _as_arrays(cbf, att_ms)
+    xp = _xp(cbf)
+    if "pcasl" in physics["modes"] and physics["pcasl_model"] == "buxton_full":
+        sig = _curves(cbf, att_ms, physics, params)
+        h_c = 1e-3 * xp.maximum(cbf, 0.0 * cbf + 1.0)
+        h_a = 0.5
+        d_cbf = (_curves(cbf + h_c, att_ms, physics, params)
+                 - _curves(xp.maximum(cbf - h_c, 0.0 * cbf), att_ms, physics, params))
+        d_cbf = d_cbf / (cbf + h_c - xp.maximum(cbf - h_c, 0.0 * cbf))[..., None]
+        d_att = (_curves(cbf, att_ms + h_a, physics, params) - _curves(cbf, att_ms - h_a, physics, params)) / (2 * h_a)
+    else:
+        d_cbf = _curves(0.0 * cbf + 1.0, att_ms, physics, params)
+        sig = d_cbf * cbf[..., None]
+        d_att = _curves(cbf, att_ms, physics, params, d_att=True)
+    jac = torch.stack([d_cbf, d_att], dim=-1) if xp is torch else np.stack([d_cbf, d_att], axis=-1)
+    return sig, jac
+
+
+def crlb(cbf, att_ms, physics: Mapping, sigma, params: Mapping | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cramér-Rao lower bounds (variances) of CBF and ATT for i.i.d. Gaussian noise of std ``sigma``.
+
+    Fisher information I = JᵀJ / σ² with J the (C × 2) Jacobian of the signal model; CRLB = diag(I⁻¹).
+    A voxel whose signal does not depend on ATT (e.g. every PLD before the bolus) has singular I: +inf.
+    Returns (var_cbf in (ml/100g/min)², var_att in ms²).
+    """
+    cbf = torch.as_tensor(cbf, dtype=torch.float64)
+    att_ms = torch.as_tensor(att_ms, dtype=torch.float64)
+    _, jac = signal_jacobian(cbf, att_ms, physics, params)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    fisher = jac.transpose(-1, -2) @ jac / (sigma**2)[..., None, None]
+    a, b, d = fisher[..., 0, 0], fisher[..., 0, 1], fisher[..., 1, 1]
+    det = a * d - b * b
+    ok = det > 1e-12 * (a * d).clamp_min(1e-300)
+    inf = torch.full_like(det, float("inf"))
+    var_cbf = torch.where(ok, d / torch.where(ok, det, torch.ones_like(det)), inf)
+    var_att = torch.where(ok, a / torch.where(ok, det, torch.ones_like(det)), inf)
+    return var_cbf, var_att
+
+
+# ----------------------------------------------------------------------------------- SNR definition
+REFERENCE_GM = {"cbf": 60.0, "att_ms": 1300.0}
+
+
+def reference_signal(physics: Mapping) -> float:
+    """S_ref: the mean over all acquired channels of the noise-free ΔM/M0 of a reference grey-matter voxel
+    (CBF 60 ml/100g/min, ATT 1300 ms) under the NOMINAL physics of ``physics``.
+
+    THE SNR DEFINITION (used everywhere in asl/): noise std σ = S_ref / SNR, the same σ in every channel,
+    applied to the final (averaged) ΔM/M0 images. Network inputs are ΔM/M0 divided by S_ref, so a GM
+    voxel reads ≈ 1 and the input noise std is 1/SNR.
+    """
+    sig = signal_curves(torch.tensor([REFERENCE_GM["cbf"]], dtype=torch.float64),
+                        torch.tensor([REFERENCE_GM["att_ms"]], dtype=torch.float64), physics)
+    return float(sig.mean())
+
+
+def noise_sigma(snr, physics: Mapping):
+    """σ = S_ref / SNR (see :func:`reference_signal`); works for floats, numpy arrays and tensors."""
+    return reference_signal(physics) / snr

@@ -1,0 +1,150 @@
+"""Lens mass and light profiles in torch, in lenstronomy's conventions (so pixels compare with lenstronomy 1.14).
+
+Every function broadcasts: coordinates ``x, y`` (arcsec) of shape [..., H, W] and parameters of shape
+[..., 1, 1] (a batch of lenses renders in one call). All functions are differentiable in every parameter.
+
+Conventions (lenstronomy.Util.param_util, LensModel/Profiles/nie.py, LightModel/Profiles/sersic.py):
+- ellipticity (e1, e2) = (1 − q)/(1 + q) · (cos 2φ, sin 2φ); φ = atan2(e2, e1)/2, |e| clipped at 0.9999.
+- SIE: Kormann, Schneider & Bartelmann (1994); Keeton & Kochanek (1998) eq. 8 with a core s → 0.
+  θ_E is the product-average Einstein radius, b = θ_E·√q.
+- SHEAR: α = (γ1 x + γ2 y, γ2 x − γ1 y) about the origin.
+- SERSIC_ELLIPSE: I(R) = amp · exp{−b_n[(R/R_sersic)^(1/n) − 1]}, b_n = 1.9992 n − 0.3271
+  (lenstronomy's approximation), R = √(q x'² + y'²/q) (product-average radius).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# lenstronomy's SIE is an NIE with this tiny core (LensModel/Profiles/sie.py); it also keeps ψ > 0 at the
+# lens centre so values and gradients stay finite there.
+SIE_CORE_ARCSEC = 1e-10
+MAX_ECCENTRICITY = 0.9999  # param_util.ellipticity2phi_q clips |e| here
+SERSIC_SMOOTHING_ARCSEC = 1e-4  # SersicUtil(smoothing=0.0001): R and R_sersic floored here
+SERSIC_MAX_R_FRAC = 1000.0  # lenstronomy zeroes the profile beyond 1000 R_sersic
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    return 1e-20 if dtype == torch.float64 else 1e-12
+
+
+def ellipticity_to_phi_q(e1: torch.Tensor, e2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e1, e2) → (φ, q, c=|e|). At e = 0 exactly, φ = 0 and the gradient w.r.t. e is taken as 0
+    (atan2 is singular there); everywhere else it is exact."""
+    c2 = e1 * e1 + e2 * e2
+    small = c2 < _tiny(e1.dtype)
+    e1_safe = torch.where(small, torch.ones_like(e1), e1)
+    e2_safe = torch.where(small, torch.zeros_like(e2), e2)
+    phi = torch.atan2(e2_safe, e1_safe) / 2
+    c = torch.sqrt(torch.where(small, torch.full_like(c2, _tiny(e1.dtype)), c2)).clamp(max=MAX_ECCENTRICITY)
+    q = (1 - c) / (1 + c)
+    return phi, q, c
+
+
+def phi_q_to_ellipticity(phi, q):
+    """Inverse of :func:`ellipticity_to_phi_q` (works on floats, numpy arrays and tensors)."""
+    lib = torch if isinstance(phi, torch.Tensor) else __import__("numpy")
+    c = (1 - q) / (1 + q)
+    return c * lib.cos(2 * phi), c * lib.sin(2 * phi)
+
+
+def _k_min(dtype: torch.dtype) -> float:
+    """Below this √(1 − q²) the arctan/arctanh ratios use their series (error < k⁶ ≈ 1e-24 / 1e-12)."""
+    return 1e-4 if dtype == torch.float64 else 1e-2
+
+
+def _atan_ratio(k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """arctan(k·u)/k, continued to u − k²u³/3 + k⁴u⁵/5 as k → 0 (round SIE, q → 1)."""
+    small = k < _k_min(k.dtype)
+    if not bool(small.any()):  # k is per lens ([B, 1, 1]): skip the series when no lens is round
+        return torch.atan(k * u) / k
+    k_safe = torch.where(small, torch.ones_like(k), k)
+    exact = torch.atan(k_safe * u) / k_safe
+    series = u - (k * k) * u**3 / 3 + (k * k) ** 2 * u**5 / 5
+    return torch.where(small, series, exact)
+
+
+def _atanh_ratio(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """arctanh(k·v)/k, continued to v + k²v³/3 + k⁴v⁵/5 as k → 0; |k·v| < 1 holds because |v| ≤ 1, k < 1."""
+    small = k < _k_min(k.dtype)
+    limit = 1 - (1e-15 if k.dtype == torch.float64 else 1e-7)
+    if not bool(small.any()):
+        return torch.atanh((k * v).clamp(-limit, limit)) / k
+    k_safe = torch.where(small, torch.ones_like(k), k)
+    exact = torch.atanh((k_safe * v).clamp(-limit, limit)) / k_safe
+    series = v + (k * k) * v**3 / 3 + (k * k) ** 2 * v**5 / 5
+    return torch.where(small, series, exact)
+
+
+def sie_deflection(x, y, theta_E, e1, e2, center_x, center_y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deflection (α_x, α_y) in arcsec of a singular isothermal ellipsoid.
+
+    In the frame rotated by φ (x' along the major axis), with b = θ_E√q, ψ = √(q²(s² + x'²) + y'²)
+    (Keeton & Kochanek 1998, eq. 8 and after; lenstronomy NIEMajorAxis):
+        α'_x = b/√(1−q²) · arctan(√(1−q²) x' / (ψ + s)),
+        α'_y = b/√(1−q²) · arctanh(√(1−q²) y' / (ψ + q² s)),
+    then rotated back by φ. √(1−q²) = 2√c/(1+c) is computed from c = |e| without cancellation.
+    """
+    phi, q, c = ellipticity_to_phi_q(e1, e2)
+    cos_phi, sin_phi = torch.cos(phi), torch.sin(phi)
+    dx, dy = x - center_x, y - center_y
+    xr = dx * cos_phi + dy * sin_phi
+    yr = -dx * sin_phi + dy * cos_phi
+    b = theta_E * torch.sqrt(q)
+    s = SIE_CORE_ARCSEC / torch.sqrt(q)
+    psi = torch.sqrt(q * q * (s * s + xr * xr) + yr * yr)
+    k = 2 * torch.sqrt(c) / (1 + c)  # √(1 − q²)
+    ax_r = b * _atan_ratio(k, xr / (psi + s))
+    ay_r = b * _atanh_ratio(k, yr / (psi + q * q * s))
+    return ax_r * cos_phi - ay_r * sin_phi, ax_r * sin_phi + ay_r * cos_phi
+
+
+def shear_deflection(x, y, gamma1, gamma2, ra_0=0.0, dec_0=0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """External shear (lenstronomy SHEAR): α = (γ1 x + γ2 y, γ2 x − γ1 y) about (ra_0, dec_0)."""
+    dx, dy = x - ra_0, y - dec_0
+    return gamma1 * dx + gamma2 * dy, gamma2 * dx - gamma1 * dy
+
+
+def sersic_b_n(n_sersic: torch.Tensor) -> torch.Tensor:
+    """b_n = 1.9992 n − 0.3271 (lenstronomy SersicUtil.b_n; Ciotti & Bertin 1999 give the exact series)."""
+    return (1.9992 * n_sersic - 0.3271).clamp(min=1e-5)
+
+
+def sersic_ellipse(x, y, amp, R_sersic, n_sersic, e1, e2, center_x, center_y) -> torch.Tensor:
+    """Elliptical Sérsic surface brightness (lenstronomy SERSIC_ELLIPSE, product-average radius).
+
+    R = |T(x − c)| with T = [[1 − e1, −e2], [−e2, 1 + e1]] / √(1 − e1² − e2²), which equals
+    √(q x'² + y'²/q) (lenstronomy param_util.transform_e1e2_product_average). ``amp`` is the surface
+    brightness at R_sersic (per arcsec²).
+    """
+    dx, dy = x - center_x, y - center_y
+    norm = torch.sqrt(torch.clamp(torch.abs(1 - e1 * e1 - e2 * e2), min=1e-6))
+    xe = ((1 - e1) * dx - e2 * dy) / norm
+    ye = (-e2 * dx + (1 + e1) * dy) / norm
+    # (R/R_sersic)^(1/n) = exp(ln(R²/R_sersic²) / 2n), with R and R_sersic floored at the smoothing scale
+    radius2 = (xe * xe + ye * ye).clamp(min=SERSIC_SMOOTHING_ARCSEC**2)
+    r_eff = torch.clamp(R_sersic, min=SERSIC_SMOOTHING_ARCSEC)
+    log_ratio2 = torch.log(radius2 / (r_eff * r_eff))
+    b_n = sersic_b_n(n_sersic)
+    profile = torch.exp(b_n - b_n * torch.exp(log_ratio2 * (0.5 / n_sersic)))
+    return amp * profile.masked_fill(log_ratio2 > 2 * math.log(SERSIC_MAX_R_FRAC), 0.0)
+
+
+def sersic_total_flux(amp, R_sersic, n_sersic):
+    """Total flux of a Sérsic profile with surface brightness ``amp`` at R_sersic (product-average radius):
+    F = amp · 2π n R² e^{b_n} Γ(2n) / b_n^{2n} (lenstronomy SersicUtil._total_flux; Graham & Driver 2005 eq. 2).
+
+    Works on floats/numpy arrays or tensors; use it to convert magnitudes into ``amp``.
+    """
+    if isinstance(n_sersic, torch.Tensor):
+        bn = sersic_b_n(n_sersic)
+        return amp * R_sersic**2 * 2 * math.pi * n_sersic * torch.exp(bn + torch.lgamma(2 * n_sersic)
+                                                                        - 2 * n_sersic * torch.log(bn))
+    import numpy as np
+    from scipy.special import gammaln
+
+    n = np.asarray(n_sersic, dtype=np.float64)
+    bn = np.maximum(1.9992 * n - 0.3271, 1e-5)
+    return amp * np.asarray(R_sersic) ** 2 * 2 * np.pi * n * np.exp(bn + gammaln(2 * n) - 2 * n * np.log(bn))

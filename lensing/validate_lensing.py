@@ -1,0 +1,173 @@
+"""Evaluate a trained lens finder with the Bologna Lens Challenge metrics (Metcalf et al. 2019).
+
+    python lensing/validate_lensing.py --checkpoint runs/lensing/baseline/RUN --data data/lensing/smoke
+    python lensing/validate_lensing.py --checkpoint RUN --data DIR --set validate.mc_dropout_samples=20
+
+``--checkpoint`` is a checkpoint file, a run folder, or an ensemble run (members averaged, loaded one at
+a time). Writes into the output folder: ``summary.json`` (overall, per-survey, calibration, stratified
+metrics, the non-learned baseline), ``metrics.csv`` (one row per scope), ``scores.csv`` (per-image
+probability, logit, label, survey, truth), and figures: ROC (by false-positive count and rate),
+stratified TPR curves, the highest-scoring false positives and the lowest-scoring lenses, reliability.
+TPR0/TPR10 are false-positive COUNTS; rate-based TPR@FPR is reported as tpr_at_fpr_rate_*.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from common.cli import make_parser, start_run
+from common.runlog import write_text_atomic
+from common.runtime import amp_policy, dataloader_kwargs
+from lensing.baseline import azimuthal_residual_score
+from lensing.catalog import TRUTH_COLUMNS
+from lensing.data import LensingDataset
+from lensing.inference import score_run
+from lensing.metrics import (
+    DOMAIN_SHIFT_AUROC,
+    STRATIFY_QUANTITIES,
+    bologna_metrics,
+    calibration,
+    per_survey_metrics,
+    stratified_curve,
+)
+from lensing.pipeline_config import apply_torch_threads, with_other_sections
+
+DEFAULTS = with_other_sections({
+    "seed": 0,
+    "validate": {
+        "split": "test",  # rows of this split (null/"" = all rows)
+        "surveys": [],  # only these surveys (empty = all)
+        "batch_size": 256,
+        "mc_dropout_samples": 0,  # > 0: MC dropout passes per member (model needs dropout > 0)
+        "stratify": list(STRATIFY_QUANTITIES),  # truth columns for the stratified curves
+        "n_thresholds": 10,  # thresholds per curve (percentiles of the lenses' quantity)
+        "domain_shift_auroc": DOMAIN_SHIFT_AUROC,  # per-survey AUROC below this logs a domain-shift warning
+        "grid_size": 16,  # cutouts in each figure grid
+        "calibration_bins": 10,
+        "baseline": True,  # also score the non-learned azimuthal-residual baseline
+    },
+    "runtime": {"num_workers": 0, "amp": True, "cooling_every_steps": 0, "cooling_pause_s": 0.0, "torch_threads": 0},
+})
+
+STRATIFY_LABELS = {"einstein_area_arcsec2": "Einstein area (arcsec²)", "flux_contrast": "flux contrast",
+                   "lensed_pixels_above_1sigma": "lensed pixels > 1σ"}
+
+
+def _metric_rows(scope: str, metrics: dict) -> dict:
+    return {"scope": scope, **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, run folder or ensemble run")
+    parser.add_argument("--data", type=Path, required=True, help="data set folder (catalog.csv)")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv)
+    cfg, vcfg, device = run.cfg, run.cfg["validate"], run.device
+    apply_torch_threads(cfg, run.log)
+    if not run.is_main:
+        return run.finish({})
+    from lensing.inference import member_checkpoints
+    from common.checkpoint import load_checkpoint
+
+    first = load_checkpoint(member_checkpoints(args.checkpoint)[0], expected_domain="lensing")
+    prep = first.get("preprocessing", {})
+    dataset = LensingDataset(args.data, split=vcfg["split"] or None, surveys=vcfg["surveys"] or None,
+                             expected_bands=prep.get("n_bands"), expected_size=prep.get("image_size"),
+                             clip_sigma=prep.get("clip_sigma", 250.0), log=run.log)
+    loader = DataLoader(dataset, batch_size=vcfg["batch_size"], shuffle=False,
+                        **dataloader_kwargs(device, cfg["runtime"].get("num_workers", 0)))
+    scored = score_run(args.checkpoint, loader, device, amp_policy(device, cfg["runtime"].get("amp", True)),
+                       int(vcfg["mc_dropout_samples"]), run.is_main, run.log)
+    cat = dataset.catalog.iloc[scored["index"]].reset_index(drop=True)
+    labels = pd.to_numeric(cat["label"]).to_numpy()
+    prob = scored["probability"]
+
+    overall = bologna_metrics(labels, scored["logit"])
+    surveys = per_survey_metrics(labels, scored["logit"], cat["survey"].to_numpy(), run.log,
+                                 float(vcfg["domain_shift_auroc"]))
+    calib = calibration(labels, prob, int(vcfg["calibration_bins"]))
+    curves = {}
+    for quantity in vcfg["stratify"]:
+        if quantity not in cat.columns:
+            run.log(f"[lensing] stratified curve skipped: the catalogue has no column '{quantity}'")
+            continue
+        lens_q = pd.to_numeric(cat.loc[labels == 1, quantity], errors="coerce").dropna().to_numpy()
+        thresholds = np.unique(np.percentile(lens_q, np.linspace(0, 90, int(vcfg["n_thresholds"])))) \
+            if lens_q.size else []
+        curves[quantity] = stratified_curve(labels, scored["logit"], pd.to_numeric(cat[quantity], errors="coerce"),
+                                            thresholds)
+    inputs = np.stack([dataset[int(i)]["input"].numpy() for i in scored["index"]])
+    baseline = None
+    if vcfg["baseline"]:
+        baseline_score = azimuthal_residual_score(inputs)
+        baseline = bologna_metrics(labels, baseline_score)
+
+    out_dir = run.run_dir
+    scores = pd.DataFrame({"object_id": cat["object_id"], "survey": cat["survey"], "label": labels,
+                           "probability": prob, "logit": scored["logit"],
+                           "logit_member_std": scored["logit_member_std"]})
+    if "logit_mc_dropout_std" in scored:
+        scores["logit_mc_dropout_std"] = scored["logit_mc_dropout_std"]
+    if baseline is not None:
+        scores["baseline_score"] = baseline_score
+    for column in (*TRUTH_COLUMNS, "sim_kind", "split"):
+        if column in cat.columns:
+            scores[column] = cat[column].values
+    write_text_atomic(out_dir / "scores.csv", scores.to_csv(index=False))
+    rows = [_metric_rows("overall", overall)]
+    rows += [_metric_rows(f"survey:{name}", m) for name, m in surveys.items()]
+    if baseline is not None:
+        rows.append(_metric_rows("baseline:azimuthal_residual", baseline))
+    for quantity, curve in curves.items():
+        rows += [_metric_rows(f"stratified:{quantity}>={r['threshold']:.6g}", r) for r in curve]
+    write_text_atomic(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+
+    from lensing.plots import plot_cutout_grid, plot_reliability, plot_roc, plot_stratified
+
+    figures = plot_roc(labels, {"model": scored["logit"], **({"baseline": baseline_score} if baseline else {})},
+                       out_dir / "figures" / "roc")
+    figures += plot_stratified(curves, out_dir / "figures" / "stratified_tpr", STRATIFY_LABELS)
+    n_grid = int(vcfg["grid_size"])
+    fp = np.where(labels == 0)[0]
+    fp = fp[np.argsort(-prob[fp])][:n_grid]
+    fn = np.where(labels == 1)[0]
+    fn = fn[np.argsort(prob[fn])][:n_grid]
+    kind = cat["sim_kind"].astype(str).to_numpy() if "sim_kind" in cat.columns else np.array([""] * len(cat))
+    figures += plot_cutout_grid(inputs[fp], [f"p={prob[i]:.3f} {kind[i]}" for i in fp],
+                                out_dir / "figures" / "top_false_positives", "highest-scoring non-lenses")
+    figures += plot_cutout_grid(inputs[fn], [f"p={prob[i]:.3f} fc={cat['flux_contrast'].iloc[i]:.2f}"
+                                             if "flux_contrast" in cat.columns else f"p={prob[i]:.3f}" for i in fn],
+                                out_dir / "figures" / "lowest_scoring_lenses", "lowest-scoring lenses")
+    if calib.get("reliability"):
+        figures += plot_reliability(calib["reliability"], out_dir / "figures" / "calibration", calib["ece"])
+
+    run.log(f"[lensing] {len(labels)} cutouts ({overall['n_lenses']} lenses): AUROC {overall['auroc']:.4f}, "
+            f"TPR0 {overall['tpr0']:.3f}, TPR10 {overall['tpr10']:.3f} (false-positive counts), "
+            f"TPR at FPR rate 0.01 {overall['tpr_at_fpr_rate_0.01']:.3f}; ECE {calib['ece']:.3f}"
+            + (f"; baseline AUROC {baseline['auroc']:.4f}" if baseline else ""))
+    headline = {"auroc": overall["auroc"], "tpr0": overall["tpr0"], "tpr10": overall["tpr10"],
+                "tpr_at_fpr_rate_0.01": overall["tpr_at_fpr_rate_0.01"], "ece": calib["ece"],
+                "n_test": len(labels)}
+    if baseline:
+        headline["baseline_auroc"] = baseline["auroc"]
+        headline["baseline_tpr10"] = baseline["tpr10"]
+    for name, m in surveys.items():
+        if len(surveys) > 1:
+            headline[f"auroc_{name}"] = m["auroc"]
+    summary = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": vcfg["split"],
+               "n_members": scored["n_members"], "overall": overall, "per_survey": surveys,
+               "domain_shift_warnings": [k for k, v in surveys.items() if v["domain_shift_warning"]],
+               "calibration": calib, "stratified": curves, "baseline_azimuthal_residual": baseline,
+               "headline": headline,
+               "figures": [str(p.relative_to(out_dir).as_posix()) for p in figures if p.suffix == ".png"],
+               "notes": "TPR0/TPR10: false-positive counts (Metcalf et al. 2019); tpr_at_fpr_rate_*: rates."}
+    return run.finish(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Two-stage inference shared by training (validation centres), validate_rsna.py and predict_rsna.py.
+
+Stage 1 (:func:`localize_study`): the sagittal localizers give, per level, the spinal-canal point on the
+sagittal T2 stack and the left / right foramina on the sagittal T1 stack (slice + in-plane). For the
+subarticular points, the sagittal level point (patient mm) is projected into every axial stack (exact
+per-slice geometry, tilted stacks included); the stack that contains it gives the slice, and the axial
+localizer finds the left / right points on that slice. Fold models are ensembled by averaging heatmap
+probabilities.
+
+Stage 2 (:func:`classify`): crops around each centre → every classifier of the ensemble (folds), with
+left-right flip TTA (crop mirrored, condition mirrored: the left output of the flipped crop is the right
+output of the original) → probabilities re-weighted to the metric's class weights when a model was trained
+with others → averaged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from common.checkpoint import load_model
+from rsna_spine.constants import CONDITIONS, GROUP_OF_CONDITION, LEVELS
+from rsna_spine.crops import resample_slice, resample_volume
+from rsna_spine.data import Stack, StackStore
+from rsna_spine.datasets import POINTS, CropDataset, output_to_voxel
+from rsna_spine.metric import reweight_probabilities
+from rsna_spine.models import decode_heatmaps
+
+CENTER_COLUMNS = ["study_id", "condition", "level", "series_id", "stack_index", "k", "j", "i", "x_mm", "y_mm",
+                  "z_mm", "confidence", "source"]
+
+
+# ------------------------------------------------------------------------------------------ loading
+def read_manifest(train_dir: str | Path) -> dict:
+    """models.json of a train_rsna.py run: {fold: {"localizer": {key: path}, "classifier": {group: {...}}}}."""
+    path = Path(train_dir) / "models.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {train_dir} a run folder of train_rsna.py?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_ensemble(train_dir: str | Path, folds: Sequence[int] | None, device, checkpoint: str = "best") -> dict:
+    """{"localizer": {key: [(model, ckpt), ...]}, "classifier": [(model, ckpt), ...]} over ``folds``."""
+    manifest = read_manifest(train_dir)
+    out: dict = {"localizer": {}, "classifier": []}
+    for fold, entry in manifest["folds"].items():
+        if folds is not None and int(fold) not in folds:
+            continue
+        for key, rel in entry.get("localizer", {}).items():
+            out["localizer"].setdefault(key, []).append(load_model(Path(train_dir) / rel, device, "rsna_spine"))
+        for _group, paths in entry.get("classifier", {}).items():
+            rel = paths.get(checkpoint) or paths["best"]
+            out["classifier"].append(load_model(Path(train_dir) / rel, device, "rsna_spine"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- stage 1
+@torch.no_grad()
+def _heatmap_mean(models: list, volume: np.ndarray, device) -> torch.Tensor:
+    """Mean heatmap probability over the ensemble, returned as log-probabilities (decodable as logits)."""
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
+    probs = None
+    for model, _ in models:
+        logits = model(x).float()
+        p = torch.softmax(logits.flatten(2), dim=-1).view_as(logits)
+        probs = p if probs is None else probs + p
+    return torch.log(probs / len(models) + 1e-12)
+
+
+def _sagittal_points(models: list, stack: Stack, device, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P, 3) canonical voxel coordinates and (P,) confidences from the sagittal localizers."""
+    ckpt = models[0][1]
+    volume, _ = resample_volume(stack, ckpt["preprocessing"]["grid"], ckpt["preprocessing"]["intensity"])
+    coords, conf = decode_heatmaps(_heatmap_mean(models, volume, device), window)
+    return output_to_voxel(coords[0].cpu().numpy(), stack.shape, ckpt["preprocessing"]["grid"]), conf[0].cpu().numpy()
+
+
+def choose_axial_slice(stacks: list[Stack], point_mm: np.ndarray) -> tuple[Stack, int, float] | None:
+    """The axial stack and slice that contain a patient point (nearest slice plane, in-plane inside);
+    None if no stack covers it (within 1.5 slice gaps). Returns (stack, k, distance to the plane in mm)."""
+    best = None
+    for stack in stacks:
+        k, j, i = stack.patient_to_voxel(point_mm[None, :])[0]
+        n_k, rows, cols = stack.shape
+        k_near = int(np.clip(round(k), 0, n_k - 1))
+        dist = abs(k - k_near) * stack.spacing_mm[0]
+        if not (0 <= j < rows and 0 <= i < cols) or dist > 1.5 * stack.spacing_mm[0]:
+            continue
+        if best is None or dist < best[2]:
+            best = (stack, k_near, dist)
+    return best
+
+
+def localize_study(study_id: int, store: StackStore, localizers: Mapping, device, window: int = 2) -> pd.DataFrame:
+    """Stage-1 centres of one study: a row per (condition, level) that could be located."""
+    rows = []
+    level_anchor: dict = {}
+    for key in ("sag_t2", "sag_t1"):
+        stacks = store.stacks_of(study_id, key)
+        if key not in localizers or not stacks:
+            continue
+        stack = stacks[0]
+        kji, conf = _sagittal_points(localizers[key], stack, device, window)
+        xyz = stack.voxel_to_patient(kji)
+        for p, (condition, level) in enumerate(POINTS[key]):
+            rows.append({"study_id": study_id, "condition": condition, "level": level, "series_id": stack.series_id,
+                         "stack_index": stack.stack_index, "k": kji[p, 0], "j": kji[p, 1], "i": kji[p, 2],
+                         "x_mm": xyz[p, 0], "y_mm": xyz[p, 1], "z_mm": xyz[p, 2], "confidence": conf[p],
+                         "source": key})
+            level_anchor.setdefault((key, level), []).append(xyz[p])
+    axial = store.stacks_of(study_id, "axial_t2")
+    if "axial_t2" in localizers and axial:
+        models = localizers["axial_t2"]
+        size = models[0][1]["preprocessing"]["grid"]
+        intensity = models[0][1]["preprocessing"]["intensity"]
+        for level in LEVELS:
+            # anchor: the spinal-canal point of this level; else the midpoint of the two foramina
+            anchors = level_anchor.get(("sag_t2", level)) or level_anchor.get(("sag_t1", level))
+            if not anchors:
+                continue
+            found = choose_axial_slice(axial, np.mean(anchors, axis=0))
+            if found is None:
+                continue
+            stack, k, _ = found
+            plane, _ = resample_slice(stack, k, size, intensity)
+            coords, conf = decode_heatmaps(_heatmap_mean(models, plane[None], device), window)
+            kji = output_to_voxel(coords[0].cpu().numpy(), stack.shape, size, k)
+            ji = kji[:, 1:]
+            xyz = stack.voxel_to_patient(kji)
+            for p, (condition, _) in enumerate(POINTS["axial_t2"]):
+                rows.append({"study_id": study_id, "condition": condition, "level": level,
+                             "series_id": stack.series_id, "stack_index": stack.stack_index, "k": float(k),
+                             "j": ji[p, 0], "i": ji[p, 1], "x_mm": xyz[p, 0], "y_mm": xyz[p, 1], "z_mm": xyz[p, 2],
+                             "confidence": float(conf[0, p]), "source": "axial_t2"})
+    return pd.DataFrame(rows, columns=CENTER_COLUMNS)
+
+
+def localize_studies(study_ids, store: StackStore, localizers: Mapping, device, window: int = 2,
+                     logger=None) -> pd.DataFrame:
+    for models in localizers.values():
+        for model, _ in models:
+            model.eval()
+    frames = []
+    for study in study_ids:
+        frame = localize_study(int(study), store, localizers, device, window)
+        if logger is not None and len(frame) < len(CONDITIONS) * len(LEVELS):
+            logger(f"study {study}: stage 1 located {len(frame)} of 25 points (missing series or no axial "
+                   "stack at a level); the rest fall back to class priors")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CENTER_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------- stage 2
+def _collate(batch: list[dict]) -> dict:
+    return {"image": torch.stack([b["image"] for b in batch]),
+            "level": torch.tensor([b["level"] for b in batch], dtype=torch.long),
+            "condition": torch.tensor([b["condition"] for b in batch], dtype=torch.long),
+            "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
+            "index": torch.tensor([b["index"] for b in batch], dtype=torch.long)}
+
+
+@torch.no_grad()
+def run_classifier(model, items: list[dict], store: StackStore, ckpt: Mapping, device, batch_size: int,
+                   flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (n, 3) and attention (n, N) of one model, in the order of ``items``."""
+    pre = ckpt["preprocessing"]
+    dataset = CropDataset(items, store, pre["crop"], pre["intensity"], augment=None, flip=flip)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    model.eval()
+    probs, attention = [], []
+    for batch in loader:
+        out = model(batch["image"].to(device), batch["level"].to(device), batch["condition"].to(device))
+        probs.append(torch.softmax(out["logits"].float(), dim=1).cpu().numpy())
+        attention.append(out["attention"].float().cpu().numpy())
+    if not probs:
+        return np.zeros((0, 3)), np.zeros((0, int(pre["crop"]["num_slices"])))
+    return np.concatenate(probs), np.concatenate(attention)
+
+
+def classify(items: list[dict], store: StackStore, classifiers: list, device, batch_size: int = 16,
+             tta_flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble (+ flip TTA) probabilities re-weighted for the metric, and mean attention weights.
+
+    Each model only answers for the conditions it was trained on (``preprocessing.conditions``).
+    Items no model covers get NaN rows.
+    """
+    n = len(items)
+    total, count = np.zeros((n, 3)), np.zeros(n)
+    att_total, att_count = None, np.zeros(n)
+    for model, ckpt in classifiers:
+        pre = ckpt["preprocessing"]
+        covered = np.array([it["condition"] in pre["conditions"] for it in items], dtype=bool)
+        subset = [it for it, c in zip(items, covered) if c]
+        if not subset:
+            continue
+        for flip in ([False, True] if tta_flip else [False]):
+            p, a = run_classifier(model, subset, store, ckpt, device, batch_size, flip=flip)
+            total[covered] += reweight_probabilities(p, pre["class_weights"])
+            count[covered] += 1
+            if not flip:  # attention of the unflipped view (slice order as stored)
+                att_total = np.zeros((n, a.shape[1])) if att_total is None else att_total
+                att_total[covered] += a
+                att_count[covered] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        probs = total / count[:, None]
+        attention = att_total / att_count[:, None] if att_total is not None else np.zeros((n, 0))
+    probs[count == 0] = np.nan
+    return probs, attention
+
+
+def center_items(centers: pd.DataFrame, labels: pd.DataFrame | None = None) -> list[dict]:
+    """Stage-2 items from stage-1 centres (label −1 when unknown)."""
+    table = centers
+    if labels is not None:
+        table = centers.merge(labels[["study_id", "condition", "level", "label"]], how="left",
+                              on=["study_id", "condition", "level"])
+    items = []
+    for r in table.itertuples():
+        label = getattr(r, "label", -1)
+        items.append({"study_id": int(r.study_id), "condition": r.condition, "level": r.level,
+                      "label": int(label) if pd.notna(label) else -1, "series_id": int(r.series_id),
+                      "stack_index": int(r.stack_index), "kji": (r.k, r.j, r.i)})
+    return items
+
+
+def group_conditions(group: str) -> list[str]:
+    """Conditions a classifier of ``group`` answers for ("all" or a metric group)."""
+    return list(CONDITIONS) if group == "all" else [c for c in CONDITIONS if GROUP_OF_CONDITION[c] == group]

@@ -1,0 +1,98 @@
+"""Decode every DICOM series of the RSNA 2024 lumbar spine dataset once into a cache of arrays + geometry.
+
+Reads the competition layout as distributed (train.csv, train_label_coordinates.csv,
+train_series_descriptions.csv, train_images/{study}/{series}/{instance}.dcm). With synthetic.enabled and
+no train.csv under paths.data_root, it first writes the embedded synthetic dataset there (same layout).
+Series are decoded in parallel (spawned processes, progress bar); each becomes one or more canonical
+stacks (.npz). Then the label points are mapped into the stacks (labels.csv) and the studies are split
+into folds (folds.csv). Training and inference never read DICOM again.
+
+    python rsna_spine/preprocess_rsna.py --config configs/rsna_spine/smoke.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from common.cli import make_parser, start_run
+from rsna_spine.cache import (
+    build_label_table,
+    decode_all,
+    make_folds,
+    series_tasks,
+    write_csv_atomic,
+)
+from rsna_spine.data import DataLayoutError, StackStore, read_stack_index, stack_path
+from rsna_spine.settings import DEFAULTS, apply_threads
+from rsna_spine.synthetic import generate_dataset
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    args = parser.parse_args(argv)
+    run = start_run(args, domain="rsna_spine", defaults=DEFAULTS, argv=argv)
+    cfg = run.cfg
+    apply_threads(cfg)
+    root, cache_dir = Path(cfg["paths"]["data_root"]), Path(cfg["paths"]["cache_dir"])
+    pcfg = cfg["preprocess"]
+
+    summary: dict = {}
+    if not (root / "train.csv").is_file():
+        if not cfg["synthetic"]["enabled"]:
+            raise SystemExit(f"error: {root / 'train.csv'} not found: put the Kaggle dataset in paths.data_root "
+                             "or set synthetic.enabled=true for the embedded synthetic dataset")
+        synth = {k: v for k, v in cfg["synthetic"].items() if k != "enabled"}
+        run.log(f"writing the synthetic Kaggle-layout dataset to {root} ...")
+        summary["synthetic"] = generate_dataset(root, synth, log=run.log)
+        run.log(f"synthetic: {summary['synthetic']['n_train_studies']} train + "
+                f"{summary['synthetic']['n_test_studies']} test studies, {summary['synthetic']['n_dicom_files']} files")
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if (cache_dir / "stack_index.csv").is_file() and not pcfg["overwrite"]:
+        previous = read_stack_index(cache_dir)
+    frames, decode_s, n_decoded = [], 0.0, 0
+    for split in pcfg["splits"]:
+        tasks = series_tasks(root, split, cache_dir, pcfg["percentiles"], logger=run.log)
+        keep_rows = []
+        if previous is not None:  # series already decoded (all their stacks on disk) are not decoded again
+            done = previous[(previous["split"] == split) & (previous["status"] == "ok")]
+            cached = {(int(r.study_id), int(r.series_id)) for r in done.itertuples()
+                      if stack_path(cache_dir, r.study_id, r.series_id, r.stack_index).is_file()}
+            keep_rows = [done[(done["study_id"] == s) & (done["series_id"] == r)] for s, r in cached]
+            tasks = [t for t in tasks if (t["study_id"], t["series_id"]) not in cached]
+            if cached:
+                run.log(f"{split}: {len(cached)} series already in {cache_dir}, {len(tasks)} to decode")
+        index, seconds = decode_all(tasks, int(pcfg["workers"]), run.log, desc=f"decode {split}")
+        frames += keep_rows + [index]
+        decode_s += seconds
+        n_decoded += len(tasks)
+    index = pd.concat([f for f in frames if len(f)], ignore_index=True)
+    write_csv_atomic(index, cache_dir / "stack_index.csv")
+    n_ok = int(index.loc[index["status"] == "ok", ["study_id", "series_id"]].drop_duplicates().shape[0])
+    n_bad = int((index["status"] != "ok").sum())
+    rate = n_decoded / decode_s if decode_s > 0 else float("nan")
+    run.log(f"decoded {n_decoded} series in {decode_s:.1f} s ({rate:.2f} series/s with {pcfg['workers']} "
+            f"worker(s)); {n_ok} series usable, {n_bad} missing or unreadable")
+
+    if "train" in pcfg["splits"]:
+        store = StackStore(cache_dir, index=index[index["split"] == "train"].reset_index(drop=True))
+        table = build_label_table(root, store, logger=run.log)
+        write_csv_atomic(table, cache_dir / "labels.csv")
+        folds = make_folds(table, int(pcfg["n_folds"]), int(pcfg["fold_seed"]))
+        write_csv_atomic(folds, cache_dir / "folds.csv")
+        located = int(table["k"].notna().sum())
+        run.log(f"labels: {int((table['label'] >= 0).sum())} graded targets, {located} with a located point; "
+                f"{folds['study_id'].nunique()} studies in {pcfg['n_folds']} folds")
+        summary.update({"n_graded_targets": int((table["label"] >= 0).sum()), "n_located_points": located,
+                        "n_studies": int(folds["study_id"].nunique())})
+    elif not (cache_dir / "labels.csv").is_file():
+        raise DataLayoutError("preprocess.splits has no 'train': labels.csv was not built")
+    summary.update({"cache_dir": cache_dir.as_posix(), "n_series_decoded": n_decoded, "n_series_usable": n_ok,
+                    "n_series_failed": n_bad, "decode_seconds": decode_s, "series_per_second": rate})
+    return run.finish(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The per-case NPZ format shared by preprocessing, training, prediction and validation.
+
+``<case>.npz`` (``np.load(path, allow_pickle=False)`` works: no object arrays):
+
+    ct                  float32 (z, y, x)     Hounsfield units
+    dose                float32 (z, y, x)     Gy, on the CT grid (absent for cases without a reference dose)
+    masks               uint8 (C, z, y, x)    one channel per name in structure_names
+    sdf                 float32 (C, z, y, x)  signed distance / sdf_clip_mm, in [-1, 1], negative inside;
+                                              0 for an absent structure (see structure_present)
+    structure_names     <U (C,)               canonical names, channel order
+    structure_present   uint8 (C,)
+    spacing_mm          float64 (3,)          (z, y, x) voxel size
+    origin_mm           float64 (3,)          (z, y, x) patient coordinates of voxel (0, 0, 0), DICOM mm
+    prescription_gy     float64 ()            prescription of the highest-dose target
+    possible_dose_mask  uint8 (z, y, x)       body (where dose can be deposited)
+    meta_json           <U ()                 JSON: case_id, uids, target doses, roi sources, warnings ...
+
+Axis convention: index increases toward patient superior (z), posterior (y) and LEFT (x).
+Predicted doses (``predict_vmat.py``) are NPZ files with ``dose`` (Gy) and optionally ``dose_std`` and
+the same ``spacing_mm``/``origin_mm``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED_KEYS = ("ct", "masks", "sdf", "structure_names", "spacing_mm", "origin_mm", "prescription_gy",
+                 "possible_dose_mask")
+
+
+class CaseFileError(ValueError):
+    """A case or prediction file that cannot be used; the message names the file and the key."""
+
+
+def save_npz_atomic(path: str | Path, **arrays) -> Path:
+    """np.savez_compressed into a temporary file in the same folder, then rename: never a partial NPZ."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_case(path: str | Path, *, ct, dose, masks, sdf, structure_names, spacing_mm, origin_mm,
+               prescription_gy, possible_dose_mask, meta: dict) -> Path:
+    arrays = {
+        "ct": np.asarray(ct, dtype=np.float32),
+        "masks": np.asarray(masks, dtype=np.uint8),
+        "sdf": np.asarray(sdf, dtype=np.float32),
+        "structure_names": np.asarray(list(structure_names), dtype=str),
+        "structure_present": np.asarray([int(m.any()) for m in masks], dtype=np.uint8),
+        "spacing_mm": np.asarray(spacing_mm, dtype=np.float64),
+        "origin_mm": np.asarray(origin_mm, dtype=np.float64),
+        "prescription_gy": np.asarray(float(prescription_gy), dtype=np.float64),
+        "possible_dose_mask": np.asarray(possible_dose_mask, dtype=np.uint8),
+        "meta_json": np.asarray(json.dumps(meta, ensure_ascii=False)),
+    }
+    if dose is not None:
+        arrays["dose"] = np.asarray(dose, dtype=np.float32)
+    return save_npz_atomic(path, **arrays)
+
+
+def load_case(path: str | Path, require_dose: bool = True) -> dict:
+    """Read a case NPZ into a dict of arrays (+ ``meta`` dict, ``case_id``); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaseFileError(f"case file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {key: data[key] for key in data.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise CaseFileError(f"{path}: not a readable NPZ file ({exc})") from exc
+    needed = REQUIRED_KEYS + (("dose",) if require_dose else ())
+    missing = [k for k in needed if k not in out]
+    if missing:
+        raise CaseFileError(f"{path}: missing key(s) {missing}; found {sorted(out)}")
+    shape = out["ct"].shape
+    if out["ct"].ndim != 3:
+        raise CaseFileError(f"{path}: key 'ct' must be 3D (z, y, x), got shape {shape}")
+    for key in ("dose", "possible_dose_mask"):
+        if key in out and out[key].shape != shape:
+            raise CaseFileError(f"{path}: key '{key}' has shape {out[key].shape}, 'ct' has {shape}")
+    for key in ("masks", "sdf"):
+        if out[key].shape[1:] != shape or out[key].shape[0] != len(out["structure_names"]):
+            raise CaseFileError(f"{path}: key '{key}' has shape {out[key].shape}; expected "
+                                f"({len(out['structure_names'])}, *{shape})")
+    out["structure_names"] = [str(n) for n in out["structure_names"]]
+    out["meta"] = json.loads(str(out["meta_json"])) if "meta_json" in out else {}
+    out["case_id"] = out["meta"].get("case_id", path.stem)
+    out["prescription_gy"] = float(out["prescription_gy"])
+    return out
+
+
+def load_prediction(path: str | Path, expected_shape: tuple | None = None) -> dict:
+    """A predicted-dose NPZ: ``dose`` (Gy) required, ``dose_std`` optional; shape checked."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {key: data[key] for key in data.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise CaseFileError(f"{path}: not a readable NPZ file ({exc})") from exc
+    if "dose" not in out:
+        raise CaseFileError(f"{path}: missing key 'dose' (predicted dose in Gy); found {sorted(out)}")
+    if expected_shape is not None and tuple(out["dose"].shape) != tuple(expected_shape):
+        raise CaseFileError(f"{path}: key 'dose' has shape {out['dose'].shape}, the reference case has "
+                            f"{tuple(expected_shape)}")
+    if not np.all(np.isfinite(out["dose"])):
+        raise CaseFileError(f"{path}: key 'dose' contains NaN or infinite values")
+    return out
+
+
+def list_cases(folder: str | Path) -> list[Path]:
+    """Case NPZ files of a folder, sorted (temporary files of an interrupted run are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CaseFileError(f"data folder not found: {folder}")
+    return sorted(p for p in folder.glob("*.npz") if p.is_file())
