@@ -153,7 +153,9 @@ def sample_columns(table: pd.DataFrame, prefix: str, source: str) -> list[str]:
 
 
 def _check_columns(table: pd.DataFrame, columns: dict, source: str) -> None:
-    for key, name in columns.items():
+    order = list(REQUIRED) + [k for k in columns if k not in REQUIRED]  # required columns reported first
+    for key in order:
+        name = columns.get(key)
         if key == "sample_prefix" or name is None:
             continue
         if name not in table.columns:

@@ -16,6 +16,9 @@ from common.runtime import RUNTIME_DEFAULTS
 
 ABR_DEFAULTS = {
     "seed": 0,
+    # torch CPU threads (0 = torch's default). On a CPU shared with other jobs 1 thread is several times
+    # faster than 2: OpenMP threads spin-wait for each other when cores are oversubscribed.
+    "cpu_threads": 0,
     # ---------------------------------------------------------------- the clinical table (abr/data.py)
     "data": {
         "table": None,  # CSV/XLSX in the clinical format; null = generate synthetic data (section below)
@@ -149,3 +152,11 @@ ABR_DEFAULTS = {
 def abr_defaults() -> dict:
     """A fresh deep copy (scripts must not share mutable defaults)."""
     return copy.deepcopy(ABR_DEFAULTS)
+
+
+def apply_cpu_threads(cfg: dict) -> None:
+    """torch.set_num_threads(cfg['cpu_threads']) when it is > 0."""
+    if int(cfg.get("cpu_threads", 0)) > 0:
+        import torch
+
+        torch.set_num_threads(int(cfg["cpu_threads"]))

@@ -81,7 +81,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature T minimizing the validation negative log-likelihood of softmax(logits / T)
+    """Temperature T in [0.2, 10] minimizing the validation negative log-likelihood of softmax(logits / T)
     (Guo et al. 2017), by a log-spaced grid search refined once around the best value."""
     labels = np.asarray(labels)
     keep = labels >= 0
@@ -93,9 +93,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         p = softmax(logits / t)
         return float(-np.mean(np.log(np.clip(p[np.arange(labels.size), labels], 1e-12, None))))
 
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    # Bounded to [0.2, 10]: on a small, perfectly separated validation set the likelihood keeps improving
+    # as T → 0, which would only make the test predictions over-confident.
+    low, high = 0.2, 10.0
+    grid = np.exp(np.linspace(np.log(low), np.log(high), 121))
     best = float(grid[np.argmin([nll(t) for t in grid])])
-    fine = best * np.exp(np.linspace(-0.05, 0.05, 41))
+    fine = np.clip(best * np.exp(np.linspace(-0.05, 0.05, 41)), low, high)
     return float(fine[np.argmin([nll(t) for t in fine])])
 
 

@@ -138,3 +138,26 @@ def reliability_diagram(before: dict, after: dict, path_stem: Path) -> list[Path
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path_stem)
+
+
+def generated_vs_real(generated: np.ndarray, real: np.ndarray, levels: np.ndarray, t_ms: np.ndarray,
+                      path_stem: Path, max_levels: int = 4) -> list[Path]:
+    """Per intensity: mean ± SD of generated (orange) and real (grey) traces, and one example of each."""
+    unique = np.unique(levels)
+    if unique.size > max_levels:
+        unique = unique[np.linspace(0, unique.size - 1, max_levels).round().astype(int)]
+    fig, axes = plt.subplots(2, unique.size, figsize=(2.8 * unique.size, 4.4), squeeze=False, sharex=True)
+    for k, level in enumerate(unique):
+        sel = levels == level
+        for data, color, label in ((real[sel], "0.45", "real"), (generated[sel], OKABE_ITO[1], "generated")):
+            mean, sd = data.mean(0), data.std(0)
+            axes[0][k].plot(t_ms, mean, color=color, label=label, linewidth=1)
+            axes[0][k].fill_between(t_ms, mean - sd, mean + sd, color=color, alpha=0.2, linewidth=0)
+            axes[1][k].plot(t_ms, data[0], color=color, linewidth=0.8)
+        axes[0][k].set_title(f"{level:.0f} dB nHL (n={int(sel.sum())})")
+        axes[1][k].set_xlabel("time (ms)")
+    axes[0][0].set_ylabel("mean ± SD (µV)")
+    axes[1][0].set_ylabel("one example (µV)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path_stem)

@@ -76,6 +76,33 @@ class ResidualFiLMBlock(nn.Module):
         return F.gelu(x + h)
 
 
+N_CONTEXT = 2  # correlation with the next-higher and the next-lower level
+
+
+def neighbour_correlations(signal: torch.Tensor, level_mask: torch.Tensor, window: torch.Tensor,
+                           max_lag: int) -> torch.Tensor:
+    """(B, L, 2): max over lags |k| ≤ max_lag of the Pearson correlation, inside ``window`` (T bool), of
+    each recording with the next-higher and the next-lower level of its ear (0 where there is none).
+
+    The repeatability of a response across neighbouring levels is the cue clinicians (and the classical
+    baseline) use; giving it to the network as an input costs no parameters. Levels are sorted ascending.
+    """
+    x = signal * window
+    best_up = torch.full(signal.shape[:2], -1.0, device=signal.device, dtype=signal.dtype)
+    for lag in range(-max_lag, max_lag + 1):
+        shifted = torch.roll(signal, shifts=lag, dims=-1) * window
+        a = x[:, :-1] - x[:, :-1].sum(-1, keepdim=True) / window.sum()
+        b = shifted[:, 1:] - shifted[:, 1:].sum(-1, keepdim=True) / window.sum()
+        r = (a * b * window).sum(-1) / ((a * a * window).sum(-1) * (b * b * window).sum(-1)).clamp_min(1e-12).sqrt()
+        best_up[:, :-1] = torch.maximum(best_up[:, :-1], r)
+    pair = level_mask[:, :-1] & level_mask[:, 1:]
+    up = torch.zeros_like(best_up)
+    up[:, :-1] = torch.where(pair, best_up[:, :-1], torch.zeros_like(best_up[:, :-1]))
+    down = torch.zeros_like(best_up)
+    down[:, 1:] = up[:, :-1]
+    return torch.stack([up, down], dim=-1)
+
+
 class ABREncoder(nn.Module):
     """Waveform (N, T) + static features (N, S) → full-resolution features (N, C, T), low-resolution
     transformer tokens (N, D, T/2) and the conditioning vector (N, D)."""
@@ -129,12 +156,13 @@ class RobustPeakHead(nn.Module):
                              f"({float(time[0]):.2f}-{float(time[-1]):.2f} ms)")
         self.register_buffer("allowed", allowed, persistent=False)
         self.amplitude_range = tuple(float(v) for v in amplitude_range)
-        feat = 3 * channels + 1
+        feat = 3 * channels + 1 + N_CONTEXT
         self.exist = nn.ModuleList(mlp(feat, width, 1, dropout) for _ in range(self.n_waves))
         self.latency_logvar = nn.ModuleList(mlp(feat, width, 1, dropout) for _ in range(self.n_waves))
         self.amplitude = nn.ModuleList(mlp(feat, width, 2, dropout) for _ in range(self.n_waves))
 
-    def forward(self, features: torch.Tensor, signal: torch.Tensor) -> dict:
+    def forward(self, features: torch.Tensor, signal: torch.Tensor, context: torch.Tensor) -> dict:
+        """``context`` (N, N_CONTEXT): the recording's correlation with its neighbouring levels."""
         f = F.gelu(self.multi(features))
         logits = self.attention(f).masked_fill(~self.allowed[None], float("-inf"))
         weights = torch.softmax(logits.float(), dim=-1).to(f.dtype)
@@ -142,7 +170,7 @@ class RobustPeakHead(nn.Module):
         pooled = torch.einsum("nwt,nct->nwc", weights, f)
         glob = torch.cat([f.mean(-1), f.amax(-1)], dim=-1)[:, None].expand(-1, self.n_waves, -1)
         at_peak = (weights * signal[:, None, :]).sum(-1, keepdim=True)
-        z = torch.cat([pooled, glob, at_peak], dim=-1)
+        z = torch.cat([pooled, glob, at_peak, context[:, None].expand(-1, self.n_waves, -1)], dim=-1)
         lo, hi = self.amplitude_range
         exist = torch.cat([self.exist[w](z[:, w]) for w in range(self.n_waves)], dim=-1)
         lat_logvar = torch.cat([self.latency_logvar[w](z[:, w]) for w in range(self.n_waves)], dim=-1)
@@ -221,14 +249,19 @@ class ABRMultiTaskNet(nn.Module):
                  transformer_layers: int = 2, heads: int = 4, series_layers: int = 1, dropout: float = 0.1,
                  scales: list = (1, 3, 5, 7), latency_range_ms: list = ((0.5, 6.0), (2.0, 9.5), (3.5, 14.0)),
                  amplitude_range_rel: list = (-1.0, 6.0), threshold_range_db: list = (0.0, 120.0),
-                 censor_db: float = 110.0, step_db: float = 10.0, n_classes: int = 5, wave_v_index: int = 2):
+                 censor_db: float = 110.0, step_db: float = 10.0, n_classes: int = 5, wave_v_index: int = 2,
+                 corr_window_ms: list = (1.0, 12.0), corr_max_lag_ms: float = 0.5):
         super().__init__()
         self.wave_v_index = int(wave_v_index)
+        time = torch.tensor(time_ms, dtype=torch.float32)
+        self.register_buffer("corr_window", ((time >= corr_window_ms[0]) & (time <= corr_window_ms[1])).float(),
+                             persistent=False)
+        self.corr_max_lag = int(round(corr_max_lag_ms / float(time[1] - time[0])))
         self.encoder = ABREncoder(n_samples, static_dim, channels, width, transformer_layers, heads, dropout)
         self.peaks = RobustPeakHead(channels, width, scales, time_ms, latency_range_ms, amplitude_range_rel, dropout)
         n_waves = len(latency_range_ms)
         self.denoise = nn.Sequential(nn.Conv1d(channels, channels, 5, padding=2), nn.GELU(), nn.Conv1d(channels, 1, 1))
-        self.embed = nn.Linear(2 * channels + 2 * width + 2 * n_waves, width)
+        self.embed = nn.Linear(2 * channels + 2 * width + 2 * n_waves + N_CONTEXT, width)
         self.level_embed = mlp(1, width, width)
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
@@ -245,10 +278,12 @@ class ABRMultiTaskNet(nn.Module):
         flat_mask = level_mask.reshape(-1)
         x = signal.reshape(-1, n_t)[flat_mask]
         s = static.reshape(batch * levels, -1)[flat_mask]
+        context = neighbour_correlations(signal.float(), level_mask, self.corr_window, self.corr_max_lag)
+        context = context.reshape(batch * levels, -1)[flat_mask].to(signal.dtype)
         features, low, cond = self.encoder(x, s)
-        peaks = self.peaks(features, x)
+        peaks = self.peaks(features, x, context)
         denoised = self.denoise(features)[:, 0]
-        emb = self.embed(torch.cat([features.mean(-1), features.amax(-1), low.mean(-1), cond,
+        emb = self.embed(torch.cat([features.mean(-1), features.amax(-1), low.mean(-1), cond, context,
                                     torch.sigmoid(peaks["exist_logit"]),
                                     (peaks["latency_ms"] - self.latency_centre) / 2.0], dim=-1))
 

@@ -29,7 +29,7 @@ from abr.dataset import (
     load_cache,
     split_series,
 )
-from abr.defaults import abr_defaults
+from abr.defaults import abr_defaults, apply_cpu_threads
 from abr.evaluation import evaluate_model, fit_temperature, predictions, run_model
 from abr.objectives import LOSS_KINDS, LOSS_NAMES, combine_losses, loss_weights, task_losses
 from common.checkpoint import build_model, load_checkpoint, load_model, restore_training_state, save_checkpoint
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, required=True, help="preprocessing output folder (abr_cache.npz)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
+    apply_cpu_threads(run.cfg)
     cfg, device, dist = run.cfg, run.device, run.dist
     tcfg, lcfg, rcfg = cfg["train"], cfg["loss"], cfg["runtime"]
     arrays, meta = load_cache(args.data)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                 scheduler.step(epoch - 1 + (i + 1) / n_batches)
                 total_sum, seen, step = total_sum + float(total.detach()), seen + 1, step + 1
                 for name in LOSS_NAMES:
-                    sums[name] += float(losses[name])
+                    sums[name] += float(losses[name].detach())
                 cooling.step()
                 if interrupt.requested:
                     break

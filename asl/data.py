@@ -37,6 +37,8 @@ def model_kwargs(cfg: Mapping) -> tuple[str, dict]:
     model["n_vsasl"] = n_pld if "vsasl" in physics["modes"] else 0
     model["features"] = [int(f) for f in model["features"]]
     model["multi_scale_factors"] = [int(f) for f in model["multi_scale_factors"]]
+    if model["physics_features"]:
+        model["physics"] = dict(physics)
     return target, model
 
 

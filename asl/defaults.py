@@ -54,6 +54,7 @@ DEFAULTS = {
         "use_film_at_decoder": True,
         "use_amplitude_output_modulation": True,
         "amplitude_hidden": 64,  # width of the amplitude MLP
+        "physics_features": True,  # append per-voxel closed-form grid estimates (nominal physics) to the input
     },
     "train": {
         "epochs": 30,  # main-task epochs (after any denoising pre-training)

@@ -131,7 +131,8 @@ class SpatialASLNet(nn.Module):
                  separate_decoders: bool = False, att_conditioning: bool = False,
                  multi_scale_factors=(1,), fusion: str = "attention", denoise_head: bool = False,
                  use_film_at_bottleneck: bool = False, use_film_at_decoder: bool = False,
-                 use_amplitude_output_modulation: bool = False, amplitude_hidden: int = 64):
+                 use_amplitude_output_modulation: bool = False, amplitude_hidden: int = 64,
+                 physics_features: bool = False, physics: dict | None = None, att_grid_points: int = 40):
         super().__init__()
         if normalization_mode not in ("global_scale", "per_curve"):
             raise ValueError(f"normalization_mode must be 'global_scale' or 'per_curve', got {normalization_mode!r}")
@@ -151,6 +152,9 @@ class SpatialASLNet(nn.Module):
         self.film_bottleneck = bool(use_film_at_bottleneck)
         self.film_decoder = bool(use_film_at_decoder)
         self.output_modulation = bool(use_amplitude_output_modulation)
+        self.physics_features = bool(physics_features)
+        if self.physics_features:
+            self._init_physics_features(physics, att_grid_points)
         self.encoder = self._make_encoder(n_groups, dropout)
         self.decoders = nn.ModuleList([Decoder(self.features, n_groups, dropout)
                                        for _ in range(2 if self.separate_decoders else 1)])
@@ -180,8 +184,36 @@ class SpatialASLNet(nn.Module):
             nn.init.zeros_(self.amp_out.weight)  # identity FiLM and modulation at initialization
             nn.init.zeros_(self.amp_out.bias)
 
+    def _init_physics_features(self, physics, att_grid_points):
+        """Unit-CBF signal table on an ATT grid under the nominal physics, in network input units (÷ S_ref)."""
+        from asl.physics import reference_signal, signal_curves
+
+        if physics is None:
+            raise ValueError("physics_features needs the physics section (model_kwargs passes it)")
+        grid = torch.linspace(100.0, 4000.0, int(att_grid_points), dtype=torch.float64)
+        unit = signal_curves(torch.ones_like(grid), grid, physics) / reference_signal(physics)
+        if unit.shape[-1] != self.in_channels:
+            raise ValueError(f"physics has {unit.shape[-1]} channels but the network {self.in_channels}")
+        self.register_buffer("unit_table", unit.float(), persistent=False)
+        self.register_buffer("att_grid", grid.float(), persistent=False)
+
+    def grid_estimates(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-voxel closed-form estimates under the nominal physics (the LS grid initialization): for each
+        grid ATT the least-squares CBF = ⟨u, y⟩/⟨u, u⟩ ≥ 0, then the grid point of least cost. Returns
+        (B, 2, H, W): CBF/50 and (ATT − 1500)/1000. Input features only (no gradient needed)."""
+        with torch.no_grad():
+            unit = self.unit_table.to(x.dtype)
+            num = torch.einsum("bchw,gc->bghw", x, unit)
+            den = (unit * unit).sum(1)[None, :, None, None]
+            cbf = (num / den).clamp_min(0.0)
+            best = (cbf * cbf * den - 2 * cbf * num).argmin(dim=1, keepdim=True)
+            cbf_best = cbf.gather(1, best)
+            att_best = self.att_grid.to(x.dtype)[best]
+        return torch.cat([cbf_best / 50.0, (att_best - 1500.0) / 1000.0], dim=1)
+
     def _make_encoder(self, n_groups, dropout):
-        return Encoder(self.in_channels, self.features, n_groups, dropout)
+        extra = 2 if self.physics_features else 0
+        return Encoder(self.in_channels + extra, self.features, n_groups, dropout)
 
     def _encode(self, x):
         return self.encoder(x)
@@ -211,6 +243,8 @@ class SpatialASLNet(nn.Module):
         raw = x
         films, modulation = self._amplitude(raw) if self.uses_amplitude else ([], None)
         xn = per_curve_normalize(raw) if self.normalization_mode == "per_curve" else raw
+        if self.physics_features:
+            xn = torch.cat([xn, self.grid_estimates(raw)], dim=1)
         per_scale = []
         for factor in self.scales:
             xs = F.avg_pool2d(xn, factor) if factor > 1 else xn
@@ -260,16 +294,16 @@ class AmplitudeAwareSpatialASLNet(SpatialASLNet):
 class DualEncoder(nn.Module):
     """Separate PCASL and VSASL encoders; per level the two feature maps are fused by a 1×1 conv."""
 
-    def __init__(self, n_pcasl: int, n_vsasl: int, features, n_groups: int, dropout: float):
+    def __init__(self, n_pcasl: int, n_vsasl: int, features, n_groups: int, dropout: float, n_extra: int = 0):
         super().__init__()
-        self.n_pcasl = n_pcasl
+        self.n_pcasl, self.n_vsasl = n_pcasl, n_vsasl
         self.pcasl = Encoder(n_pcasl, features, n_groups, dropout)
-        self.vsasl = Encoder(n_vsasl, features, n_groups, dropout)
+        self.vsasl = Encoder(n_vsasl + n_extra, features, n_groups, dropout)
         self.fuse = nn.ModuleList([nn.Conv2d(2 * f, f, 1) for f in features])
 
     def forward(self, x):
         a = self.pcasl(x[:, :self.n_pcasl])
-        b = self.vsasl(x[:, self.n_pcasl:])
+        b = self.vsasl(x[:, self.n_pcasl:])  # VSASL channels + any physics-feature channels
         return [fuse(torch.cat([p, v], 1)) for fuse, p, v in zip(self.fuse, a, b)]
 
 
@@ -286,4 +320,5 @@ class DualEncoderSpatialASLNet(AmplitudeAwareSpatialASLNet):
                          use_amplitude_output_modulation, **kwargs)
 
     def _make_encoder(self, n_groups, dropout):
-        return DualEncoder(self.n_pcasl, self.n_vsasl, self.features, n_groups, dropout)
+        return DualEncoder(self.n_pcasl, self.n_vsasl, self.features, n_groups, dropout,
+                           2 if self.physics_features else 0)

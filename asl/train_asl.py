@@ -142,10 +142,14 @@ def train_member(run, member: int, seed: int, stats: dict, val: dict, resume: bo
     tcfg, rcfg = cfg["train"], cfg["runtime"]
     member_dir = run.run_dir / f"member_{member}"
     done_file = member_dir / "member_summary.json"
+    total_epochs = int(tcfg["pretrain_denoise_epochs"]) + int(tcfg["epochs"])
     if resume and done_file.is_file():
         import json
-        run.log(f"member {member}: already complete, skipped")
-        return json.loads(done_file.read_text(encoding="utf-8"))
+
+        done = json.loads(done_file.read_text(encoding="utf-8"))
+        if done["epochs_completed"] >= total_epochs:
+            run.log(f"member {member}: already complete, skipped")
+            return done
     torch.manual_seed(seed)
     target, kwargs = model_kwargs(cfg)
     model = build_model(target, kwargs).to(device)
@@ -163,8 +167,7 @@ def train_member(run, member: int, seed: int, stats: dict, val: dict, resume: bo
         raise ValueError(f"train.loss_weighting must be fixed, inverse_validation_loss or uncertainty, "
                          f"got {tcfg['loss_weighting']!r}")
     optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    n_pre, n_main = int(tcfg["pretrain_denoise_epochs"]), int(tcfg["epochs"])
-    total_epochs = n_pre + n_main
+    n_pre = int(tcfg["pretrain_denoise_epochs"])
     total_steps = total_epochs * int(tcfg["steps_per_epoch"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(int(tcfg["warmup_steps"]), total_steps))
     amp = amp_policy(device, rcfg["amp"])
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     target, kwargs = model_kwargs(cfg)
     run.log(f"model {target} with {sum(p.numel() for p in build_model(target, kwargs).parameters()):,} parameters")
     resume = run.resume_from is not None
+    if not resume and run.is_main and (run.run_dir / "metrics.csv").is_file():
+        (run.run_dir / "metrics.csv").unlink()  # a fresh run into a reused folder starts a fresh log
     members = train_members(int(cfg["train"]["n_ensembles"]), int(cfg["seed"]),
                             lambda i, seed: train_member(run, i, seed, stats, val, resume))
     summary: dict = {"members": members, "target_stats": stats, "model": target,

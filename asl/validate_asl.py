@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
     cfg, device, vcfg = run.cfg, run.device, run.cfg["validate"]
     models, ckpts = load_ensemble(args.checkpoints, device)
+    if (run.run_dir / "metrics.csv").is_file():
+        (run.run_dir / "metrics.csv").unlink()  # rows of an earlier validation in this folder
     prep = ckpts[0]["preprocessing"]
     physics, stats, s_ref = prep["physics"], prep["target_stats"], prep["input_scale"]
     run.log(f"{len(models)} model(s): {sorted({c['model']['target'] for c in ckpts})}")

@@ -76,7 +76,7 @@ def _time(fn, repeats: int) -> float:
 def bench_simulator(bcfg: dict, seed: int, log) -> tuple[list[dict], dict]:
     from lensing.lenstronomy_bridge import LenstronomyRenderer
     from lensing.psf import GaussianPSF
-    from lensing.simulator import render
+    from lensing.simulator import render, renderer
 
     rows, accuracy = [], {}
     default_threads = torch.get_num_threads()
@@ -111,7 +111,7 @@ def bench_simulator(bcfg: dict, seed: int, log) -> tuple[list[dict], dict]:
                 torch.set_num_threads(default_threads)
                 if bcfg["compile"] and dtype_name == "float32":
                     try:
-                        compiled = partial(torch.compile(render, dynamic=False), batch, n_pix, scale, psf, ss)
+                        compiled = partial(renderer(True), batch, n_pix, scale, psf, ss)
                         start = time.perf_counter()
                         compiled()
                         row["torch_compile_seconds"] = time.perf_counter() - start

@@ -10,7 +10,7 @@ Each item is a dict of tensors:
 
 Per-band noise normalization (Lanusse et al. 2018, CMU DeepLens, Bologna challenge): each band is divided
 by its background σ — √median(variance) when a variance map exists, else the ``background_rms`` column,
-else 1.4826·MAD of the cutout border — and clipped at ±250σ.
+else 1.4826·MAD of the cutout border — and clipped at ±250σ; optionally followed by an asinh stretch.
 
 Bad input: NaN pixels and variance values <= 0 are masked (input 0, variance +inf, i.e. zero weight in
 χ²) and counted in one log line per data set; a wrong number of bands or image size is an error naming the
@@ -57,9 +57,18 @@ def noise_sigma(image: np.ndarray, variance: np.ndarray | None, background_rms: 
     return sigma.astype(np.float32)
 
 
-def normalize(image: np.ndarray, sigma: np.ndarray, clip_sigma: float = 250.0) -> np.ndarray:
-    """image / σ_band, clipped at ±clip_sigma."""
-    return np.clip(image / sigma[:, None, None], -clip_sigma, clip_sigma).astype(np.float32)
+STRETCHES = ("linear", "asinh")
+
+
+def normalize(image: np.ndarray, sigma: np.ndarray, clip_sigma: float = 250.0, stretch: str = "linear") -> np.ndarray:
+    """image / σ_band, clipped at ±clip_sigma; ``stretch="asinh"`` then applies asinh (linear within ±1σ,
+    logarithmic beyond: faint arcs and the bright lens galaxy share the input's dynamic range)."""
+    if stretch not in STRETCHES:
+        raise ValueError(f"input stretch must be one of {STRETCHES}, got {stretch!r}")
+    x = np.clip(image / sigma[:, None, None], -clip_sigma, clip_sigma)
+    if stretch == "asinh":
+        x = np.arcsinh(x)
+    return x.astype(np.float32)
 
 
 class LensingDataset(Dataset):
@@ -72,7 +81,8 @@ class LensingDataset(Dataset):
 
     def __init__(self, folder: str | Path, split: str | None = None, surveys: list[str] | None = None,
                  labels: tuple[int, ...] | None = None, expected_bands: int | None = None,
-                 expected_size: int | None = None, clip_sigma: float = 250.0, preload: bool = True,
+                 expected_size: int | None = None, clip_sigma: float = 250.0, stretch: str = "linear",
+                 preload: bool = True,
                  on_missing_files: str = "error", log: Callable[[str], None] | None = None,
                  catalog: pd.DataFrame | None = None):
         self.folder = Path(folder)
@@ -93,6 +103,7 @@ class LensingDataset(Dataset):
         self.expected_bands = expected_bands
         self.expected_size = expected_size
         self.clip_sigma = float(clip_sigma)
+        self.stretch = stretch
         self.log = log or (lambda message: None)
         self.has_true_params = all(c in self.catalog.columns for c in TRUE_PARAM_COLUMNS)
         self.masked_counts = {"nan_pixels": 0, "nonpositive_variance": 0, "images_with_masks": 0}
@@ -150,7 +161,7 @@ class LensingDataset(Dataset):
         if fwhm.size != image.shape[0]:
             fwhm = np.full(image.shape[0], float(row["psf_fwhm"]))
         item = {
-            "input": torch.from_numpy(normalize(image, sigma, self.clip_sigma)),
+            "input": torch.from_numpy(normalize(image, sigma, self.clip_sigma, self.stretch)),
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "variance": torch.from_numpy(np.ascontiguousarray(variance, dtype=np.float32)),
             "label": torch.tensor(float(row["label"]), dtype=torch.float32),

@@ -36,7 +36,7 @@ class PopulationConfig:
     theta_E_range_arcsec: tuple[float, float] = (0.5, 2.0)
     theta_E_max_fov_fraction: float = 0.45  # θ_E ≤ this × half the cutout width
     lens_mag_range: tuple[float, float] = (19.0, 22.5)
-    source_mag_range: tuple[float, float] = (22.5, 26.0)
+    source_mag_range: tuple[float, float] = (21.5, 25.0)
     neighbour_mag_range: tuple[float, float] = (21.0, 25.0)
     source_offset_max: float = 0.9  # source centre within this × θ_E of the lens centre
     shear_sigma: float = 0.03

@@ -34,6 +34,7 @@ DEFAULTS = {
         "band_mode": "all",  # all | reference (each survey's reference band only, to mix band sets)
         "storage": "npy",  # npy | fits | tiff16
         "dtype": "float32",  # float32 | float64 rendering precision
+        "compile": False,  # torch.compile the renderer (faster for large data sets; ~1 min to compile)
         "batch_size": 256,  # scenes rendered per batch
         "truth_grid": 160,  # grid points per axis for Einstein area / image counting
         "population": {  # scene distribution (lensing/population.py)
@@ -43,7 +44,7 @@ DEFAULTS = {
             "theta_E_range_arcsec": [0.5, 2.0],
             "theta_E_max_fov_fraction": 0.45,
             "lens_mag_range": [19.0, 22.5],
-            "source_mag_range": [22.5, 26.0],
+            "source_mag_range": [21.5, 25.0],
             "neighbour_mag_range": [21.0, 25.0],
             "source_offset_max": 0.9,
             "shear_sigma": 0.03,

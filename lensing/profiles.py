@@ -50,34 +50,6 @@ def phi_q_to_ellipticity(phi, q):
     return c * lib.cos(2 * phi), c * lib.sin(2 * phi)
 
 
-def _k_min(dtype: torch.dtype) -> float:
-    """Below this √(1 − q²) the arctan/arctanh ratios use their series (error < k⁶ ≈ 1e-24 / 1e-12)."""
-    return 1e-4 if dtype == torch.float64 else 1e-2
-
-
-def _atan_ratio(k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """arctan(k·u)/k, continued to u − k²u³/3 + k⁴u⁵/5 as k → 0 (round SIE, q → 1)."""
-    small = k < _k_min(k.dtype)
-    if not bool(small.any()):  # k is per lens ([B, 1, 1]): skip the series when no lens is round
-        return torch.atan(k * u) / k
-    k_safe = torch.where(small, torch.ones_like(k), k)
-    exact = torch.atan(k_safe * u) / k_safe
-    series = u - (k * k) * u**3 / 3 + (k * k) ** 2 * u**5 / 5
-    return torch.where(small, series, exact)
-
-
-def _atanh_ratio(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """arctanh(k·v)/k, continued to v + k²v³/3 + k⁴v⁵/5 as k → 0; |k·v| < 1 holds because |v| ≤ 1, k < 1."""
-    small = k < _k_min(k.dtype)
-    limit = 1 - (1e-15 if k.dtype == torch.float64 else 1e-7)
-    if not bool(small.any()):
-        return torch.atanh((k * v).clamp(-limit, limit)) / k
-    k_safe = torch.where(small, torch.ones_like(k), k)
-    exact = torch.atanh((k_safe * v).clamp(-limit, limit)) / k_safe
-    series = v + (k * k) * v**3 / 3 + (k * k) ** 2 * v**5 / 5
-    return torch.where(small, series, exact)
-
-
 def sie_deflection(x, y, theta_E, e1, e2, center_x, center_y) -> tuple[torch.Tensor, torch.Tensor]:
     """Deflection (α_x, α_y) in arcsec of a singular isothermal ellipsoid.
 
@@ -91,19 +63,23 @@ def sie_deflection(x, y, theta_E, e1, e2, center_x, center_y) -> tuple[torch.Ten
     cos_phi, sin_phi = torch.cos(phi), torch.sin(phi)
     dx, dy = x - center_x, y - center_y
     xr = dx * cos_phi + dy * sin_phi
-    yr = -dx * sin_phi + dy * cos_phi
-    b = theta_E * torch.sqrt(q)
+    yr = dy * cos_phi - dx * sin_phi
     s = SIE_CORE_ARCSEC / torch.sqrt(q)
-    psi = torch.sqrt(q * q * (s * s + xr * xr) + yr * yr)
-    k = 2 * torch.sqrt(c) / (1 + c)  # √(1 − q²)
-    ax_r = b * _atan_ratio(k, xr / (psi + s))
-    ay_r = b * _atanh_ratio(k, yr / (psi + q * q * s))
+    psi = torch.sqrt((q * q) * (xr * xr + s * s) + yr * yr)
+    # k = √(1 − q²) = 2√c/(1 + c) >= 2·10⁻⁵ (float64) or 2·10⁻³ (float32) because |e| is floored in
+    # ellipticity_to_phi_q, so arctan(k u)/k needs no q → 1 special case: it equals u to within k²u²/3.
+    k = 2 * torch.sqrt(c) / (1 + c)
+    scale = theta_E * torch.sqrt(q) / k  # b / √(1 − q²)
+    limit = 1 - (1e-15 if x.dtype == torch.float64 else 1e-7)  # |k v| < 1 holds; guard rounding only
+    ax_r = scale * torch.atan(k * xr / (psi + s))
+    ay_r = scale * torch.atanh((k * yr / (psi + (q * q) * s)).clamp(-limit, limit))
     return ax_r * cos_phi - ay_r * sin_phi, ax_r * sin_phi + ay_r * cos_phi
 
 
 def shear_deflection(x, y, gamma1, gamma2, ra_0=0.0, dec_0=0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """External shear (lenstronomy SHEAR): α = (γ1 x + γ2 y, γ2 x − γ1 y) about (ra_0, dec_0)."""
-    dx, dy = x - ra_0, y - dec_0
+    dx = x if isinstance(ra_0, float) and ra_0 == 0.0 else x - ra_0
+    dy = y if isinstance(dec_0, float) and dec_0 == 0.0 else y - dec_0
     return gamma1 * dx + gamma2 * dy, gamma2 * dx - gamma1 * dy
 
 

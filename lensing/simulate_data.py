@@ -13,7 +13,7 @@ from common.runlog import progress
 from lensing.catalog import SCHEMA_VERSION, join_bands
 from lensing.population import PopulationConfig, params_to_columns, sample_scenes
 from lensing.psf import GaussianPSF
-from lensing.simulator import add_noise, render
+from lensing.simulator import add_noise, renderer
 from lensing.storage import FORMATS, write_array
 from lensing.surveys import get_survey
 from lensing.truth import lens_truth
@@ -59,7 +59,7 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
             params, meta = sample_scenes(n, survey, n_pix, population, rng, dtype)
             params = {g: {k: v.to(device) for k, v in d.items()} for g, d in params.items()}
             with torch.no_grad():
-                comps = render(params, n_pix, survey.pixel_scale_arcsec, psf, int(cfg["supersampling"]),
+                comps = renderer(bool(cfg["compile"]))(params, n_pix, survey.pixel_scale_arcsec, psf, int(cfg["supersampling"]),
                                return_components=True)
                 is_lens = torch.as_tensor(meta["label"] == 1, device=device)
                 truth = lens_truth(params, comps, torch.as_tensor(bkg, dtype=dtype, device=device)[None].expand(n, -1),

@@ -57,7 +57,7 @@ def write_array(path: str | Path, array: np.ndarray, fmt: str) -> tuple[float, f
         low, high = float(np.nanmin(array)), float(np.nanmax(array))
         scale = (high - low) / UINT16_MAX if high > low else 1.0
         stored = np.clip(np.round((array - low) / scale), 0, UINT16_MAX).astype(np.uint16)
-        _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, stored))
+        _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, stored, photometric="minisblack"))
         return scale, low
     raise ValueError(f"unknown storage format {fmt!r}; use one of {sorted(FORMATS)}")
 

@@ -55,6 +55,7 @@ DEFAULTS = {
         "val_split": "val",
         "surveys": [],  # train/validate on these surveys only (empty = all)
         "clip_sigma": 250.0,  # noise-normalized inputs clipped at ±this (DeepLens)
+        "stretch": "linear",  # linear (DeepLens) | asinh (compresses the bright lens galaxy)
         "preload": True,  # read all cutouts into memory once
         "on_missing_files": "error",  # error | drop (rows whose files are missing, with a log line)
     },
@@ -151,6 +152,7 @@ def train_member(run, member: int, seed: int, member_dir: Path, train_set, val_s
     cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
     aug_gen = torch.Generator().manual_seed(seed * 1000 + dist.rank)
     preprocessing = {"n_bands": int(n_bands), "image_size": int(image_size), "clip_sigma": cfg["data"]["clip_sigma"],
+                     "stretch": cfg["data"]["stretch"],
                      "normalization": "per-band background sigma (sqrt median variance), clipped",
                      "surveys": sorted(train_set.catalog["survey"].unique().tolist()),
                      "bands": str(train_set.catalog["bands"].iloc[0]), "data_dir": str(cfg["data"]["dir"])}
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not cfg["data"]["dir"]:
         raise SystemExit("error: give the data set folder with --data DIR (or data.dir)")
     dcfg = cfg["data"]
-    common_kw = {"surveys": dcfg["surveys"] or None, "clip_sigma": dcfg["clip_sigma"], "preload": dcfg["preload"],
+    common_kw = {"surveys": dcfg["surveys"] or None, "clip_sigma": dcfg["clip_sigma"], "stretch": dcfg["stretch"],
+                 "preload": dcfg["preload"],
                  "on_missing_files": dcfg["on_missing_files"], "log": run.log}
     train_set = LensingDataset(dcfg["dir"], split=dcfg["train_split"], **common_kw)
     n_bands, size = train_set[0]["input"].shape[0], train_set[0]["input"].shape[-1]

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     prep = first.get("preprocessing", {})
     dataset = LensingDataset(args.data, split=vcfg["split"] or None, surveys=vcfg["surveys"] or None,
                              expected_bands=prep.get("n_bands"), expected_size=prep.get("image_size"),
-                             clip_sigma=prep.get("clip_sigma", 250.0), log=run.log)
+                             clip_sigma=prep.get("clip_sigma", 250.0), stretch=prep.get("stretch", "linear"),
+                             log=run.log)
     loader = DataLoader(dataset, batch_size=vcfg["batch_size"], shuffle=False,
                         **dataloader_kwargs(device, cfg["runtime"].get("num_workers", 0)))
     scored = score_run(args.checkpoint, loader, device, amp_policy(device, cfg["runtime"].get("amp", True)),

@@ -45,6 +45,21 @@ def read_manifest(train_dir: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def find_train_dir(args_dir, cfg, config_name: str, marker: str = "models.json") -> Path:
+    """--train-dir, else paths.train_dir, else the latest runs/rsna_spine/<config>/* holding ``marker``."""
+    for candidate in (args_dir, cfg["paths"]["train_dir"]):
+        if candidate:
+            path = Path(candidate)
+            if not (path / marker).is_file():
+                raise SystemExit(f"error: {path / marker} not found (is {path} a finished train_rsna.py run?)")
+            return path
+    base = Path("runs") / "rsna_spine" / config_name
+    runs = sorted(p for p in base.glob("*") if (p / marker).is_file()) if base.is_dir() else []
+    if not runs:
+        raise SystemExit(f"error: no run with {marker} under {base}; pass --train-dir")
+    return runs[-1]
+
+
 def load_ensemble(train_dir: str | Path, folds: Sequence[int] | None, device, checkpoint: str = "best") -> dict:
     """{"localizer": {key: [(model, ckpt), ...]}, "classifier": [(model, ckpt), ...]} over ``folds``."""
     manifest = read_manifest(train_dir)

@@ -53,7 +53,7 @@ TISSUES = {
 LEVEL_SPACING_MM = 36.0  # distance between consecutive discs (scaled per study)
 DISC_HEIGHT_MM = 9.0
 FORAMEN_OFFSET_MM = 24.0  # lateral distance of the neural foramina from the midline
-RECESS_OFFSET_MM = 10.0  # lateral distance of the lateral recesses
+RECESS_OFFSET_MM = 11.0  # lateral distance of the lateral recesses
 
 
 @dataclass
@@ -202,8 +202,8 @@ def render(anatomy: SpineAnatomy, xyz: np.ndarray, sequence: str) -> np.ndarray:
     n_sub = {}
     for side, cond in ((1.0, "left_subarticular_stenosis"), (-1.0, "right_subarticular_stenosis")):
         n_sub[cond] = profile(cond, 5.0)
-        radius = 5.0 + 4.0 * n_sub[cond]
-        r2 = (side * dx - 17.0) ** 2 + (dy - 8.5) ** 2
+        radius = 4.5 + 5.0 * n_sub[cond]
+        r2 = (side * dx - 18.0) ** 2 + (dy - 8.5) ** 2
         sub[r2 <= radius**2] = val["cortex"]
         sub[r2 <= (radius - 1.8) ** 2] = val["marrow"]
 
@@ -217,7 +217,7 @@ def render(anatomy: SpineAnatomy, xyz: np.ndarray, sequence: str) -> np.ndarray:
     # lateral recesses: CSF lobes at the posterolateral corners of the sac
     for side, cond in ((1.0, "left_subarticular_stenosis"), (-1.0, "right_subarticular_stenosis")):
         s = np.maximum(1.0 - n_sub[cond], 0.05)
-        lobe = ((side * dx - RECESS_OFFSET_MM) / (4.6 * s)) ** 2 + ((dy - 3.0) / (4.0 * s)) ** 2 <= 1.0
+        lobe = ((side * dx - RECESS_OFFSET_MM) / (5.5 * s)) ** 2 + ((dy - 3.0) / (4.5 * s)) ** 2 <= 1.0
         sub[lobe] = val["csf"]
     out[idx] = sub
     return out.astype(np.float32)

@@ -46,6 +46,7 @@ DEFAULTS = {
         "channels": [8, 16, 32],  # U-Net widths (stem, pooled levels..., bottleneck)
         "sigma_vox": [1.0, 1.5, 1.5],  # Gaussian target width in output voxels (slice, row, col)
         "decode_window": 2,  # soft-argmax half-window around the peak (output voxels)
+        "coord_weight": 0.1,  # weight of the DSNT coordinate (L1) term added to the heatmap cross-entropy
         "epochs": 30,
         "batch_size": 4,
         "lr": 2.0e-3,
@@ -102,6 +103,7 @@ DEFAULTS = {
         "checkpoint": "best",  # best | swa | last
         "batch_size": 16,
         "workers": 0,  # processes decoding the test series (0 = automatic)
+        "keep_cache": False,  # keep the decoded test stacks (<run>/test_cache) after writing the submission
     },
     "validate": {
         "n_example_studies": 3,  # studies shown in the attention / crop figures
@@ -109,6 +111,7 @@ DEFAULTS = {
     "benchmark": {
         "n_series": 12,  # series decoded for the decode-throughput measurement
         "n_samples": 64,  # stage-2 samples timed from the cache and from DICOM
+        "decode_workers": [1, 2],  # worker counts whose decode throughput is measured
     },
     "runtime": {**RUNTIME_DEFAULTS, "torch_threads": 0},  # torch_threads: 0 = torch default; 1 on busy CPUs
 }

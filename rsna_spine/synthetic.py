@@ -60,7 +60,7 @@ SYNTHETIC_DEFAULTS = {
     "sag_gap_mm": [3.6, 4.2],  # min, max sagittal slice spacing
     "axial_size_px": 80,
     "axial_spacing_mm": 1.75,
-    "axial_gap_mm": 4.0,  # axial slice spacing
+    "axial_gap_mm": 5.0,  # axial slice spacing
     # class priors per condition group (normal/mild, moderate, severe); boosted minority classes relative
     # to the real data (~0.80/0.13/0.07 spinal) so a few dozen studies hold enough moderate/severe cases
     "class_priors": {"spinal": [0.62, 0.22, 0.16], "foraminal": [0.58, 0.28, 0.14],
@@ -93,14 +93,6 @@ class StackGeometry:
     def normal(self) -> np.ndarray:
         n = np.cross(self.row_dir, self.col_dir)
         return n / np.linalg.norm(n)
-
-    def pixel_points(self, k: int, offset_mm: float = 0.0) -> np.ndarray:
-        rows, cols = self.shape_rc
-        r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        pts = (self.positions[k][None, :] + offset_mm * self.normal[None, :]
-               + (c.reshape(-1, 1) * self.spacing_rc[1]) * self.row_dir[None, :]
-               + (r.reshape(-1, 1) * self.spacing_rc[0]) * self.col_dir[None, :])
-        return pts
 
     def locate(self, point: np.ndarray) -> tuple[int, float, float, float]:
         """Nearest slice k, its distance along the normal (mm), and the pixel (column x, row y)."""
@@ -149,19 +141,20 @@ def axial_stack(anat: SpineAnatomy, rng: np.random.Generator, cfg: dict, z_top: 
 
 # ---------------------------------------------------------------------------------------- rendering
 def render_stack(anat: SpineAnatomy, geom: StackGeometry, sequence: str, rng: np.random.Generator) -> np.ndarray:
-    """uint16 (n, rows, cols): two sub-slices per slice (partial volume), bias field, scale, Rician noise."""
+    """uint16 (n, rows, cols) sampled at the slice centres: bias field, per-series scale, Rician noise."""
     rows, cols = geom.shape_rc
     n = len(geom.positions)
-    base = np.concatenate([geom.pixel_points(k) for k in range(n)])
-    acc = np.zeros(len(base), dtype=np.float32)
-    for off in (-geom.thickness_mm / 4, geom.thickness_mm / 4):
-        acc += render(anat, base + off * geom.normal[None, :], sequence)
-    image = acc.reshape(n, rows, cols) / 2.0
+    r, c = np.meshgrid(np.arange(rows, dtype=np.float32), np.arange(cols, dtype=np.float32), indexing="ij")
+    in_plane = (c.reshape(-1, 1) * geom.spacing_rc[1]) * geom.row_dir[None, :] + (
+        r.reshape(-1, 1) * geom.spacing_rc[0]) * geom.col_dir[None, :]
+    points = (geom.positions[:, None, :] + in_plane[None, :, :]).reshape(-1, 3)
+    image = render(anat, points, sequence).reshape(n, rows, cols)
     # smooth multiplicative bias field (receive-coil sensitivity), in patient coordinates
     grad = rng.normal(0, 0.0012, 3)
-    image *= (1.0 + (base - base.mean(axis=0)) @ grad).reshape(n, rows, cols).astype(np.float32)
-    sigma = float(rng.uniform(0.015, 0.035)) * 800.0
-    noisy = np.sqrt((image + rng.normal(0, sigma, image.shape)) ** 2 + rng.normal(0, sigma, image.shape) ** 2)
+    image *= (1.0 + (points - points.mean(axis=0)) @ grad).reshape(n, rows, cols).astype(np.float32)
+    sigma = np.float32(rng.uniform(0.015, 0.035) * 800.0)
+    noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * sigma
+    noisy = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
     scale = float(np.exp(rng.uniform(np.log(0.5), np.log(3.0))))  # MR units are arbitrary per series
     return np.clip(noisy * scale, 0, 65535).astype(np.uint16)
 
@@ -212,9 +205,9 @@ def write_stack(folder: Path, pixels: np.ndarray, geom: StackGeometry, numbers: 
             ds.SliceLocation = f"{float(geom.positions[k] @ geom.normal):.4f}"
         raw = np.ascontiguousarray(pixels[k], dtype=np.uint16)
         ds.PixelData = raw.tobytes()
-        if syntax == "jpeg2000":
+        if syntax == "jpeg2000" and min(raw.shape) >= 64:  # openjpeg's 6 resolution levels need >= 64 px
             ds.compress(JPEG2000Lossless, raw)
-        elif syntax == "rle":
+        elif syntax in ("rle", "jpeg2000"):
             ds.compress(RLELossless, raw)
         ds.save_as(str(folder / f"{int(numbers[k])}.dcm"), enforce_file_format=True)
 

@@ -124,7 +124,8 @@ def train_localizer(run, cfg, job: str, key: str, store, labels, train_studies, 
         for batch in progress(train_loader, desc=f"{job} {epoch}", is_main=run.is_main):
             with amp.autocast():
                 logits = ddp_model(batch["input"].to(device))
-            loss = heatmap_loss(logits, batch["coords"].to(device), batch["mask"].to(device), sigma)
+            loss = heatmap_loss(logits, batch["coords"].to(device), batch["mask"].to(device), sigma,
+                                lcfg["coord_weight"])
             optimizer_step(loss, optimizer, amp, grad_clip=lcfg["grad_clip"])
             loss_sum, n_batches, step = loss_sum + loss.item(), n_batches + 1, step + 1
             cooling.step()
@@ -375,14 +376,16 @@ def main(argv: list[str] | None = None) -> dict:
     folds = pd.read_csv(cache_dir / "folds.csv")
     resume = load_checkpoint(run.resume_from, expected_domain=DOMAIN) if run.resume_from else None
     manifest_path = run.run_dir / "models.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {"folds": {}}
+    resuming = resume is not None
+    manifest = (json.loads(manifest_path.read_text(encoding="utf-8")) if resuming and manifest_path.is_file()
+                else {"folds": {}})
     groups = ["spinal", "foraminal", "subarticular"] if cfg["train"]["split_by_group"] else ["all"]
     results: dict = {}
     interrupted = False
 
     def run_job(job: str, fn, *fn_args):
         done = run.run_dir / job / "done.json"
-        if done.is_file():
+        if resuming and done.is_file():
             run.log(f"{job}: already trained ({done}); skipped")
             return json.loads(done.read_text(encoding="utf-8"))
         state = resume if (resume is not None and resume["extra"].get("job") == job) else None
@@ -427,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
                         break
                     if res is not None:
                         paths = {"best": f"{job}/checkpoint_best.pt", "last": f"{job}/checkpoint_last.pt"}
-                        if (run.run_dir / job / "checkpoint_swa.pt").is_file():
+                        if "swa_val_official" in res:
                             paths["swa"] = f"{job}/checkpoint_swa.pt"
                         entry["classifier"][group] = paths
             if run.is_main:

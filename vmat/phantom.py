@@ -63,7 +63,8 @@ DEFAULTS = {
         "attenuation_per_mm": 0.0045,
     },
     "bowel_probability": 0.8,  # the bowel bag is optional in the protocol; absent in some cases
-    "contour_resolution_mm": 0.5,  # tracing grid of the planar contours (body: 2x this)
+    "contour_resolution_mm": 0.25,  # tracing grid of organ contours (traced polygons lie <= half of it inside)
+    "body_contour_resolution_mm": 1.0,  # the body outline is large; a coarser grid keeps it fast
     "distractor_rois": ["Couch_Surface", "z_PTV70_ring", "PTV70_eval", "Rectum_PRV5", "Marker_1"],
 }
 
@@ -191,7 +192,8 @@ def write_case(case: PhantomCase, folder: str | Path, cfg: dict, seed: int = 0, 
     resolution = float(cfg["contour_resolution_mm"])
     rois = [{"name": case.roi_names["Body"], "type": "EXTERNAL",
              "contours": _roi_contours(EllipticCylinder(case.anatomy.body.center_xy, case.anatomy.body.semi_axes_xy,
-                                                        (min(z_values), max(z_values))), z_values, 2 * resolution)}]
+                                                        (min(z_values), max(z_values))), z_values,
+                                          float(cfg["body_contour_resolution_mm"]))}]
     for name, solid in case.anatomy.structures.items():
         if broken == "missing_ptv56" and name == "PTV56":
             continue

@@ -20,9 +20,9 @@ class Ellipsoid:
     center: tuple[float, float, float]
     semi_axes: tuple[float, float, float]
 
-    def inside(self, x, y, z):
+    def inside(self, x, y, z, margin: float = 0.0):
         cx, cy, cz = self.center
-        ax, ay, az = self.semi_axes
+        ax, ay, az = (a + margin for a in self.semi_axes)
         return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 + ((z - cz) / az) ** 2 <= 1.0
 
     def bbox(self):
@@ -38,8 +38,8 @@ class EllipticCylinder:
     semi_axes_xy: tuple[float, float]
     z_range: tuple[float, float] = (-np.inf, np.inf)
 
-    def inside(self, x, y, z):
-        (cx, cy), (ax, ay) = self.center_xy, self.semi_axes_xy
+    def inside(self, x, y, z, margin: float = 0.0):
+        (cx, cy), (ax, ay) = self.center_xy, (a + margin for a in self.semi_axes_xy)
         return (((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0) & (z >= self.z_range[0]) & (z <= self.z_range[1])
 
     def bbox(self):
@@ -61,9 +61,9 @@ class Tube:
         return (self.center_xy_at_z0[0] + self.slope_xy_per_mm[0] * (z - self.z0),
                 self.center_xy_at_z0[1] + self.slope_xy_per_mm[1] * (z - self.z0))
 
-    def inside(self, x, y, z):
+    def inside(self, x, y, z, margin: float = 0.0):
         cx, cy = self.center_at(z)
-        ax, ay = self.semi_axes_xy
+        ax, ay = (a + margin for a in self.semi_axes_xy)
         return (((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0) & (z >= self.z_range[0]) & (z <= self.z_range[1])
 
     def bbox(self):
@@ -77,10 +77,10 @@ class Tube:
 class Union:
     parts: list
 
-    def inside(self, x, y, z):
-        out = self.parts[0].inside(x, y, z)
+    def inside(self, x, y, z, margin: float = 0.0):
+        out = self.parts[0].inside(x, y, z, margin)
         for part in self.parts[1:]:
-            out = out | part.inside(x, y, z)
+            out = out | part.inside(x, y, z, margin)
         return out
 
     def bbox(self):
@@ -93,8 +93,8 @@ class Difference:
     base: object
     minus: object
 
-    def inside(self, x, y, z):
-        return self.base.inside(x, y, z) & ~self.minus.inside(x, y, z)
+    def inside(self, x, y, z, margin: float = 0.0):
+        return self.base.inside(x, y, z, margin) & ~self.minus.inside(x, y, z, -margin)
 
     def bbox(self):
         return self.base.bbox()
@@ -192,8 +192,7 @@ def plane_contours(solid, z_mm: float, resolution_mm: float = 0.5, pad_mm: float
     """Closed planar contours (each (N, 3) xyz mm) of ``solid`` on the plane z = ``z_mm``.
 
     The solid is sampled on a ``resolution_mm`` grid over its bounding box; cv2.findContours (RETR_CCOMP)
-    returns outer borders and hole borders as separate polygons, which DICOM combines by XOR. Traced
-    polygons run through the centres of border pixels, i.e. at most half a sample inside the surface.
+    returns outer borders and hole borders as separate polygons, which DICOM combines by XOR.
     """
     import cv2
 
@@ -203,7 +202,9 @@ def plane_contours(solid, z_mm: float, resolution_mm: float = 0.5, pad_mm: float
     xs = np.arange(lo[0] - pad_mm, hi[0] + pad_mm + resolution_mm, resolution_mm)
     ys = np.arange(lo[1] - pad_mm, hi[1] + pad_mm + resolution_mm, resolution_mm)
     gx, gy = np.meshgrid(xs, ys)  # rows follow y, columns x
-    mask = solid.inside(gx, gy, np.full_like(gx, z_mm)).astype(np.uint8)
+    # Traced polygons run through the centres of border samples, half a sample inside the sampled set;
+    # sampling the solid grown by half a sample (an approximate offset for these shapes) removes that bias.
+    mask = solid.inside(gx, gy, np.full_like(gx, z_mm), 0.5 * resolution_mm).astype(np.uint8)
     if not mask.any():
         return []
     found = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)

@@ -112,8 +112,9 @@ def test_batched_ls_agrees_with_scipy():
     assert both.mean() > 0.9
     d_cbf = np.abs(b["cbf"] - s["cbf"])[both]
     assert np.mean(d_cbf < 0.1) >= 0.95
-    # Where they differ, the batched fit found an equal or lower cost (another local minimum of a kinked model).
-    assert np.all(b["cost"][both] <= s["cost"][both] * (1 + 1e-3) + 1e-14) or np.mean(d_cbf < 0.1) == 1.0
+    # Where they differ, the batched fit found a lower cost (scipy stopped at a kink of the piecewise model).
+    differ = both & (np.abs(b["cbf"] - s["cbf"]) >= 0.1)
+    assert np.all(b["cost"][differ] <= s["cost"][differ] * (1 + 1e-6))
 
 
 def test_noise_free_fit_recovers_truth_with_oracle_physics():

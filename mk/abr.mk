@@ -1,0 +1,46 @@
+# ABR analysis (abr/). Every recipe line is one python command (sh and cmd.exe alike).
+#   make abr-demo                              whole pipeline at smoke size -> runs/demo/abr/
+#   make abr-train [CONFIG=configs/abr/baseline.yaml] [ARGS=--resume]
+#   make abr-validate / abr-bench [CONFIG=...]  (the run of that config)
+#   make abr-diffusion / abr-generate [ABR_DIFFUSION_CONFIG=...]
+ABR_CONFIG = $(or $(CONFIG),configs/abr/production_improved.yaml)
+ABR_NAME = $(basename $(notdir $(ABR_CONFIG)))
+ABR_DATA = runs/abr/data/$(ABR_NAME)
+ABR_RUN = runs/abr/train/$(ABR_NAME)
+ABR_DIFFUSION_CONFIG ?= configs/abr/diffusion.yaml
+ABR_DIFFUSION_NAME = $(basename $(notdir $(ABR_DIFFUSION_CONFIG)))
+
+DEMO_TARGETS += abr-demo
+.PHONY: abr-demo abr-preprocess abr-train abr-validate abr-bench abr-diffusion abr-generate
+
+abr-demo: setup
+	$(PYTHON) -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir runs/demo/abr/data
+	$(PYTHON) -m abr.train_abr --config configs/abr/smoke.yaml --data runs/demo/abr/data --output-dir runs/demo/abr/train
+	$(PYTHON) -m abr.validate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/train --data runs/demo/abr/data --output-dir runs/demo/abr/validate
+	$(PYTHON) -m abr.train_diffusion_abr --config configs/abr/smoke.yaml --data runs/demo/abr/data --output-dir runs/demo/abr/diffusion
+	$(PYTHON) -m abr.generate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/diffusion --output-dir runs/demo/abr/generate
+
+abr-preprocess: setup
+	$(PYTHON) -m abr.preprocess_abr --config $(ABR_CONFIG) --output-dir $(ABR_DATA) $(ARGS)
+
+# the cache is rebuilt only when missing or older than its config file
+$(ABR_DATA)/abr_cache.npz: $(ABR_CONFIG) | setup
+	$(PYTHON) -m abr.preprocess_abr --config $(ABR_CONFIG) --output-dir $(ABR_DATA)
+
+abr-train: setup $(ABR_DATA)/abr_cache.npz
+	$(PYTHON) -m abr.train_abr --config $(ABR_CONFIG) --data $(ABR_DATA) --output-dir $(ABR_RUN) $(ARGS)
+
+abr-validate: setup
+	$(PYTHON) -m abr.validate_abr --config $(ABR_CONFIG) --checkpoint $(ABR_RUN) --data $(ABR_DATA) --output-dir runs/abr/validate/$(ABR_NAME) $(ARGS)
+
+abr-bench: setup
+	$(PYTHON) -m abr.benchmark_abr --config $(ABR_CONFIG) --checkpoint $(ABR_RUN) --data $(ABR_DATA) --output-dir runs/abr/bench/$(ABR_NAME) $(ARGS)
+
+runs/abr/data/$(ABR_DIFFUSION_NAME)/abr_cache.npz: $(ABR_DIFFUSION_CONFIG) | setup
+	$(PYTHON) -m abr.preprocess_abr --config $(ABR_DIFFUSION_CONFIG) --output-dir runs/abr/data/$(ABR_DIFFUSION_NAME)
+
+abr-diffusion: setup runs/abr/data/$(ABR_DIFFUSION_NAME)/abr_cache.npz
+	$(PYTHON) -m abr.train_diffusion_abr --config $(ABR_DIFFUSION_CONFIG) --data runs/abr/data/$(ABR_DIFFUSION_NAME) --output-dir runs/abr/diffusion/$(ABR_DIFFUSION_NAME) $(ARGS)
+
+abr-generate: setup
+	$(PYTHON) -m abr.generate_abr --config $(ABR_DIFFUSION_CONFIG) --checkpoint runs/abr/diffusion/$(ABR_DIFFUSION_NAME) --output-dir runs/abr/generate/$(ABR_DIFFUSION_NAME) $(ARGS)

@@ -1,0 +1,31 @@
+# ASL: CBF/ATT from multi-PLD PCASL/VSASL (asl/README.md). Every recipe line is one python command.
+ASL_DEMO := runs/demo/asl
+ASL_DATA := $(ASL_DEMO)/data
+ASL_RUN ?= $(ASL_DEMO)/train
+ASL_SMOKE := configs/asl/smoke.yaml
+
+DEMO_TARGETS += asl-demo
+.PHONY: asl-demo asl-preprocess asl-train asl-validate asl-bench asl-predict
+
+asl-demo: setup
+	$(PYTHON) -m asl.preprocess_asl --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DATA)
+	$(PYTHON) -m asl.train_asl --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DEMO)/train
+	$(PYTHON) -m asl.validate_asl $(ASL_DEMO)/train --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DEMO)/validate
+	$(PYTHON) -m asl.predict_asl $(ASL_DATA)/synthetic_subject/bids --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --reference-cbf $(ASL_DATA)/synthetic_subject/truth_cbf.nii.gz --reference-att $(ASL_DATA)/synthetic_subject/truth_att.nii.gz --output-dir $(ASL_DEMO)/predict
+	$(PYTHON) -m asl.benchmark_asl $(ASL_DEMO)/train --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DEMO)/benchmark
+
+asl-preprocess: setup
+	$(PYTHON) -m asl.preprocess_asl --config $(or $(CONFIG),configs/asl/production_v2.yaml) $(ARGS)
+
+asl-train: setup
+	$(PYTHON) -m asl.preprocess_asl --config $(or $(CONFIG),configs/asl/production_v2.yaml)
+	$(PYTHON) -m asl.train_asl --config $(or $(CONFIG),configs/asl/production_v2.yaml) $(ARGS)
+
+asl-validate: setup
+	$(PYTHON) -m asl.validate_asl $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
+
+asl-bench: setup
+	$(PYTHON) -m asl.benchmark_asl $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
+
+asl-predict: setup
+	$(PYTHON) -m asl.predict_asl $(or $(INPUT),$(ASL_DATA)/synthetic_subject/bids) --checkpoint $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)

@@ -1,0 +1,149 @@
+"""Benchmarks of the rsna_spine pipeline (targets of the issue; numbers are measured, never asserted).
+
+1. Decoding: series decoded per second, in-process and with 2 spawned workers, on the first
+   benchmark.n_series series of the dataset.
+2. Sample throughput: stage-2 samples (N, 3, H, W) per second from the cache (a second, "cached" epoch:
+   stacks already in memory) and from the npz files (a cold epoch), against the peer that reads DICOM every
+   epoch the way the seed did (the N files around the slice of interest decoded in __getitem__; given the
+   slice order and intensity percentiles for free, which favours the peer). Reports the ratios.
+3. The official metric of the two-stage model vs the class-prior baseline, re-scored from the
+   out-of-fold predictions of a validate_rsna.py run (paths.validate_dir or --validate-dir).
+
+    python rsna_spine/benchmark_rsna.py --config configs/rsna_spine/smoke.yaml
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+
+from common.cli import make_parser, start_run
+from common.dicom_series import pixel_data
+from rsna_spine.cache import decode_all, series_tasks
+from rsna_spine.constants import GROUP_OF_CONDITION, SUBMISSION_COLUMNS
+from rsna_spine.crops import crop_stack
+from rsna_spine.data import Stack, StackStore
+from rsna_spine.datasets import CropDataset, crop_items
+from rsna_spine.metric import score_details, solution_from_labels, submission_frame
+from rsna_spine.settings import DEFAULTS, apply_threads
+
+DOMAIN = "rsna_spine"
+
+
+class DicomEveryEpoch:
+    """The peer: each sample decodes the N DICOM files around its slice (seed v9's __getitem__)."""
+
+    def __init__(self, items, store: StackStore, root: Path, crop_cfg, intensity):
+        self.items, self.store, self.root = items, store, Path(root)
+        self.crop_cfg, self.intensity = crop_cfg, intensity
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        item = self.items[index]
+        geometry = self.store.get(item["study_id"], item["series_id"], item["stack_index"])
+        n = int(self.crop_cfg["num_slices"])
+        k0 = int(round(item["kji"][0]))
+        ks = np.clip(k0 + np.arange(n) - n // 2, 0, geometry.shape[0] - 1)
+        folder = self.root / "train_images" / str(item["study_id"]) / str(item["series_id"])
+        planes = {}
+        for k in sorted(set(ks.tolist())):
+            path = folder / f"{int(geometry.instance_numbers[k])}.dcm"
+            plane = pixel_data(pydicom.dcmread(str(path)), path)
+            planes[k] = plane
+        # same geometry, but pixels from the files just read (canonical flips re-applied)
+        array = np.zeros_like(geometry.array)
+        for k, plane in planes.items():
+            array[k] = _to_canonical(plane, geometry)
+        fresh = Stack(**{**geometry.__dict__, "array": array})
+        group = GROUP_OF_CONDITION[item["condition"]]
+        return crop_stack(fresh, item["kji"], n, self.crop_cfg["crop_mm"][group], self.crop_cfg["img_size"],
+                          self.intensity)
+
+
+def _to_canonical(plane: np.ndarray, stack: Stack) -> np.ndarray:
+    """Apply the in-plane flips that canonicalization applied to this stack."""
+    if float(stack.orig_col_dir @ stack.col_dir) < 0:
+        plane = plane[::-1]
+    if float(stack.orig_row_dir @ stack.row_dir) < 0:
+        plane = plane[:, ::-1]
+    return plane
+
+
+def _rate(fn, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--validate-dir", type=Path, default=None, help="run folder of validate_rsna.py")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
+    cfg = run.cfg
+    apply_threads(cfg)
+    root, cache_dir = Path(cfg["paths"]["data_root"]), Path(cfg["paths"]["cache_dir"])
+    bcfg = cfg["benchmark"]
+    results: dict = {}
+
+    # 1. decoding throughput
+    tasks = series_tasks(root, "train", run.run_dir / "bench_cache", cfg["preprocess"]["percentiles"],
+                         logger=lambda m: None)[: int(bcfg["n_series"])]
+    for workers in bcfg["decode_workers"]:
+        _, seconds = decode_all(tasks, workers, lambda m: None, desc=f"decode x{workers}")
+        results[f"series_per_s_{workers}_worker"] = len(tasks) / seconds
+        run.log(f"decode: {len(tasks)} series in {seconds:.2f} s with {workers} worker(s) "
+                f"= {len(tasks) / seconds:.2f} series/s")
+    shutil.rmtree(run.run_dir / "bench_cache", ignore_errors=True)
+
+    # 2. samples per second: cache vs DICOM every epoch
+    store = StackStore(cache_dir)
+    labels = pd.read_csv(cache_dir / "labels.csv")
+    items = crop_items(labels, None, labels["study_id"].unique())
+    items = [items[i] for i in np.random.default_rng(0).permutation(len(items))[: int(bcfg["n_samples"])]]
+    cold_store = StackStore(cache_dir, index=store.index)
+    cold = CropDataset(items, cold_store, cfg["crop"], cfg["intensity"])
+    results["samples_per_s_cache_cold"] = _rate(lambda i: cold[i], len(items))
+    results["samples_per_s_cache_warm"] = _rate(lambda i: cold[i], len(items))  # stacks now in memory
+    peer = DicomEveryEpoch(items, store, root, cfg["crop"], cfg["intensity"])
+    for i in range(len(items)):  # warm the peer's geometry lookups so only DICOM decoding is timed
+        store.get(items[i]["study_id"], items[i]["series_id"], items[i]["stack_index"])
+    results["samples_per_s_dicom"] = _rate(lambda i: peer[i], len(items))
+    results["speedup_cached_vs_dicom"] = results["samples_per_s_cache_warm"] / results["samples_per_s_dicom"]
+    results["speedup_npz_vs_dicom"] = results["samples_per_s_cache_cold"] / results["samples_per_s_dicom"]
+    check = np.abs(cold[0]["image"].numpy() - peer[0]).max()
+    run.log(f"samples/s: cached {results['samples_per_s_cache_warm']:.1f}, npz (cold) "
+            f"{results['samples_per_s_cache_cold']:.1f}, DICOM every epoch {results['samples_per_s_dicom']:.1f} "
+            f"-> x{results['speedup_cached_vs_dicom']:.1f} (cached) x{results['speedup_npz_vs_dicom']:.1f} (npz); "
+            f"max |cache − DICOM| pixel difference {check:.2e}")
+    results["max_abs_difference_cache_vs_dicom"] = float(check)
+
+    # 3. metric margin from a validation run
+    validate_dir = args.validate_dir or cfg["paths"]["validate_dir"]
+    if validate_dir and (Path(validate_dir) / "oof_predictions.csv").is_file():
+        oof = pd.read_csv(Path(validate_dir) / "oof_predictions.csv")
+        base = pd.read_csv(Path(validate_dir) / "oof_prior_baseline.csv")
+        cols = list(SUBMISSION_COLUMNS)
+        model = score_details(solution_from_labels(oof), submission_frame(oof["row_id"], oof[cols].to_numpy()), "row_id", 1.0)
+        prior = score_details(solution_from_labels(base), submission_frame(base["row_id"], base[cols].to_numpy()),
+                              "row_id", 1.0)
+        results.update({"oof_official_score": model["score"], "class_prior_baseline": prior["score"],
+                        "margin_vs_prior": prior["score"] - model["score"], "n_targets": model["n_rows"]})
+        run.log(f"official metric (OOF, {model['n_rows']} targets): two-stage {model['score']:.4f} vs class prior "
+                f"{prior['score']:.4f}: margin {prior['score'] - model['score']:+.4f} "
+                f"({'beats' if model['score'] < prior['score'] else 'does NOT beat'} the baseline)")
+    else:
+        run.log(f"no oof_predictions.csv under {validate_dir}: run validate_rsna.py first for the metric margin")
+    headline = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()
+                if k in ("series_per_s_1_worker", "series_per_s_2_worker", "samples_per_s_cache_warm",
+                         "samples_per_s_dicom", "speedup_cached_vs_dicom", "margin_vs_prior")}
+    return run.finish({**results, "headline": headline})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Predict the test layout: test_series_descriptions.csv + test_images/ in, submission.csv out.
+
+Every study of test_series_descriptions.csv (and of sample_submission.csv, when present) gets its 25 rows
+``{study}_{condition}_{level}`` with normal_mild, moderate, severe summing to 1. The test series are
+decoded once (parallel), stage 1 of every trained fold locates the levels (heatmaps averaged over folds),
+stage 2 grades the crops with every fold's classifier and left-right flip TTA (the flipped crop is fed
+with the mirrored condition, so a left output is read back as the right one and vice versa), and the
+probabilities are re-weighted to the metric's class weights when a model was trained with other ones.
+Whatever could not be read or located (missing or unreadable series, no axial stack at a level) gets the
+training class priors (metric-optimal), with a log line: the submission is always complete. No network.
+
+With ``--solution`` (Kaggle solution format: row_id, normal_mild, moderate, severe[, sample_weight]) the
+submission is also scored with the official metric against the class-prior submission.
+
+    python rsna_spine/predict_rsna.py --config configs/rsna_spine/smoke.yaml --train-dir runs/x/train
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import make_parser, start_run
+from common.runlog import write_text_atomic
+from rsna_spine.cache import decode_all, series_tasks
+from rsna_spine.constants import CONDITIONS, LEVELS, SUBMISSION_COLUMNS, row_id
+from rsna_spine.data import StackStore
+from rsna_spine.inference import center_items, classify, find_train_dir, load_ensemble, localize_studies
+from rsna_spine.metric import prior_probabilities, prior_submission, score_details, submission_frame
+from rsna_spine.settings import DEFAULTS, apply_threads
+
+DOMAIN = "rsna_spine"
+
+
+def mean_priors(classifiers: list) -> dict:
+    """Class priors averaged over the ensemble's training folds (stored in each classifier checkpoint)."""
+    keys = classifiers[0][1]["preprocessing"]["priors"].keys()
+    return {k: np.mean([ckpt["preprocessing"]["priors"][k] for _, ckpt in classifiers], axis=0).tolist() for k in keys}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--train-dir", type=Path, default=None, help="run folder of train_rsna.py (models.json)")
+    parser.add_argument("--data-root", type=Path, default=None, help="Kaggle layout root (default paths.data_root)")
+    parser.add_argument("--split", default="test", help="which {split}_series_descriptions.csv / {split}_images")
+    parser.add_argument("--solution", type=Path, default=None, help="optional truth to score the submission")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
+    cfg = run.cfg
+    apply_threads(cfg)
+    train_dir = find_train_dir(args.train_dir, cfg, run.config_name)
+    root = Path(args.data_root or cfg["paths"]["data_root"])
+    cache_dir = run.run_dir / "test_cache"
+
+    tasks = series_tasks(root, args.split, cache_dir, cfg["preprocess"]["percentiles"], logger=run.log)
+    studies = sorted({t["study_id"] for t in tasks})
+    sample = root / "sample_submission.csv"
+    if sample.is_file():  # studies listed for submission but without any usable series still get rows
+        listed = {int(str(r).split("_")[0]) for r in pd.read_csv(sample)["row_id"]}
+        studies = sorted(set(studies) | listed)
+    if not studies:
+        raise SystemExit(f"error: no study in {root / f'{args.split}_series_descriptions.csv'}")
+    index, seconds = decode_all(tasks, int(cfg["predict"]["workers"]), run.log, desc=f"decode {args.split}")
+    run.log(f"decoded {len(tasks)} series of {len(studies)} studies in {seconds:.1f} s")
+    store = StackStore(cache_dir, index=index)
+
+    models = load_ensemble(train_dir, None, run.device, cfg["predict"]["checkpoint"])
+    if not models["classifier"]:
+        raise SystemExit(f"error: {train_dir} has no trained classifier")
+    run.log(f"ensemble: {len(models['classifier'])} classifier(s), localizers "
+            f"{ {k: len(v) for k, v in models['localizer'].items()} }, flip TTA {cfg['predict']['tta_flip']}")
+    centers = localize_studies(studies, store, models["localizer"], run.device, cfg["localizer"]["decode_window"],
+                               logger=run.log)
+    items = center_items(centers)
+    probs, _ = classify(items, store, models["classifier"], run.device, cfg["predict"]["batch_size"],
+                        cfg["predict"]["tta_flip"])
+    predicted = {row_id(it["study_id"], it["condition"], it["level"]): p for it, p in zip(items, probs)
+                 if np.all(np.isfinite(p))}
+    priors = mean_priors(models["classifier"])
+    row_ids, rows, n_prior = [], [], 0
+    for study in studies:
+        for condition in CONDITIONS:
+            for level in LEVELS:
+                rid = row_id(study, condition, level)
+                p = predicted.get(rid)
+                if p is None:
+                    p, n_prior = prior_probabilities(condition, level, priors), n_prior + 1
+                row_ids.append(rid)
+                rows.append(p)
+    submission = submission_frame(row_ids, np.asarray(rows))
+    out_path = run.run_dir / "submission.csv"
+    write_text_atomic(out_path, submission.to_csv(index=False))
+    run.log(f"wrote {out_path}: {len(submission)} rows ({len(studies)} studies x 25), {len(submission) - n_prior} "
+            f"from the model, {n_prior} from class priors")
+    if not cfg["predict"]["keep_cache"]:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    summary: dict = {"submission": out_path.name, "n_rows": len(submission), "n_studies": len(studies),
+                     "n_model_rows": len(submission) - n_prior, "n_prior_rows": n_prior, "train_dir": str(train_dir)}
+    if args.solution is not None:
+        solution = pd.read_csv(args.solution)
+        scored = score_details(solution.copy(), submission.copy(), "row_id", 1.0)
+        baseline = score_details(solution.copy(), prior_submission(submission["row_id"], priors), "row_id", 1.0)
+        run.log(f"official score on {args.solution}: {scored['score']:.4f} vs class-prior baseline "
+                f"{baseline['score']:.4f} (margin {baseline['score'] - scored['score']:+.4f})")
+        summary.update({"official": scored, "prior_baseline": baseline, "headline": {
+            "test_official_score": scored["score"], "test_class_prior_baseline": baseline["score"],
+            "test_margin_vs_prior": baseline["score"] - scored["score"], "n_test_studies": len(studies),
+            "rows_from_priors": n_prior}})
+    summary["probability_rows_sum_to_1"] = bool(np.allclose(submission[list(SUBMISSION_COLUMNS)].sum(axis=1), 1.0))
+    return run.finish(summary)
+
+
+if __name__ == "__main__":
+    main()

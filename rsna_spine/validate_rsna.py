@@ -1,0 +1,187 @@
+"""Out-of-fold validation of a train_rsna.py run, the way the test set is predicted.
+
+For every trained fold, its own stage-1 localizers locate the levels of the held-out studies, and its
+classifier grades crops around those predicted points (with flip TTA as configured). Targets stage 1
+could not locate (missing series, no axial stack at a level) get the fold's class priors: every graded
+target of the held-out studies is scored, as the metric would. Reported:
+- the official metric, overall and per condition group, against the class-prior baseline (each row
+  predicts its training prior re-weighted to the metric optimum q ∝ w·p), and with label-point crops
+  ("oracle" stage 1) to separate localization from grading errors;
+- per-class recall, balanced accuracy, confusion matrices, calibration (ECE, reliability diagram);
+- stage-1 localization error (3D mm and slices) per condition group;
+- figures: training curves, confusion matrices, reliability, localization errors, attention weights per
+  slice and crops with predicted vs true grades for sample studies.
+
+    python rsna_spine/validate_rsna.py --config configs/rsna_spine/smoke.yaml --train-dir runs/x/train
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import make_parser, start_run
+from common.plotting import plot_training_curves
+from rsna_spine.constants import SUBMISSION_COLUMNS
+from rsna_spine.data import StackStore
+from rsna_spine.datasets import CropDataset, crop_items
+from rsna_spine.evaluation import (
+    grading_report,
+    localization_errors,
+    prediction_table,
+    summarize_localization,
+)
+from rsna_spine.figures import (
+    attention_figure,
+    confusion_figure,
+    crops_figure,
+    localization_figure,
+    reliability_figure,
+)
+from rsna_spine.inference import classify, find_train_dir, load_ensemble, localize_studies, read_manifest
+from rsna_spine.metric import class_priors, prior_probabilities, score_details, solution_from_labels, submission_frame
+from rsna_spine.settings import DEFAULTS, apply_threads
+
+DOMAIN = "rsna_spine"
+
+
+def fallback_rows(graded: pd.DataFrame, covered: set, priors: dict) -> pd.DataFrame:
+    """Prior predictions for graded targets stage 1/2 could not handle (scored, as the metric would)."""
+    rows = graded[[(s, c, lv) not in covered for s, c, lv in zip(graded["study_id"], graded["condition"],
+                                                                 graded["level"])]]
+    items = [{"study_id": r.study_id, "condition": r.condition, "level": r.level, "label": r.label}
+             for r in rows.itertuples()]
+    probs = np.array([prior_probabilities(it["condition"], it["level"], priors) for it in items]).reshape(-1, 3)
+    return prediction_table(items, probs)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--train-dir", type=Path, default=None, help="run folder of train_rsna.py (models.json)")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
+    cfg = run.cfg
+    apply_threads(cfg)
+    train_dir = find_train_dir(args.train_dir, cfg, run.config_name)
+    cache_dir = Path(cfg["paths"]["cache_dir"])
+    store = StackStore(cache_dir)
+    labels = pd.read_csv(cache_dir / "labels.csv")
+    folds = pd.read_csv(cache_dir / "folds.csv")
+    manifest = read_manifest(train_dir)
+    run.log(f"validating {train_dir} (folds {sorted(manifest['folds'])}) on {cache_dir}")
+
+    oof, oracle, baseline, loc, examples_src = [], [], [], [], []
+    crop_cfg, intensity_cfg = cfg["crop"], cfg["intensity"]
+    for fold_key, entry in sorted(manifest["folds"].items()):
+        fold = int(fold_key)
+        if not entry.get("classifier"):
+            run.log(f"fold {fold}: no classifier in {train_dir}; skipped")
+            continue
+        models = load_ensemble(train_dir, [fold], run.device, cfg["predict"]["checkpoint"])
+        crop_cfg = models["classifier"][0][1]["preprocessing"]["crop"]
+        intensity_cfg = models["classifier"][0][1]["preprocessing"]["intensity"]
+        val_studies = sorted(set(folds.loc[folds["fold"] == fold, "study_id"].astype(int)))
+        train_labels = labels[~labels["study_id"].isin(val_studies)]
+        priors = class_priors(train_labels)
+        graded = labels[labels["study_id"].isin(val_studies) & (labels["label"] >= 0)]
+        imaged = labels[labels["has_images"] & labels["study_id"].isin(val_studies)]["study_id"].unique()
+        if models["localizer"]:
+            centers = localize_studies(sorted(imaged), store, models["localizer"], run.device,
+                                       cfg["localizer"]["decode_window"], logger=run.log)
+            loc.append(localization_errors(centers, labels).assign(fold=fold))
+        else:
+            run.log(f"fold {fold}: no localizer in the run; crops are centred on the label points")
+            centers = labels[labels["study_id"].isin(imaged) & labels["k"].notna()]
+        items = crop_items(labels, centers, val_studies)
+        probs, attention = classify(items, store, models["classifier"], run.device, cfg["predict"]["batch_size"],
+                                    cfg["predict"]["tta_flip"])
+        table = prediction_table(items, probs).assign(fold=fold, source="two_stage")
+        covered = {(it["study_id"], it["condition"], it["level"]) for it in items}
+        oof.append(pd.concat([table, fallback_rows(graded, covered, priors).assign(fold=fold, source="prior")],
+                             ignore_index=True))
+        gt_items = crop_items(labels, None, val_studies)
+        gt_probs, _ = classify(gt_items, store, models["classifier"], run.device, cfg["predict"]["batch_size"],
+                               cfg["predict"]["tta_flip"])
+        gt_covered = {(it["study_id"], it["condition"], it["level"]) for it in gt_items}
+        oracle.append(pd.concat([prediction_table(gt_items, gt_probs),
+                                 fallback_rows(graded, gt_covered, priors)], ignore_index=True))
+        baseline.append(fallback_rows(graded, set(), priors))
+        for it, att, p in zip(items, attention, probs):
+            examples_src.append({**it, "attention": att, "probs": p})
+        run.log(f"fold {fold}: {len(items)} targets graded by the model, "
+                f"{len(graded) - len(items)} by priors (no stage-1 point)")
+    if not oof:
+        raise SystemExit(f"error: {train_dir} has no trained classifier to validate")
+
+    oof_table = pd.concat(oof, ignore_index=True)
+    report = grading_report(oof_table)
+    oracle_report = grading_report(pd.concat(oracle, ignore_index=True))
+    base_table = pd.concat(baseline, ignore_index=True)
+    base = score_details(solution_from_labels(base_table), submission_frame(
+        base_table["row_id"], base_table[list(SUBMISSION_COLUMNS)].to_numpy()), "row_id", 1.0)
+    errors = pd.concat(loc, ignore_index=True) if loc else pd.DataFrame(
+        columns=["study_id", "condition", "level", "group", "distance_mm", "slice_error", "fold"])
+    loc_summary = summarize_localization(errors)
+    if run.is_main:
+        oof_table.to_csv(run.run_dir / "oof_predictions.csv", index=False)
+        base_table.to_csv(run.run_dir / "oof_prior_baseline.csv", index=False)
+        errors.to_csv(run.run_dir / "localization_errors.csv", index=False)
+
+    figures = _figures(run, cfg, train_dir, manifest, report, oof_table, errors, examples_src, store,
+                       crop_cfg, intensity_cfg)
+    official, score_base = report["official"], base["score"]
+    run.log(f"OOF official score (two-stage) {official['score']:.4f} vs class-prior baseline {score_base:.4f} "
+            f"(margin {score_base - official['score']:+.4f}); label-point crops {oracle_report['official']['score']:.4f}")
+    for group in ("spinal", "foraminal", "subarticular", "any_severe_spinal"):
+        run.log(f"  {group:18s} model {official.get(group, float('nan')):.4f}  prior {base.get(group, float('nan')):.4f}")
+    for group, s in loc_summary.items():
+        run.log(f"  stage 1 {group:13s} median {s['median_mm']:.1f} mm, mean slice error {s['mean_slice_error']:.2f}")
+    headline = {"oof_official_score": official["score"], "class_prior_baseline": score_base,
+                "margin_vs_prior": score_base - official["score"],
+                "oof_official_label_point_crops": oracle_report["official"]["score"],
+                "balanced_accuracy": report["balanced_accuracy"],
+                "stage1_median_error_mm": {g: round(s["median_mm"], 2) for g, s in loc_summary.items()},
+                "n_targets": report["n"]}
+    return run.finish({"headline": headline, "official": official, "prior_baseline": base,
+                       "label_point_crops": oracle_report["official"], "report": report,
+                       "oracle_report": oracle_report, "localization": loc_summary, "train_dir": str(train_dir),
+                       "figures": figures})
+
+
+def _figures(run, cfg, train_dir, manifest, report, oof_table, errors, examples_src, store, crop_cfg,
+             intensity_cfg) -> list[str]:
+    """Write the figures; returns PNG paths relative to the run folder."""
+    if not run.is_main:
+        return []
+    fig_dir = run.run_dir / "figures"
+    paths = []
+    for fold_key, entry in sorted(manifest["folds"].items()):
+        for kind, jobs in (("localizer", entry.get("localizer", {})), ("classifier", entry.get("classifier", {}))):
+            for name in jobs:
+                csv = Path(train_dir) / f"fold{fold_key}" / f"{kind}_{name}" / "metrics.csv"
+                if csv.is_file():
+                    paths += plot_training_curves(csv, fig_dir / f"curves_fold{fold_key}_{kind}_{name}")
+    paths += confusion_figure(report, fig_dir / "confusion")
+    paths += reliability_figure(oof_table, fig_dir / "reliability")
+    if len(errors):
+        paths += localization_figure(errors, fig_dir / "localization_errors")
+    n_ex = int(cfg["validate"]["n_example_studies"])
+    studies = sorted({e["study_id"] for e in examples_src})[:n_ex]
+    spinal = [{"study_id": e["study_id"], "level": e["level"], "attention": e["attention"], "label": e["label"],
+               "pred": int(np.argmax(e["probs"]))} for e in examples_src
+              if e["study_id"] in studies and e["condition"] == "spinal_canal_stenosis" and len(e["attention"])]
+    if spinal:
+        paths += attention_figure(spinal, fig_dir / "attention_per_slice")
+    picked = [e for e in examples_src if e["study_id"] in studies][:: max(1, len(studies) * 25 // 15)][:15]
+    if picked:
+        dataset = CropDataset(picked, store, crop_cfg, intensity_cfg)
+        crops = [{**e, "image": dataset[i]["image"].numpy(), "pred": int(np.argmax(e["probs"])),
+                  "p_pred": float(np.max(e["probs"]))} for i, e in enumerate(picked)]
+        paths += crops_figure(crops, fig_dir / "crops_pred_vs_true")
+    return [p.relative_to(run.run_dir).as_posix() for p in paths if p.suffix == ".png"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The classical baseline on clean synthetic series, and its pieces by hand."""
+
+import numpy as np
+import pytest
+
+from abr.classical import analyse_series, max_normalized_xcorr, pick_wave_v, threshold_from_correlations
+from abr.defaults import abr_defaults
+from abr.dsp import bandpass, resample, time_axis_ms
+from abr.synthetic import clean_response, sample_ear, wave_parameters
+
+
+def test_xcorr_finds_a_shifted_copy():
+    t = np.linspace(0, 10, 200)
+    a = np.exp(-0.5 * ((t - 5) / 0.1) ** 2)
+    assert max_normalized_xcorr(a, np.roll(a, 6), max_lag=6) == pytest.approx(1.0)
+    assert max_normalized_xcorr(a, np.roll(a, 6), max_lag=1) < 0.5
+
+
+@pytest.mark.parametrize("corr, expected", [
+    ([0.1, 0.2, 0.8, 0.9, 0.9], 25.0),  # accepted from 30 dB up → 30 − 10/2
+    ([0.9, 0.9, 0.9, 0.9, 0.9], 5.0),  # all accepted → lowest level − step/2
+    ([0.1, 0.1, 0.1, 0.1, 0.2], 110.0),  # none → censor
+    ([0.9, 0.1, 0.9, 0.9, 0.9], 25.0),  # an isolated low "response" below a gap does not count
+])
+def test_threshold_rule_by_hand(corr, expected):
+    levels = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
+    value, _ = threshold_from_correlations(np.array(corr), levels, 0.5, censor_db=110.0, step_db=10.0)
+    assert value == pytest.approx(expected)
+
+
+def test_classical_on_clean_synthetic_series_finds_threshold_and_wave_v():
+    cfg = abr_defaults()["classical"]
+    fs, fs_model = 30000.0, 10000.0
+    t_dev = time_axis_ms(450, fs)
+    t = time_axis_ms(150, fs_model)
+    rng = np.random.default_rng(5)
+    levels = np.arange(0.0, 101.0, 10.0)
+    for _ in range(5):
+        ear = sample_ear("p", "R", 30.0, "NORMAL", 11.1, rng)
+        ear.threshold_db = float(rng.uniform(20, 60))  # make the threshold interior to the series
+        waves = [wave_parameters(ear, lv) for lv in levels]
+        traces = np.stack([clean_response(t_dev, w, ear, lv) for w, lv in zip(waves, levels)])
+        traces = resample(bandpass(traces, fs, 100, 3000), fs, fs_model, 150)
+        traces += np.random.default_rng(0).normal(scale=0.005, size=traces.shape)  # 5 nV: essentially clean
+        out = analyse_series(traces, levels, t, cfg, criterion=0.6, censor_db=110.0, step_db=10.0)
+        assert abs(out["threshold_db"] - ear.threshold_db) <= 10.0
+        present = levels >= ear.threshold_db + 10
+        true_v = np.array([w["V"]["latency_ms"] for w in waves])
+        assert np.all(np.abs(out["latency_ms"][present] - true_v[present]) < 0.3)
+
+
+def test_pick_wave_v_window_moves_with_intensity():
+    t = time_axis_ms(150, 10000.0)
+    trace = np.exp(-0.5 * ((t - 8.0) / 0.3) ** 2) + 0.9 * np.exp(-0.5 * ((t - 5.5) / 0.3) ** 2)
+    lat80, _ = pick_wave_v(trace, t, 80.0, [5.0, 7.8], 0.45)
+    lat20, _ = pick_wave_v(trace, t, 20.0, [5.0, 7.8], 0.45)
+    assert lat80 == pytest.approx(5.5, abs=0.05)
+    assert lat20 == pytest.approx(8.0, abs=0.05)

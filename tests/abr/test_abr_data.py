@@ -1,0 +1,122 @@
+"""Clinical table reader: CSV and Excel round trips (UTF-8 Turkish names), bad input with clear errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from abr.data import DEFAULT_COLUMNS, TableError, load_recordings, parse_recordings, read_table, write_table
+from abr.labels import CLASS_NAMES
+from abr.synthetic import SYNTHETIC_DEFAULTS, generate_recordings
+
+DATA_CFG = {"sampling_rate_hz": 30000.0, "window_ms": 15.0, "columns": dict(DEFAULT_COLUMNS)}
+
+
+@pytest.fixture(scope="module")
+def table():
+    cfg = dict(SYNTHETIC_DEFAULTS, n_patients=4, intensity_step_db=25.0,
+               class_probs={"NORMAL": 0.2, "SNIK": 0.2, "ITIK": 0.2, "TOTAL": 0.2, "NOROPATI": 0.2})
+    frame, _ = generate_recordings(cfg, 30000.0, 15.0, seed=11)
+    # make sure every Turkish spelling appears
+    frame.loc[:4, "Hear_Loss"] = list(CLASS_NAMES)
+    return frame
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".xlsx"])
+def test_round_trip(table, tmp_path, suffix):
+    path = write_table(table, tmp_path / f"abr{suffix}")
+    recs = load_recordings(path, DATA_CFG)
+    assert len(recs) == len(table)
+    np.testing.assert_allclose(recs.signals_uv, table[[str(i + 1) for i in range(450)]].to_numpy(), atol=1e-9)
+    np.testing.assert_array_equal(recs.intensity_db, table["Intensity"].to_numpy())
+    assert [CLASS_NAMES[i] for i in recs.class_idx[:5]] == list(CLASS_NAMES)
+    np.testing.assert_allclose(recs.latency_ms[:, 2], table["V Latency"].to_numpy(dtype=float), equal_nan=True)
+    expected_thr = pd.to_numeric(table["Threshold"].replace("NR", np.inf)).to_numpy(dtype=float)
+    np.testing.assert_array_equal(recs.threshold_db, expected_thr)
+
+
+def test_csv_is_utf8_with_bom_and_keeps_turkish_letters(table, tmp_path):
+    path = write_table(table, tmp_path / "abr.csv")
+    raw = path.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")
+    assert "NÖROPATİ".encode() in raw and "SNİK".encode() in raw
+
+
+def test_cp1254_export_is_read_with_auto_encoding(table, tmp_path):
+    path = tmp_path / "abr_cp1254.csv"
+    table.to_csv(path, index=False, encoding="cp1254")
+    recs = load_recordings(path, DATA_CFG)
+    assert [CLASS_NAMES[i] for i in recs.class_idx[:5]] == list(CLASS_NAMES)
+
+
+def test_ascii_aliases_are_accepted(table):
+    frame = table.copy()
+    frame["Hear_Loss"] = frame["Hear_Loss"].map({"SNİK": "SNIK", "İTİK": "ITIK", "NÖROPATİ": "NOROPATI"}).fillna(frame["Hear_Loss"])
+    recs = parse_recordings(frame, DATA_CFG)
+    assert set(recs.class_idx) <= set(range(5))
+
+
+def test_missing_sample_column_is_named(table):
+    with pytest.raises(TableError, match=r"sample column\(s\) '37' missing"):
+        parse_recordings(table.drop(columns=["37"]), DATA_CFG)
+
+
+def test_wrong_sampling_rate_is_reported(table):
+    with pytest.raises(TableError, match=r"450 sample columns .*sampling_rate_hz=20000.*30000 Hz"):
+        parse_recordings(table, {**DATA_CFG, "sampling_rate_hz": 20000.0})
+
+
+def test_latency_outside_the_window_points_at_the_sampling_rate(table):
+    cfg = {**DATA_CFG, "sampling_rate_hz": 60000.0, "window_ms": 7.5}  # consistent count, wrong rate
+    with pytest.raises(TableError, match=r"'(I|III|V) Latency' row \d+: latency .* outside the recording window"):
+        parse_recordings(table, cfg)
+
+
+def test_nan_sample_is_named_or_dropped(table):
+    frame = table.copy()
+    frame.loc[3, "120"] = np.nan
+    with pytest.raises(TableError, match=r"row 5 \(patient P\d+\): sample column '120' is empty"):
+        parse_recordings(frame, DATA_CFG)
+    recs = parse_recordings(frame, {**DATA_CFG, "nan_samples": "drop"})
+    assert len(recs) == len(frame) - 1 and recs.dropped["nan_samples"] == 1
+
+
+def test_unknown_class_label_is_named(table):
+    frame = table.copy()
+    frame.loc[2, "Hear_Loss"] = "MIKST"
+    with pytest.raises(ValueError, match=r"column 'Hear_Loss' row\(s\) 4: unknown hearing-loss class 'MIKST'"):
+        parse_recordings(frame, DATA_CFG)
+
+
+def test_missing_mapped_column_is_named(table):
+    with pytest.raises(TableError, match=r"column 'Hear_Loss' \(data.columns.hearing_loss\) not found \(required\)"):
+        parse_recordings(table.drop(columns=["Hear_Loss"]), DATA_CFG)
+    with pytest.raises(TableError, match=r"'Threshold' \(data.columns.threshold\) not found \(set data.columns.threshold: null"):
+        parse_recordings(table.drop(columns=["Threshold"]), DATA_CFG)
+    recs = parse_recordings(table.drop(columns=["Threshold"]),
+                            {**DATA_CFG, "columns": {**DEFAULT_COLUMNS, "threshold": None}})
+    assert np.isnan(recs.threshold_db).all()
+
+
+def test_text_in_a_numeric_column_is_named(table):
+    frame = table.copy().astype({"Intensity": object})
+    frame.loc[1, "Intensity"] = "loud"
+    with pytest.raises(TableError, match=r"column 'Intensity' row 3: 'loud' is not a number"):
+        parse_recordings(frame, DATA_CFG)
+
+
+def test_unreadable_table_kinds(tmp_path):
+    with pytest.raises(TableError, match="table not found"):
+        read_table(tmp_path / "missing.csv")
+    other = tmp_path / "abr.json"
+    other.write_text("{}", encoding="utf-8")
+    with pytest.raises(TableError, match="unsupported table format"):
+        read_table(other)
+
+
+def test_filters_drop_rejected_recordings(table):
+    frame = table.copy()
+    frame.loc[0, "Sweeps Rejected"] = 250
+    frame.loc[1, "Stimulus Polarity"] = "Rarefaction"
+    recs = parse_recordings(frame, {**DATA_CFG, "max_sweeps_rejected": 100, "keep_polarities": ["Alternating"]})
+    assert recs.dropped == {"sweeps_rejected": 1, "polarity": 1}
+    assert recs.row_number[0] == 4  # rows 2 and 3 of the sheet were dropped

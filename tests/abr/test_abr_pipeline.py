@@ -1,0 +1,126 @@
+"""End to end on a tiny synthetic cohort: preprocess → train (→ resume) → validate → benchmark →
+diffusion → generate, each script's main() called as a user would; --help of every script; output that
+survives a cp1252 console."""
+
+import io
+import json
+import math
+import sys
+
+import pytest
+
+from abr import benchmark_abr, generate_abr, preprocess_abr, train_abr, train_diffusion_abr, validate_abr
+
+SCRIPTS = [preprocess_abr, train_abr, validate_abr, benchmark_abr, train_diffusion_abr, generate_abr]
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_help_exits_cleanly(module, capsys):
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def finite(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config, tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("abr_train")
+    summary = train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--output-dir", str(out)])
+    return out, summary
+
+
+def test_preprocess_outputs(tiny_cache):
+    meta = json.loads((tiny_cache / "meta.json").read_text(encoding="utf-8"))
+    assert meta["n_samples"] == 75 and meta["has_clean"]
+    assert sum(meta["counts"]["series_per_split"].values()) == meta["counts"]["series"]
+    assert "never a model input" in meta["fmp_note"]
+    assert (tiny_cache / "summary.json").is_file() and (tiny_cache / "synthetic_abr.csv").is_file()
+
+
+def test_train_validate_benchmark(trained, tiny_config, tiny_cache, tmp_path):
+    run_dir, summary = trained
+    assert summary["epochs_completed"] == 2
+    assert (run_dir / "checkpoint_best.pt").is_file() and (run_dir / "metrics.csv").is_file()
+    assert 0.2 <= summary["temperature"] <= 10.0
+    val = validate_abr.main(["--config", str(tiny_config), "--checkpoint", str(run_dir), "--data", str(tiny_cache),
+                             "--output-dir", str(tmp_path / "val")])
+    assert all(finite(v) for v in val["headline"].values())
+    assert val["headline"]["n_ears"] > 0
+    for name in ("metrics.csv", "predictions_ears.csv", "predictions_recordings.csv", "summary.json"):
+        assert (tmp_path / "val" / name).is_file()
+    for figure in val["figures"]:
+        assert (tmp_path / "val" / figure).is_file()
+    bench = benchmark_abr.main(["--config", str(tiny_config), "--checkpoint", str(run_dir),
+                                "--output-dir", str(tmp_path / "bench")])
+    assert bench["headline"]["targets_total"] == 4 and len(bench["targets"]) == 4
+
+
+def test_resume_continues_where_training_stopped(trained, tiny_config, tiny_cache, tmp_path):
+    run_dir, _ = trained
+    import shutil
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(run_dir, copy)
+    summary = train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--output-dir", str(copy),
+                              "--resume", "--set", "train.epochs=3"])
+    assert summary["epochs_completed"] == 3
+    rows = (copy / "metrics.csv").read_text(encoding="utf-8").strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+def test_diffusion_and_generation(tiny_config, tiny_cache, tmp_path):
+    diff = train_diffusion_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache),
+                                     "--output-dir", str(tmp_path / "diff")])
+    assert math.isfinite(diff["best_val_loss_ema"])
+    assert all(finite(v) for v in diff["headline"].values())
+    gen = generate_abr.main(["--config", str(tiny_config), "--checkpoint", str(tmp_path / "diff"),
+                             "--output-dir", str(tmp_path / "gen")])
+    assert gen["n_generated"] == 8
+    table = (tmp_path / "gen" / "generated_abr.csv").read_text(encoding="utf-8-sig")
+    assert "SNİK" in table and table.splitlines()[0].startswith("Patient_ID")
+
+
+def test_bad_inputs_give_one_line_errors(tiny_config, tiny_cache, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Patient_ID,Age\nP1,3\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"column 'Intensity' \(data.columns.intensity\) not found"):
+        preprocess_abr.main(["--config", str(tiny_config), "--table", str(bad), "--output-dir", str(tmp_path / "p")])
+    with pytest.raises(SystemExit, match="unknown config key 'model.chanels'"):
+        train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--set", "model.chanels=4",
+                        "--output-dir", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match=r"latency_range_ms.V=\[6.0, 9.0\] does not cover"):
+        train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--set",
+                        "model.latency_range_ms.V=[6.0,9.0]", "--output-dir", str(tmp_path / "t2")])
+    with pytest.raises(FileNotFoundError, match="run abr/preprocess_abr.py first"):
+        train_abr.main(["--config", str(tiny_config), "--data", str(tmp_path), "--output-dir", str(tmp_path / "t3")])
+
+
+def test_turkish_class_names_survive_a_cp1252_console(trained, tiny_config, tiny_cache, tmp_path, monkeypatch):
+    run_dir, _ = trained
+    buffer = io.BytesIO()
+    console = io.TextIOWrapper(buffer, encoding="cp1252", errors="strict")  # a Windows console
+    monkeypatch.setattr(sys, "stdout", console)
+    preprocess_abr.main(["--config", str(tiny_config), "--output-dir", str(tmp_path / "pp"),
+                         "--set", "synthetic.n_patients=4"])
+    console.flush()
+    text = buffer.getvalue().decode("cp1252")
+    assert "ears per class" in text and "\\u0130" in text  # İ escaped, not a crash
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tiny_config, tiny_cache, tmp_path):
+    """torchrun with 2 gloo processes trains and writes one set of outputs (rank 0)."""
+    import subprocess
+
+    for module, out in (("abr.train_abr", "ddp"), ("abr.train_diffusion_abr", "ddp_diffusion")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", module, "--config",
+               str(tiny_config), "--data", str(tiny_cache), "--output-dir", str(tmp_path / out),
+               "--set", "train.balanced_sampling=true", "--set", "loss.dynamic_class_weights=true"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        summary = json.loads((tmp_path / out / "summary.json").read_text(encoding="utf-8"))
+        assert summary["epochs_completed"] >= 1

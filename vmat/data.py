@@ -1,0 +1,201 @@
+"""Model inputs from a case NPZ, patch sampling and augmentation for training.
+
+Input channels (``input_spec``, stored in every checkpoint so inference rebuilds them exactly):
+  0            CT: clip(HU, lo, hi) / 1000
+  1 .. S       signed distance fields of the S structures (scaled, negative inside)
+  S + 1        prescription map: in each target its dose / Rx (PTV70 → 1.0, PTV56 → 0.8), max-combined
+  S + 2        possible-dose (body) mask
+Conditioning vector (FiLM): [Rx / rx_reference_gy, presence flag of each structure, dose / Rx of each
+target]. Target: dose / Rx (the models predict a dose relative to the prescription).
+
+Left-right flip: axis −1 of every array is the patient's left-right axis (x increases toward the
+patient's left, see vmat/geometry.py), so the flip is ``[..., ::-1]``; channels of lateral pairs
+(Femur_L/Femur_R, LeftParotid/RightParotid) are swapped, so after the flip the "Femur_L" channel again
+holds the patient's left femoral head. (The original flipped the anterior-posterior axis.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from vmat.case_io import load_case
+from vmat.structures import left_right_permutation
+
+INPUT_DEFAULTS = {
+    "ct_clip_hu": [-1000.0, 1500.0],  # CT window before scaling by 1/1000
+    "rx_reference_gy": 70.0,  # conditioning scale of the prescription
+}
+
+
+def make_input_spec(structure_names: Sequence[str], target_doses_gy: Mapping[str, float], cfg: Mapping,
+                    sdf_clip_mm: float) -> dict:
+    """Everything inference needs to rebuild the inputs (plain types, saved in checkpoints)."""
+    names = list(structure_names)
+    targets = {n: float(d) for n, d in target_doses_gy.items() if n in names}
+    return {"structure_names": names, "target_doses_gy": targets, "ct_clip_hu": [float(v) for v in cfg["ct_clip_hu"]],
+            "rx_reference_gy": float(cfg["rx_reference_gy"]), "sdf_clip_mm": float(sdf_clip_mm),
+            "n_channels": 1 + len(names) + 2, "cond_dim": 1 + len(names) + len(targets)}
+
+
+def check_case_matches(case: Mapping, spec: Mapping, source: str = "") -> None:
+    if list(case["structure_names"]) != list(spec["structure_names"]):
+        raise ValueError(f"{source or case.get('case_id')}: structure channels {case['structure_names']} differ from "
+                         f"the model's {spec['structure_names']}; preprocess with the same structure list")
+
+
+def build_inputs(case: Mapping, spec: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """(image (C, z, y, x) float32, conditioning vector float32) of one case."""
+    check_case_matches(case, spec)
+    lo, hi = spec["ct_clip_hu"]
+    names = spec["structure_names"]
+    rx = float(case["prescription_gy"])
+    ct = (np.clip(np.asarray(case["ct"], np.float32), lo, hi) / 1000.0)[None]
+    rx_map = np.zeros(ct.shape[1:], np.float32)
+    for name, dose in spec["target_doses_gy"].items():
+        rx_map = np.maximum(rx_map, np.asarray(case["masks"][names.index(name)], np.float32) * (dose / rx))
+    body = np.asarray(case["possible_dose_mask"], np.float32)[None]
+    image = np.concatenate([ct, np.asarray(case["sdf"], np.float32), rx_map[None], body], axis=0)
+    present = [float(np.asarray(m).any()) for m in case["masks"]]
+    ratios = [(dose / rx) if present[names.index(name)] else 0.0 for name, dose in spec["target_doses_gy"].items()]
+    cond = np.asarray([rx / spec["rx_reference_gy"], *present, *ratios], np.float32)
+    return image, cond
+
+
+def input_channel_permutation(spec: Mapping) -> list[int]:
+    """Channel order after a left-right flip (SDF channels of lateral pairs swapped)."""
+    perm = left_right_permutation(spec["structure_names"])
+    n = len(perm)
+    return [0] + [1 + p for p in perm] + [n + 1, n + 2]
+
+
+def cond_permutation(spec: Mapping) -> list[int]:
+    perm = left_right_permutation(spec["structure_names"])
+    n, t = len(perm), len(spec["target_doses_gy"])
+    return [0] + [1 + p for p in perm] + list(range(n + 1, n + 1 + t))
+
+
+def flip_left_right(array: np.ndarray, channel_perm: Sequence[int] | None = None) -> np.ndarray:
+    """Flip the patient's left-right axis (last axis) and reorder channels (first axis) if given."""
+    out = array[..., ::-1]
+    if channel_perm is not None:
+        out = out[list(channel_perm)]
+    return np.ascontiguousarray(out)
+
+
+# --------------------------------------------------------------------------------------------- patches
+def _crop(volume: np.ndarray, start: np.ndarray, size: Sequence[int], fill) -> np.ndarray:
+    """Crop (C, z, y, x) at ``start`` (may be negative / past the end); outside is ``fill`` per channel."""
+    shape = np.array(volume.shape[1:])
+    size = np.asarray(size)
+    out = np.empty((volume.shape[0], *size), dtype=volume.dtype)
+    out[:] = np.asarray(fill, dtype=volume.dtype).reshape(-1, 1, 1, 1)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, shape)
+    if np.any(hi <= lo):
+        return out
+    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+    src = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[(slice(None), *dst)] = volume[(slice(None), *src)]
+    return out
+
+
+class PatchDataset(Dataset):
+    """Random training patches, ``patches_per_case`` per case and epoch.
+
+    Each item is drawn from an RNG seeded by (seed, epoch, index), so a resumed run (DistributedSampler
+    with set_epoch) sees the same patches as an uninterrupted one. ``high_dose_fraction`` of the patches
+    are centred on a voxel with dose ≥ ``high_dose_threshold`` × Rx (the rest anywhere in the body).
+    Module-level and picklable (spawn workers); cases are loaded lazily and cached per worker.
+    """
+
+    def __init__(self, paths: Sequence[str], spec: Mapping, patch_size: Sequence[int], patches_per_case: int,
+                 high_dose_fraction: float = 0.5, high_dose_threshold: float = 0.1, augment: Mapping | None = None,
+                 seed: int = 0, cache: bool = True):
+        self.paths = [str(p) for p in paths]
+        self.spec = dict(spec)
+        self.patch_size = [int(v) for v in patch_size]
+        self.patches_per_case = int(patches_per_case)
+        self.high_dose_fraction = float(high_dose_fraction)
+        self.high_dose_threshold = float(high_dose_threshold)
+        self.augment = dict(augment or {})
+        self.seed = int(seed)
+        self.epoch = 0
+        self.cache = cache
+        self._cases: dict = {}
+        self.channel_perm = input_channel_permutation(self.spec)
+        self.cond_perm = cond_permutation(self.spec)
+        self.mask_perm = left_right_permutation(self.spec["structure_names"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.patches_per_case
+
+    def _case(self, i: int) -> dict:
+        if i in self._cases:
+            return self._cases[i]
+        case = load_case(self.paths[i])
+        image, cond = build_inputs(case, self.spec)
+        rx = float(case["prescription_gy"])
+        item = {"image": image, "cond": cond, "target": (np.asarray(case["dose"], np.float32) / rx)[None],
+                "masks": np.asarray(case["masks"], np.float32), "rx": rx,
+                "high": np.argwhere(np.asarray(case["dose"]) >= self.high_dose_threshold * rx),
+                "body": np.argwhere(np.asarray(case["possible_dose_mask"]) > 0)}
+        if self.cache:
+            self._cases[i] = item
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        case = self._case(index % len(self.paths))
+        pool = case["high"] if (len(case["high"]) and rng.uniform() < self.high_dose_fraction) else case["body"]
+        centre = pool[rng.integers(len(pool))] if len(pool) else np.array(case["image"].shape[1:]) // 2
+        shift = int(self.augment.get("shift_vox", 0))
+        if shift:
+            centre = centre + rng.integers(-shift, shift + 1, size=3)
+        angle = float(rng.uniform(-1, 1) * self.augment.get("rotate_deg", 0.0))
+        size = np.array(self.patch_size)
+        margin = np.zeros(3, int)
+        if abs(angle) > 1e-3:  # crop larger, rotate in the axial plane, crop back (no empty corners)
+            extra = int(math.ceil(max(size[1:]) * (math.sqrt(2) - 1) / 2)) + 1
+            margin = np.array([0, extra, extra])
+        big = size + 2 * margin
+        start = centre - big // 2
+        n_struct = len(self.spec["structure_names"])
+        image_fill = [self.spec["ct_clip_hu"][0] / 1000.0] + [1.0] * n_struct + [0.0, 0.0]
+        image = _crop(case["image"], start, big, image_fill)
+        target = _crop(case["target"], start, big, [0.0])
+        masks = _crop(case["masks"], start, big, [0.0] * n_struct)
+        if abs(angle) > 1e-3:
+            def rot(a, order):
+                return ndimage.rotate(a, angle, axes=(2, 3), reshape=False, order=order, mode="nearest")
+            image, target, masks = rot(image, 1), rot(target, 1), rot(masks, 0)
+            sl = (slice(None), slice(None), slice(margin[1], margin[1] + size[1]), slice(margin[2], margin[2] + size[2]))
+            image, target, masks = image[sl], target[sl], masks[sl]
+        cond = case["cond"].copy()
+        flipped = rng.uniform() < float(self.augment.get("flip_lr", 0.0))
+        if flipped:
+            image = flip_left_right(image, self.channel_perm)
+            target = flip_left_right(target)
+            masks = flip_left_right(masks, self.mask_perm)
+            cond = cond[self.cond_perm]
+        scale = float(self.augment.get("ct_scale", 0.0))
+        offset = float(self.augment.get("ct_shift", 0.0))
+        if scale or offset:
+            image = image.copy()
+            image[0] = image[0] * (1 + rng.uniform(-scale, scale)) + rng.uniform(-offset, offset)
+        body = image[-1:].copy()
+        return {"input": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                "cond": torch.from_numpy(cond.astype(np.float32)),
+                "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
+                "body": torch.from_numpy(np.ascontiguousarray(body, dtype=np.float32)),
+                "masks": torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)),
+                "rx_gy": torch.tensor(case["rx"], dtype=torch.float32),
+                "flipped": torch.tensor(flipped)}

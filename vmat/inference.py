@@ -1,0 +1,115 @@
+"""Whole-volume dose prediction from checkpoints: sliding window with Gaussian blending
+(common.sliding_window), left-right flip test-time augmentation, checkpoint ensembles (mean and
+voxel-wise spread, common.ensembling), diffusion sampling with several samples.
+
+A checkpoint rebuilds its model alone (common.checkpoint.load_model) and carries the input spec and the
+training patch size in ``preprocessing``; EMA weights, when training kept them, are in ``extra.ema``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoint import load_model
+from common.sliding_window import sliding_window_inference
+from vmat.data import build_inputs, cond_permutation, input_channel_permutation
+
+INFERENCE_DEFAULTS = {
+    "window_zyx": None,  # sliding-window size; null = the training patch size
+    "overlap": 0.5,  # fraction of the window shared by neighbours
+    "blend": "gaussian",  # gaussian | constant
+    "batch_size": 2,  # windows per forward pass
+    "tta_flip": True,  # average with the left-right flipped prediction (channels swapped)
+    "use_ema": True,  # EMA weights when the checkpoint has them
+    "clamp_max_rx": 1.5,  # predicted dose clamped to [0, 1.5] x Rx (notes: inference)
+    "diffusion_samples": 4,  # diffusion models: samples per case (mean = prediction, std = spread)
+    "diffusion_steps": 10,  # DDIM steps (few steps work once the dose is scaled to [-1, 1])
+}
+
+
+def load_member(path: str | Path, device, use_ema: bool = True):
+    model, ckpt = load_model(path, device=device, expected_domain="vmat")
+    ema = (ckpt.get("extra") or {}).get("ema")
+    if use_ema and ema:
+        state = model.state_dict()
+        model.load_state_dict({k: ema["shadow"][k].to(state[k].dtype) for k in state})
+    prep = ckpt.get("preprocessing") or {}
+    if "input_spec" not in prep:
+        raise ValueError(f"{path}: checkpoint has no preprocessing.input_spec (not a vmat dose model?)")
+    return model.eval(), prep
+
+
+class EnsemblePredictor:
+    """Predict dose (Gy) for case dicts with one or several checkpoints."""
+
+    def __init__(self, checkpoints: Sequence[str | Path] = (), cfg: Mapping = INFERENCE_DEFAULTS, device="cpu",
+                 members: Sequence[tuple] | None = None):
+        """``checkpoints``: files or run folders; or ``members``: [(model, preprocessing dict)] already built
+        (training's whole-volume validation uses the live model this way)."""
+        self.cfg = {**INFERENCE_DEFAULTS, **dict(cfg)}
+        self.device = torch.device(device)
+        if members is None:
+            if not checkpoints:
+                raise ValueError("no checkpoints given")
+            members = [load_member(p, self.device, self.cfg["use_ema"]) for p in checkpoints]
+        self.members = list(members)
+        specs = [m[1]["input_spec"] for m in self.members]
+        if any(s != specs[0] for s in specs[1:]):
+            raise ValueError("ensemble members were trained with different input specs (structures/targets)")
+        self.spec = specs[0]
+        self.channel_perm = input_channel_permutation(self.spec)
+        self.cond_perm = cond_permutation(self.spec)
+
+    def _window(self, prep: Mapping, model) -> list[int]:
+        window = self.cfg["window_zyx"] or prep.get("patch_size")
+        factor = 2 ** getattr(model, "n_pool", 0)
+        return [max(factor, int(w) // factor * factor) for w in window]
+
+    def _member_outputs(self, model, prep, image: torch.Tensor, cond: torch.Tensor, seed: int) -> list[torch.Tensor]:
+        """Dose / Rx volumes of one member: 1 (or 2 with TTA) for regressors, n samples for diffusion."""
+        window = self._window(prep, model)
+        outputs = []
+        views = [(image, cond, False)]
+        if self.cfg["tta_flip"]:
+            views.append((image[:, self.channel_perm].flip(-1), cond[:, self.cond_perm], True))
+        for view_image, view_cond, flipped in views:
+            if getattr(model, "is_diffusion", False):
+                generator = torch.Generator().manual_seed(seed)
+
+                def predictor(x, _c=view_cond, _g=generator):
+                    c = _c.expand(x.shape[0], -1)
+                    return model.sample(x, c, n_samples=int(self.cfg["diffusion_samples"]),
+                                        steps=int(self.cfg["diffusion_steps"]), generator=_g).transpose(0, 1).flatten(1, 2)
+
+            else:
+                def predictor(x, _c=view_cond):
+                    return model(x, _c.expand(x.shape[0], -1))
+            out = sliding_window_inference(view_image, window, predictor, overlap=float(self.cfg["overlap"]),
+                                           mode=self.cfg["blend"], batch_size=int(self.cfg["batch_size"]),
+                                           output_device="cpu")
+            if flipped:
+                out = out.flip(-1)
+            outputs += [out[:, i:i + 1] for i in range(out.shape[1])]
+        return outputs
+
+    @torch.no_grad()
+    def predict(self, case: Mapping, seed: int = 0) -> dict:
+        """{"dose": Gy (z, y, x), "dose_std": voxel-wise spread over members, flips and samples (Gy)}."""
+        image_np, cond_np = build_inputs(case, self.spec)
+        image = torch.from_numpy(image_np)[None].to(self.device)
+        cond = torch.from_numpy(cond_np)[None].to(self.device)
+        outputs = []
+        for index, (model, prep) in enumerate(self.members):
+            outputs += self._member_outputs(model, prep, image, cond, seed + index)
+        stacked = torch.stack(outputs).float()  # (n, 1, 1, z, y, x)
+        rx = float(case["prescription_gy"])
+        body = torch.as_tensor(np.asarray(case["possible_dose_mask"], np.float32))
+        stacked = stacked.clamp(0.0, float(self.cfg["clamp_max_rx"])) * rx * body
+        mean = stacked.mean(0)[0, 0]
+        std = stacked.std(0, unbiased=False)[0, 0] if stacked.shape[0] > 1 else torch.zeros_like(mean)
+        return {"dose": mean.numpy().astype(np.float32), "dose_std": std.numpy().astype(np.float32),
+                "n_outputs": int(stacked.shape[0])}

@@ -1,0 +1,189 @@
+"""Score predicted doses against the reference doses of preprocessed cases.
+
+    python vmat/validate_vmat.py --data OUT_NPZ --predictions PRED_DIR [--atlas RUN/atlas.json]
+    python vmat/validate_vmat.py --data OUT_NPZ --checkpoint runs/vmat/smoke/<timestamp> [--export-rtdose]
+
+``--predictions`` scores any folder of <case>.npz files holding ``dose`` (Gy, on the case's grid), so
+external models and ensembles can be scored; ``--checkpoint`` predicts first (vmat.inference, sliding
+window, optional flip TTA). Per case and overall: MAE (Gy) in the body, PTVs, OARs and the rest; gamma
+pass rates (3%/3 mm and 2%/2 mm global, 10 % cutoff by default) over all voxels and restricted to
+PTV / OAR / rest; DVH metrics of reference and prediction and their differences; clinical constraint
+pass rates; OpenKBP dose and DVH scores. With ``--atlas`` the mean-dose-atlas baseline is scored the
+same way. Writes metrics.csv, summary.json, report.md and figures/ (dose slices with isodose lines and
+structure outlines, DVH curves, gamma maps; 300 DPI PNG + PDF); ``--export-rtdose`` writes each
+prediction as an RTDOSE on the CT's frame of reference into rtdose/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import make_parser, start_run
+from common.runlog import progress, write_text_atomic
+from vmat.case_io import CaseFileError, list_cases, load_case, load_prediction
+from vmat.dvh import DEFAULT_CONSTRAINTS
+from vmat.evaluation import GAMMA_DEFAULTS, evaluate_case
+from vmat.inference import INFERENCE_DEFAULTS
+
+DEFAULTS = {
+    "seed": 0,
+    "gamma": dict(GAMMA_DEFAULTS),  # see vmat/evaluation.py
+    "constraints": [dict(c) for c in DEFAULT_CONSTRAINTS],  # QUANTEC / RTOG prostate table (vmat/dvh.py)
+    "figures": {"n_cases": 3},  # cases that get dose/DVH/gamma figures
+    "inference": dict(INFERENCE_DEFAULTS),  # only for --checkpoint (see vmat/inference.py)
+}
+
+
+def _mean(rows, key):
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _overall(rows: list[dict]) -> dict:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys and not k.startswith("_") and k != "case"]
+    out = {k: _mean(rows, k) for k in keys}
+    diffs = [d for r in rows for d in r.get("_openkbp_dvh_diffs", [])]
+    out["openkbp_dvh_score"] = float(np.mean(diffs)) if diffs else float("nan")  # pooled, as OpenKBP does
+    return out
+
+
+def _report(path: Path, overall: dict, baseline: dict | None, rows: list[dict], figures: list[str], source: str) -> None:
+    keys = ["mae_body_gy", "mae_ptv_gy", "mae_oar_gy", "mae_rest_gy", "gamma_3_3_pass_pct", "gamma_3_3_ptv_pass_pct",
+            "gamma_3_3_oar_pass_pct", "gamma_3_3_rest_pass_pct", "gamma_2_2_pass_pct", "constraints_pass_pct_ref",
+            "constraints_pass_pct_pred", "constraints_agree_pct", "openkbp_dose_score", "openkbp_dvh_score"]
+    lines = ["# VMAT dose evaluation", "", f"Predictions: {source}; {len(rows)} cases.", "",
+             "| metric | model |" + (" atlas baseline |" if baseline else ""),
+             "|---|---|" + ("---|" if baseline else "")]
+    for key in keys:
+        if key in overall:
+            cell = f" {baseline.get(key, float('nan')):.3f} |" if baseline else ""
+            lines.append(f"| {key} | {overall[key]:.3f} |{cell}")
+    lines += ["", "## Per case", "", "| case | MAE body (Gy) | gamma 3%/3mm (%) | gamma 2%/2mm (%) | PTV70 D95 ref / pred (Gy) |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r.get('mae_body_gy', float('nan')):.2f} | {r.get('gamma_3_3_pass_pct', float('nan')):.1f} "
+                     f"| {r.get('gamma_2_2_pass_pct', float('nan')):.1f} | {r.get('ref_PTV70_D95%', float('nan')):.1f} / "
+                     f"{r.get('pred_PTV70_D95%', float('nan')):.1f} |")
+    lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="folder of preprocessed <case>.npz (with reference dose)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, nargs="+", help="run folder(s) or checkpoint file(s); several = ensemble")
+    source.add_argument("--predictions", type=Path, help="folder of predicted <case>.npz files with key 'dose' (Gy)")
+    parser.add_argument("--atlas", type=Path, default=None, help="atlas.json (or a checkpoint) for the atlas baseline")
+    parser.add_argument("--export-rtdose", action="store_true", help="write each prediction as RTDOSE DICOM")
+    parser.add_argument("--cases", nargs="*", default=None, help="only these case ids")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv)
+    cfg = run.cfg
+    paths = list_cases(args.data)
+    if args.cases:
+        paths = [p for p in paths if p.stem in set(args.cases)]
+    if not paths:
+        raise SystemExit(f"error: no case NPZ files in {args.data}")
+    predictor = None
+    if args.checkpoint:
+        from vmat.inference import EnsemblePredictor
+
+        predictor = EnsemblePredictor(args.checkpoint, cfg["inference"], run.device)
+    atlas = _load_atlas(args.atlas) if args.atlas else None
+    rows, base_rows, figures = [], [], []
+    fig_dir = run.run_dir / "figures"
+    for index, path in enumerate(progress(paths, desc="cases", total=len(paths))):
+        case = load_case(path)
+        if predictor is not None:
+            prediction = predictor.predict(case)["dose"]
+        else:
+            pred_path = args.predictions / path.name
+            if not pred_path.is_file():
+                raise CaseFileError(f"no prediction for case {path.stem}: {pred_path} does not exist")
+            prediction = load_prediction(pred_path, case["dose"].shape)["dose"]
+        row, maps = evaluate_case(case, prediction, cfg["gamma"], cfg["constraints"], seed=cfg["seed"] + index)
+        base = None
+        if atlas is not None:
+            from vmat.atlas import predict_atlas
+
+            base = predict_atlas(atlas, case["masks"], case["structure_names"], case["spacing_mm"],
+                                 case["possible_dose_mask"])
+            base_row, _ = evaluate_case(case, base, cfg["gamma"], cfg["constraints"], seed=cfg["seed"] + index)
+            base_rows.append(base_row)
+            row["atlas_mae_body_gy"] = base_row["mae_body_gy"]
+        rows.append(row)
+        if args.export_rtdose:
+            from vmat.export import export_rtdose
+
+            export_rtdose(run.run_dir / "rtdose" / f"{case['case_id']}_predicted_RD.dcm", prediction, case)
+        if index < int(cfg["figures"]["n_cases"]):
+            figures += _case_figures(fig_dir, case, prediction, maps, base, cfg)
+    overall = _overall(rows)
+    baseline = _overall(base_rows) if base_rows else None
+    for r in rows:
+        run.logger.log_metrics({k: v for k, v in r.items() if not k.startswith("_")})
+    from vmat.figures import metric_bars
+
+    figures += [str(p.relative_to(run.run_dir).as_posix()) for p in
+                metric_bars(fig_dir / "mae_per_case", rows, "mae_body_gy", "MAE in body (Gy)",
+                            "atlas_mae_body_gy" if base_rows else None) if p.suffix == ".png"]
+    headline = {"mae_body_gy": overall["mae_body_gy"], "gamma_3%/3mm_pass_pct": overall.get("gamma_3_3_pass_pct"),
+                "gamma_2%/2mm_pass_pct": overall.get("gamma_2_2_pass_pct"),
+                "openkbp_dose_score": overall["openkbp_dose_score"], "openkbp_dvh_score": overall["openkbp_dvh_score"]}
+    if baseline:
+        headline.update({"atlas_mae_body_gy": baseline["mae_body_gy"],
+                         "atlas_gamma_3%/3mm_pass_pct": baseline.get("gamma_3_3_pass_pct"),
+                         "beats_atlas_on_mae": bool(overall["mae_body_gy"] < baseline["mae_body_gy"])})
+    source_label = str(args.predictions or [str(c) for c in args.checkpoint])
+    _report(run.run_dir / "report.md", overall, baseline, rows, figures, source_label)
+    run.log(f"[vmat] {len(rows)} cases: MAE {overall['mae_body_gy']:.2f} Gy, gamma 3%/3mm "
+            f"{overall.get('gamma_3_3_pass_pct', float('nan')):.1f}%"
+            + (f"; atlas MAE {baseline['mae_body_gy']:.2f} Gy" if baseline else ""))
+    summary = {"n_cases": len(rows), "overall": overall, "atlas_baseline": baseline, "headline": headline,
+               "figures": figures, "source": source_label, "gamma": cfg["gamma"]}
+    return run.finish(summary)
+
+
+def _load_atlas(path: Path) -> dict:
+    if path.suffix == ".json" and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from common.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, expected_domain="vmat")
+    atlas = ckpt.get("preprocessing", {}).get("atlas")
+    if not atlas:
+        raise SystemExit(f"error: {path}: the checkpoint's preprocessing has no 'atlas'")
+    return atlas
+
+
+def _case_figures(fig_dir: Path, case: dict, prediction: np.ndarray, maps: dict, base, cfg) -> list[str]:
+    from vmat.figures import dose_slices, dvh_curves, gamma_map
+
+    cid = case["case_id"]
+    names, masks = case["structure_names"], case["masks"]
+    target = None
+    for name in case["meta"].get("target_doses_gy", {}):
+        if name in names:
+            target = np.asarray(masks[names.index(name)], bool)
+            break
+    out = []
+    out += dose_slices(fig_dir / f"{cid}_dose", case["dose"], prediction, masks, names, case["spacing_mm"],
+                       case["prescription_gy"], title=f"{cid}: reference vs prediction", centre_mask=target)
+    out += dvh_curves(fig_dir / f"{cid}_dvh", case["dose"], prediction, masks, names, title=f"{cid}: DVH",
+                      extra={"atlas": base} if base is not None else None)
+    if maps:
+        label, gamma = next(iter(maps.items()))
+        out += gamma_map(fig_dir / f"{cid}_gamma", gamma, case["dose"], case["spacing_mm"],
+                         title=f"{cid}: gamma {label}", centre_mask=target, max_gamma=cfg["gamma"]["max_gamma"])
+    return [str(p.relative_to(fig_dir.parent).as_posix()) for p in out if p.suffix == ".png"]
+
+
+if __name__ == "__main__":
+    main()
