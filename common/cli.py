@@ -128,6 +128,10 @@ def start_run(args: argparse.Namespace, *, domain: str, defaults: dict, argv: li
     else:
         run_dir = Path(args.output_dir) if args.output_dir else None
 
+    if hasattr(args, "resume") and resume_from is None and run_dir is not None and info.is_main:
+        # A fresh training run reusing a folder must not append to, or look finished with, an old run's files.
+        for stale in ("metrics.csv", "metrics.jsonl", "summary.json"):
+            (run_dir / stale).unlink(missing_ok=True)
     seed_everything(int(cfg.get("seed", 0)), info.rank)
     logger = RunLogger(run_dir if info.is_main else None, is_main=info.is_main)
     logger.save_config(cfg)

@@ -7,6 +7,7 @@ without a display (CI, SSH sessions, Windows services).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,8 +41,17 @@ def setup_style() -> None:
 setup_style()
 
 
-def save_figure(fig, path_stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Save ``fig`` as ``<stem>.png`` (300 DPI) and ``<stem>.pdf``, close it, and return the paths."""
+def default_formats() -> tuple[str, ...]:
+    """Figure formats: ``PLOT_FORMATS`` (e.g. "png" in tests, where PDFs only cost time), else PNG + PDF."""
+    text = os.environ.get("PLOT_FORMATS", "png,pdf")
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    return formats or ("png", "pdf")
+
+
+def save_figure(fig, path_stem: str | Path, formats: Sequence[str] | None = None) -> list[Path]:
+    """Save ``fig`` as ``<stem>.png`` (300 DPI) and ``<stem>.pdf`` (see :func:`default_formats`), close it,
+    and return the paths."""
+    formats = default_formats() if formats is None else formats
     stem = Path(path_stem)
     if stem.suffix in (".png", ".pdf"):
         stem = stem.with_suffix("")

@@ -8,6 +8,7 @@ import torch
 
 matplotlib.use("Agg")
 os.environ.setdefault("PROGRESS", "0")
+os.environ.setdefault("PLOT_FORMATS", "png")  # PDFs are exercised in test_common_runlog
 
 
 def pytest_collection_modifyitems(config, items):
