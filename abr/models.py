@@ -184,9 +184,11 @@ class RobustThresholdHead(nn.Module):
     """Series-level threshold (dB nHL) with two genuinely different paths.
 
     - global: an MLP on the pooled series features (all levels, all time steps) → bounded threshold;
-    - local: per-level wave V detections p_i (from per-time-step features) → the expected lowest
-      responding level, E = Σ_i p_i Π_{j<i}(1 − p_j)·(I_i − f·Δ_i) + Π_j(1 − p_j)·censor, with Δ_i the gap
-      to the next lower level and f a learned fraction (the true threshold lies inside that gap);
+    - local: per-level wave V detections p_i (from per-time-step features) → the expected end of the
+      unbroken run of responses going down from the top level (the clinical reading rule, robust to a
+      false detection below threshold): E = Σ_i Π_{j≥i} p_j (1 − p_{i−1})·(I_i − f·Δ_i) + P(top level
+      silent)·censor, with Δ_i the gap to the next lower level and f a learned fraction (the true
+      threshold lies inside that gap);
     - a learned gate mixes them; a log-variance gives the uncertainty; an outlier logit flags ears
       whose prediction is likely > 10 dB off (trained on the detached error).
     """
@@ -204,14 +206,18 @@ class RobustThresholdHead(nn.Module):
                 presence_logit: torch.Tensor) -> dict:
         out = self.global_path(pooled)
         global_db = self.lo + (self.hi - self.lo) * torch.sigmoid(out[:, 0])
-        # levels are sorted ascending with padding last (see ABRSeriesDataset)
-        p = torch.sigmoid(presence_logit.float()) * level_mask
-        below = torch.cumprod(torch.cat([torch.ones_like(p[:, :1]), 1 - p[:, :-1]], dim=1), dim=1)
-        first = p * below
-        none = torch.prod(1 - p, dim=1)
+        # Levels are sorted ascending with padding last (see ABRSeriesDataset). P(the unbroken run of
+        # responses from the top level ends at level i) = Π_{j≥i} p_j · (1 − p_{i−1}); padding counts as
+        # "responding" in the product and can never be the end.
+        mask = level_mask.float()
+        q = torch.where(level_mask, torch.sigmoid(presence_logit.float()), torch.ones_like(mask))
+        suffix = torch.flip(torch.cumprod(torch.flip(q, [1]), dim=1), [1])
+        below_absent = torch.cat([torch.ones_like(q[:, :1]), 1 - q[:, :-1]], dim=1)
+        ends = suffix * below_absent * mask
+        none = (1 - ends.sum(1)).clamp_min(0)  # the top level does not respond
         previous = torch.cat([intensity_db[:, :1] - self.step_db, intensity_db[:, :-1]], dim=1)
         estimate = intensity_db - torch.sigmoid(self.gap_fraction) * (intensity_db - previous)
-        local_db = ((first * estimate).sum(1) + none * self.censor_db).clamp(self.lo, self.hi)
+        local_db = ((ends * estimate).sum(1) + none * self.censor_db).clamp(self.lo, self.hi)
         gate = torch.sigmoid(self.gate(pooled)[:, 0])
         final = gate * global_db + (1 - gate) * local_db
         outlier = self.outlier(torch.cat([pooled, ((global_db - local_db).abs() / 10.0)[:, None]], dim=-1))

@@ -95,8 +95,6 @@ def validation_pass(model, dataset, series_all, device, cfg, cw, final_weights, 
     """Whole-split validation: this rank's share of ears, losses reduced over ranks (ear-weighted) and
     predictions gathered for whole-set metrics."""
     shard = ABRSeriesDataset(dataset.a, dataset.meta, series_all[dist.rank::dist.world_size])
-    if len(shard) == 0:
-        return math.inf, {}, None
     outputs, batch = run_model(model, shard, device, cfg["validate"]["batch_size"], amp)
     with torch.no_grad():
         losses = task_losses(outputs, batch, cfg["loss"], None if cw is None else cw.cpu())
@@ -120,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     arrays, meta = load_cache(args.data)
     check_label_ranges(cfg, meta)
     train_series, val_series = split_series(arrays, "train"), split_series(arrays, "val")
+    if len(val_series) < dist.world_size or len(train_series) == 0:
+        raise SystemExit(f"error: {args.data}: {len(train_series)} train / {len(val_series)} val ears; training needs "
+                         f"train ears and at least one val ear per process ({dist.world_size})")
     train_set = ABRSeriesDataset(arrays, meta, train_series)
     val_set = ABRSeriesDataset(arrays, meta, val_series)
     n_classes = len(meta["class_names"])

@@ -26,8 +26,9 @@ from asl.simulate import (
 from common.ensembling import enable_mc_dropout
 
 
-def model_kwargs(cfg: Mapping) -> tuple[str, dict]:
-    """(class path, plain kwargs) of the configured network; channel counts come from the physics."""
+def model_kwargs(cfg: Mapping, stats: Mapping | None = None) -> tuple[str, dict]:
+    """(class path, plain kwargs) of the configured network; channel counts come from the physics, the
+    CBF statistics (kernel CBF head) from ``stats``."""
     physics = cfg["physics"]
     check_physics(physics)
     n_pld = len(physics["plds_ms"])
@@ -39,6 +40,8 @@ def model_kwargs(cfg: Mapping) -> tuple[str, dict]:
     model["multi_scale_factors"] = [int(f) for f in model["multi_scale_factors"]]
     if model["physics_features"]:
         model["physics"] = dict(physics)
+    if stats is not None:
+        model["cbf_mean"], model["cbf_std"] = float(stats["cbf_mean"]), float(stats["cbf_std"])
     return target, model
 
 

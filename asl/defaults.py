@@ -55,6 +55,7 @@ DEFAULTS = {
         "use_amplitude_output_modulation": True,
         "amplitude_hidden": 64,  # width of the amplitude MLP
         "physics_features": True,  # append per-voxel closed-form grid estimates (nominal physics) to the input
+        "cbf_kernel_size": 5,  # > 0: CBF = learned per-pixel k×k filter of the grid CBF estimate × gain (0: direct head)
     },
     "train": {
         "epochs": 30,  # main-task epochs (after any denoising pre-training)

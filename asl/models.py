@@ -132,7 +132,8 @@ class SpatialASLNet(nn.Module):
                  multi_scale_factors=(1,), fusion: str = "attention", denoise_head: bool = False,
                  use_film_at_bottleneck: bool = False, use_film_at_decoder: bool = False,
                  use_amplitude_output_modulation: bool = False, amplitude_hidden: int = 64,
-                 physics_features: bool = False, physics: dict | None = None, att_grid_points: int = 40):
+                 physics_features: bool = False, physics: dict | None = None, att_grid_points: int = 40,
+                 cbf_kernel_size: int = 0, cbf_mean: float = 0.0, cbf_std: float = 1.0):
         super().__init__()
         if normalization_mode not in ("global_scale", "per_curve"):
             raise ValueError(f"normalization_mode must be 'global_scale' or 'per_curve', got {normalization_mode!r}")
@@ -165,7 +166,20 @@ class SpatialASLNet(nn.Module):
         if self.att_conditioning:
             self.att_cue = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.SiLU())
             att_in += 16
-        self.cbf_head = nn.Conv2d(f0, 2 if self.use_log_var else 1, 1)
+        # Kernel CBF head: CBF = Σ_k softmax(w)_k · CBF_grid(neighbour k) · (1 + g) + b. GroupNorm features are
+        # nearly blind to a global amplitude scale, so a CBF read directly from them regresses to the
+        # anatomy-typical value; filtering the physics estimate keeps CBF proportional to the signal.
+        self.cbf_kernel_size = int(cbf_kernel_size)
+        self.cbf_mean, self.cbf_std = float(cbf_mean), float(cbf_std)
+        if self.cbf_kernel_size and not self.physics_features:
+            raise ValueError("cbf_kernel_size > 0 needs physics_features: true (it filters the grid CBF estimate)")
+        if self.cbf_kernel_size and self.cbf_kernel_size % 2 == 0:
+            raise ValueError(f"cbf_kernel_size must be odd, got {self.cbf_kernel_size}")
+        n_kernel = self.cbf_kernel_size**2 + 2 if self.cbf_kernel_size else 1
+        self.cbf_head = nn.Conv2d(f0, n_kernel + (1 if self.use_log_var else 0), 1)
+        if self.cbf_kernel_size:
+            nn.init.zeros_(self.cbf_head.weight)  # start as a uniform box filter of the grid estimate, gain 1
+            nn.init.zeros_(self.cbf_head.bias)
         self.att_head = nn.Conv2d(att_in, 2 if self.use_log_var else 1, 1)
         self.denoise = nn.Conv2d(f0, self.in_channels, 1) if denoise_head else None
         # Amplitude pathway (AmplitudeAware): features of the raw input → MLP → FiLM / output modulation.
@@ -267,6 +281,15 @@ class SpatialASLNet(nn.Module):
         if self.att_conditioning:
             feat_att = torch.cat([feat_att, self.att_cue(att_feature_maps(raw, self.n_pcasl, self.n_vsasl))], 1)
         cbf_out, att_out = self.cbf_head(feat_cbf), self.att_head(feat_att)
+        if self.cbf_kernel_size:
+            k = self.cbf_kernel_size
+            n = k * k
+            weights = torch.softmax(cbf_out[:, :n], dim=1)
+            grid_cbf = self.grid_estimates(raw)[:, :1] * 50.0  # ml/100g/min
+            patches = F.unfold(grid_cbf, k, padding=k // 2).view(raw.shape[0], n, *raw.shape[-2:])
+            cbf_phys = (weights * patches).sum(1, keepdim=True) * (1 + cbf_out[:, n:n + 1]) + 10.0 * cbf_out[:, n + 1:n + 2]
+            cbf = (cbf_phys - self.cbf_mean) / self.cbf_std
+            cbf_out = torch.cat([cbf, cbf_out[:, n + 2:]], dim=1)
         cbf = cbf_out[:, :1]
         if modulation is not None:  # output modulation: per-sample affine rescaling of the CBF map
             cbf = cbf * (1 + modulation[:, :1, None, None]) + modulation[:, 1:2, None, None]

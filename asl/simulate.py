@@ -39,6 +39,8 @@ PHANTOM_DEFAULTS = {
     "voronoi_fraction": 0.25,  # share of phantoms with the original's Voronoi tissue partition
     "voronoi_seeds": [15, 30],  # number of Voronoi regions (min, max)
     "partial_volume_sigma_px": 0.8,  # Gaussian blur of hard tissue labels → partial-volume fractions
+    "cbf_global_scale": [0.6, 1.6],  # per-phantom factor on every tissue's CBF (subjects differ globally;
+    # without it a CNN can read CBF off the anatomy instead of the signal amplitude)
     "gm_cbf": [40.0, 70.0],  # per-phantom GM CBF mean range (ml/100g/min)
     "wm_cbf": [15.0, 30.0],  # WM CBF mean range
     "csf_cbf": [0.0, 2.0],  # CSF CBF (no perfusion)
@@ -187,6 +189,7 @@ def generate_phantom(seed: int, cfg: Mapping) -> dict:
         att_t.append(att_map)
     cbf_t, att_t = np.stack(cbf_t), np.stack(att_t)
 
+    cbf_t *= _uniform(rng, cfg["cbf_global_scale"])
     lesion_weight = np.zeros((size, size))
     for kind in ("tumor", "stroke"):
         if rng.uniform() >= float(cfg[f"p_{kind}"]) or not mask.any():

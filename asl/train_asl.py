@@ -151,7 +151,7 @@ def train_member(run, member: int, seed: int, stats: dict, val: dict, resume: bo
             run.log(f"member {member}: already complete, skipped")
             return done
     torch.manual_seed(seed)
-    target, kwargs = model_kwargs(cfg)
+    target, kwargs = model_kwargs(cfg, stats)
     model = build_model(target, kwargs).to(device)
     if tcfg["pretrain_denoise_epochs"] > 0 and not kwargs["denoise_head"]:
         raise ValueError("train.pretrain_denoise_epochs > 0 needs model.denoise_head: true")
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     stats = target_stats(cfg, int(cfg["train"]["target_stats_phantoms"]))
     run.log(f"target statistics from {cfg['train']['target_stats_phantoms']} training phantoms: "
             + ", ".join(f"{k} {v:.1f}" for k, v in stats.items()))
-    target, kwargs = model_kwargs(cfg)
+    target, kwargs = model_kwargs(cfg, stats)
     run.log(f"model {target} with {sum(p.numel() for p in build_model(target, kwargs).parameters()):,} parameters")
     resume = run.resume_from is not None
     if not resume and run.is_main and (run.run_dir / "metrics.csv").is_file():

@@ -14,10 +14,10 @@ report.md and figures/.
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 from asl.data import load_ensemble, predict_maps
 from asl.defaults import defaults
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             unc[f"{param}_ci95_coverage"] = coverage(maps[param][mask], var[mask], truth[param][mask])
             unc[f"{param}_uncertainty_auroc"] = uncertainty_auroc(var[mask], err[mask], float(vcfg["error_quantile"]))
             calib[f"{param.upper()} SNR {snr:g}"] = [
-                coverage(maps[param][mask], var[mask], truth[param][mask], z=float(norm.ppf(0.5 + lv / 2)))
+                coverage(maps[param][mask], var[mask], truth[param][mask], z=NormalDist().inv_cdf(0.5 + lv / 2))
                 for lv in calib_levels]
         for row in snr_metric_rows:
             if row["method"] == "nn" and row["tissue"] == "brain":

@@ -127,6 +127,8 @@ class PhysicsInformedLoss:
                 param_loss = ((unit[rows] - target[rows]) ** 2).mean()
                 total = total + self.param_supervision_weight * param_loss
                 stats["param_loss"] = float(param_loss.detach())
+            else:  # no simulated lens in this batch: keep the head in the graph (DDP expects every parameter)
+                total = total + 0.0 * unit.sum()
         return total, stats
 
 

@@ -73,7 +73,7 @@ def gaussian_kernel_1d(sigma_px: torch.Tensor, truncation: float = 5.0) -> torch
     taps beyond a row's own r are zero, so every row equals scipy's kernel for its σ.
     """
     sigma_px = sigma_px.reshape(-1)
-    if bool((sigma_px <= 0).any()) or not bool(torch.isfinite(sigma_px).all()):
+    if not torch.compiler.is_compiling() and (bool((sigma_px <= 0).any()) or not bool(torch.isfinite(sigma_px).all())):
         raise ValueError(f"PSF σ must be positive and finite, got {sigma_px.detach().cpu().tolist()[:8]}")
     radii = torch.floor(truncation * sigma_px.detach() + 0.5).to(torch.int64).clamp(min=1)
     big_r = int(radii.max())

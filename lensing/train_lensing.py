@@ -76,6 +76,7 @@ DEFAULTS = {
         "augment": True,  # random flips and 90° rotations
         "max_steps_per_epoch": 0,  # 0 = full epochs
         "val_batch_size": 256,
+        "plot_curves": True,  # training-curve figures at the end
     },
     "physics": {
         "weight": 0.0,  # weight of the gated chi2 term (0 = off)
@@ -148,7 +149,9 @@ def train_member(run, member: int, seed: int, member_dir: Path, train_set, val_s
         start_epoch, step = state["epoch"] + 1, state["step"]
         best = state["best_metric"] if state["best_metric"] is not None else -math.inf
         run.log(f"[lensing] member {member}: resumed at epoch {start_epoch} from {resume_from}")
-    ddp_model = wrap_model(model, dist, device, find_unused_parameters=physics.active)
+    # a parameter head that no loss uses would stall DDP's gradient reduction
+    unused_head = cfg["model"]["name"] == "deeplens_params" and not physics.active
+    ddp_model = wrap_model(model, dist, device, find_unused_parameters=unused_head)
     cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
     aug_gen = torch.Generator().manual_seed(seed * 1000 + dist.rank)
     preprocessing = {"n_bands": int(n_bands), "image_size": int(image_size), "clip_sigma": cfg["data"]["clip_sigma"],
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
                "best_val_auroc_per_member": [r["best_val_auroc"] for r in results],
                "train_samples_per_s": float(np.mean([r["last"].get("train_samples_per_s", float("nan"))
                                                     for r in results if r.get("last")] or [float("nan")]))}
-    if run.is_main:
+    if run.is_main and cfg["train"]["plot_curves"]:
         from common.plotting import plot_training_curves
 
         figures = []

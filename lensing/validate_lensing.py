@@ -49,6 +49,7 @@ DEFAULTS = with_other_sections({
         "grid_size": 16,  # cutouts in each figure grid
         "calibration_bins": 10,
         "baseline": True,  # also score the non-learned azimuthal-residual baseline
+        "figures": True,  # ROC, stratified curves, cutout grids, reliability diagram
     },
     "runtime": {"num_workers": 0, "amp": True, "cooling_every_steps": 0, "cooling_pause_s": 0.0, "torch_threads": 0},
 })
@@ -128,24 +129,26 @@ def main(argv: list[str] | None = None) -> dict:
         rows += [_metric_rows(f"stratified:{quantity}>={r['threshold']:.6g}", r) for r in curve]
     write_text_atomic(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
 
-    from lensing.plots import plot_cutout_grid, plot_reliability, plot_roc, plot_stratified
+    figures = []
+    if vcfg["figures"]:
+        from lensing.plots import plot_cutout_grid, plot_reliability, plot_roc, plot_stratified
 
-    figures = plot_roc(labels, {"model": scored["logit"], **({"baseline": baseline_score} if baseline else {})},
-                       out_dir / "figures" / "roc")
-    figures += plot_stratified(curves, out_dir / "figures" / "stratified_tpr", STRATIFY_LABELS)
-    n_grid = int(vcfg["grid_size"])
-    fp = np.where(labels == 0)[0]
-    fp = fp[np.argsort(-prob[fp])][:n_grid]
-    fn = np.where(labels == 1)[0]
-    fn = fn[np.argsort(prob[fn])][:n_grid]
-    kind = cat["sim_kind"].astype(str).to_numpy() if "sim_kind" in cat.columns else np.array([""] * len(cat))
-    figures += plot_cutout_grid(inputs[fp], [f"p={prob[i]:.3f} {kind[i]}" for i in fp],
-                                out_dir / "figures" / "top_false_positives", "highest-scoring non-lenses")
-    figures += plot_cutout_grid(inputs[fn], [f"p={prob[i]:.3f} fc={cat['flux_contrast'].iloc[i]:.2f}"
-                                             if "flux_contrast" in cat.columns else f"p={prob[i]:.3f}" for i in fn],
-                                out_dir / "figures" / "lowest_scoring_lenses", "lowest-scoring lenses")
-    if calib.get("reliability"):
-        figures += plot_reliability(calib["reliability"], out_dir / "figures" / "calibration", calib["ece"])
+        figures += plot_roc(labels, {"model": scored["logit"], **({"baseline": baseline_score} if baseline else {})},
+                           out_dir / "figures" / "roc")
+        figures += plot_stratified(curves, out_dir / "figures" / "stratified_tpr", STRATIFY_LABELS)
+        n_grid = int(vcfg["grid_size"])
+        fp = np.where(labels == 0)[0]
+        fp = fp[np.argsort(-prob[fp])][:n_grid]
+        fn = np.where(labels == 1)[0]
+        fn = fn[np.argsort(prob[fn])][:n_grid]
+        kind = cat["sim_kind"].astype(str).to_numpy() if "sim_kind" in cat.columns else np.array([""] * len(cat))
+        figures += plot_cutout_grid(inputs[fp], [f"p={prob[i]:.3f} {kind[i]}" for i in fp],
+                                    out_dir / "figures" / "top_false_positives", "highest-scoring non-lenses")
+        figures += plot_cutout_grid(inputs[fn], [f"p={prob[i]:.3f} fc={cat['flux_contrast'].iloc[i]:.2f}"
+                                                 if "flux_contrast" in cat.columns else f"p={prob[i]:.3f}" for i in fn],
+                                    out_dir / "figures" / "lowest_scoring_lenses", "lowest-scoring lenses")
+        if calib.get("reliability"):
+            figures += plot_reliability(calib["reliability"], out_dir / "figures" / "calibration", calib["ece"])
 
     run.log(f"[lensing] {len(labels)} cutouts ({overall['n_lenses']} lenses): AUROC {overall['auroc']:.4f}, "
             f"TPR0 {overall['tpr0']:.3f}, TPR10 {overall['tpr10']:.3f} (false-positive counts), "

@@ -13,86 +13,97 @@ from common.plotting import OKABE_ITO, plt, save_figure
 from rsna_spine.constants import GRADES, GROUPS, LEVEL_TITLES, SUBMISSION_COLUMNS
 
 
-def confusion_figure(report: Mapping, path_stem: Path) -> list[Path]:
-    """One confusion matrix (rows = truth, columns = prediction) per condition group."""
+def training_figure(curves: Mapping[str, pd.DataFrame], path_stem: Path) -> list[Path]:
+    """Training curves of one run in three panels: localizer validation error, classifier loss and
+    official score, classifier per-class recall. ``curves``: {job name: its metrics.csv as a frame}."""
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 2.8))
+    for (name, frame), color in zip(curves.items(), OKABE_ITO * 3):
+        label = name.split("/")[-1]
+        if "val_error_mm" in frame:
+            axes[0].plot(frame["epoch"], frame["val_error_mm"], marker="o", markersize=2, color=color, label=label)
+        if "val_official" in frame:
+            axes[1].plot(frame["epoch"], frame["train_loss"], linestyle="--", color=color, label=f"{label} train loss")
+            axes[1].plot(frame["epoch"], frame["val_official"], marker="o", markersize=2, color=color,
+                         label=f"{label} val official")
+            for cls, style in zip(SUBMISSION_COLUMNS, ("-", "--", ":")):
+                column = f"val_recall_{cls}"
+                if column in frame:
+                    axes[2].plot(frame["epoch"], frame[column], linestyle=style, color=color, label=f"{label} {cls}")
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, ("stage 1: validation error (mm)", "stage 2: loss / official score",
+                                "stage 2: validation recall")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, path_stem)
+
+
+def evaluation_figure(report: Mapping, table: pd.DataFrame, errors: pd.DataFrame, path_stem: Path) -> list[Path]:
+    """Out-of-fold evaluation at a glance: a confusion matrix per condition group (rows = truth), the
+    reliability diagram of the top-label probability, and the stage-1 localization error per group."""
     groups = [g for g in GROUPS if g in report.get("per_group", {})]
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(3.2 * max(len(groups), 1), 3.0), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    fig, axes = plt.subplots(1, len(groups) + 2, figsize=(2.6 * (len(groups) + 2), 2.8), squeeze=False)
+    axes = axes[0]
+    for ax, group in zip(axes, groups):
         cm = np.asarray(report["per_group"][group]["confusion"], dtype=float)
         norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         for r in range(3):
             for c in range(3):
                 ax.text(c, r, f"{int(cm[r, c])}", ha="center", va="center",
-                        color="white" if norm[r, c] > 0.6 else "black", fontsize=8)
+                        color="white" if norm[r, c] > 0.6 else "black", fontsize=7)
         ax.set_xticks(range(3), ["N/M", "Mod", "Sev"])
         ax.set_yticks(range(3), ["N/M", "Mod", "Sev"])
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(group)
-    fig.tight_layout()
-    return save_figure(fig, path_stem)
-
-
-def reliability_figure(table: pd.DataFrame, path_stem: Path) -> list[Path]:
-    """Reliability diagram of the top-label probability (metric-weighted probabilities)."""
-    table = table[table["label"] >= 0]
-    curve = reliability_curve(table[list(SUBMISSION_COLUMNS)].to_numpy(float), table["label"].to_numpy(), n_bins=10)
-    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+        ax.set_title(f"{group} (BA {report['per_group'][group]['balanced_accuracy']:.2f})")
+    ax = axes[len(groups)]
+    scored = table[table["label"] >= 0]
+    curve = reliability_curve(scored[list(SUBMISSION_COLUMNS)].to_numpy(float), scored["label"].to_numpy(), n_bins=10)
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
-    ax.plot(curve["confidence"], curve["accuracy"], marker="o", color=OKABE_ITO[0])
-    ax.set_xlabel("predicted probability of the top grade")
+    ax.plot(curve["confidence"], curve["accuracy"], marker="o", markersize=3, color=OKABE_ITO[0])
+    ax.set_xlabel("top-grade probability")
     ax.set_ylabel("observed frequency")
-    ax.set_title("calibration (out of fold)")
-    fig.tight_layout()
-    return save_figure(fig, path_stem)
-
-
-def localization_figure(errors: pd.DataFrame, path_stem: Path) -> list[Path]:
-    """Histogram of stage-1 3D errors (mm) per condition group."""
-    fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    top = float(np.nanpercentile(errors["distance_mm"], 98)) if len(errors) else 1.0
-    bins = np.linspace(0, max(top, 1.0), 25)
-    for color, group in zip(OKABE_ITO, GROUPS):
-        sel = errors.loc[errors["group"] == group, "distance_mm"]
-        if len(sel):
-            ax.hist(sel.clip(upper=bins[-1]), bins=bins, histtype="step", color=color, linewidth=1.4,
-                    label=f"{group} (median {sel.median():.1f} mm)")
+    ax.set_title(f"calibration (ECE {report.get('ece', float('nan')):.3f})")
+    ax = axes[len(groups) + 1]
+    if len(errors):
+        top = max(float(np.nanpercentile(errors["distance_mm"], 98)), 1.0)
+        bins = np.linspace(0, top, 20)
+        for color, group in zip(OKABE_ITO, GROUPS):
+            sel = errors.loc[errors["group"] == group, "distance_mm"]
+            if len(sel):
+                ax.hist(sel.clip(upper=top), bins=bins, histtype="step", color=color, linewidth=1.3,
+                        label=f"{group} ({sel.median():.1f} mm)")
+        ax.legend(fontsize=6, title="median", title_fontsize=6)
     ax.set_xlabel("stage-1 error (mm, 3D)")
     ax.set_ylabel("points")
-    ax.legend()
+    ax.set_title("localization")
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
 
 def attention_figure(examples: Sequence[Mapping], path_stem: Path) -> list[Path]:
-    """Attention over the slices of each crop stack, for the spinal levels of a few studies.
+    """Attention-MIL weights over the slices of each spinal-canal crop stack, one panel per study, one
+    line per level (legend: true / predicted grade).
 
     ``examples``: dicts with study_id, level, attention (N,), label, pred.
     """
     studies = sorted({e["study_id"] for e in examples})
-    levels = list(LEVEL_TITLES)
-    fig, axes = plt.subplots(len(studies), len(levels), figsize=(1.9 * len(levels), 1.6 * len(studies)),
-                             squeeze=False, sharey=True)
-    for r, study in enumerate(studies):
-        for c, level in enumerate(levels):
-            ax = axes[r, c]
-            match = [e for e in examples if e["study_id"] == study and e["level"] == level]
-            if not match:
-                ax.axis("off")
-                continue
-            e = match[0]
+    fig, axes = plt.subplots(1, len(studies), figsize=(3.3 * len(studies), 2.6), squeeze=False, sharey=True)
+    for ax, study in zip(axes[0], studies):
+        for e, color in zip(sorted((e for e in examples if e["study_id"] == study), key=lambda e: e["level"]),
+                            OKABE_ITO):
             att = np.asarray(e["attention"], dtype=float)
             offsets = np.arange(len(att)) - len(att) // 2
-            ax.bar(offsets, att, color=OKABE_ITO[0])
-            ax.set_title(f"{study} {LEVEL_TITLES[level]}\ntrue {GRADES[e['label']]} / pred {GRADES[e['pred']]}",
-                         fontsize=6)
+            ax.plot(offsets, att, marker="o", markersize=3, color=color,
+                    label=f"{LEVEL_TITLES[e['level']]}: {GRADES[e['label']]} / {GRADES[e['pred']]}")
             ax.set_xticks(offsets)
-            ax.tick_params(labelsize=6)
-            if c == 0:
-                ax.set_ylabel("attention")
-            if r == len(studies) - 1:
-                ax.set_xlabel("slice offset")
+        ax.set_title(f"study {study}", fontsize=8)
+        ax.set_xlabel("slice offset from the stage-1 slice")
+        ax.legend(fontsize=5, title="level: true / predicted", title_fontsize=5)
+    axes[0, 0].set_ylabel("attention weight")
     fig.suptitle("spinal canal stenosis: attention-MIL weights per slice", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path_stem)

@@ -17,7 +17,8 @@ Anatomy (simplified from standard lumbar MR anatomy):
 Severity is anatomy, not metadata (the criteria radiologists grade by):
 - spinal canal stenosis: the sac's AP (and, less, lateral) diameter shrinks at the disc level
   (disc bulge + ligamentum flavum), narrowing fraction n;
-- subarticular stenosis: the lateral recess shrinks and the facet grows medially at the disc level;
+- subarticular stenosis: the facet joint grows medially into the lateral recess at the disc level and the
+  recess CSF shrinks (severe: the recess is filled by facet);
 - foraminal narrowing: the fat of the foramen shrinks around the nerve root (severe: root surrounded by no
   fat).
 n is drawn per grade from separated ranges (``NARROWING_RANGES``) so the grade is recoverable from pixels,
@@ -53,7 +54,8 @@ TISSUES = {
 LEVEL_SPACING_MM = 36.0  # distance between consecutive discs (scaled per study)
 DISC_HEIGHT_MM = 9.0
 FORAMEN_OFFSET_MM = 24.0  # lateral distance of the neural foramina from the midline
-RECESS_OFFSET_MM = 11.0  # lateral distance of the lateral recesses
+RECESS_OFFSET_MM = 12.0  # lateral distance of the lateral recesses
+FACET_OFFSET_MM = 19.0  # lateral distance of the facet joints (their medial edge bounds the recess)
 
 
 @dataclass
@@ -198,15 +200,6 @@ def render(anatomy: SpineAnatomy, xyz: np.ndarray, sequence: str) -> np.ndarray:
         amounts = np.array([a.narrowing[condition][lv] for lv in LEVELS], dtype=np.float32)
         return np.clip(amounts[nearest] * np.exp(-0.5 * (dz_disc / sigma) ** 2), 0.0, 1.0)
 
-    # facet joints: bony columns posterolateral; they grow medially with subarticular stenosis
-    n_sub = {}
-    for side, cond in ((1.0, "left_subarticular_stenosis"), (-1.0, "right_subarticular_stenosis")):
-        n_sub[cond] = profile(cond, 5.0)
-        radius = 4.5 + 5.0 * n_sub[cond]
-        r2 = (side * dx - 18.0) ** 2 + (dy - 8.5) ** 2
-        sub[r2 <= radius**2] = val["cortex"]
-        sub[r2 <= (radius - 1.8) ** 2] = val["marrow"]
-
     # thecal sac: AP and lateral semi-axes shrink at stenotic discs
     n_can = profile("spinal_canal_stenosis", 4.5)
     ap = np.maximum(a.canal_ap_mm * (1.0 - n_can), 0.3)
@@ -214,10 +207,16 @@ def render(anatomy: SpineAnatomy, xyz: np.ndarray, sequence: str) -> np.ndarray:
     sub[(dx / a.canal_lat_mm) ** 2 + (dy / a.canal_ap_mm) ** 2 <= 1.0] = val["ligament"]
     sub[(dx / lat) ** 2 + (dy / ap) ** 2 <= 1.0] = val["csf"]
 
-    # lateral recesses: CSF lobes at the posterolateral corners of the sac
+    # lateral recesses (CSF lobes at the posterolateral corners of the sac), then the facet joints, which
+    # grow medially into the recess with subarticular stenosis (facet hypertrophy)
     for side, cond in ((1.0, "left_subarticular_stenosis"), (-1.0, "right_subarticular_stenosis")):
-        s = np.maximum(1.0 - n_sub[cond], 0.05)
-        lobe = ((side * dx - RECESS_OFFSET_MM) / (5.5 * s)) ** 2 + ((dy - 3.0) / (4.5 * s)) ** 2 <= 1.0
+        n_sub = profile(cond, 5.0)
+        s = np.maximum(1.0 - n_sub, 0.05)
+        lobe = ((side * dx - RECESS_OFFSET_MM) / (6.5 * s)) ** 2 + ((dy - 3.0) / (5.0 * s)) ** 2 <= 1.0
         sub[lobe] = val["csf"]
+        radius = 4.5 + 6.0 * n_sub
+        r2 = (side * dx - FACET_OFFSET_MM) ** 2 + (dy - 8.0) ** 2
+        sub[r2 <= radius**2] = val["cortex"]
+        sub[r2 <= (radius - 1.8) ** 2] = val["marrow"]
     out[idx] = sub
     return out.astype(np.float32)

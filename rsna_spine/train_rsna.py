@@ -38,6 +38,7 @@ from common.runtime import (
     GracefulInterrupt,
     all_reduce_mean,
     amp_policy,
+    barrier,
     dataloader_kwargs,
     gather_arrays,
     optimizer_step,
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = fn(run, cfg, job, *fn_args, state, interrupt)
         if result is not None and not result.get("interrupted") and run.is_main:
             write_json(done, result)
+        barrier()  # other ranks read this job's checkpoints next
         return result
 
     with GracefulInterrupt() as interrupt:

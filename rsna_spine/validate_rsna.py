@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from common.cli import make_parser, start_run
-from common.plotting import plot_training_curves
 from rsna_spine.constants import SUBMISSION_COLUMNS
 from rsna_spine.data import StackStore
 from rsna_spine.datasets import CropDataset, crop_items
@@ -33,13 +32,7 @@ from rsna_spine.evaluation import (
     prediction_table,
     summarize_localization,
 )
-from rsna_spine.figures import (
-    attention_figure,
-    confusion_figure,
-    crops_figure,
-    localization_figure,
-    reliability_figure,
-)
+from rsna_spine.figures import attention_figure, crops_figure, evaluation_figure, training_figure
 from rsna_spine.inference import classify, find_train_dir, load_ensemble, localize_studies, read_manifest
 from rsna_spine.metric import class_priors, prior_probabilities, score_details, solution_from_labels, submission_frame
 from rsna_spine.settings import DEFAULTS, apply_threads
@@ -158,15 +151,15 @@ def _figures(run, cfg, train_dir, manifest, report, oof_table, errors, examples_
     fig_dir = run.run_dir / "figures"
     paths = []
     for fold_key, entry in sorted(manifest["folds"].items()):
+        curves = {}
         for kind, jobs in (("localizer", entry.get("localizer", {})), ("classifier", entry.get("classifier", {}))):
             for name in jobs:
                 csv = Path(train_dir) / f"fold{fold_key}" / f"{kind}_{name}" / "metrics.csv"
                 if csv.is_file():
-                    paths += plot_training_curves(csv, fig_dir / f"curves_fold{fold_key}_{kind}_{name}")
-    paths += confusion_figure(report, fig_dir / "confusion")
-    paths += reliability_figure(oof_table, fig_dir / "reliability")
-    if len(errors):
-        paths += localization_figure(errors, fig_dir / "localization_errors")
+                    curves[f"{kind}_{name}"] = pd.read_csv(csv)
+        if curves:
+            paths += training_figure(curves, fig_dir / f"training_curves_fold{fold_key}")
+    paths += evaluation_figure(report, oof_table, errors, fig_dir / "evaluation")
     n_ex = int(cfg["validate"]["n_example_studies"])
     studies = sorted({e["study_id"] for e in examples_src})[:n_ex]
     spinal = [{"study_id": e["study_id"], "level": e["level"], "attention": e["attention"], "label": e["label"],
@@ -174,7 +167,7 @@ def _figures(run, cfg, train_dir, manifest, report, oof_table, errors, examples_
               if e["study_id"] in studies and e["condition"] == "spinal_canal_stenosis" and len(e["attention"])]
     if spinal:
         paths += attention_figure(spinal, fig_dir / "attention_per_slice")
-    picked = [e for e in examples_src if e["study_id"] in studies][:: max(1, len(studies) * 25 // 15)][:15]
+    picked = [e for e in examples_src if e["study_id"] in studies][:: max(1, len(studies) * 25 // 10)][:10]
     if picked:
         dataset = CropDataset(picked, store, crop_cfg, intensity_cfg)
         crops = [{**e, "image": dataset[i]["image"].numpy(), "pred": int(np.argmax(e["probs"])),

@@ -94,6 +94,7 @@ DEFAULTS = {
         "weight_decay": 1e-4,
         "grad_clip": 1.0,
         "ema_decay": 0.999,  # 0 disables EMA
+        "channels_last": True,  # channels_last_3d tensors: 5-15x faster Conv3d backward on CPU (oneDNN)
     },
     "val": {
         "every_epochs": 1,
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     target, kwargs = model_spec_from_config(cfg["model"], spec)
     model = build_model(target, kwargs).to(device)
+    memory_format = torch.channels_last_3d if tcfg["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     is_diffusion = cfg["model"]["type"] == "diffusion"
     loss_fn = DoseLoss(cfg["loss"], spec, cfg["constraints"]).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())  # uncertainty weights are learned too
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum, n_batches, term_sums = 0.0, 0, {}
             for batch in progress(loader, desc=f"epoch {epoch}", is_main=run.is_main):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch["input"] = batch["input"].contiguous(memory_format=memory_format)
                 with amp.autocast():
                     if is_diffusion:
                         loss = ddp_model(batch["input"], batch["cond"], batch["target"], batch["body"])

@@ -65,16 +65,18 @@ def test_latency_range_outside_the_window_is_rejected():
         tiny_net(latency_range_ms=[[0.5, 6.0], [2.0, 9.5], [20.0, 30.0]])
 
 
-def test_threshold_local_path_is_the_expected_lowest_responding_level():
+def test_threshold_local_path_is_the_expected_end_of_the_run_from_the_top():
     head = RobustThresholdHead(width=4, threshold_range_db=[0, 120], censor_db=110.0, step_db=10.0, dropout=0.0)
-    levels = torch.tensor([[10.0, 20.0, 30.0], [10.0, 20.0, 30.0], [10.0, 20.0, 30.0]])
-    mask = torch.ones(3, 3, dtype=torch.bool)
+    levels = torch.tensor([[10.0, 20.0, 30.0, 0.0]] * 5)
+    mask = torch.tensor([[True, True, True, False]] * 5)  # the last slot is padding
     big = 50.0
-    logits = torch.tensor([[-big, big, big], [-big, -big, -big], [0.0, -big, -big]])
-    out = head(torch.zeros(3, 4), levels, mask, logits)
-    # responses from 20 dB up → lowest responding level 20, minus half the 10-dB gap = 15 dB
-    # no response anywhere → the censor value; a 50 % detection at 10 dB only → 0.5·5 + 0.5·110
-    expected = torch.tensor([15.0, 110.0, 0.5 * 5.0 + 0.5 * 110.0])
+    logits = torch.tensor([[-big, big, big, -big], [-big, -big, -big, big], [big, -big, big, 0.0],
+                           [big, big, 0.0, 0.0], [big, big, big, -big]])
+    out = head(torch.zeros(5, 4), levels, mask, logits)
+    # responses from 20 dB up → the run from the top ends at 20, minus half the 10-dB gap = 15 dB
+    # no response anywhere → censor; an isolated detection at 10 dB below a silent 20 dB → 30 − 5
+    # a 50 % top level → 0.5·(10 − 5) + 0.5·110; everything responds → lowest level − step/2 = 5
+    expected = torch.tensor([15.0, 110.0, 25.0, 0.5 * 5.0 + 0.5 * 110.0, 5.0])
     torch.testing.assert_close(out["threshold_local_db"], expected, atol=1e-4, rtol=0)
 
 

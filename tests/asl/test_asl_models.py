@@ -13,6 +13,7 @@ VARIANTS = [
     ("asl.models.AmplitudeAwareSpatialASLNet", {"use_film_at_decoder": False, "use_amplitude_output_modulation": False}),
     ("asl.models.DualEncoderSpatialASLNet", {}),
     ("asl.models.SpatialASLNet", {"normalization_mode": "per_curve", "use_log_var": False}),
+    ("asl.models.SpatialASLNet", {"physics_features": False, "cbf_kernel_size": 0}),  # direct CBF head
     ("asl.models.AmplitudeAwareSpatialASLNet", {"separate_decoders": True}),  # exp 10
     ("asl.models.AmplitudeAwareSpatialASLNet", {"att_conditioning": True}),  # exp 11
     ("asl.models.AmplitudeAwareSpatialASLNet", {"features": [4, 4, 8, 8, 8]}),  # exp 15: 5 levels
@@ -69,7 +70,8 @@ def test_film_identity_at_init_and_per_curve_removes_amplitude():
     amp.load_state_dict(plain.state_dict(), strict=False)  # same trunk weights
     x = torch.randn(1, 12, 16, 16)
     torch.testing.assert_close(amp(x)["cbf"], plain(x)["cbf"])  # zero-initialized FiLM = identity
-    _, kw3 = spec("asl.models.SpatialASLNet", {"normalization_mode": "per_curve", "physics_features": False})
+    _, kw3 = spec("asl.models.SpatialASLNet", {"normalization_mode": "per_curve", "physics_features": False,
+                                                  "cbf_kernel_size": 0})
     pc = build_model("asl.models.SpatialASLNet", kw3).eval()
     torch.testing.assert_close(pc(3 * x)["cbf"], pc(x)["cbf"], rtol=1e-4, atol=1e-4)
 
@@ -91,10 +93,20 @@ def test_physics_features_are_the_ls_grid_initialization():
     f2 = model.grid_estimates(2 * x)
     torch.testing.assert_close(f2[0, 0], 2 * feats[0, 0])
     torch.testing.assert_close(f2[0, 1], feats[0, 1])
+    # The kernel CBF head starts as a 5×5 box filter of that estimate: CBF exactly proportional to the signal.
+    cfg = defaults()
+    cfg["model"].update({"target": "asl.models.SpatialASLNet", "features": [8, 16], "n_groups": 4})
+    t, kw = model_kwargs(cfg, {"cbf_mean": 40.0, "cbf_std": 20.0})
+    net = build_model(t, kw).eval()
+    y = torch.rand(1, 12, 16, 16)
+    c1, c2 = net(y)["cbf"] * 20 + 40, net(3 * y)["cbf"] * 20 + 40
+    torch.testing.assert_close(c2, 3 * c1, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="needs physics_features"):
+        build_model(t, {**kw, "physics_features": False})
 
 
 def test_mc_dropout_and_ensemble_variance():
-    _, kw = spec("asl.models.SpatialASLNet", {"dropout": 0.3})
+    _, kw = spec("asl.models.SpatialASLNet", {"dropout": 0.3, "cbf_kernel_size": 0})
     models = [build_model("asl.models.SpatialASLNet", kw) for _ in range(2)]
     stats = {"cbf_mean": 40.0, "cbf_std": 20.0, "att_mean": 1500.0, "att_std": 500.0}
     x = torch.randn(2, 12, 16, 16)

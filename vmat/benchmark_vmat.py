@@ -1,0 +1,203 @@
+"""Benchmarks: gamma (vectorized torch vs pymedphys), preprocessing speed, training throughput and memory.
+
+    python vmat/benchmark_vmat.py --output-dir runs/vmat/bench
+    python vmat/benchmark_vmat.py --data OUT_NPZ --set throughput.model_config=configs/vmat/baseline_unet.yaml
+
+1. Gamma 3%/3 mm (global, 10 % cutoff) of a perturbed dose against the reference, on the same full 3D
+   grid, by vmat.gamma.gamma_index and pymedphys.gamma with identical settings: seconds of each, the time
+   ratio, and the pass-rate difference (target: ratio >= 20 on CPU, |difference| <= 0.5 points). The case
+   is the first NPZ of --data or a synthetic patient; the perturbation is a sub-voxel shift, a 2 % scale
+   and noise (a plausible prediction error).
+2. Preprocessing: synthetic DICOM-RT patients through preprocess_vmat.process_case, cases per minute.
+3. Training: patches/s and peak memory of forward + backward + AdamW steps per patch size for the model
+   of a training config (CUDA: torch.cuda.max_memory_allocated; CPU: growth of the process's peak RSS).
+Speeds are measured against a peer in the same run; nothing here is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import make_parser, start_run
+from common.config import load_config
+
+DEFAULTS = {
+    "seed": 0,
+    "gamma": {
+        "enabled": True,
+        "criterion": [3.0, 3.0],  # dose %, distance mm
+        "lower_percent_cutoff": 10.0,
+        "max_gamma": 2.0,
+        "interp_fraction": 10,  # the same for both implementations
+        "shift_vox": [0.3, 0.4, -0.3],  # perturbation of the evaluated dose
+        "scale": 1.02,
+        "noise_gy": 0.5,
+    },
+    "preprocess": {"enabled": True, "n_cases": 3},
+    "throughput": {
+        "enabled": True,
+        "model_config": "configs/vmat/smoke.yaml",  # training config whose model is measured
+        "patch_sizes": [[32, 32, 32], [48, 48, 48]],
+        "batch_size": 2,
+        "steps": 3,  # timed steps per size (after one warm-up step)
+    },
+}
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
+
+
+def bench_gamma(cfg: dict, data: Path | None, seed: int, log) -> dict:
+    from scipy import ndimage
+
+    from vmat.gamma import gamma_index, gamma_pymedphys, pass_rate
+
+    if data is not None:
+        from vmat.case_io import list_cases, load_case
+
+        case = load_case(list_cases(data)[0])
+        ref, spacing, source = case["dose"].astype(np.float64), tuple(case["spacing_mm"]), case["case_id"]
+    else:
+        from vmat.phantom import DEFAULTS as PHANTOM
+        from vmat.phantom import generate_case
+
+        case = generate_case(copy.deepcopy(PHANTOM), 0, seed)
+        ref, spacing, source = case.dose.astype(np.float64), case.dose_spacing_zyx, "synthetic dose grid"
+    rng = np.random.default_rng(seed)
+    ev = ndimage.shift(ref, cfg["shift_vox"], order=1) * cfg["scale"]
+    ev = np.clip(ev + rng.normal(0, cfg["noise_gy"], ref.shape) * (ref > 0.01 * ref.max()), 0, None)
+    pct, dist = cfg["criterion"]
+    kw = {"dose_percent": pct, "distance_mm": dist, "lower_percent_cutoff": cfg["lower_percent_cutoff"],
+          "max_gamma": cfg["max_gamma"], "interp_fraction": cfg["interp_fraction"]}
+    gamma_index(ref[:8], ev[:8], spacing, **kw)  # warm-up (allocator, threads)
+    t0 = time.perf_counter()
+    g_torch = gamma_index(ref, ev, spacing, **kw)
+    t_torch = time.perf_counter() - t0
+    gamma_pymedphys(ref[:6], ev[:6], spacing, **kw)  # warm-up: numba compiles its interpolation once
+    t0 = time.perf_counter()
+    g_ref = gamma_pymedphys(ref, ev, spacing, **kw)
+    t_ref = time.perf_counter() - t0
+    out = {"case": source, "shape": list(ref.shape), "spacing_mm": list(spacing), "n_points": int(np.isfinite(g_torch).sum()),
+           "torch_s": t_torch, "pymedphys_s": t_ref, "speedup": t_ref / max(t_torch, 1e-9),
+           "torch_pass_pct": pass_rate(g_torch), "pymedphys_pass_pct": pass_rate(g_ref),
+           "max_abs_gamma_difference": float(np.nanmax(np.abs(g_torch - g_ref)))}
+    out["pass_pct_difference"] = out["torch_pass_pct"] - out["pymedphys_pass_pct"]
+    log(f"[vmat] gamma {pct:g}%/{dist:g}mm on {ref.shape}: torch {t_torch:.2f} s, pymedphys {t_ref:.2f} s "
+        f"({out['speedup']:.1f}x); pass {out['torch_pass_pct']:.2f}% vs {out['pymedphys_pass_pct']:.2f}%")
+    return out
+
+
+def bench_preprocess(cfg: dict, seed: int, log) -> dict:
+    from vmat.phantom import DEFAULTS as PHANTOM
+    from vmat.phantom import generate_case, write_case
+    from vmat.preprocess_vmat import DEFAULTS as PRE
+    from vmat.preprocess_vmat import process_case
+
+    with tempfile.TemporaryDirectory(prefix="vmat_bench_") as tmp:
+        tmp = Path(tmp)
+        pcfg = copy.deepcopy(PHANTOM)
+        for i in range(int(cfg["n_cases"])):
+            write_case(generate_case(pcfg, i, seed), tmp / "raw" / f"case_{i}", pcfg, seed)
+        t0 = time.perf_counter()
+        rows = [process_case(str(p), str(tmp / "npz"), copy.deepcopy(PRE), "dicom") for p in sorted((tmp / "raw").iterdir())]
+        elapsed = time.perf_counter() - t0
+    ok = sum(r["status"] == "ok" for r in rows)
+    out = {"n_cases": len(rows), "n_ok": ok, "seconds": elapsed, "cases_per_minute": 60 * len(rows) / elapsed,
+           "ct_shape": PHANTOM["ct"]["shape_zyx"]}
+    log(f"[vmat] preprocessing: {out['cases_per_minute']:.1f} cases/min ({ok}/{len(rows)} ok)")
+    return out
+
+
+def bench_throughput(cfg: dict, device: torch.device, log) -> list[dict]:
+    from common.checkpoint import build_model
+    from common.runtime import amp_policy, optimizer_step
+    from vmat.data import make_input_spec
+    from vmat.structures import PROSTATE_STRUCTURES
+    from vmat.train_vmat import DEFAULTS as TRAIN
+    from vmat.train_vmat import model_spec_from_config
+
+    tcfg = load_config(cfg["model_config"], defaults=TRAIN)
+    spec = make_input_spec(PROSTATE_STRUCTURES, {"PTV70": 70.0, "PTV56": 56.0}, tcfg["input"], 50.0)
+    target, kwargs = model_spec_from_config(tcfg["model"], spec)
+    rows = []
+    for size in cfg["patch_sizes"]:
+        model = build_model(target, kwargs).to(device).to(memory_format=torch.channels_last_3d)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        amp = amp_policy(device, True)
+        b = int(cfg["batch_size"])
+        x = torch.randn(b, spec["n_channels"], *size, device=device).contiguous(memory_format=torch.channels_last_3d)
+        cond = torch.randn(b, spec["cond_dim"], device=device)
+        y = torch.rand(b, 1, *size, device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss0 = _peak_rss_mb()
+
+        def step():
+            with amp.autocast():
+                if getattr(model, "is_diffusion", False):
+                    loss = model(x, cond, y)
+                else:
+                    out = model(x, cond)
+                    loss = (out[-1] if isinstance(out, list) else out).float().sub(y).abs().mean()
+            optimizer_step(loss, optimizer, amp, grad_clip=1.0)
+
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(int(cfg["steps"])):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb() - rss0
+        row = {"patch_size": list(size), "batch_size": b, "patches_per_s": b * int(cfg["steps"]) / elapsed,
+               "peak_memory_mb": float(peak), "memory_kind": "cuda allocated" if device.type == "cuda" else "RSS growth",
+               "model": target, "parameters": sum(p.numel() for p in model.parameters())}
+        rows.append(row)
+        log(f"[vmat] training {target.rsplit('.', 1)[-1]} patch {size}: {row['patches_per_s']:.2f} patches/s, "
+            f"peak {row['peak_memory_mb']:.0f} MB ({row['memory_kind']})")
+        del model, optimizer
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=None, help="preprocessed NPZ folder (gamma on its first case)")
+    args = parser.parse_args(argv)
+    run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv)
+    cfg = run.cfg
+    summary: dict = {"device": str(run.device), "torch_threads": torch.get_num_threads()}
+    headline = {}
+    if cfg["gamma"]["enabled"]:
+        summary["gamma"] = bench_gamma(cfg["gamma"], args.data, cfg["seed"], run.log)
+        headline.update({"gamma_speedup_vs_pymedphys": summary["gamma"]["speedup"],
+                         "gamma_pass_pct_difference": summary["gamma"]["pass_pct_difference"]})
+    if cfg["preprocess"]["enabled"]:
+        summary["preprocess"] = bench_preprocess(cfg["preprocess"], cfg["seed"], run.log)
+        headline["preprocess_cases_per_minute"] = summary["preprocess"]["cases_per_minute"]
+    if cfg["throughput"]["enabled"]:
+        summary["throughput"] = bench_throughput(cfg["throughput"], run.device, run.log)
+        headline["train_patches_per_s"] = {"x".join(map(str, r["patch_size"])): r["patches_per_s"]
+                                           for r in summary["throughput"]}
+    summary["headline"] = headline
+    summary["figures"] = []
+    return run.finish(summary)
+
+
+if __name__ == "__main__":
+    main()
