@@ -132,6 +132,9 @@ def start_run(args: argparse.Namespace, *, domain: str, defaults: dict, argv: li
         # A fresh training run reusing a folder must not append to, or look finished with, an old run's files.
         for stale in ("metrics.csv", "metrics.jsonl", "summary.json"):
             (run_dir / stale).unlink(missing_ok=True)
+    threads = (cfg.get("runtime") or {}).get("torch_threads") if isinstance(cfg.get("runtime"), dict) else None
+    if threads:
+        torch.set_num_threads(int(threads))
     seed_everything(int(cfg.get("seed", 0)), info.rank)
     logger = RunLogger(run_dir if info.is_main else None, is_main=info.is_main)
     logger.save_config(cfg)

@@ -173,6 +173,7 @@ class Volume:
         row_dir, col_dir, normal: unit vectors of increasing column, row and slice index.
         slice_positions_mm: each slice's position along ``normal``.
         sources: file of each slice, in slice order.
+        slice_origins_mm: (K, 3) ImagePositionPatient of each slice (exact even with uneven gaps).
     """
 
     array: np.ndarray
@@ -183,6 +184,7 @@ class Volume:
     normal: np.ndarray
     slice_positions_mm: np.ndarray
     sources: list[Path] = field(default_factory=list)
+    slice_origins_mm: np.ndarray | None = None
 
     @property
     def affine(self) -> np.ndarray:
@@ -208,23 +210,41 @@ class Volume:
         return ijk[:, ::-1]
 
 
-def load_volume(paths: Sequence[str | Path], rescale: bool = True, spacing_tol: float = 0.05) -> Volume:
+def load_volume(paths: Sequence[str | Path], rescale: bool = True, spacing_tol: float = 0.05,
+                skip_unreadable: bool = False) -> Volume:
     """Read a homogeneous stack of single-frame slices (one orientation and size) into a Volume.
 
     Slices are sorted along the normal; slice spacing is the median gap, and gaps that deviate by more
-    than ``spacing_tol`` (relative) are logged (the volume is still built on the median spacing).
-    Duplicate positions raise an error naming both files.
+    than ``spacing_tol`` (relative) are logged (the volume is still built on the median spacing; each
+    slice's own ImagePositionPatient stays in ``slice_origins_mm``). Duplicate positions raise an error
+    naming both files. With ``skip_unreadable``, files whose header or pixels cannot be read are left
+    out with a logged reason (file and transfer syntax) instead of failing the stack.
     """
     if not paths:
         raise DicomSeriesError("no slices given")
-    headers = [pydicom.dcmread(str(p), force=True) for p in paths]
-    groups = group_slices(headers)
+    datasets, kept, pixels = [], [], []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(str(path), force=True)
+            pixels.append(pixel_data(ds, path, rescale))
+        except (DicomSeriesError, InvalidDicomError, EOFError, OSError, ValueError, AttributeError) as exc:
+            if not skip_unreadable:
+                raise exc if isinstance(exc, DicomSeriesError) else DicomSeriesError(
+                    f"{path}: not a readable DICOM slice ({type(exc).__name__}: {exc})") from exc
+            log.warning("skipping unreadable slice: %s", exc)
+            continue
+        datasets.append(ds)
+        kept.append(Path(path))
+    if not datasets:
+        raise DicomSeriesError(f"{Path(paths[0]).parent}: no readable slices among {len(paths)} files")
+    groups = group_slices(datasets)
     if len(groups) > 1:
-        raise DicomSeriesError(f"{Path(paths[0]).parent}: slices differ in orientation or size "
+        raise DicomSeriesError(f"{kept[0].parent}: slices differ in orientation or size "
                                f"({len(groups)} groups); split them with group_slices first")
-    order, along = sort_slices(headers, paths)
-    headers = [headers[i] for i in order]
-    sources = [Path(paths[i]) for i in order]
+    order, along = sort_slices(datasets, kept)
+    datasets = [datasets[i] for i in order]
+    sources = [kept[i] for i in order]
+    pixels = [pixels[i] for i in order]
     if len(along) > 1:
         gaps = np.diff(along)
         if np.any(np.isclose(gaps, 0.0, atol=1e-4)):
@@ -236,13 +256,14 @@ def load_volume(paths: Sequence[str | Path], rescale: bool = True, spacing_tol: 
             log.warning("%s: uneven slice spacing (%.3f-%.3f mm); using the median %.3f mm",
                         sources[0].parent, gaps.min(), gaps.max(), slice_spacing)
     else:
-        slice_spacing = float(getattr(headers[0], "SliceThickness", 1.0) or 1.0)
-    iop = orientation(headers[0])
-    row_spacing, col_spacing = pixel_spacing(headers[0], sources[0])
-    array = np.stack([pixel_data(ds, src, rescale) for ds, src in zip(headers, sources)]).astype(np.float32)
-    origin = position(headers[0])
-    if origin is None:
-        origin = np.zeros(3)
-    return Volume(array=array, origin_mm=origin, spacing_mm=(slice_spacing, row_spacing, col_spacing),
-                  row_dir=iop[0], col_dir=iop[1], normal=slice_normal(iop), slice_positions_mm=along,
-                  sources=sources)
+        slice_spacing = float(getattr(datasets[0], "SliceThickness", 1.0) or 1.0)
+    iop = orientation(datasets[0])
+    row_spacing, col_spacing = pixel_spacing(datasets[0], sources[0])
+    origins = [position(ds) for ds in datasets]
+    origin = origins[0] if origins[0] is not None else np.zeros(3)
+    normal = slice_normal(iop)
+    slice_origins = np.array([o if o is not None else origin + normal * (a - along[0])
+                              for o, a in zip(origins, along)], dtype=np.float64)
+    return Volume(array=np.stack(pixels).astype(np.float32), origin_mm=origin,
+                  spacing_mm=(slice_spacing, row_spacing, col_spacing), row_dir=iop[0], col_dir=iop[1],
+                  normal=normal, slice_positions_mm=along, sources=sources, slice_origins_mm=slice_origins)

@@ -26,6 +26,7 @@ RUNTIME_DEFAULTS = {
     "amp": True,  # mixed precision; only ever active on CUDA
     "cooling_every_steps": 0,  # workstation GPUs that overheat: pause every K optimizer steps (0 = off)
     "cooling_pause_s": 0.0,  # ... for this many seconds
+    "torch_threads": 0,  # intra-op CPU threads (0 = torch's default; 1 helps on CPUs shared with other jobs)
 }
 
 

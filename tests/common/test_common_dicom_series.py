@@ -97,3 +97,14 @@ def test_compressed_pixel_data_error_names_file_and_syntax(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(DicomSeriesError, match=r"j2k.dcm: cannot decode pixel data \(transfer syntax JPEG 2000"):
         pixel_data(pydicom.dcmread(path), path)
+
+
+def test_skip_unreadable_keeps_the_rest_and_per_slice_origins(tmp_path):
+    paths = [write_slice(tmp_path / f"s{i}.dcm", (0, 0, 2.0 * i), i + 1, 10 * i, iop=[1, 0, 0, 0, 1, 0])
+             for i in range(4)]
+    paths[2].write_bytes(paths[2].read_bytes()[:-10])  # truncated pixel data
+    with pytest.raises(DicomSeriesError, match="s2.dcm"):
+        load_volume(paths)
+    volume = load_volume(paths, skip_unreadable=True)
+    assert volume.array.shape[0] == 3 and [p.name for p in volume.sources] == ["s0.dcm", "s1.dcm", "s3.dcm"]
+    assert np.allclose(volume.slice_origins_mm[:, 2], [0.0, 2.0, 6.0])  # the gap stays visible
