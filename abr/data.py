@@ -110,12 +110,18 @@ def read_table(path: str | Path, encoding: str = "auto", sheet=None) -> pd.DataF
         except ValueError as exc:
             raise TableError(f"{path}: cannot read sheet {sheet!r}: {exc}") from exc
     elif suffix in (".csv", ".txt", ".tsv"):
-        sep = "\t" if suffix == ".tsv" else None
+        sep = "\t" if suffix == ".tsv" else ","
         encodings = ["utf-8-sig", "cp1254"] if encoding == "auto" else [encoding]
         table = None
         for enc in encodings:
             try:
-                table = pd.read_csv(path, sep=sep, engine="python" if sep is None else "c", encoding=enc)
+                with path.open("r", encoding=enc) as handle:
+                    header = handle.readline()
+                if sep == "," and header.count(";") > header.count(","):
+                    # Excel in Turkish/European locales: semicolons between fields, decimal commas
+                    table = pd.read_csv(path, sep=";", decimal=",", encoding=enc)
+                else:
+                    table = pd.read_csv(path, sep=sep, encoding=enc)
                 break
             except UnicodeDecodeError:
                 continue

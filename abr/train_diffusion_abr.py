@@ -195,7 +195,7 @@ def evaluate_generator(run, cfg, arrays, meta, train_rows, val_rows, device) -> 
                 "generated_wave_v_latency_shift_ms": g["wave_v_latency_shift_ms"],
                 "real_vs_real_wave_v_latency_shift_ms": r.get("wave_v_latency_shift_ms"),
                 "generated_nearest_train_r": g["nearest_train_r"], "real_nearest_train_r": r.get("nearest_train_r")}
-    return {"quality": report, "headline": headline, "best_epoch": ckpt["epoch"],
+    return {"quality": report, "quality_summary": headline, "best_epoch": ckpt["epoch"],
             "figures": [p.relative_to(run.run_dir).as_posix() for p in figures if p.suffix == ".png"]}
 
 

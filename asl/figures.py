@@ -29,8 +29,7 @@ def plot_maps(truth: Mapping, estimates: Mapping, mask: np.ndarray, path: Path, 
         fig.colorbar(im, ax=axes[r, :1 + len(methods)].tolist(), shrink=0.8, label=f"{param.upper()} ({unit})")
         fig.colorbar(em, ax=axes[r, 1 + len(methods):].tolist(), shrink=0.8, label=f"|error| ({unit})")
     for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.axis("off")
     fig.suptitle(f"Test phantom at SNR {snr:g}", fontsize=9)
     return save_figure(fig, path)
 

@@ -17,6 +17,8 @@ dropout (exp 17 MC dropout), denoise_head (exp 20).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -178,8 +180,12 @@ class SpatialASLNet(nn.Module):
         n_kernel = self.cbf_kernel_size**2 + 2 if self.cbf_kernel_size else 1
         self.cbf_head = nn.Conv2d(f0, n_kernel + (1 if self.use_log_var else 0), 1)
         if self.cbf_kernel_size:
-            nn.init.zeros_(self.cbf_head.weight)  # start as a uniform box filter of the grid estimate, gain 1
+            # Start near the voxel's own estimate (centre weight ≈ 0.7 for 5×5), gain 1, offset 0: the network
+            # begins at LS-grid quality and learns where and how much to smooth.
+            nn.init.zeros_(self.cbf_head.weight)
             nn.init.zeros_(self.cbf_head.bias)
+            with torch.no_grad():
+                self.cbf_head.bias[self.cbf_kernel_size**2 // 2] = math.log(2.3 * (self.cbf_kernel_size**2 - 1))
         self.att_head = nn.Conv2d(att_in, 2 if self.use_log_var else 1, 1)
         self.denoise = nn.Conv2d(f0, self.in_channels, 1) if denoise_head else None
         # Amplitude pathway (AmplitudeAware): features of the raw input → MLP → FiLM / output modulation.

@@ -28,7 +28,7 @@ from common.checkpoint import load_model
 from rsna_spine.constants import CONDITIONS, GROUP_OF_CONDITION, LEVELS
 from rsna_spine.crops import resample_slice, resample_volume
 from rsna_spine.data import Stack, StackStore
-from rsna_spine.datasets import POINTS, CropDataset, output_to_voxel
+from rsna_spine.stage_datasets import POINTS, CropDataset, output_to_voxel
 from rsna_spine.metric import reweight_probabilities
 from rsna_spine.models import decode_heatmaps
 

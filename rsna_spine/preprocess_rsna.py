@@ -22,6 +22,7 @@ from rsna_spine.cache import (
     decode_all,
     make_folds,
     series_tasks,
+    worker_count,
     write_csv_atomic,
 )
 from rsna_spine.data import DataLayoutError, StackStore, read_stack_index, stack_path
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     previous = None
     if (cache_dir / "stack_index.csv").is_file() and not pcfg["overwrite"]:
         previous = read_stack_index(cache_dir)
-    frames, decode_s, n_decoded = [], 0.0, 0
+    frames, decode_s, n_decoded, n_workers = [], 0.0, 0, 1
     for split in pcfg["splits"]:
         tasks = series_tasks(root, split, cache_dir, pcfg["percentiles"], logger=run.log)
         keep_rows = []
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
             tasks = [t for t in tasks if (t["study_id"], t["series_id"]) not in cached]
             if cached:
                 run.log(f"{split}: {len(cached)} series already in {cache_dir}, {len(tasks)} to decode")
-        index, seconds = decode_all(tasks, int(pcfg["workers"]), run.log, desc=f"decode {split}")
+        n_workers = worker_count(int(pcfg["workers"]), len(tasks))
+        index, seconds = decode_all(tasks, n_workers, run.log, desc=f"decode {split}")
         frames += keep_rows + [index]
         decode_s += seconds
         n_decoded += len(tasks)
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_ok = int(index.loc[index["status"] == "ok", ["study_id", "series_id"]].drop_duplicates().shape[0])
     n_bad = int((index["status"] != "ok").sum())
     rate = n_decoded / decode_s if decode_s > 0 else float("nan")
-    run.log(f"decoded {n_decoded} series in {decode_s:.1f} s ({rate:.2f} series/s with {pcfg['workers']} "
-            f"worker(s)); {n_ok} series usable, {n_bad} missing or unreadable")
+    run.log(f"decoded {n_decoded} series in {decode_s:.1f} s ({rate:.2f} series/s with {n_workers} "
+            f"process(es)); {n_ok} series usable, {n_bad} missing or unreadable")
 
     if "train" in pcfg["splits"]:
         store = StackStore(cache_dir, index=index[index["split"] == "train"].reset_index(drop=True))

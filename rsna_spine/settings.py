@@ -109,7 +109,7 @@ DEFAULTS = {
         "n_example_studies": 3,  # studies shown in the attention / crop figures
     },
     "benchmark": {
-        "n_series": 12,  # series decoded for the decode-throughput measurement
+        "n_series": 40,  # series decoded for the decode-throughput measurement
         "n_samples": 64,  # stage-2 samples timed from the cache and from DICOM
         "decode_workers": [1, 2],  # worker counts whose decode throughput is measured
     },

@@ -46,7 +46,7 @@ from common.runtime import (
     wrap_model,
 )
 from rsna_spine.data import StackStore
-from rsna_spine.datasets import (
+from rsna_spine.stage_datasets import (
     POINTS,
     AxialPointDataset,
     CropDataset,

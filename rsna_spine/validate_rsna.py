@@ -25,7 +25,7 @@ import pandas as pd
 from common.cli import make_parser, start_run
 from rsna_spine.constants import SUBMISSION_COLUMNS
 from rsna_spine.data import StackStore
-from rsna_spine.datasets import CropDataset, crop_items
+from rsna_spine.stage_datasets import CropDataset, crop_items
 from rsna_spine.evaluation import (
     grading_report,
     localization_errors,

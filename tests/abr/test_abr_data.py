@@ -48,6 +48,13 @@ def test_cp1254_export_is_read_with_auto_encoding(table, tmp_path):
     assert [CLASS_NAMES[i] for i in recs.class_idx[:5]] == list(CLASS_NAMES)
 
 
+def test_semicolon_csv_with_decimal_commas_is_read(table, tmp_path):
+    path = tmp_path / "abr_semicolon.csv"
+    table.to_csv(path, index=False, sep=";", decimal=",", encoding="utf-8-sig")
+    recs = load_recordings(path, DATA_CFG)
+    np.testing.assert_allclose(recs.signals_uv, table[[str(i + 1) for i in range(450)]].to_numpy(), atol=1e-9)
+
+
 def test_ascii_aliases_are_accepted(table):
     frame = table.copy()
     frame["Hear_Loss"] = frame["Hear_Loss"].map({"SNİK": "SNIK", "İTİK": "ITIK", "NÖROPATİ": "NOROPATI"}).fillna(frame["Hear_Loss"])

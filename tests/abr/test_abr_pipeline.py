@@ -76,7 +76,7 @@ def test_diffusion_and_generation(tiny_config, tiny_cache, tmp_path):
     diff = train_diffusion_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache),
                                      "--output-dir", str(tmp_path / "diff")])
     assert math.isfinite(diff["best_val_loss_ema"])
-    assert all(finite(v) for v in diff["headline"].values())
+    assert all(finite(v) for v in diff["quality_summary"].values())
     gen = generate_abr.main(["--config", str(tiny_config), "--checkpoint", str(tmp_path / "diff"),
                              "--output-dir", str(tmp_path / "gen")])
     assert gen["n_generated"] == 8

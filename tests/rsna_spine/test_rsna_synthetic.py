@@ -45,7 +45,7 @@ def test_severity_is_visible_in_the_pixels(seed):
 
 def test_narrowing_ranges_are_disjoint():
     for (lo1, hi1), (lo2, hi2) in zip(NARROWING_RANGES[:-1], NARROWING_RANGES[1:]):
-        assert hi1 < lo2 and lo1 < hi1
+        assert lo1 < hi1 < lo2 < hi2
 
 
 def test_headers_carry_no_grade_and_layout_rows(tmp_path):
