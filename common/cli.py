@@ -134,7 +134,7 @@ def start_run(args: argparse.Namespace, *, domain: str, defaults: dict, argv: li
             (run_dir / stale).unlink(missing_ok=True)
     threads = (cfg.get("runtime") or {}).get("torch_threads") if isinstance(cfg.get("runtime"), dict) else None
     if threads:
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(int(threads))  # on CPUs shared with other jobs 1 thread avoids spin-waiting
     seed_everything(int(cfg.get("seed", 0)), info.rank)
     logger = RunLogger(run_dir if info.is_main else None, is_main=info.is_main)
     logger.save_config(cfg)
@@ -142,7 +142,8 @@ def start_run(args: argparse.Namespace, *, domain: str, defaults: dict, argv: li
                      extra={"domain": domain, "config_name": config_name, "world_size": info.world_size})
     where = f" -> {run_dir}" if run_dir is not None else ""
     ddp = f", DDP rank {info.rank}/{info.world_size}" if info.enabled else ""
-    logger.log(f"[{domain}] config {config_name} on {describe_device(device)}{ddp}{where}")
+    threads_note = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
+    logger.log(f"[{domain}] config {config_name} on {describe_device(device)}{threads_note}{ddp}{where}")
     if resume_from is not None:
         logger.log(f"[{domain}] resuming from {resume_from}")
     return Run(cfg=cfg, device=device, dist=info, logger=logger, run_dir=run_dir, config_name=config_name,

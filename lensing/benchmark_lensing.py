@@ -26,7 +26,7 @@ import torch
 
 from common.cli import make_parser, start_run
 from common.runlog import write_text_atomic
-from lensing.pipeline_config import apply_torch_threads, with_other_sections
+from lensing.pipeline_config import with_other_sections
 
 DEFAULTS = with_other_sections({
     "seed": 0,
@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv)
     bcfg = run.cfg["benchmark"]
-    apply_torch_threads(run.cfg, run.log)
     run.log(f"[lensing] benchmark on {run.device}, torch threads {torch.get_num_threads()}")
     rows, accuracy = bench_simulator(bcfg, run.cfg["seed"], run.log)
     training = bench_training(bcfg, run.device)

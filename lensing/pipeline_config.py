@@ -18,15 +18,3 @@ def with_other_sections(defaults: dict) -> dict:
         if section not in out:
             out[section] = {}
     return out
-
-
-def apply_torch_threads(cfg: dict, log=None) -> None:
-    """``runtime.torch_threads`` > 0 sets torch's intra-op threads (on a CPU shared with other jobs, 1 thread
-    is often faster than oversubscribed cores); 0 keeps torch's default."""
-    import torch
-
-    threads = int((cfg.get("runtime") or {}).get("torch_threads", 0) or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-        if log is not None:
-            log(f"[lensing] torch intra-op threads: {threads}")

@@ -20,7 +20,7 @@ import pandas as pd
 
 from common.cli import make_parser, start_run
 from common.runlog import write_json
-from lensing.pipeline_config import apply_torch_threads, with_other_sections
+from lensing.pipeline_config import with_other_sections
 from lensing.catalog import read_catalog, write_catalog
 from lensing.splits import DEFAULT_FACTORS, balance_report, stratified_split
 
@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.output_dir = Path(data_dir) / "split_run"
     run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
-    apply_torch_threads(cfg, run.log)
     out_dir = Path(data_dir) if data_dir is not None else run.run_dir
     if args.command == "simulate":
         from lensing.simulate_data import simulate_dataset

@@ -39,7 +39,7 @@ from common.runtime import (
     seed_everything,
     wrap_model,
 )
-from lensing.pipeline_config import apply_torch_threads, with_other_sections
+from lensing.pipeline_config import with_other_sections
 from lensing.data import LensingDataset, augment_batch
 from lensing.inference import ENSEMBLE_MANIFEST, predict_logits
 from lensing.metrics import bologna_metrics
@@ -243,7 +243,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.set = [*args.set, f"data.dir={args.data.as_posix()}"]
     run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
-    apply_torch_threads(cfg, run.log)
     if not cfg["data"]["dir"]:
         raise SystemExit("error: give the data set folder with --data DIR (or data.dir)")
     dcfg = cfg["data"]

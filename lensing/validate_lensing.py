@@ -34,7 +34,7 @@ from lensing.metrics import (
     per_survey_metrics,
     stratified_curve,
 )
-from lensing.pipeline_config import apply_torch_threads, with_other_sections
+from lensing.pipeline_config import with_other_sections
 
 DEFAULTS = with_other_sections({
     "seed": 0,
@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv)
     cfg, vcfg, device = run.cfg, run.cfg["validate"], run.device
-    apply_torch_threads(cfg, run.log)
     if not run.is_main:
         return run.finish({})
     from lensing.inference import member_checkpoints

@@ -31,9 +31,10 @@ from rsna_spine.cache import decode_all, series_tasks
 from rsna_spine.constants import GROUP_OF_CONDITION, SUBMISSION_COLUMNS
 from rsna_spine.crops import crop_stack
 from rsna_spine.data import Stack, StackStore, decode_series_task
+from rsna_spine.inference import find_run_dir
 from rsna_spine.stage_datasets import CropDataset, crop_items
 from rsna_spine.metric import score_details, solution_from_labels, submission_frame
-from rsna_spine.settings import DEFAULTS, apply_threads
+from rsna_spine.settings import DEFAULTS
 
 DOMAIN = "rsna_spine"
 
@@ -95,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
-    apply_threads(cfg)
     root, cache_dir = Path(cfg["paths"]["data_root"]), Path(cfg["paths"]["cache_dir"])
     bcfg = cfg["benchmark"]
     results: dict = {}
@@ -144,8 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
     results["max_abs_difference_cache_vs_dicom"] = float(check)
 
     # 3. metric margin from a validation run
-    validate_dir = args.validate_dir or cfg["paths"]["validate_dir"]
-    if validate_dir and (Path(validate_dir) / "oof_predictions.csv").is_file():
+    try:
+        validate_dir = find_run_dir(args.validate_dir, cfg["paths"]["validate_dir"], run.config_name,
+                                    "oof_predictions.csv", "validate_rsna.py")
+    except SystemExit as exc:
+        validate_dir = None
+        run.log(str(exc))
+    if validate_dir is not None:
         oof = pd.read_csv(Path(validate_dir) / "oof_predictions.csv")
         base = pd.read_csv(Path(validate_dir) / "oof_prior_baseline.csv")
         cols = list(SUBMISSION_COLUMNS)
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{prior['score']:.4f}: margin {prior['score'] - model['score']:+.4f} "
                 f"({'beats' if model['score'] < prior['score'] else 'does NOT beat'} the baseline)")
     else:
-        run.log(f"no oof_predictions.csv under {validate_dir}: run validate_rsna.py first for the metric margin")
+        run.log("no validation run found: run validate_rsna.py first for the metric margin")
     headline = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()
                 if k in ("series_per_s_1_worker", "series_per_s_2_worker", "samples_per_s_cache_warm",
                          "samples_per_s_dicom", "speedup_cached_vs_dicom", "margin_vs_prior")}

@@ -45,19 +45,25 @@ def read_manifest(train_dir: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def find_train_dir(args_dir, cfg, config_name: str, marker: str = "models.json") -> Path:
-    """--train-dir, else paths.train_dir, else the latest runs/rsna_spine/<config>/* holding ``marker``."""
-    for candidate in (args_dir, cfg["paths"]["train_dir"]):
+def find_run_dir(explicit, configured, config_name: str, marker: str, what: str = "train_rsna.py") -> Path:
+    """``explicit`` (a CLI option), else ``configured`` (paths.*), else the latest
+    runs/rsna_spine/<config>/* holding ``marker``; a clear error when none qualifies."""
+    for candidate in (explicit, configured):
         if candidate:
             path = Path(candidate)
             if not (path / marker).is_file():
-                raise SystemExit(f"error: {path / marker} not found (is {path} a finished train_rsna.py run?)")
+                raise SystemExit(f"error: {path / marker} not found (is {path} a finished {what} run?)")
             return path
     base = Path("runs") / "rsna_spine" / config_name
     runs = sorted(p for p in base.glob("*") if (p / marker).is_file()) if base.is_dir() else []
     if not runs:
-        raise SystemExit(f"error: no run with {marker} under {base}; pass --train-dir")
+        raise SystemExit(f"error: no {what} run with {marker} under {base}; pass its folder explicitly")
     return runs[-1]
+
+
+def find_train_dir(args_dir, cfg, config_name: str) -> Path:
+    """--train-dir, else paths.train_dir, else the latest train run of this config (models.json)."""
+    return find_run_dir(args_dir, cfg["paths"]["train_dir"], config_name, "models.json")
 
 
 def load_ensemble(train_dir: str | Path, folds: Sequence[int] | None, device, checkpoint: str = "best") -> dict:

@@ -30,7 +30,7 @@ from rsna_spine.constants import CONDITIONS, LEVELS, SUBMISSION_COLUMNS, row_id
 from rsna_spine.data import StackStore
 from rsna_spine.inference import center_items, classify, find_train_dir, load_ensemble, localize_studies
 from rsna_spine.metric import prior_probabilities, prior_submission, score_details, submission_frame
-from rsna_spine.settings import DEFAULTS, apply_threads
+from rsna_spine.settings import DEFAULTS
 
 DOMAIN = "rsna_spine"
 
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
-    apply_threads(cfg)
     train_dir = find_train_dir(args.train_dir, cfg, run.config_name)
     root = Path(args.data_root or cfg["paths"]["data_root"])
     cache_dir = run.run_dir / "test_cache"

@@ -26,7 +26,7 @@ from rsna_spine.cache import (
     write_csv_atomic,
 )
 from rsna_spine.data import DataLayoutError, StackStore, read_stack_index, stack_path
-from rsna_spine.settings import DEFAULTS, apply_threads
+from rsna_spine.settings import DEFAULTS
 from rsna_spine.synthetic import generate_dataset
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain="rsna_spine", defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
-    apply_threads(cfg)
     root, cache_dir = Path(cfg["paths"]["data_root"]), Path(cfg["paths"]["cache_dir"])
     pcfg = cfg["preprocess"]
 

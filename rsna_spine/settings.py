@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 
 from common.runtime import RUNTIME_DEFAULTS
 from rsna_spine.synthetic import SYNTHETIC_DEFAULTS
@@ -115,13 +114,3 @@ DEFAULTS = {
     },
     "runtime": {**RUNTIME_DEFAULTS, "torch_threads": 0},  # torch_threads: 0 = torch default; 1 on busy CPUs
 }
-
-
-def apply_threads(cfg: dict) -> None:
-    """Set torch's intra-op threads from runtime.torch_threads (0 keeps the default).
-
-    On a CPU shared with other jobs, one thread avoids OpenMP spin-waiting that can slow small
-    convolutions by 10× or more (measured on the 2-core development machine)."""
-    threads = int(cfg["runtime"].get("torch_threads", 0) or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)

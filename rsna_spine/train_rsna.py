@@ -60,7 +60,7 @@ from rsna_spine.evaluation import grading_report, prediction_table
 from rsna_spine.inference import group_conditions, localize_studies
 from rsna_spine.metric import class_priors, reweight_probabilities
 from rsna_spine.models import decode_heatmaps, heatmap_loss
-from rsna_spine.settings import DEFAULTS, apply_threads
+from rsna_spine.settings import DEFAULTS
 
 DOMAIN = "rsna_spine"
 
@@ -369,7 +369,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
-    apply_threads(cfg)
     cache_dir = Path(cfg["paths"]["cache_dir"])
     store = StackStore(cache_dir)
     labels = pd.read_csv(cache_dir / "labels.csv")

@@ -35,7 +35,7 @@ from rsna_spine.evaluation import (
 from rsna_spine.figures import attention_figure, crops_figure, evaluation_figure, training_figure
 from rsna_spine.inference import classify, find_train_dir, load_ensemble, localize_studies, read_manifest
 from rsna_spine.metric import class_priors, prior_probabilities, score_details, solution_from_labels, submission_frame
-from rsna_spine.settings import DEFAULTS, apply_threads
+from rsna_spine.settings import DEFAULTS
 
 DOMAIN = "rsna_spine"
 
@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
-    apply_threads(cfg)
     train_dir = find_train_dir(args.train_dir, cfg, run.config_name)
     cache_dir = Path(cfg["paths"]["cache_dir"])
     store = StackStore(cache_dir)
