@@ -19,9 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import math
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -175,24 +173,15 @@ def _to_plain_number(value):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, flush to disk, then rename over ``path``.
+    """torch.save through :func:`common.runlog.atomic_open` (temporary file, fsync, rename).
 
     A crash mid-write leaves the previous file intact and no half-written checkpoint under ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    from common.runlog import atomic_open
+
+    with atomic_open(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, *, domain: str, config: Mapping | None = None,

@@ -7,6 +7,7 @@ last and atomically, so a run folder without it is visibly incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -74,19 +75,40 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", **kwargs):
+    """Open a temporary file beside ``path`` for writing; on success it is flushed to disk and renamed
+    over ``path``, on any error (or Ctrl+C) it is deleted. A reader never sees a half-written file.
+
+        with atomic_open(out / "case.npz") as handle:
+            np.savez_compressed(handle, **arrays)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def save_npz_atomic(path: str | Path, compressed: bool = True, **arrays) -> Path:
+    """``np.savez(_compressed)`` through :func:`atomic_open`: never a partial NPZ under ``path``."""
+    with atomic_open(path) as handle:
+        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+    return Path(path)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -74,3 +74,20 @@ def test_figures_png_and_pdf(tmp_path):
         append_csv_row(csv_path, {"epoch": epoch, "train_loss": 1.0 / epoch, "val_mae": math.nan if epoch == 1 else 0.5})
     out = plot_training_curves(csv_path, tmp_path / "curves")
     assert (tmp_path / "curves.png").is_file() and len(out) >= 1
+
+
+def test_atomic_npz_and_cleanup_on_error(tmp_path):
+    import pytest
+
+    from common.runlog import atomic_open, save_npz_atomic
+
+    path = save_npz_atomic(tmp_path / "case.npz", ct=np.arange(3, dtype=np.float32))
+    with np.load(path, allow_pickle=False) as npz:
+        assert npz["ct"].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(RuntimeError):
+        with atomic_open(tmp_path / "case.npz") as handle:
+            handle.write(b"half")
+            raise RuntimeError("disk full")
+    with np.load(path, allow_pickle=False) as npz:  # the previous file is intact
+        assert npz["ct"].shape == (3,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.npz"]
