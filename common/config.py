@@ -5,7 +5,8 @@ A script declares its complete configuration as a ``DEFAULTS`` dict (the nanoGPT
 the config file), the config file itself, then each ``--set a.b=value``. Every key of every layer must
 already exist in DEFAULTS: a typo is an error that lists the valid keys and the closest match, never a
 silently ignored setting. An empty dict in DEFAULTS (``{}``) marks a free-form mapping (for example a
-table of class weights) whose keys are not checked.
+table of class weights) whose keys are not checked; tables merge key by key across layers, and
+``key: null`` in a later layer empties an inherited table.
 
 Override values are parsed as YAML (``[32,64]``, ``true``, ``null``, ``1e-4``) and type-checked
 against the value they replace: int may become float, ``null`` defaults accept anything, a list stays
@@ -120,6 +121,8 @@ def merge_strict(base: dict, update: Mapping, source: str, schema: Mapping | Non
             out[key] = merge_strict(old if isinstance(old, dict) else {}, value, source, sub_schema, f"{dotted}.")
         elif _is_free_form(sub_schema) and isinstance(value, Mapping):
             out[key] = merge_free(old if isinstance(old, dict) else {}, value)
+        elif _is_free_form(sub_schema) and value is None:  # `key: null` empties an inherited free-form table
+            out[key] = {}
         else:
             out[key] = _coerce(copy.deepcopy(value), sub_schema, dotted, source)
     return out

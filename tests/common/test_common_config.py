@@ -71,6 +71,13 @@ def test_free_form_section_accepts_any_key(tmp_path):
     assert cfg["class_weights"] == {"normal": 1, "severe": 4, "moderate": 2}
 
 
+def test_null_empties_an_inherited_free_form_table(tmp_path):
+    write(tmp_path / "base.yaml", "class_weights:\n  normal: 1\n  severe: 4\n")
+    path = write(tmp_path / "child.yaml", "base: base.yaml\nclass_weights: null\n")
+    assert load_config(path, [], DEFAULTS)["class_weights"] == {}
+    assert load_config(path, ["class_weights.x=2"], DEFAULTS)["class_weights"] == {"x": 2}
+
+
 def test_base_include_is_one_level_only(tmp_path):
     write(tmp_path / "a.yaml", "seed: 1\n")
     write(tmp_path / "b.yaml", "base: a.yaml\nseed: 2\n")
