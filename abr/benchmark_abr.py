@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from abr.dataset import ABRSeriesDataset, load_cache, split_series
-from abr.defaults import abr_defaults, apply_cpu_threads
+from abr.defaults import abr_defaults
 from abr.evaluation import class_prior_baselines, evaluate_classical, evaluate_model, fit_classical, predict
 from abr.validate_abr import check_grid
 from common.checkpoint import CheckpointError, load_model
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="test", help="train | val | test")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg)
     cfg, device = run.cfg, run.device
     bcfg = cfg["benchmark"]
     try:

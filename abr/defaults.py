@@ -16,9 +16,6 @@ from common.runtime import RUNTIME_DEFAULTS
 
 ABR_DEFAULTS = {
     "seed": 0,
-    # torch CPU threads (0 = torch's default). On a CPU shared with other jobs 1 thread is several times
-    # faster than 2: OpenMP threads spin-wait for each other when cores are oversubscribed.
-    "cpu_threads": 0,
     # ---------------------------------------------------------------- the clinical table (abr/data.py)
     "data": {
         "table": None,  # CSV/XLSX in the clinical format; null = generate synthetic data (section below)
@@ -90,7 +87,7 @@ ABR_DEFAULTS = {
         "temperature_scaling": True,  # fit the class temperature on validation after training
         "max_steps_per_epoch": 0,  # 0 = full epoch (smoke runs cap it)
     },
-    "runtime": dict(RUNTIME_DEFAULTS),
+    "runtime": dict(RUNTIME_DEFAULTS),  # num_workers, amp, torch_threads (1 on a shared CPU), cooling pauses
     # ----------------------------------------------------------------------- validation (validate_abr.py)
     "validate": {
         "split": "test",  # train | val | test
@@ -102,7 +99,7 @@ ABR_DEFAULTS = {
     "classical": {
         "window_ms": [1.0, 12.0],  # correlation window
         "max_lag_ms": 0.5,  # cross-correlation lag allowed between neighbouring levels
-        "criterion_grid": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],  # criterion chosen on the validation split
+        "criterion_grid": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],  # chosen on the validation split
         "criterion": None,  # fixed criterion instead of fitting one
         "v_window_80db_ms": [5.0, 7.8],  # wave V search window at 80 dB nHL ...
         "v_window_slope_ms_per_10db": 0.45,  # ... moved later by this per 10 dB below 80
@@ -153,10 +150,3 @@ def abr_defaults() -> dict:
     """A fresh deep copy (scripts must not share mutable defaults)."""
     return copy.deepcopy(ABR_DEFAULTS)
 
-
-def apply_cpu_threads(cfg: dict) -> None:
-    """torch.set_num_threads(cfg['cpu_threads']) when it is > 0."""
-    if int(cfg.get("cpu_threads", 0)) > 0:
-        import torch
-
-        torch.set_num_threads(int(cfg["cpu_threads"]))

@@ -20,7 +20,7 @@ import pandas as pd
 
 from abr.data import DEFAULT_COLUMNS, load_recordings, write_table
 from abr.dataset import load_cache
-from abr.defaults import abr_defaults, apply_cpu_threads
+from abr.defaults import abr_defaults
 from abr.dsp import resample
 from abr.generator import condition_features, sample_waveforms, target_uv
 from abr.labels import CLASS_ASCII, WAVES, canonical_class
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> dict:
                                                                   "(default: the checkpoint's)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg)
     cfg, device = run.cfg, run.device
     gcfg = cfg["generate"]
     try:
@@ -120,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     figures = series_figure(conditions, generated, t_ms, run.run_dir / "figures" / "generated_series")
 
     summary: dict = {"table": table_path.as_posix(), "n_generated": int(len(conditions)),
+                     "notes": f"Generator trained for {ckpt['step']} optimizer steps (epoch {ckpt['epoch']}); compare "
+                              "condition_mean_r and wave_v_latency_shift_ms with the real_vs_real values.",
                      "conditions": {k: gcfg[k] for k in ("classes", "intensities_db", "age_years", "rate_per_s")}}
     data_dir = args.data or Path(pre["cache"])
     if (Path(data_dir) / "abr_cache.npz").is_file():
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     cfg["classical"], seed=int(cfg["seed"]))
             summary["quality"] = report
             g = report["generated_vs_real"]
-            summary["headline"] = {"n_generated": int(len(conditions)), "n_compared": int(len(keep)),
+            summary["headline"] = {"generator_steps": int(ckpt["step"]), "n_compared": int(len(keep)),
                                    "condition_mean_r": g["condition_mean_r"], "psd_distance_db": g["psd_log_distance_db"],
                                    "wave_v_latency_shift_ms": g["wave_v_latency_shift_ms"],
                                    "real_vs_real_condition_mean_r": report["real_vs_real"].get("condition_mean_r"),

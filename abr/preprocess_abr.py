@@ -21,7 +21,7 @@ import numpy as np
 
 from abr.data import Recordings, TableError, load_recordings
 from abr.dataset import CACHE_NAME, META_NAME, SPLITS, STATIC_FEATURES, static_raw
-from abr.defaults import abr_defaults, apply_cpu_threads
+from abr.defaults import abr_defaults
 from abr.dsp import bandpass, normalize_recordings, resample, time_axis_ms
 from abr.labels import CLASS_NAMES, WAVES
 from abr.synthetic import clean_sidecar_path, write_synthetic_table
@@ -230,7 +230,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--table", type=Path, default=None, help="clinical table (overrides data.table)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg)
     cfg = run.cfg
     table = args.table or (Path(cfg["data"]["table"]) if cfg["data"]["table"] else None)
     if table is None:

@@ -29,7 +29,7 @@ from abr.dataset import (
     load_cache,
     split_series,
 )
-from abr.defaults import abr_defaults, apply_cpu_threads
+from abr.defaults import abr_defaults
 from abr.evaluation import evaluate_model, fit_temperature, predictions, run_model
 from abr.objectives import LOSS_KINDS, LOSS_NAMES, combine_losses, loss_weights, task_losses
 from common.checkpoint import build_model, load_checkpoint, load_model, restore_training_state, save_checkpoint
@@ -112,7 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, required=True, help="preprocessing output folder (abr_cache.npz)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg)
     cfg, device, dist = run.cfg, run.device, run.dist
     tcfg, lcfg, rcfg = cfg["train"], cfg["loss"], cfg["runtime"]
     arrays, meta = load_cache(args.data)

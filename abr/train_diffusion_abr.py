@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from abr.dataset import load_cache
-from abr.defaults import abr_defaults, apply_cpu_threads
+from abr.defaults import abr_defaults
 from abr.generator import RecordingDataset, condition_features, make_process, sample_waveforms, target_uv
 from abr.quality import quality_report
 from common.checkpoint import build_model, load_checkpoint, load_model, restore_training_state, save_checkpoint
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, required=True, help="preprocessing output folder (abr_cache.npz)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg)
     cfg, device, dist = run.cfg, run.device, run.dist
     dcfg, rcfg = cfg["diffusion"], cfg["runtime"]
     arrays, meta = load_cache(args.data)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from abr.dataset import ABRSeriesDataset, load_cache, split_series
-from abr.defaults import abr_defaults, apply_cpu_threads
+from abr.defaults import abr_defaults
 from abr.evaluation import (
     class_prior_baselines,
     evaluate_classical,
@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default=None, help="train | val | test (default validate.split)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg)
     cfg, device = run.cfg, run.device
     try:
         model, ckpt = load_model(args.checkpoint, device=device, expected_domain="abr")

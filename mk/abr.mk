@@ -16,7 +16,7 @@ DEMO_TARGETS += abr-demo
 abr-demo: setup
 	$(PYTHON) -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir runs/demo/abr/data
 	$(PYTHON) -m abr.train_abr --config configs/abr/smoke.yaml --data runs/demo/abr/data --output-dir runs/demo/abr/train
-	$(PYTHON) -m abr.validate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/train --data runs/demo/abr/data --output-dir runs/demo/abr/validate
+	$(PYTHON) -m abr.validate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/train --data runs/demo/abr/data --output-dir runs/demo/abr/evaluate
 	$(PYTHON) -m abr.train_diffusion_abr --config configs/abr/smoke.yaml --data runs/demo/abr/data --output-dir runs/demo/abr/diffusion
 	$(PYTHON) -m abr.generate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/diffusion --output-dir runs/demo/abr/generate
 

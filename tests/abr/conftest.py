@@ -9,7 +9,7 @@ import yaml
 
 TINY = {
     "seed": 3,
-    "cpu_threads": 1,
+    "runtime": {"torch_threads": 1},
     "synthetic": {"n_patients": 16, "intensity_step_db": 20.0,
                   "class_probs": {"NORMAL": 0.5, "SNIK": 0.2, "ITIK": 0.15, "TOTAL": 0.1, "NOROPATI": 0.05}},
     "preprocess": {"model_rate_hz": 5000.0},
