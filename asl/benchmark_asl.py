@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
     cfg, device, bcfg = run.cfg, run.device, run.cfg["benchmark"]
+    if device.type == "cpu" and int(bcfg["threads"]) > 0:
+        torch.set_num_threads(int(bcfg["threads"]))  # same thread budget as the single-threaded scipy fit
     models, ckpts = load_ensemble(args.checkpoints, device)
     prep = ckpts[0]["preprocessing"]
     physics, fit_cfg = prep["physics"], prep.get("fit", cfg["fit"])
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"share < 0.1: {agreement['share_abs_dcbf_below_0.1']:.1%}")
     for name, acc in accuracy.items():
         run.log(f"{name:>12s}: CBF MAE {acc['cbf_mae']:.2f}, ATT MAE {acc['att_mae_ms']:.0f} ms (scipy subset, SNR {snr:g})")
-    summary = {"snr": snr, "device": str(device), "voxels": n_vox, "scipy_voxels": int(len(sub)), "n_models": len(models),
+    summary = {"snr": snr, "device": str(device), "torch_threads": torch.get_num_threads(), "voxels": n_vox, "scipy_voxels": int(len(sub)), "n_models": len(models),
                "rates": rates, "ratios": ratios, "agreement": agreement, "accuracy": accuracy, "targets_met": targets,
                "seconds": {"nn": nn_s, "batched_ls": batched["seconds"], "scipy_ls": scipy_res["seconds"]}}
     summary["headline"] = {"batched_ls_vs_scipy_speedup": ratios["batched_ls_vs_scipy"],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asl.data import load_ensemble, predict_maps
+from asl.data import apply_cpu_threads, load_ensemble, predict_maps
 from asl.defaults import defaults
 from asl.fitting import fit_batched
 from asl.invivo import InvivoError, read_nifti, assemble, load_subject
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reference-att", type=Path, default=None, help="optional reference ATT NIfTI to compare with")
     args = parser.parse_args(argv)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
+    apply_cpu_threads(run.cfg, run.device)
     cfg, device, pcfg = run.cfg, run.device, run.cfg["predict"]
     models, ckpts = load_ensemble(args.checkpoint, device)
     prep = ckpts[0]["preprocessing"]
@@ -121,6 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
         summary[f"reference_{param}_mae"] = {"nn": float(np.abs(nn[param] - ref)[mask].mean())}
         if ls:
             summary[f"reference_{param}_mae"]["ls"] = float(np.abs(ls[param] - ref)[mask].mean())
+    summary["headline"] = {k: v for k, v in {
+        "nn_gm_wm_cbf_ratio": summary.get("nn_gm_wm_cbf_ratio"), "ls_gm_wm_cbf_ratio": summary.get("ls_gm_wm_cbf_ratio"),
+        "nn_cbf_mae_vs_reference": summary.get("reference_cbf_mae", {}).get("nn"),
+        "ls_cbf_mae_vs_reference": summary.get("reference_cbf_mae", {}).get("ls"),
+        "ls_failure_rate": summary.get("ls_failure_rate")}.items() if v is not None}
+    summary["figures"] = []
     return run.finish(summary)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from asl.data import (
+    apply_cpu_threads,
     make_batch,
     model_kwargs,
     normalize_targets,
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, train=True)
     args = parser.parse_args(argv)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
+    apply_cpu_threads(run.cfg, run.device)
     cfg = run.cfg
     val_path = Path(cfg["data"]["dir"]) / "val.npz"
     val, meta = load_fixed_set(val_path)
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         figs = plot_training_curves(run.run_dir / "metrics.csv", run.run_dir / "figures" / "training_curves",
                                     x_key="step", keys=keys)
         summary["figures"] = [p.relative_to(run.run_dir).as_posix() for p in figs if p.suffix == ".png"]
-        summary["headline"] = {k: v for k, v in ens.items() if "_mae_" in k}
+        summary["headline"] = {f"val_{k}": v for k, v in ens.items() if "_mae_" in k}
         run.log("ensemble on the validation set: " + ", ".join(f"{k} {v:.2f}" for k, v in ens.items()))
     return run.finish(summary)
 

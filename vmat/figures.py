@@ -52,7 +52,7 @@ def dose_slices(path_stem: str | Path, reference: np.ndarray, prediction: np.nda
             ax = axes[row, col]
             ax.imshow(_planes(volume, centre)[plane], cmap="gray", vmin=0, vmax=vmax, aspect=aspect)
             ax.contour(_planes(volume, centre)[plane], levels=levels, colors=colors, linewidths=0.8)
-            for c, name in enumerate(names):
+            for c in range(len(names)):
                 outline = _planes(np.asarray(masks[c], float), centre)[plane]
                 if outline.any():
                     ax.contour(outline, levels=[0.5], colors=[OKABE_ITO[c % len(OKABE_ITO)]], linewidths=0.6,
@@ -88,7 +88,7 @@ def dvh_curves(path_stem: str | Path, reference: np.ndarray, prediction: np.ndar
         ax.plot(d, v, color=color, label=name)
         d, v = cumulative_dvh(prediction[mask], 0.25, top)
         ax.plot(d, v, color=color, linestyle="--")
-        for label, dose in (extra or {}).items():
+        for dose in (extra or {}).values():
             d, v = cumulative_dvh(dose[mask], 0.25, top)
             ax.plot(d, v, color=color, linestyle=":", linewidth=0.8)
     ax.set_xlabel("dose (Gy)")
@@ -111,8 +111,7 @@ def gamma_map(path_stem: str | Path, gamma: np.ndarray, reference: np.ndarray, s
     """Gamma on the three planes through the target centroid (γ > 1 fails; grey: not evaluated)."""
     centre = _centre(centre_mask, reference.shape)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
-    cmap = plt.get_cmap("RdYlGn_r").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("RdYlGn_r").with_extremes(bad="0.85")
     for ax, plane in zip(axes, ("axial", "coronal", "sagittal")):
         g = np.ma.masked_invalid(_planes(gamma, centre)[plane])
         im = ax.imshow(g, cmap=cmap, vmin=0, vmax=max_gamma, aspect=_aspect(spacing_mm, plane))

@@ -93,10 +93,8 @@ class VGGPerceptualLoss2D(nn.Module):
     def __init__(self, weights_path: str | Path | None = None, slice_stride: int = 8, dose_max: float = 1.2,
                  allow_download: bool = True):
         super().__init__()
-        from torchvision.models import vgg16
-
-        features = vgg16(weights=None).features[: self.LAYERS[-1] + 1]
         state = self._load_state(weights_path, allow_download)
+        features = vgg16_features_to_relu3_3()
         own = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
         own = {k: v for k, v in own.items() if k in features.state_dict()}
         missing = set(features.state_dict()) - set(own)
@@ -149,6 +147,20 @@ class VGGPerceptualLoss2D(nn.Module):
         p = pred.index_select(2, idx).transpose(1, 2).flatten(0, 1)  # (B·n, 1, y, x)
         t = target.index_select(2, idx).transpose(1, 2).flatten(0, 1)
         return sum(F.l1_loss(a, b) for a, b in zip(self._feats(p), self._feats(t)))
+
+
+def vgg16_features_to_relu3_3() -> nn.Sequential:
+    """torchvision's vgg16().features[:16] (same layer indices and parameter names), built without the
+    138 M-parameter classifier."""
+    layers: list[nn.Module] = []
+    width = 3
+    for item in (64, 64, "M", 128, 128, "M", 256, 256, 256):
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(width, item, 3, padding=1), nn.ReLU(inplace=False)]
+            width = item
+    return nn.Sequential(*layers)
 
 
 def _cached_vgg_state() -> dict:

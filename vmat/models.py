@@ -82,7 +82,7 @@ class UNet3D(nn.Module):
         self.stem = nn.Conv3d(in_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         width = channels[0]
-        for level, c in enumerate(channels):
+        for c in channels:
             blocks = nn.ModuleList([ResBlock3D(width if b == 0 else c, c, self.emb_dim, groups, dropout)
                                     for b in range(blocks_per_level)])
             self.down.append(blocks)

@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv)
     cfg, device, dist = run.cfg, run.device, run.dist
+    if run.is_main and run.resume_from is None and (run.run_dir / "metrics.csv").is_file():
+        (run.run_dir / "metrics.csv").unlink()  # a fresh run into a reused --output-dir starts a new log
     if args.data is not None:
         cfg["data"]["train_dir"] = str(args.data)
     if args.val_data is not None:

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
+    if (run.run_dir / "metrics.csv").is_file():
+        (run.run_dir / "metrics.csv").unlink()  # one row per case of this evaluation only
     paths = list_cases(args.data)
     if args.cases:
         paths = [p for p in paths if p.stem in set(args.cases)]

@@ -71,12 +71,13 @@ def dose_pair():
     return ref, np.clip(ev, 0, None), (4.0, 5.0, 5.0)
 
 
-def test_vectorized_search_is_exact_on_its_lattice(dose_pair):
+@pytest.mark.parametrize("local", [False, True])
+def test_vectorized_search_is_exact_on_its_lattice(dose_pair, local):
     """Brute force over every lattice displacement (scipy trilinear interpolation) for random voxels."""
     from vmat.gamma import _offsets
 
     ref, ev, spacing = dose_pair
-    g = gamma_index(ref, ev, spacing, 2.0, 2.0, 10.0, max_gamma=2.0, interp_fraction=10)
+    g = gamma_index(ref, ev, spacing, 2.0, 2.0, 10.0, max_gamma=2.0, interp_fraction=10, local=local)
     offsets, lengths = _offsets(spacing, 4.0, 0.2)
     points = np.argwhere(np.isfinite(g))
     rng = np.random.default_rng(0)
@@ -84,12 +85,12 @@ def test_vectorized_search_is_exact_on_its_lattice(dose_pair):
         pos = p[None, :] + offsets / np.asarray(spacing)
         values = ndimage.map_coordinates(ev, pos.T, order=1, mode="constant", cval=1e9)
         values[~np.all((pos >= 0) & (pos <= np.array(ref.shape) - 1), axis=1)] = 1e9
-        brute = np.sqrt(np.min(((values - ref[tuple(p)]) / (0.02 * ref.max())) ** 2 + (lengths / 2.0) ** 2))
+        tol = 0.02 * (ref[tuple(p)] if local else ref.max())
+        brute = np.sqrt(np.min(((values - ref[tuple(p)]) / tol) ** 2 + (lengths / 2.0) ** 2))
         assert g[tuple(p)] == pytest.approx(min(brute, 2.0), abs=1e-5)
 
 
-@pytest.mark.parametrize("criteria", [dict(dose_percent=3.0, distance_mm=3.0), dict(dose_percent=2.0, distance_mm=2.0),
-                                      dict(dose_percent=3.0, distance_mm=3.0, local=True)])
+@pytest.mark.parametrize("criteria", [dict(dose_percent=3.0, distance_mm=3.0), dict(dose_percent=2.0, distance_mm=2.0)])
 def test_agrees_with_pymedphys(dose_pair, criteria):
     """Same settings as pymedphys' defaults (interp_fraction 10): pass rates within 0.5 points.
 
@@ -103,3 +104,13 @@ def test_agrees_with_pymedphys(dose_pair, criteria):
     assert 20.0 < pass_rate(theirs) < 99.0  # a non-trivial comparison
     assert abs(pass_rate(ours) - pass_rate(theirs)) <= 0.5
     assert np.nanmean(np.abs(ours - theirs)) < 0.03
+
+
+@pytest.mark.slow
+def test_local_gamma_converges_to_pymedphys(dose_pair):
+    """Local gamma has tiny tolerances in the low-dose voxels, so both lattices need a finer step: at
+    interp_fraction 10 they differ by ~2.4 points here (pymedphys farther from the converged value), at
+    40 they agree within 0.5."""
+    ref, ev, spacing = dose_pair
+    kw = {"dose_percent": 3.0, "distance_mm": 3.0, "lower_percent_cutoff": 10.0, "local": True, "interp_fraction": 40}
+    assert abs(pass_rate(gamma_index(ref, ev, spacing, **kw)) - pass_rate(gamma_pymedphys(ref, ev, spacing, **kw))) <= 0.5

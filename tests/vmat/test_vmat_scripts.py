@@ -1,0 +1,142 @@
+"""Every script: --help, and the pipeline end to end on tiny synthetic patients."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+SCRIPTS = ["vmat.phantom", "vmat.preprocess_vmat", "vmat.train_vmat", "vmat.predict_vmat", "vmat.validate_vmat",
+           "vmat.benchmark_vmat"]
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_help(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--help"])
+    assert info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+TINY_TRAIN = {
+    "patch": {"size": [8, 16, 16], "per_case_per_epoch": 2},
+    "augment": {"rotate_deg": 3.0},
+    "model": {"channels": [4, 8], "groups": 2},
+    "train": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "ema_decay": 0.9},
+    "val": {"gamma_subset": 200, "inference": {"window_zyx": [24, 32, 32], "tta_flip": False}},
+}
+
+
+def _finite(values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_npz, tmp_path_factory):
+    from vmat.train_vmat import main
+
+    root = tmp_path_factory.mktemp("vmat_train")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_TRAIN), encoding="utf-8")
+    summary = main(["--config", str(config), "--data", str(tiny_npz), "--output-dir", str(root / "run")])
+    return root, config, summary
+
+
+def test_train_writes_checkpoints_and_resumes(trained, tiny_npz):
+    from vmat.train_vmat import main
+
+    root, config, summary = trained
+    run = root / "run"
+    assert summary["epochs_completed"] == 1 and _finite(summary["val"].values())
+    assert {"checkpoint_last.pt", "checkpoint_best.pt", "atlas.json", "metrics.csv", "summary.json"} <= {p.name for p in run.iterdir()}
+    assert math.isfinite(summary["headline"]["atlas_val_mae_gy"])
+    resumed = main(["--config", str(config), "--data", str(tiny_npz), "--output-dir", str(run), "--resume",
+                    "--set", "train.epochs=2"])
+    assert resumed["epochs_completed"] == 2
+    from common.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run / "checkpoint_last.pt", expected_domain="vmat")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 4  # 2 training cases x 2 patches / batch 2, twice
+    assert ckpt["extra"]["ema"]["num_updates"] == ckpt["step"]  # EMA state survived the resume
+    assert ckpt["preprocessing"]["input_spec"]["structure_names"][0] == "PTV70"
+
+
+@pytest.mark.parametrize("kind, extra", [("cascade", {}), ("diffusion", {"diffusion_steps": 20, "sampling_steps": 2})])
+def test_other_model_types_train(kind, extra, tiny_npz, tmp_path):
+    from vmat.train_vmat import main
+
+    cfg = json.loads(json.dumps(TINY_TRAIN))
+    cfg["model"].update({"type": kind, **extra})
+    cfg["val"]["inference"]["diffusion_samples"] = 1
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    summary = main(["--config", str(config), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "run")])
+    assert _finite([summary["val"]["val_mae_gy"], summary["val"]["val_gamma_pass_pct"]])
+
+
+def test_predict_validate_export(trained, tiny_npz, tmp_path):
+    from vmat.predict_vmat import main as predict
+    from vmat.validate_vmat import main as validate
+
+    root, _, _ = trained
+    pred = tmp_path / "pred"
+    out = predict(["--checkpoint", str(root / "run"), "--data", str(tiny_npz), "--output", str(pred),
+                   "--set", "inference.window_zyx=[24,32,32]", "--export-rtdose"])
+    assert out["n_cases"] == 3 and out["outputs_per_case"] == 2  # flip TTA on by default
+    assert len(list((pred / "rtdose").glob("*_predicted_RD.dcm"))) == 3
+    summary = validate(["--config", "configs/vmat/validate_smoke.yaml", "--data", str(tiny_npz), "--predictions", str(pred),
+                        "--atlas", str(root / "run" / "atlas.json"), "--output-dir", str(tmp_path / "val")])
+    headline = summary["headline"]
+    assert _finite([headline["mae_body_gy"], headline["gamma_3%/3mm_pass_pct"], headline["atlas_mae_body_gy"],
+                    headline["openkbp_dose_score"], headline["openkbp_dvh_score"]])
+    assert (tmp_path / "val" / "report.md").is_file() and (tmp_path / "val" / "metrics.csv").is_file()
+    assert all((tmp_path / "val" / f).is_file() for f in summary["figures"])
+    # the same model through --checkpoint (predicts on the fly), with RTDOSE export
+    direct = validate(["--config", "configs/vmat/validate_smoke.yaml", "--data", str(tiny_npz), "--checkpoint",
+                       str(root / "run"), "--set", "inference.window_zyx=[24,32,32]", "--export-rtdose",
+                       "--set", "figures.n_cases=0", "--cases", "synth_000", "--output-dir", str(tmp_path / "val2")])
+    first = [r for r in _rows(tmp_path / "val" / "metrics.csv") if r["case"] == "synth_000"][0]
+    assert direct["overall"]["mae_body_gy"] == pytest.approx(float(first["mae_body_gy"]), rel=1e-4)
+    assert len(list((tmp_path / "val2" / "rtdose").glob("*.dcm"))) == 1
+
+
+def _rows(path):
+    import csv
+
+    with open(path, encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_validate_bad_predictions(tiny_npz, tmp_path):
+    from vmat.case_io import CaseFileError, save_npz_atomic
+    from vmat.validate_vmat import main as validate
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    with pytest.raises(CaseFileError, match="no prediction for case"):
+        validate(["--data", str(tiny_npz), "--predictions", str(pred), "--output-dir", str(tmp_path / "v1")])
+    for path in sorted(tiny_npz.glob("*.npz")):
+        save_npz_atomic(pred / path.name, dose=np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(CaseFileError, match="key 'dose' has shape"):
+        validate(["--data", str(tiny_npz), "--predictions", str(pred), "--output-dir", str(tmp_path / "v2")])
+
+
+def test_phantom_and_benchmark_mains(tmp_path, tiny_npz):
+    from vmat.benchmark_vmat import main as bench
+    from vmat.phantom import main as phantom
+
+    out = phantom(["--output", str(tmp_path / "raw"), "--n-cases", "1", "--set", "ct.shape_zyx=[16,24,24]",
+                   "--set", "ct.spacing_zyx_mm=[12.0,16.0,16.0]", "--set", "dose_grid.spacing_zyx_mm=[10.0,12.0,12.0]",
+                   "--set", "plan.beams_per_arc=4"])
+    truth = json.loads((tmp_path / "raw" / "synth_000" / "ground_truth.json").read_text(encoding="utf-8"))
+    assert out["n_cases"] == 1 and truth["prescription_gy"] == 70.0
+    summary = bench(["--data", str(tiny_npz), "--output-dir", str(tmp_path / "bench"), "--set", "gamma.interp_fraction=3",
+                     "--set", "preprocess.enabled=false", "--set", "throughput.patch_sizes=[[8,8,8]]",
+                     "--set", "throughput.steps=1"])
+    head = summary["headline"]
+    assert _finite([head["gamma_speedup_vs_pymedphys"], head["gamma_pass_pct_difference"]])
+    assert summary["gamma"]["n_points"] > 0
+    assert summary["throughput"][0]["patches_per_s"] > 0
