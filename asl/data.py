@@ -26,13 +26,6 @@ from asl.simulate import (
 from common.ensembling import enable_mc_dropout
 
 
-def apply_cpu_threads(cfg: Mapping, device: torch.device) -> None:
-    """Honour ``runtime.cpu_threads`` on CPU (a loaded machine runs small convolutions faster on 1 thread)."""
-    threads = int(cfg["runtime"].get("cpu_threads", 0))
-    if device.type == "cpu" and threads > 0:
-        torch.set_num_threads(threads)
-
-
 def model_kwargs(cfg: Mapping, stats: Mapping | None = None) -> tuple[str, dict]:
     """(class path, plain kwargs) of the configured network; channel counts come from the physics, the
     CBF statistics (kernel CBF head) from ``stats``."""

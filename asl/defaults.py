@@ -110,7 +110,7 @@ DEFAULTS = {
         "threads": 1,  # torch CPU threads for all three methods (scipy is single-threaded); 0 = unchanged
     },
     "runtime": {**RUNTIME_DEFAULTS,
-                "cpu_threads": 0},  # torch intra-op threads on CPU (0 = torch's default); 1 was 4-5× faster
+                "torch_threads": 0},  # torch intra-op threads on CPU (0 = torch's default); 1 was 4-5× faster
     # per training step than 2 on the shared, loaded 2-core development machine (measured)
 }
 

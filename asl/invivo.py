@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from common.runlog import save_npz_atomic
 
 
 class InvivoError(ValueError):
@@ -297,9 +298,6 @@ def assemble(subject: Mapping, physics: Mapping, mask_threshold: float = 0.2) ->
 
 def save_subject_npz(subject: Mapping, path: str | Path) -> Path:
     """A converted subject (all modes/PLDs, M0, affine, tissue maps) as one .npz, written atomically."""
-    import os
-    import tempfile
-
     arrays = {"m0": subject["m0"], "affine": subject["affine"], "finite": subject["finite"],
               "meta_json": np.asarray(json.dumps(subject["meta"], default=str))}
     for mode, per_pld in subject["signals"].items():
@@ -308,18 +306,7 @@ def save_subject_npz(subject: Mapping, path: str | Path) -> Path:
     for name in ("gm", "wm"):
         if subject.get(name) is not None:
             arrays[name] = subject[name].astype(np.float32)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_npz_atomic(path, **arrays)
 
 
 def load_subject_npz(path: str | Path) -> dict:

@@ -17,30 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asl.data import apply_cpu_threads, load_ensemble, predict_maps
+from asl.data import load_ensemble, predict_maps
 from asl.defaults import defaults
 from asl.fitting import fit_batched
 from asl.invivo import InvivoError, read_nifti, assemble, load_subject
 from common.cli import make_parser, start_run
+from common.runlog import atomic_path
 
 DEFAULTS = defaults()
 
 
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> str:
-    import os
-    import tempfile
-
     import nibabel as nib
 
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(nib.Nifti1Image(np.asarray(arr, dtype=np.float32), affine), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path.name
 
 
@@ -58,7 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reference-att", type=Path, default=None, help="optional reference ATT NIfTI to compare with")
     args = parser.parse_args(argv)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg, run.device)
     cfg, device, pcfg = run.cfg, run.device, run.cfg["predict"]
     models, ckpts = load_ensemble(args.checkpoint, device)
     prep = ckpts[0]["preprocessing"]

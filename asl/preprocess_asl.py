@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from asl.data import apply_cpu_threads
 from asl.defaults import defaults
 from asl.invivo import assemble, load_subject, save_subject_npz
 from asl.physics import check_physics, reference_signal
@@ -74,7 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
 
         args.output_dir = Path(load_config(args.config, args.set, defaults=DEFAULTS)["data"]["dir"])
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg, run.device)
     check_physics(run.cfg["physics"])
     out_dir = Path(run.run_dir)
     if args.invivo is not None:

@@ -31,6 +31,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from asl.physics import noise_sigma, signal_curves
+from common.runlog import save_npz_atomic
 
 LABELS = {"background": 0, "gm": 1, "wm": 2, "csf": 3, "pathology": 4}
 
@@ -374,21 +375,8 @@ def build_fixed_set(n: int, seed: int, phantom_cfg: Mapping, physics: Mapping, r
 def save_fixed_set(path: str | Path, data: Mapping, meta: Mapping) -> Path:
     """npz with the arrays plus ``meta_json`` (physics, phantom config, noise kind), written atomically."""
     import json
-    import os
-    import tempfile
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, meta_json=np.asarray(json.dumps(dict(meta))), **dict(data))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_npz_atomic(path, meta_json=np.asarray(json.dumps(dict(meta))), **dict(data))
 
 
 def load_fixed_set(path: str | Path) -> tuple[dict, dict]:

@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from asl.data import (
-    apply_cpu_threads,
     make_batch,
     model_kwargs,
     normalize_targets,
@@ -300,7 +299,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, train=True)
     args = parser.parse_args(argv)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg, run.device)
     cfg = run.cfg
     val_path = Path(cfg["data"]["dir"]) / "val.npz"
     val, meta = load_fixed_set(val_path)

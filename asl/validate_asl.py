@@ -19,7 +19,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from asl.data import apply_cpu_threads, load_ensemble, predict_maps
+from asl.data import load_ensemble, predict_maps
 from asl.defaults import defaults
 from asl.evaluation import TISSUES, coverage, find, nn_failed, snr_rows, tissue_masks, uncertainty_auroc
 from asl.fitting import fit_batched
@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=None, help="test set .npz (default: <data.dir>/test.npz)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
-    apply_cpu_threads(run.cfg, run.device)
     cfg, device, vcfg = run.cfg, run.device, run.cfg["validate"]
     models, ckpts = load_ensemble(args.checkpoints, device)
     if (run.run_dir / "metrics.csv").is_file():

@@ -76,6 +76,24 @@ def to_jsonable(value: Any) -> Any:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path`` with the same suffixes (``.nii.gz``, ``.npz``, ``.fits``) for
+    libraries that write by file name; on success it is renamed over ``path``, on error deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", **kwargs):
     """Open a temporary file beside ``path`` for writing; on success it is flushed to disk and renamed
     over ``path``, on any error (or Ctrl+C) it is deleted. A reader never sees a half-written file.

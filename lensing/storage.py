@@ -9,11 +9,10 @@ the scale, which destroyed the units; this layout never does.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from common.runlog import atomic_path
 
 FORMATS = {"npy": ".npy", "fits": ".fits", "tiff16": ".tif"}
 UINT16_MAX = 65535
@@ -24,16 +23,8 @@ class ImageFileError(ValueError):
 
 
 def _atomic_write(path: Path, writer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_array(path: str | Path, array: np.ndarray, fmt: str) -> tuple[float, float]:
