@@ -69,7 +69,7 @@ def finetune_model(model: torch.nn.Module, preprocessing: Mapping, ft_cfg: Mappi
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        log(f"fine-tuning epoch {epoch + 1}: data consistency {float(dc):.4f}, anchor {float(anc):.4f}")
+        log(f"fine-tuning epoch {epoch + 1}: data consistency {dc.item():.4f}, anchor {anc.item():.4f}")
     after = total_dc()
     model.eval()
     return {"data": str(ft_cfg["data"]), "slices": int(x.shape[0]), "dc_before": before, "dc_after": after}
