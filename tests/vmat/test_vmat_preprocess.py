@@ -145,3 +145,22 @@ def test_load_case_errors_name_file_and_key(tmp_path):
         load_case(path)
     with pytest.raises(CaseFileError, match="not found"):
         load_case(tmp_path / "nope.npz")
+
+
+def test_resample_to_a_fixed_spacing_keeps_geometry():
+    from vmat.preprocess_vmat import _resample_case
+
+    z, y, x = np.meshgrid(np.arange(6) * 4.0, np.arange(8) * 3.0, np.arange(10) * 2.0, indexing="ij")
+    dose = (x + 2 * y + 0.5 * z).astype(np.float32)  # linear in mm: reproduced exactly inside the grid
+    masks = np.zeros((1, 6, 8, 10), bool)
+    masks[0, 2:4, 2:6, 2:8] = True
+    arrays = {"ct": dose.copy(), "dose": dose, "masks": masks, "body": np.ones((6, 8, 10), bool)}
+    out, spacing, origin = _resample_case(arrays, (4.0, 3.0, 2.0), np.zeros(3), (2.0, 1.5, 1.0))
+    assert spacing == (2.0, 1.5, 1.0) and out["dose"].shape == (11, 15, 19)
+    z2, y2, x2 = np.meshgrid(np.arange(11) * 2.0, np.arange(15) * 1.5, np.arange(19) * 1.0, indexing="ij")
+    np.testing.assert_allclose(out["dose"], x2 + 2 * y2 + 0.5 * z2, rtol=1e-5, atol=1e-3)
+    # masks are interpolated linearly and thresholded at 0.5: the box of source voxels z 2..3 (8-12 mm),
+    # y 2..5 (6-15 mm), x 2..7 (4-14 mm) reaches half-way to the next voxel centre on each side:
+    # z 6-14 mm -> new indices 3..7, y 4.5-16.5 mm -> 3..11, x 3-15 mm -> 3..15
+    inside = np.argwhere(out["masks"][0])
+    assert inside.min(0).tolist() == [3, 3, 3] and inside.max(0).tolist() == [7, 11, 15]

@@ -140,3 +140,23 @@ def test_phantom_and_benchmark_mains(tmp_path, tiny_npz):
     assert _finite([head["gamma_speedup_vs_pymedphys"], head["gamma_pass_pct_difference"]])
     assert summary["gamma"]["n_points"] > 0
     assert summary["throughput"][0]["patches_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tiny_npz, tmp_path):
+    """torchrun with two CPU processes (gloo): trains, rank 0 writes the checkpoints and summary."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "ddp.yaml"
+    cfg = json.loads(json.dumps(TINY_TRAIN))
+    cfg["train"]["batch_size"] = 1
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    script = Path(__file__).resolve().parents[2] / "vmat" / "train_vmat.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+                             "--config", str(config), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["epochs_completed"] == 1 and math.isfinite(summary["val"]["val_mae_gy"])
