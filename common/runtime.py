@@ -109,10 +109,12 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def dataloader_kwargs(device: torch.device, num_workers: int = 0, seed: int | None = None,
-                      start_method: str | None = None) -> dict:
+                      start_method: str | None = None, persistent_workers: bool = True) -> dict:
     """Keyword arguments for ``torch.utils.data.DataLoader``.
 
-    pin_memory only on CUDA; persistent workers when there are workers; ``worker_init_fn`` reseeds
+    pin_memory only on CUDA; persistent workers when there are workers (pass ``persistent_workers=False``
+    when the dataset changes per epoch, e.g. epoch-seeded augmentation set by ``set_epoch``, since
+    persistent workers keep their own copy of the dataset); ``worker_init_fn`` reseeds
     numpy/random in each worker; ``seed`` fixes the shuffling generator; ``start_method`` (e.g.
     "spawn") selects the multiprocessing context.
     """
@@ -122,7 +124,7 @@ def dataloader_kwargs(device: torch.device, num_workers: int = 0, seed: int | No
         "worker_init_fn": worker_init_fn,
     }
     if num_workers > 0:
-        kwargs["persistent_workers"] = True
+        kwargs["persistent_workers"] = bool(persistent_workers)
         if start_method:
             kwargs["multiprocessing_context"] = start_method
     if seed is not None:

@@ -23,11 +23,11 @@ the same ``spacing_mm``/``origin_mm``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from common.runlog import save_npz_atomic
 
 REQUIRED_KEYS = ("ct", "masks", "sdf", "structure_names", "spacing_mm", "origin_mm", "prescription_gy",
                  "possible_dose_mask")
@@ -35,22 +35,6 @@ REQUIRED_KEYS = ("ct", "masks", "sdf", "structure_names", "spacing_mm", "origin_
 
 class CaseFileError(ValueError):
     """A case or prediction file that cannot be used; the message names the file and the key."""
-
-
-def save_npz_atomic(path: str | Path, **arrays) -> Path:
-    """np.savez_compressed into a temporary file in the same folder, then rename: never a partial NPZ."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_case(path: str | Path, *, ct, dose, masks, sdf, structure_names, spacing_mm, origin_mm,

@@ -20,7 +20,8 @@ import numpy as np
 
 from common.cli import make_parser, start_run
 from common.runlog import progress
-from vmat.case_io import list_cases, load_case, save_npz_atomic
+from common.runlog import save_npz_atomic
+from vmat.case_io import list_cases, load_case
 from vmat.inference import INFERENCE_DEFAULTS, EnsemblePredictor
 
 DEFAULTS = {

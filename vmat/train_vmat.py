@@ -179,8 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv)
     cfg, device, dist = run.cfg, run.device, run.dist
-    if run.is_main and run.resume_from is None and (run.run_dir / "metrics.csv").is_file():
-        (run.run_dir / "metrics.csv").unlink()  # a fresh run into a reused --output-dir starts a new log
     if args.data is not None:
         cfg["data"]["train_dir"] = str(args.data)
     if args.val_data is not None:
@@ -201,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = PatchDataset([str(p) for p in train_paths], spec, pcfg["size"], pcfg["per_case_per_epoch"],
                            pcfg["high_dose_fraction"], pcfg["high_dose_threshold"], cfg["augment"], seed=cfg["seed"])
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg["seed"])
-    loader_kw = dataloader_kwargs(device, rcfg["num_workers"], start_method="spawn")
-    loader_kw["persistent_workers"] = False  # workers must see the dataset's epoch (seeded patches)
+    # Not persistent: workers must see the dataset's epoch (patches are seeded by seed, epoch, index).
+    loader_kw = dataloader_kwargs(device, rcfg["num_workers"], start_method="spawn", persistent_workers=False)
     loader = DataLoader(dataset, batch_size=tcfg["batch_size"], sampler=sampler, drop_last=True, **loader_kw)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} patches per epoch < batch size {tcfg['batch_size']}")

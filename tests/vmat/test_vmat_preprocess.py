@@ -138,7 +138,7 @@ def test_openkbp_bad_csv(tmp_path):
 
 
 def test_load_case_errors_name_file_and_key(tmp_path):
-    from vmat.case_io import save_npz_atomic
+    from common.runlog import save_npz_atomic
 
     path = save_npz_atomic(tmp_path / "x.npz", ct=np.zeros((2, 2, 2), np.float32))
     with pytest.raises(CaseFileError, match=r"x.npz: missing key\(s\) \['masks'"):

@@ -111,7 +111,8 @@ def _rows(path):
 
 
 def test_validate_bad_predictions(tiny_npz, tmp_path):
-    from vmat.case_io import CaseFileError, save_npz_atomic
+    from common.runlog import save_npz_atomic
+    from vmat.case_io import CaseFileError
     from vmat.validate_vmat import main as validate
 
     pred = tmp_path / "pred"
