@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.diffusion import timestep_embedding
+from common.layers import film
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ class FiLM(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.proj(cond).chunk(2, dim=-1)
-        return x * (1 + gamma[..., None]) + beta[..., None]
+        return film(x, gamma, beta)
 
 
 class MultiScaleConv(nn.Module):

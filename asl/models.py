@@ -22,13 +22,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def _groups(channels: int, n_groups: int) -> int:
-    g = min(n_groups, channels)
-    while channels % g:
-        g -= 1
-    return g
+from common.layers import film, group_count
 
 
 class ConvBlock(nn.Module):
@@ -37,9 +31,9 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, n_groups: int = 8, dropout: float = 0.0):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out, n_groups), c_out), nn.SiLU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(group_count(c_out, n_groups), c_out), nn.SiLU(),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
-            nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out, n_groups), c_out), nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(group_count(c_out, n_groups), c_out), nn.SiLU(),
         )
 
     def forward(self, x):
@@ -70,15 +64,15 @@ class Decoder(nn.Module):
             self.ups.append(nn.ConvTranspose2d(features[i], features[i - 1], 2, stride=2))
             self.blocks.append(ConvBlock(2 * features[i - 1], features[i - 1], n_groups, dropout))
 
-    def forward(self, skips, film=None):
-        """``film``: optional list (one per decoder level) of (gamma, beta) of shape (B, C)."""
+    def forward(self, skips, film_params=None):
+        """``film_params``: optional list (one per decoder level) of (gamma, beta) of shape (B, C)."""
         x = skips[-1]
         for level, (up, block) in enumerate(zip(self.ups, self.blocks)):
             skip = skips[-2 - level]
             x = block(torch.cat([up(x), skip], dim=1))
-            if film is not None:
-                gamma, beta = film[level]
-                x = (1 + gamma[:, :, None, None]) * x + beta[:, :, None, None]
+            if film_params is not None:
+                gamma, beta = film_params[level]
+                x = film(x, gamma, beta)
         return x
 
 
@@ -254,7 +248,7 @@ class SpatialASLNet(nn.Module):
         pos = 0
         if self.film_bottleneck:
             gamma, beta = films[0]
-            skips[-1] = (1 + gamma[:, :, None, None]) * skips[-1] + beta[:, :, None, None]
+            skips[-1] = film(skips[-1], gamma, beta)
             pos = 1
         dec_film = films[pos:] if self.film_decoder else None
         return [decoder(skips, dec_film) for decoder in self.decoders]

@@ -21,13 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.diffusion import GaussianDiffusion, scale_to_unit, timestep_embedding, unscale_from_unit
-
-
-def _groups(channels: int, groups: int) -> int:
-    g = min(groups, channels)
-    while channels % g:
-        g -= 1
-    return g
+from common.layers import film, group_count
 
 
 class ResBlock3D(nn.Module):
@@ -36,9 +30,9 @@ class ResBlock3D(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, groups: int = 8, dropout: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
-        self.norm1 = nn.GroupNorm(_groups(out_ch, groups), out_ch)
+        self.norm1 = nn.GroupNorm(group_count(out_ch, groups), out_ch)
         self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(_groups(out_ch, groups), out_ch)
+        self.norm2 = nn.GroupNorm(group_count(out_ch, groups), out_ch)
         self.film = nn.Linear(emb_dim, 2 * out_ch) if emb_dim else None
         if self.film is not None:  # start as identity modulation
             nn.init.zeros_(self.film.weight)
@@ -51,7 +45,7 @@ class ResBlock3D(nn.Module):
         h = self.norm2(self.conv2(self.dropout(h)))
         if self.film is not None and emb is not None:
             gamma, beta = self.film(emb).chunk(2, dim=1)
-            h = h * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
+            h = film(h, gamma, beta)
         return F.silu(h + self.skip(x))
 
 

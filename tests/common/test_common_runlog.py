@@ -91,3 +91,19 @@ def test_atomic_npz_and_cleanup_on_error(tmp_path):
     with np.load(path, allow_pickle=False) as npz:  # the previous file is intact
         assert npz["ct"].shape == (3,)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case.npz"]
+
+
+def test_layers_group_count_and_film():
+    import pytest
+
+    from common.layers import film, group_count, group_norm
+
+    assert [group_count(c, 8) for c in (16, 12, 7, 3)] == [8, 6, 7, 3]
+    assert group_norm(12, 8).num_groups == 6
+    x = torch.ones(2, 3, 4, 5)
+    gamma = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.0, 0.0]])
+    beta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    out = film(x, gamma, beta)
+    assert out[0, :, 0, 0].tolist() == [2.0, 2.0, 0.0] and out[1, :, 3, 4].tolist() == [1.5, 3.0, 1.0]
+    with pytest.raises(RuntimeError):
+        film(x, gamma[:, :2], beta)
