@@ -50,6 +50,7 @@ def test_swa_averages_weights_and_requires_an_averaged_epoch():
     for epoch, value in enumerate([1.0, 2.0, 4.0, 6.0]):
         with torch.no_grad():
             model.weight.fill_(value)
+        optimizer.step()  # no gradients, so no update; keeps the optimizer-before-scheduler order
         swa.after_epoch(epoch)
     averaged = swa.finalize([], "cpu")
     assert averaged.weight.item() == pytest.approx(5.0)  # epochs 2 and 3 averaged
