@@ -9,7 +9,7 @@ beat this has learned nothing beyond "dose falls off with distance from the PTV"
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -27,12 +27,17 @@ def _target_distances(masks: np.ndarray, names: Sequence[str], target_doses: Map
     return out
 
 
-def fit_atlas(cases: Sequence[Mapping], target_doses: Mapping[str, float]) -> dict:
-    """Fit g(d) on cases with ``dose``, ``masks``, ``structure_names``, ``spacing_mm``, ``possible_dose_mask``."""
+def fit_atlas(cases: Iterable[Mapping], target_doses: Mapping[str, float]) -> dict:
+    """Fit g(d) on cases with ``dose``, ``masks``, ``structure_names``, ``spacing_mm``, ``possible_dose_mask``.
+
+    ``cases`` may be a generator: one case is held at a time (169 OpenKBP cases do not fit in memory at once).
+    """
     edges = np.arange(0.0, MAX_MM + BIN_MM, BIN_MM)
     sums = np.zeros(len(edges) - 1)
     counts = np.zeros(len(edges) - 1)
+    n_cases = 0
     for case in cases:
+        n_cases += 1
         targets = _target_distances(case["masks"], case["structure_names"], target_doses, case["spacing_mm"])
         if not targets:
             continue
@@ -55,7 +60,7 @@ def fit_atlas(cases: Sequence[Mapping], target_doses: Mapping[str, float]) -> di
         last = profile[i] if np.isfinite(profile[i]) else last
         profile[i] = last if np.isfinite(last) else 1.0
     return {"bin_mm": BIN_MM, "profile": [float(v) for v in profile], "target_doses_gy": dict(target_doses),
-            "n_cases": len(cases)}
+            "n_cases": n_cases}
 
 
 def predict_atlas(atlas: Mapping, masks: np.ndarray, names: Sequence[str], spacing_mm, body: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ holds the patient's left femoral head. (The original flipped the anterior-poster
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -111,12 +112,14 @@ class PatchDataset(Dataset):
     Each item is drawn from an RNG seeded by (seed, epoch, index), so a resumed run (DistributedSampler
     with set_epoch) sees the same patches as an uninterrupted one. ``high_dose_fraction`` of the patches
     are centred on a voxel with dose ≥ ``high_dose_threshold`` × Rx (the rest anywhere in the body).
-    Module-level and picklable (spawn workers); cases are loaded lazily and cached per worker.
+    Module-level and picklable (spawn workers); cases are loaded lazily and kept in a least-recently-used
+    cache of at most ``cache_mb`` MiB per process (each worker has its own; 0 = no cache). A decoded
+    128^3 OpenKBP case takes ~150 MiB, so caching every case of a real training set would not fit in memory.
     """
 
     def __init__(self, paths: Sequence[str], spec: Mapping, patch_size: Sequence[int], patches_per_case: int,
                  high_dose_fraction: float = 0.5, high_dose_threshold: float = 0.1, augment: Mapping | None = None,
-                 seed: int = 0, cache: bool = True):
+                 seed: int = 0, cache_mb: float = 4096.0):
         self.paths = [str(p) for p in paths]
         self.spec = dict(spec)
         self.patch_size = [int(v) for v in patch_size]
@@ -126,8 +129,8 @@ class PatchDataset(Dataset):
         self.augment = dict(augment or {})
         self.seed = int(seed)
         self.epoch = 0
-        self.cache = cache
-        self._cases: dict = {}
+        self.cache_bytes = int(float(cache_mb) * 2**20)
+        self._cases: OrderedDict = OrderedDict()  # index -> decoded case, least recently used first
         self.channel_perm = input_channel_permutation(self.spec)
         self.cond_perm = cond_permutation(self.spec)
         self.mask_perm = left_right_permutation(self.spec["structure_names"])
@@ -140,23 +143,28 @@ class PatchDataset(Dataset):
 
     def _case(self, i: int) -> dict:
         if i in self._cases:
+            self._cases.move_to_end(i)
             return self._cases[i]
         case = load_case(self.paths[i])
         image, cond = build_inputs(case, self.spec)
         rx = float(case["prescription_gy"])
+        index_dtype = np.int16 if max(image.shape[1:]) < 2**15 else np.int64
         item = {"image": image, "cond": cond, "target": (np.asarray(case["dose"], np.float32) / rx)[None],
-                "masks": np.asarray(case["masks"], np.float32), "rx": rx,
-                "high": np.argwhere(np.asarray(case["dose"]) >= self.high_dose_threshold * rx),
-                "body": np.argwhere(np.asarray(case["possible_dose_mask"]) > 0)}
-        if self.cache:
+                "masks": np.asarray(case["masks"], np.uint8), "rx": rx,
+                "high": np.argwhere(np.asarray(case["dose"]) >= self.high_dose_threshold * rx).astype(index_dtype),
+                "body": np.argwhere(np.asarray(case["possible_dose_mask"]) > 0).astype(index_dtype)}
+        item["nbytes"] = sum(v.nbytes for v in item.values() if isinstance(v, np.ndarray))
+        if item["nbytes"] <= self.cache_bytes:
             self._cases[i] = item
+            while sum(c["nbytes"] for c in self._cases.values()) > self.cache_bytes:
+                self._cases.popitem(last=False)
         return item
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         case = self._case(index % len(self.paths))
         pool = case["high"] if (len(case["high"]) and rng.uniform() < self.high_dose_fraction) else case["body"]
-        centre = pool[rng.integers(len(pool))] if len(pool) else np.array(case["image"].shape[1:]) // 2
+        centre = pool[rng.integers(len(pool))].astype(np.int64) if len(pool) else np.array(case["image"].shape[1:]) // 2
         shift = int(self.augment.get("shift_vox", 0))
         if shift:
             centre = centre + rng.integers(-shift, shift + 1, size=3)
@@ -172,7 +180,7 @@ class PatchDataset(Dataset):
         image_fill = [self.spec["ct_clip_hu"][0] / 1000.0] + [1.0] * n_struct + [0.0, 0.0]
         image = _crop(case["image"], start, big, image_fill)
         target = _crop(case["target"], start, big, [0.0])
-        masks = _crop(case["masks"], start, big, [0.0] * n_struct)
+        masks = _crop(case["masks"], start, big, [0] * n_struct).astype(np.float32)
         if abs(angle) > 1e-3:
             def rot(a, order):
                 return ndimage.rotate(a, angle, axes=(2, 3), reshape=False, order=order, mode="nearest")

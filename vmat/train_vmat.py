@@ -56,6 +56,7 @@ DEFAULTS = {
         "val_dir": None,  # separate validation folder; null = split val_fraction off train_dir
         "val_fraction": 0.2,
         "max_val_cases": 0,  # 0 = all validation cases
+        "cache_mb": 4096,  # training cases kept decoded in memory, per process (each loader worker has its own)
     },
     "input": dict(INPUT_DEFAULTS),  # see vmat/data.py
     "patch": {
@@ -187,17 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
     train_paths, val_paths = split_cases(cfg, cfg["seed"])
     names, target_doses, sdf_clip = dataset_info(train_paths)
     spec = make_input_spec(names, target_doses, cfg["input"], sdf_clip)
-    train_cases_for_atlas = [load_case(p) for p in train_paths] if run.is_main else []
-    atlas = fit_atlas(train_cases_for_atlas, spec["target_doses_gy"]) if run.is_main else None
+    atlas = fit_atlas((load_case(p) for p in train_paths), spec["target_doses_gy"]) if run.is_main else None
     if run.is_main:
         write_json(run.run_dir / "atlas.json", atlas)
         write_json(run.run_dir / "split.json", {"train": [p.stem for p in train_paths], "val": [p.stem for p in val_paths]})
-    del train_cases_for_atlas
     val_cases = [load_case(p) for p in val_paths] if run.is_main else []
     run.log(f"[vmat] {len(train_paths)} training / {len(val_paths)} validation cases; channels {names}")
 
     dataset = PatchDataset([str(p) for p in train_paths], spec, pcfg["size"], pcfg["per_case_per_epoch"],
-                           pcfg["high_dose_fraction"], pcfg["high_dose_threshold"], cfg["augment"], seed=cfg["seed"])
+                           pcfg["high_dose_fraction"], pcfg["high_dose_threshold"], cfg["augment"], seed=cfg["seed"],
+                           cache_mb=float(cfg["data"]["cache_mb"]))
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg["seed"])
     # Not persistent: workers must see the dataset's epoch (patches are seeded by seed, epoch, index).
     loader_kw = dataloader_kwargs(device, rcfg["num_workers"], start_method="spawn", persistent_workers=False)

@@ -81,3 +81,17 @@ def test_patch_dataset_flip_and_determinism(case_and_spec, tiny_npz):
     torch.testing.assert_close(again["input"], a["input"])  # seeded by (seed, epoch, index)
     plain.set_epoch(1)
     assert not torch.equal(plain[0]["input"], a["input"])
+
+
+def test_patch_cache_is_bounded_and_changes_nothing(case_and_spec, tiny_npz):
+    _, spec = case_and_spec
+    paths = [str(p) for p in list_cases(tiny_npz)]
+    kwargs = {"patch_size": [8, 16, 16], "patches_per_case": 2, "seed": 3, "augment": {"flip_lr": 0.5}}
+    uncached = PatchDataset(paths, spec, cache_mb=0, **kwargs)
+    one_case_mb = uncached._case(0)["nbytes"] / 2**20
+    assert len(uncached._cases) == 0  # nothing kept with a zero budget
+    small = PatchDataset(paths, spec, cache_mb=1.5 * one_case_mb, **kwargs)  # room for one case only
+    for index in range(len(small)):
+        torch.testing.assert_close(small[index]["input"], uncached[index]["input"])
+        torch.testing.assert_close(small[index]["masks"], uncached[index]["masks"])
+        assert len(small._cases) == 1 and next(reversed(small._cases)) == index % len(paths)  # the latest case
