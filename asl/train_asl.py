@@ -249,8 +249,7 @@ def train_member(run, member: int, seed: int, stats: dict, val: dict, resume: bo
             if not pretrain and metrics["val_loss"] < best:
                 best = float(metrics["val_loss"])
                 save(member_dir / "checkpoint_best.pt", epoch)
-            save(last_path, epoch)
-            save(run.run_dir / "checkpoint_last.pt", epoch)  # lets --resume find the run
+            save(last_path, epoch)  # --resume RUN finds the newest member_<i>/checkpoint_last.pt
             if interrupt.requested:
                 run.log(f"stopped by the user in member {member} epoch {epoch}; resume with --resume {run.run_dir}")
                 break

@@ -83,20 +83,37 @@ class Run:
         return summary
 
 
+def run_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint that resumes the run in ``run_dir``: its ``checkpoint_last.pt`` or, for a run that trains
+    an ensemble sequentially into ``member_<i>/`` folders, the newest member's ``checkpoint_last.pt``."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint_last.pt").is_file():
+        return run_dir / "checkpoint_last.pt"
+    members = [p for p in run_dir.glob("member_*/checkpoint_last.pt") if p.is_file()]
+    return max(members, key=lambda p: p.stat().st_mtime) if members else None
+
+
+def run_root(checkpoint: Path) -> Path:
+    """The run folder a resume checkpoint belongs to (the parent of ``member_<i>/`` for ensemble members)."""
+    parent = Path(checkpoint).parent
+    return parent.parent if parent.name.startswith("member_") else parent
+
+
 def _find_resume_checkpoint(spec: str, domain: str, config_name: str, output_dir: Path | None) -> Path:
     if spec == "auto":
         if output_dir is not None:
-            candidate = Path(output_dir) / "checkpoint_last.pt"
-            if candidate.is_file():
-                return candidate
-            raise FileNotFoundError(f"--resume: {candidate} does not exist")
-        found = latest_run_dir(domain, config_name)
+            found = run_checkpoint(Path(output_dir))
+            if found is None:
+                raise FileNotFoundError(f"--resume: {Path(output_dir) / 'checkpoint_last.pt'} does not exist")
+            return found
+        found = latest_run_dir(domain, config_name, accept=lambda p: run_checkpoint(p) is not None)
         if found is None:
             raise FileNotFoundError(f"--resume: no run of runs/{domain}/{config_name}/ has checkpoint_last.pt")
-        return found / "checkpoint_last.pt"
+        return run_checkpoint(found)
     path = Path(spec)
     if path.is_dir():
-        path = path / "checkpoint_last.pt"
+        found = run_checkpoint(path)
+        path = found if found is not None else path / "checkpoint_last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
     return path
@@ -122,7 +139,7 @@ def start_run(args: argparse.Namespace, *, domain: str, defaults: dict, argv: li
     if getattr(args, "resume", None):
         resume_from = _find_resume_checkpoint(args.resume, domain, config_name, args.output_dir)
     if resume_from is not None and args.output_dir is None:
-        run_dir: Path | None = resume_from.parent
+        run_dir: Path | None = run_root(resume_from)
     elif create_dir:
         run_dir = create_run_dir(domain, config_name, args.output_dir, create=info.is_main)
     else:

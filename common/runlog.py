@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,14 @@ def create_run_dir(domain: str, config_name: str, output_dir: str | Path | None 
 
 
 def latest_run_dir(domain: str, config_name: str, root: str | Path = "runs",
-                   marker: str = "checkpoint_last.pt") -> Path | None:
-    """Most recent run folder of this domain/config holding ``marker`` (for ``--resume`` without a path)."""
+                   accept: Callable[[Path], bool] | None = None) -> Path | None:
+    """Most recent run folder of this domain/config that ``accept`` takes (default: holds checkpoint_last.pt),
+    for ``--resume`` without a path."""
     base = Path(root) / domain / config_name
     if not base.is_dir():
         return None
-    candidates = sorted((p for p in base.iterdir() if (p / marker).is_file()), key=lambda p: p.name)
+    accept = accept or (lambda p: (p / "checkpoint_last.pt").is_file())
+    candidates = sorted((p for p in base.iterdir() if p.is_dir() and accept(p)), key=lambda p: p.name)
     return candidates[-1] if candidates else None
 
 

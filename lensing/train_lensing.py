@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from common.checkpoint import build_model, load_checkpoint, restore_training_state, save_checkpoint
-from common.cli import make_parser, start_run
+from common.cli import make_parser, run_root, start_run
 from common.ensembling import train_members
 from common.runlog import progress, write_json
 from common.runtime import (
@@ -223,11 +223,6 @@ def train_member(run, member: int, seed: int, member_dir: Path, train_set, val_s
                 best = float(score)
                 save("checkpoint_best.pt", epoch)
             save("checkpoint_last.pt", epoch)
-            if member_dir != run.run_dir and run.is_main:
-                # a copy at the run root lets `--resume RUN` find the ensemble; members resume from their own
-                save_checkpoint(run.run_dir / "checkpoint_last.pt", model, domain="lensing", config=cfg,
-                                epoch=epoch, step=step, best_metric=best, best_metric_name="val_auroc",
-                                preprocessing=preprocessing, extra={"member": member, "seed": seed})
             if interrupt.requested:
                 run.log(f"stopped by the user after epoch {epoch}; resume with --resume {run.run_dir}")
                 break
@@ -262,9 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             stale.unlink()  # a fresh run into a reused --output-dir must not append to old epochs
             run.log(f"[lensing] removed {stale} from an earlier run in this folder")
     n_members = int(cfg["ensemble"]["n_members"])
-    resume_root = run.resume_from.parent if run.resume_from is not None else None
-    if resume_root is not None and resume_root.name.startswith("member_"):
-        resume_root = resume_root.parent
+    resume_root = run_root(run.resume_from) if run.resume_from is not None else None
 
     def train_one(member: int, seed: int):
         member_dir = run.run_dir if n_members == 1 else run.run_dir / f"member_{member}"

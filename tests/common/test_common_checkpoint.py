@@ -154,3 +154,21 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint_last.pt does not exist"):
         demo.main(SMALL + ["--output-dir", str(tmp_path), "--resume"])
     assert os.path.isdir(tmp_path)
+
+
+def test_resume_finds_the_newest_ensemble_member(tmp_path):
+    from common.cli import _find_resume_checkpoint, run_checkpoint, run_root
+
+    run = tmp_path / "run"
+    assert run_checkpoint(run) is None
+    for member, mtime in [(0, 1_000_000), (1, 2_000_000)]:
+        path = run / f"member_{member}" / "checkpoint_last.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+    newest = run / "member_1" / "checkpoint_last.pt"
+    assert _find_resume_checkpoint(str(run), "asl", "smoke", None) == newest
+    assert _find_resume_checkpoint("auto", "asl", "smoke", run) == newest
+    assert run_root(newest) == run  # the run folder, not the member's
+    (run / "checkpoint_last.pt").write_bytes(b"x")  # a single-model run's own checkpoint wins
+    assert run_checkpoint(run) == run / "checkpoint_last.pt" and run_root(run / "checkpoint_last.pt") == run
