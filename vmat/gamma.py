@@ -150,7 +150,10 @@ def gamma_index(dose_ref: np.ndarray, dose_eval: np.ndarray, spacing_mm: Sequenc
     tol = (ref_pts if local else torch.ones_like(ref_pts)) * (dose_percent / 100.0)
     gamma2 = torch.full((points.size,), float("inf"), device=device)
     inner_reach = [1, 1, 1]  # displacements shorter than every voxel size stay in the 2×2×2 cells around a point
-    phases = [(inner_reach, lengths < min(spacing_mm)), (reach, lengths >= min(spacing_mm))]
+    # The margin keeps lattice points that equal a voxel size up to rounding (9 × 0.3 mm vs 2.7 mm), whose
+    # cell index rounds up to +1, out of the inner neighbourhood.
+    inner_limit = min(spacing_mm) * (1.0 - 1e-6)
+    phases = [(inner_reach, lengths < inner_limit), (reach, lengths >= inner_limit)]
     candidates = torch.arange(points.size, device=device)
     for hood_reach, selection in phases:
         if not selection.any() or candidates.numel() == 0:

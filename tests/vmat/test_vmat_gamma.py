@@ -90,6 +90,25 @@ def test_vectorized_search_is_exact_on_its_lattice(dose_pair, local):
         assert g[tuple(p)] == pytest.approx(min(brute, 2.0), abs=1e-5)
 
 
+def test_lattice_step_that_divides_a_voxel_size():
+    """OpenKBP spacing 2.7 x 4.48 x 4.48 mm with a 0.3 mm step: 9 steps = 2.7 mm up to rounding. That
+    displacement used to land in the inner neighbourhood with its cell index rounded to +1 (IndexError)."""
+    from vmat.gamma import _offsets
+
+    rng = np.random.default_rng(1)
+    ref = ndimage.gaussian_filter(rng.uniform(0, 70, (10, 10, 10)), 1.5)
+    ev = ref + rng.normal(0, 1.0, ref.shape)
+    spacing = (2.7, 4.48, 4.48)
+    g = gamma_index(ref, ev, spacing, 3.0, 3.0, 10.0, max_gamma=2.0, interp_fraction=10)
+    offsets, lengths = _offsets(spacing, 6.0, 0.3)
+    for p in np.argwhere(np.isfinite(g))[::37]:
+        pos = p[None, :] + offsets / np.asarray(spacing)
+        values = ndimage.map_coordinates(ev, pos.T, order=1, mode="constant", cval=1e9)
+        values[~np.all((pos >= 0) & (pos <= np.array(ref.shape) - 1 + 1e-9), axis=1)] = 1e9
+        brute = np.sqrt(np.min(((values - ref[tuple(p)]) / (0.03 * ref.max())) ** 2 + (lengths / 3.0) ** 2))
+        assert g[tuple(p)] == pytest.approx(min(brute, 2.0), abs=1e-4)
+
+
 @pytest.mark.parametrize("criteria", [dict(dose_percent=3.0, distance_mm=3.0), dict(dose_percent=2.0, distance_mm=2.0)])
 def test_agrees_with_pymedphys(dose_pair, criteria):
     """Same settings as pymedphys' defaults (interp_fraction 10): pass rates within 0.5 points.
