@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.diffusion import timestep_embedding
-from common.layers import film
+from common.layers import film, group_norm
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -65,10 +65,10 @@ class ResidualFiLMBlock(nn.Module):
     def __init__(self, channels: int, cond_dim: int, kernels, dropout: float):
         super().__init__()
         self.conv1 = MultiScaleConv(channels, channels, kernels)
-        self.norm1 = nn.GroupNorm(4, channels)
+        self.norm1 = group_norm(channels, 4)
         self.film = FiLM(cond_dim, channels)
         self.conv2 = nn.Conv1d(channels, channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(4, channels)
+        self.norm2 = group_norm(channels, 4)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -316,10 +316,10 @@ class ABRMultiTaskNet(nn.Module):
 class DiffusionResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, cond_dim: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(8 if in_ch % 8 == 0 else 1, in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv1d(in_ch, out_ch, 3, padding=1)
         self.film = FiLM(cond_dim, out_ch)
-        self.norm2 = nn.GroupNorm(8 if out_ch % 8 == 0 else 1, out_ch)
+        self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv1d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -363,7 +363,7 @@ class ABRDiffusionUNet(nn.Module):
             self.up.append(DiffusionResBlock(prev + ch, ch, cond_dim, dropout))
             self.upsample.append(nn.ConvTranspose1d(ch, ch, 4, stride=2, padding=1) if i > 0 else nn.Identity())
             prev = ch
-        self.out_norm = nn.GroupNorm(8 if prev % 8 == 0 else 1, prev)
+        self.out_norm = group_norm(prev)
         self.out = nn.Conv1d(prev, 1, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common.layers import film, group_count
+from common.layers import film, group_norm
 
 
 class ConvBlock(nn.Module):
@@ -31,9 +31,9 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, n_groups: int = 8, dropout: float = 0.0):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(group_count(c_out, n_groups), c_out), nn.SiLU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1), group_norm(c_out, n_groups), nn.SiLU(),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
-            nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(group_count(c_out, n_groups), c_out), nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1), group_norm(c_out, n_groups), nn.SiLU(),
         )
 
     def forward(self, x):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.diffusion import GaussianDiffusion, scale_to_unit, timestep_embedding, unscale_from_unit
-from common.layers import film, group_count
+from common.layers import film, group_norm
 
 
 class ResBlock3D(nn.Module):
@@ -30,9 +30,9 @@ class ResBlock3D(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, groups: int = 8, dropout: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
-        self.norm1 = nn.GroupNorm(group_count(out_ch, groups), out_ch)
+        self.norm1 = group_norm(out_ch, groups)
         self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(group_count(out_ch, groups), out_ch)
+        self.norm2 = group_norm(out_ch, groups)
         self.film = nn.Linear(emb_dim, 2 * out_ch) if emb_dim else None
         if self.film is not None:  # start as identity modulation
             nn.init.zeros_(self.film.weight)
