@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from common.diffusion import timestep_embedding
 from common.layers import film, group_norm
+from common.checkpoint import register_model
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -245,6 +246,7 @@ class RobustClassificationHead(nn.Module):
         return torch.cat([extract(h) for extract in self.extractors], dim=-1)
 
 
+@register_model
 class ABRMultiTaskNet(nn.Module):
     """See the module docstring. Inputs are one batch of ears:
 
@@ -330,6 +332,7 @@ class DiffusionResBlock(nn.Module):
         return self.skip(x) + h
 
 
+@register_model
 class ABRDiffusionUNet(nn.Module):
     """1-D U-Net denoiser for conditional ABR generation (v-prediction is set by the diffusion process).
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from common.layers import film, group_norm
+from common.checkpoint import register_model
 
 
 class ConvBlock(nn.Module):
@@ -119,6 +120,7 @@ def att_feature_maps(x: torch.Tensor, n_pcasl: int, n_vsasl: int) -> torch.Tenso
     return torch.stack([ratio, slope, peak], dim=1)
 
 
+@register_model
 class SpatialASLNet(nn.Module):
     """U-Net with 1×1 heads for CBF and ATT (z-scored), optional log-variance heads and experiment flags."""
 
@@ -302,6 +304,7 @@ class SpatialASLNet(nn.Module):
         return out
 
 
+@register_model
 class AmplitudeAwareSpatialASLNet(SpatialASLNet):
     """SpatialASLNet + amplitude features of the raw input → MLP → FiLM (y = (1+γ)x + β, identity init)
     at the bottleneck and/or every decoder level, and optional CBF output modulation; all three on by
@@ -330,6 +333,7 @@ class DualEncoder(nn.Module):
         return [fuse(torch.cat([p, v], 1)) for fuse, p, v in zip(self.fuse, a, b)]
 
 
+@register_model
 class DualEncoderSpatialASLNet(AmplitudeAwareSpatialASLNet):
     """Two encoders (PCASL, VSASL) and a shared decoder; needs both modalities. FiLM flags as
     AmplitudeAwareSpatialASLNet (default off here)."""

@@ -31,8 +31,12 @@ from common.runtime import unwrap_model
 
 PROJECT_TAG = "imaging-pipelines"
 FORMAT_VERSION = 1
-# Checkpoints may only name classes inside the project's own packages.
-ALLOWED_MODEL_PACKAGES = ("common", "asl", "vmat", "rsna_spine", "lensing", "abr")
+ENSEMBLE_MANIFEST = "ensemble.json"
+ENSEMBLE_FORMAT = "imaging-pipelines-ensemble"
+
+# Classes a checkpoint may name, filled by @register_model in each domain's model modules. Nothing else
+# is ever instantiated from a checkpoint, whatever package it lives in.
+_MODEL_REGISTRY: dict[str, type] = {}
 
 
 class CheckpointError(RuntimeError):
@@ -57,18 +61,56 @@ def _check_plain(value: Any, where: str) -> None:
     raise TypeError(f"{where}: {type(value).__name__} is not plain data (use int/float/str/bool/list/dict)")
 
 
+def register_model(cls=None, *, name: str | None = None):
+    """Class decorator: allow checkpoints to rebuild ``cls`` (an ``nn.Module``) as ``module.ClassName``.
+
+        @register_model
+        class SpatialASLNet(nn.Module): ...
+    """
+    def add(klass):
+        if not (isinstance(klass, type) and issubclass(klass, torch.nn.Module)):
+            raise TypeError(f"register_model: {klass!r} is not an nn.Module class")
+        module = klass.__module__
+        if module == "__main__":  # a script run directly: register under its importable name as well
+            module = getattr(__import__("__main__"), "__spec__", None)
+            module = module.name if module is not None else "__main__"
+        _MODEL_REGISTRY[name or f"{module}.{klass.__qualname__}"] = klass
+        return klass
+    return add(cls) if cls is not None else add
+
+
+def registered_models() -> dict[str, type]:
+    return dict(_MODEL_REGISTRY)
+
+
+def project_packages() -> tuple[str, ...]:
+    """Top-level packages of this project: folders beside ``common/`` with an ``__init__.py`` (a new domain
+    is found without editing anything here)."""
+    root = Path(__file__).resolve().parent.parent
+    return tuple(sorted(p.name for p in root.iterdir()
+                        if p.is_dir() and (p / "__init__.py").is_file() and p.name not in ("tests", "tools")))
+
+
 def _import_target(target: str):
+    """The registered class named ``target``. The target's own module may be imported (project packages
+    only; importing runs no code of a checkpoint's choosing), but only a class that module registered
+    with :func:`register_model` is returned: any other callable is refused before anything is called."""
     if not isinstance(target, str) or "." not in target:
         raise CheckpointError(f"model target must be 'package.module.Class', got {target!r}")
+    if target in _MODEL_REGISTRY:
+        return _MODEL_REGISTRY[target]
     module_name, _, class_name = target.rpartition(".")
-    if module_name.split(".")[0] not in ALLOWED_MODEL_PACKAGES:
+    if module_name.split(".")[0] not in project_packages():
         raise CheckpointError(
-            f"model target '{target}' is outside this project's packages {ALLOWED_MODEL_PACKAGES}")
+            f"model target '{target}' is outside this project's packages {project_packages()}")
     try:
-        module = importlib.import_module(module_name)
-        return getattr(module, class_name)
-    except (ImportError, AttributeError) as exc:
-        raise CheckpointError(f"cannot import model class '{target}': {exc}") from exc
+        importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CheckpointError(f"cannot import the module of model class '{target}': {exc}") from exc
+    if target not in _MODEL_REGISTRY:
+        raise CheckpointError(f"model target '{target}' is not a registered model class "
+                              "(common.checkpoint.register_model); refusing to call it")
+    return _MODEL_REGISTRY[target]
 
 
 def build_model(target: str, kwargs: Mapping | None = None) -> torch.nn.Module:
@@ -179,8 +221,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """
     from common.runlog import atomic_open
 
-    with atomic_open(path) as handle:
-        torch.save(obj, handle)
+    from common.errors import is_disk_full
+
+    try:
+        with atomic_open(path) as handle:
+            torch.save(obj, handle)
+    except (RuntimeError, OSError) as exc:
+        if is_disk_full(exc) or "inline_container" in str(exc):
+            raise OSError(28, f"disk full (or write error) while saving the checkpoint: "
+                              f"{str(exc).splitlines()[0][:200]}", str(path)) from exc
+        raise
     return Path(path)
 
 
@@ -246,6 +296,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or the best (else last) checkpoint of a run folder."""
     path = Path(path)
     if path.is_dir():
         for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
@@ -292,3 +343,107 @@ def restore_training_state(ckpt: Mapping, model: torch.nn.Module, optimizer=None
         restore_rng_state(ckpt["rng"])
     return {"epoch": int(ckpt.get("epoch", 0)), "step": int(ckpt.get("step", 0)),
             "best_metric": ckpt.get("best_metric")}
+
+
+# --------------------------------------------------------------------------------------- ensembles
+def write_ensemble_manifest(folder: str | Path, members: list[str | Path], **info: Any) -> Path:
+    """``ensemble.json`` (one format for every domain): member checkpoints relative to ``folder``."""
+    from common.runlog import write_json
+
+    folder = Path(folder)
+    rel = [Path(m).resolve().relative_to(folder.resolve()).as_posix() if Path(m).is_absolute() else Path(m).as_posix()
+           for m in members]
+    return write_json(folder / ENSEMBLE_MANIFEST, {"format": ENSEMBLE_FORMAT, "version": 1, "members": rel, **info})
+
+
+def resolve_checkpoints(path: str | Path) -> list[Path]:
+    """What ``--checkpoint PATH`` names, as a list of checkpoint files:
+
+    - a checkpoint file: itself;
+    - a folder with ``ensemble.json``: its members, in order;
+    - a run folder with ``checkpoint_best.pt`` / ``checkpoint_last.pt``: that one;
+    - a run folder of a sequential ensemble: every ``member_<i>/`` checkpoint, by member index.
+    """
+    import json
+
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    manifest = path / ENSEMBLE_MANIFEST
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CheckpointError(f"{manifest}: not valid JSON ({exc})") from exc
+        if data.get("format") != ENSEMBLE_FORMAT or not isinstance(data.get("members"), list):
+            raise CheckpointError(f"{manifest}: field 'format' must be '{ENSEMBLE_FORMAT}' with a 'members' list")
+        members = [path / m for m in data["members"]]
+        missing = [m for m in members if not m.is_file()]
+        if missing:
+            raise CheckpointError(f"{manifest}: member checkpoint(s) missing: {[str(m) for m in missing]}")
+        if not members:
+            raise CheckpointError(f"{manifest}: field 'members' is empty")
+        return members
+    for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+        if (path / name).is_file():
+            return [path / name]
+    members = []
+    for member in path.glob("member_*"):
+        suffix = member.name[len("member_"):]
+        if member.is_dir() and suffix.isdigit():
+            found = next((member / n for n in ("checkpoint_best.pt", "checkpoint_last.pt") if (member / n).is_file()),
+                         None)
+            if found is not None:
+                members.append((int(suffix), found))
+    if members:
+        return [p for _, p in sorted(members)]
+    raise CheckpointError(f"{path}: no checkpoint here (neither a .pt file, {ENSEMBLE_MANIFEST}, "
+                          "checkpoint_best.pt / checkpoint_last.pt, nor member_<i>/ folders)")
+
+
+# ---------------------------------------------------------------------------------------- warm start
+def warm_start(model: torch.nn.Module, path: str | Path, min_fraction: float = 0.9, log=print,
+               expected_domain: str | None = None) -> dict:
+    """Initialise ``model`` from another checkpoint's weights, tensor by tensor where name and shape match.
+
+    Reports matched / missing / unexpected / shape-mismatched keys and refuses (CheckpointError) when fewer
+    than ``min_fraction`` of the model's tensors are matched: a checkpoint of another model loads nothing
+    useful and must not be reported as a warm start.
+    """
+    ckpt = load_checkpoint(path, expected_domain=expected_domain)
+    source = ckpt["state_dict"]
+    target = unwrap_model(model).state_dict()
+    matched = [k for k in target if k in source and tuple(source[k].shape) == tuple(target[k].shape)]
+    shape_mismatch = [k for k in target if k in source and k not in matched]
+    missing = [k for k in target if k not in source]
+    unexpected = [k for k in source if k not in target]
+    fraction = len(matched) / max(len(target), 1)
+    report = {"checkpoint": str(resolve_checkpoint_path(path)), "matched": len(matched), "total": len(target),
+              "fraction": fraction, "missing": missing, "unexpected": unexpected, "shape_mismatch": shape_mismatch}
+    if fraction < min_fraction:
+        raise CheckpointError(
+            f"{report['checkpoint']}: only {len(matched)} of {len(target)} tensors fit this model "
+            f"({fraction:.0%} < required {min_fraction:.0%}; model {ckpt['model'].get('target')}); "
+            f"first missing: {missing[:3]}, shape mismatch: {shape_mismatch[:3]}")
+    unwrap_model(model).load_state_dict({k: source[k] for k in matched}, strict=False)
+    log(f"initialised {len(matched)}/{len(target)} tensors from {report['checkpoint']} "
+        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shape_mismatch)} shape mismatches)")
+    return report
+
+
+def apply_ema_weights(model: torch.nn.Module, ckpt: Mapping) -> bool:
+    """Load the EMA shadow weights a checkpoint carries in ``extra.ema`` (as written by
+    :class:`common.ensembling.EMA`) into ``model``; returns False when it has none."""
+    ema = (ckpt.get("extra") or {}).get("ema")
+    if not ema or not ema.get("shadow"):
+        return False
+    state = unwrap_model(model).state_dict()
+    shadow = ema["shadow"]
+    missing = [k for k in state if k not in shadow and state[k].is_floating_point()]
+    if missing:
+        raise CheckpointError(f"EMA weights in the checkpoint lack {len(missing)} tensors, e.g. {missing[:3]}")
+    unwrap_model(model).load_state_dict(
+        {k: (shadow[k].to(v.dtype) if k in shadow else v) for k, v in state.items()}, strict=True)
+    return True

@@ -40,6 +40,7 @@ from common.runtime import (
     optimizer_step,
     wrap_model,
 )
+from common.checkpoint import register_model
 
 DEFAULTS = {
     "seed": 0,
@@ -70,6 +71,7 @@ class SineSumDataset(Dataset):
         return {"input": torch.from_numpy(self.x[index]), "target": torch.from_numpy(self.y[index])}
 
 
+@register_model
 class TinyRegressor(nn.Module):
     """MLP: Linear-SiLU(-Dropout) blocks and a linear output."""
 

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,19 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(name: str | Path) -> None:
+    """mkstemp creates files 0600; give them the mode an ordinary open() would (0666 less the umask), so
+    a group can read run folders on shared servers."""
+    with contextlib.suppress(OSError):
+        os.chmod(name, 0o666 & ~_current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path`` with the same suffixes (``.nii.gz``, ``.npz``, ``.fits``) for
@@ -86,6 +100,7 @@ def atomic_path(path: str | Path):
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
+    _follow_umask(tmp_name)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -106,6 +121,7 @@ def atomic_open(path: str | Path, mode: str = "wb", **kwargs):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    _follow_umask(tmp)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
@@ -136,10 +152,28 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
 
 
-def append_csv_row(path: str | Path, row: Mapping[str, Any]) -> None:
-    """Append one row; when the row brings new columns the file is rewritten with the wider header."""
+def append_csv_row(path: str | Path, row: Mapping[str, Any], retries: int = 20, wait_s: float = 0.5) -> None:
+    """Append one row; when the row brings new columns the file is rewritten with the wider header.
+
+    A file held open by another program (a spreadsheet on Windows locks it) is retried for
+    ``retries * wait_s`` seconds, then a :class:`common.errors.RunFolderError` names the file.
+    """
     path = Path(path)
     row = {k: to_jsonable(v) for k, v in row.items()}
+    for attempt in range(retries + 1):
+        try:
+            _append_csv_row(path, row)
+            return
+        except PermissionError as exc:
+            if attempt == retries:
+                from common.errors import RunFolderError
+
+                raise RunFolderError(f"{path}: cannot write ({exc.strerror}); is it open in another program? "
+                                     "Close it and resume with --resume") from exc
+            time.sleep(wait_s)
+
+
+def _append_csv_row(path: Path, row: dict) -> None:
     if not path.is_file():
         with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
@@ -156,10 +190,29 @@ def append_csv_row(path: str | Path, row: Mapping[str, Any]) -> None:
         return
     fields += [k for k in row if k not in fields]
     rows.append(row)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    _write_rows(path, fields, rows)
+
+
+def _write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def trim_csv_rows(path: str | Path, keep: Callable[[dict], bool]) -> int:
+    """Rewrite ``path`` keeping the rows for which ``keep(row)`` is true; returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with path.open("r", newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    kept = [row for row in rows if keep(row)]
+    if len(kept) != len(rows):
+        _write_rows(path, fields, kept)
+    return len(rows) - len(kept)
 
 
 def read_csv_rows(path: str | Path) -> list[dict]:

@@ -231,16 +231,26 @@ def distributed_env() -> DistInfo:
 def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     """Initialise torchrun DDP when WORLD_SIZE > 1 and pick this process's device.
 
-    Backend: nccl on CUDA, gloo otherwise (CPU DDP works for tests and small runs).
+    Backend: :func:`choose_backend` (nccl on CUDA when available, else gloo; CPU DDP works for tests).
     """
     info = distributed_env()
     device = select_device(device_name, local_rank=info.local_rank if info.enabled else None)
     if info.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(backend=choose_backend(device), rank=info.rank, world_size=info.world_size)
     return info, device
+
+
+def choose_backend(device: torch.device) -> str:
+    """nccl for CUDA devices where this torch build has it; gloo otherwise (CPU, and Windows builds of
+    torch, which ship without nccl). ``DIST_BACKEND`` in the environment overrides the choice."""
+    forced = os.environ.get("DIST_BACKEND")
+    if forced:
+        return forced
+    if device.type == "cuda" and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
 
 
 def cleanup_distributed() -> None:
@@ -334,29 +344,48 @@ class CoolingPause:
         return False
 
 
+def _stop_signals() -> list:
+    """Signals that ask a run to stop cleanly: Ctrl+C, SIGTERM (kill, schedulers such as SLURM), and on
+    Windows Ctrl+Break (SIGBREAK)."""
+    names = ["SIGINT", "SIGTERM", "SIGBREAK"]
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
 class GracefulInterrupt:
-    """Context manager: the first Ctrl+C sets ``requested`` so the loop can save and stop cleanly;
-    a second Ctrl+C raises KeyboardInterrupt as usual."""
+    """Context manager: the first Ctrl+C / SIGTERM / SIGBREAK sets ``requested`` (and ``reason``) so the loop
+    can save and stop cleanly; a second Ctrl+C raises KeyboardInterrupt as usual."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.reason: str | None = None
+        self._previous: dict = {}
+
+    def request(self, reason: str) -> None:
+        """Ask for a clean stop (what a signal does; also used by ``--stop-after-steps``)."""
+        if not self.requested:
+            self.requested = True
+            self.reason = reason
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == getattr(signal, "SIGINT", None):
             raise KeyboardInterrupt
-        self.requested = True
-        safe_print("\nInterrupt received: finishing this step, saving checkpoint_last.pt, then stopping "
-                   "(press Ctrl+C again to abort at once).", file=sys.stderr)
+        name = signal.Signals(signum).name if hasattr(signal, "Signals") else str(signum)
+        if not self.requested:
+            safe_print(f"\n{name} received: finishing this step, saving checkpoint_last.pt, then stopping "
+                       "(press Ctrl+C again to abort at once).", file=sys.stderr)
+        self.request(name)
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not in the main thread
-            self._previous = None
+        for sig in _stop_signals():
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # not in the main thread, or not settable on this platform
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, previous)
+        self._previous = {}
         return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common.checkpoint import register_model
 
 
 def parameter_spec(n_bands: int) -> list[tuple[str, float, float]]:
@@ -57,6 +58,7 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
+@register_model
 class DeepLensResNet(nn.Module):
     """Pre-activated ResNet lens classifier (CMU DeepLens style).
 
@@ -107,6 +109,7 @@ class DeepLensResNet(nn.Module):
         return {"logit": self.classifier(self.dropout(self.features(x))).squeeze(-1)}
 
 
+@register_model
 class LensParameterResNet(DeepLensResNet):
     """DeepLens ResNet + a bounded lens-model regression head (for the physics-informed loss)."""
 

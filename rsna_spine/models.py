@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common.checkpoint import register_model
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class AttentionMIL(nn.Module):
         return pooled, weights
 
 
+@register_model
 class SpineClassifier(nn.Module):
     """v9: per-slice CNN → BiGRU → attention-MIL → [level, condition] embeddings → MLP → 3 logits.
 
@@ -158,6 +160,7 @@ def coordinate_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> t
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 
+@register_model
 class HeatmapLocalizer(nn.Module):
     """Anisotropic U-Net: (B, 1, D, H, W) → heatmap logits (B, P, D, ⌈H/2⌉, ⌈W/2⌉).
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from common.diffusion import GaussianDiffusion, scale_to_unit, timestep_embedding, unscale_from_unit
 from common.layers import film, group_norm
+from common.checkpoint import register_model
 
 
 class ResBlock3D(nn.Module):
@@ -49,6 +50,7 @@ class ResBlock3D(nn.Module):
         return F.silu(h + self.skip(x))
 
 
+@register_model
 class UNet3D(nn.Module):
     """3D U-Net. Input spatial sizes must be divisible by 2**(len(channels) − 1).
 
@@ -126,6 +128,7 @@ class UNet3D(nn.Module):
         return self.head(h)
 
 
+@register_model
 class CascadeUNet3D(nn.Module):
     """Two U-Nets (C3D-like): stage 1 predicts a coarse dose, stage 2 refines it from (inputs, stage 1)."""
 
@@ -146,6 +149,7 @@ class CascadeUNet3D(nn.Module):
         return [first, second] if return_stages else second
 
 
+@register_model
 class DiffusionDoseModel(nn.Module):
     """Conditional diffusion over dose / Rx, scaled from [0, dose_scale_max] to [−1, 1].
 
