@@ -17,30 +17,23 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common.checkpoint import (
-    build_model,
-    load_checkpoint,
-    load_model,
-    restore_training_state,
-    save_checkpoint,
-)
+from common.checkpoint import build_model, load_model, register_model
 from common.cli import make_parser, start_run
 from common.losses import masked_mse
+from common.errors import run_cli
 from common.metrics import regression_metrics
 from common.runlog import progress
 from common.runtime import (
     RUNTIME_DEFAULTS,
     CoolingPause,
-    GracefulInterrupt,
     ResumableSampler,
     all_reduce_mean,
     amp_policy,
-    any_rank,
     dataloader_kwargs,
     optimizer_step,
     wrap_model,
 )
-from common.checkpoint import register_model
+from common.training import CheckpointSaver, StopRequest, TrainState, resume_training
 
 DEFAULTS = {
     "seed": 0,
@@ -112,6 +105,22 @@ def weight_spread_across_ranks(model: nn.Module) -> float:
     return float((high - low).max())
 
 
+def train_one_epoch(model, loader, optimizer, amp, state: TrainState, stop: StopRequest, cooling, device,
+                    tcfg: dict, is_main: bool) -> None:
+    """One pass over the (remaining) batches of the epoch; running sums go to ``state.partial``."""
+    model.train()
+    for batch in progress(loader, desc=f"epoch {state.epoch + 1}", is_main=is_main):
+        with amp.autocast():
+            pred = model(batch["input"].to(device, non_blocking=True))
+            loss = masked_mse(pred.float(), batch["target"].to(device))
+        optimizer_step(loss, optimizer, amp, grad_clip=tcfg["grad_clip"])
+        state.add(loss=loss.item(), n=1)
+        state.step, state.batches_done = state.step + 1, state.batches_done + 1
+        cooling.step()
+        if stop.check(state.step):
+            return
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, train=True)
     args = parser.parse_args(argv)
@@ -136,64 +145,34 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg["epochs"])
     amp = amp_policy(device, rcfg["amp"])
-    start_epoch, step, best = 1, 0, math.inf
-    partial = {"loss_sum": 0.0, "n_batches": 0}  # progress inside an epoch cut short by Ctrl+C
-    if run.resume_from is not None:
-        ckpt = load_checkpoint(run.resume_from, expected_domain="common")
-        state = restore_training_state(ckpt, model, optimizer, scheduler, amp.scaler)
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        best = state["best_metric"] if state["best_metric"] is not None else math.inf
-        partial = ckpt["extra"].get("partial_epoch", partial)
+    state = resume_training(run, model, optimizer, scheduler, amp.scaler)
+    saver = CheckpointSaver(run, model, optimizer, scheduler, amp.scaler, metric_name="val_mse")
     ddp_model = wrap_model(model, dist, device)
     cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
+    run.record_inputs_valid()
 
-    def save(name: str, completed_epoch: int, extra: dict | None = None) -> None:
-        if run.is_main:
-            save_checkpoint(run.run_dir / name, model, domain="common", config=cfg, optimizer=optimizer,
-                            scheduler=scheduler, scaler=amp.scaler, epoch=completed_epoch, step=step,
-                            best_metric=best, best_metric_name="val_mse", extra=extra)
-
-    epoch, stopped = start_epoch - 1, False
-    with GracefulInterrupt() as interrupt:
-        for epoch in range(start_epoch, tcfg["epochs"] + 1):
-            sampler.set_epoch(epoch, skip_samples=partial["n_batches"] * tcfg["batch_size"])
-            loss_sum, n_batches = partial["loss_sum"], partial["n_batches"]
-            partial = {"loss_sum": 0.0, "n_batches": 0}
-            ddp_model.train()
-            for batch in progress(train_loader, desc=f"epoch {epoch}", is_main=run.is_main):
-                with amp.autocast():
-                    pred = ddp_model(batch["input"].to(device, non_blocking=True))
-                    loss = masked_mse(pred.float(), batch["target"].to(device))
-                optimizer_step(loss, optimizer, amp, grad_clip=tcfg["grad_clip"])
-                loss_sum, n_batches, step = loss_sum + loss.item(), n_batches + 1, step + 1
-                cooling.step()
-                if any_rank(interrupt.requested, device):
-                    stopped = True
-                    break
-            if stopped:  # epoch unfinished: checkpoint_last records where to pick up
-                save("checkpoint_last.pt", epoch - 1,
-                     extra={"partial_epoch": {"loss_sum": loss_sum, "n_batches": n_batches}})
-                run.log(f"stopped by the user in epoch {epoch} after {n_batches} batches; "
-                        f"continue with --resume {run.run_dir}")
-                epoch -= 1
+    with StopRequest(run) as stop:
+        for epoch in range(state.epoch + 1, tcfg["epochs"] + 1):
+            sampler.set_epoch(epoch, skip_samples=state.batches_done * tcfg["batch_size"])
+            train_one_epoch(ddp_model, train_loader, optimizer, amp, state, stop, cooling, device, tcfg, run.is_main)
+            if stop.stopped:  # epoch unfinished: checkpoint_last records where to pick up
+                saver.save_partial(state)
                 break
             scheduler.step()
             # Exact global means over all ranks: sums and counts are reduced, not per-rank means.
             pred, target = predict(model, val_loader, device)
-            val_mse, train_loss = all_reduce_mean([np.sum((pred - target) ** 2), loss_sum],
-                                                  [pred.size, n_batches], device)
-            run.logger.log_metrics({"epoch": epoch, "step": step, "train_loss": train_loss, "val_mse": val_mse,
-                                    "lr": scheduler.get_last_lr()[0]})
+            val_mse, train_loss = all_reduce_mean([np.sum((pred - target) ** 2), state.partial.get("loss", 0.0)],
+                                                  [pred.size, state.partial.get("n", 0.0)], device)
+            state.end_epoch(epoch)
+            saver.end_epoch(state, {"train_loss": train_loss, "val_mse": val_mse, "lr": scheduler.get_last_lr()[0]},
+                            metric=val_mse)
             run.log(f"epoch {epoch}: train_loss {train_loss:.4f}  val_mse {val_mse:.4f}")
-            if val_mse < best:
-                best = float(val_mse)
-                save("checkpoint_best.pt", epoch)
-            save("checkpoint_last.pt", epoch)
+    epoch, stopped = state.epoch, stop.stopped
 
     summary: dict = {"epochs_completed": epoch, "interrupted": stopped}
     if dist.enabled:  # DDP must keep every rank's weights identical; measure it instead of assuming it
         summary["ddp_max_weight_spread"] = weight_spread_across_ranks(model)
-    if run.is_main:
+    if run.is_main and not stopped:
         # Validation rebuilds the model from the checkpoint alone (no class named here).
         rebuilt, ckpt = load_model(run.run_dir, device=device, expected_domain="common")
         full_val = DataLoader(val_set, batch_size=256)
@@ -217,4 +196,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

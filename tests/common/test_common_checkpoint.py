@@ -1,7 +1,10 @@
+import json
 import os
 
 import pytest
 import torch
+
+from common.runlog import read_csv_rows
 
 import common.demo as demo
 from common.checkpoint import (FORMAT_VERSION, CheckpointError, atomic_torch_save, build_model, clean_state_dict,
@@ -110,37 +113,33 @@ def test_demo_end_to_end_beats_baseline(uninterrupted):
         assert (out / name).is_file(), name
 
 
-def test_resume_after_ctrl_c_mid_epoch_matches_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+def test_resume_after_ctrl_c_mid_epoch_matches_uninterrupted_run(uninterrupted, tmp_path):
     out, _ = uninterrupted
     resumed = tmp_path / "resumed"
     steps_per_epoch = 256 // 32
-
-    class FakeInterrupt:
-        def __init__(self):
-            self.calls = 0
-
-        @property
-        def requested(self):
-            self.calls += 1
-            return self.calls == 2 * steps_per_epoch + 3  # 3 batches into epoch 3
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(demo, "GracefulInterrupt", FakeInterrupt)
-    first = demo.main(SMALL + ["--output-dir", str(resumed)])
+    stop_at = 2 * steps_per_epoch + 3  # 3 batches into epoch 3
+    first = demo.main(SMALL + ["--output-dir", str(resumed), "--stop-after-steps", str(stop_at)])
     assert first["interrupted"] and first["epochs_completed"] == 2
     saved = torch.load(resumed / "checkpoint_last.pt", weights_only=True)
-    assert saved["epoch"] == 2 and saved["extra"]["partial_epoch"]["n_batches"] == 3
-    monkeypatch.undo()
+    assert saved["epoch"] == 2 and saved["step"] == stop_at
+    assert saved["extra"]["partial_epoch"]["batches_done"] == 3
+    assert not (resumed / "summary.json").exists()  # an interrupted run never looks complete
+    state = json.loads((resumed / "run_state.json").read_text(encoding="utf-8"))
+    assert state["status"] == "interrupted" and state["step"] == stop_at and state["reason"] == "--stop-after-steps"
+    assert not (resumed / "run.lock").exists()
     second = demo.main(SMALL + ["--output-dir", str(resumed), "--resume"])
     assert second["epochs_completed"] == 4
     reference, result = final_weights(out), final_weights(resumed)
     for key in reference:
         assert torch.equal(reference[key], result[key]), key
+    # the same per-epoch losses as the uninterrupted run, one row per epoch
+    ref_rows = read_csv_rows(out / "metrics.csv")
+    new_rows = read_csv_rows(resumed / "metrics.csv")
+    assert [r["epoch"] for r in new_rows] == ["1", "2", "3", "4"]
+    for a, b in zip(ref_rows, new_rows):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
+        assert float(a["val_mse"]) == pytest.approx(float(b["val_mse"]), rel=1e-6)
+    assert json.loads((resumed / "run_state.json").read_text(encoding="utf-8"))["status"] == "completed"
 
 
 def test_fresh_run_in_a_used_folder_starts_a_new_metrics_file(uninterrupted, tmp_path):
