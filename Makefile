@@ -16,7 +16,7 @@ CONFIG ?=
 ARGS ?=
 DEMO_TARGETS := common-demo
 
-.PHONY: setup test test-all demo lint clean common-demo help
+.PHONY: setup test test-all test-gpu demo lint clean common-demo help
 
 help:
 	$(BOOTSTRAP_PYTHON) tools/mk.py help
@@ -34,6 +34,9 @@ test: setup
 
 test-all: setup
 	$(PYTHON) -m pytest -m "slow or not slow"
+
+test-gpu: setup
+	$(PYTHON) -m pytest -m cuda -rs
 
 lint: setup
 	$(PYTHON) -m ruff check .

@@ -83,12 +83,15 @@ def registered_models() -> dict[str, type]:
     return dict(_MODEL_REGISTRY)
 
 
+# Folders whose top-level packages are this project's (tests may add a generated domain's root).
+PROJECT_ROOTS = [Path(__file__).resolve().parent.parent]
+
+
 def project_packages() -> tuple[str, ...]:
     """Top-level packages of this project: folders beside ``common/`` with an ``__init__.py`` (a new domain
     is found without editing anything here)."""
-    root = Path(__file__).resolve().parent.parent
-    return tuple(sorted(p.name for p in root.iterdir()
-                        if p.is_dir() and (p / "__init__.py").is_file() and p.name not in ("tests", "tools")))
+    return tuple(sorted({p.name for root in PROJECT_ROOTS for p in Path(root).iterdir()
+                         if p.is_dir() and (p / "__init__.py").is_file() and p.name not in ("tests", "tools")}))
 
 
 def _import_target(target: str):

@@ -293,3 +293,26 @@ def test_script_subprocess_exit_code_and_single_line(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert done.returncode == 2
     assert done.stderr.splitlines()[0].startswith(f"error: {tmp_path / 'x.npz'}: not a readable NPZ")
+
+
+def test_torchrun_stop_mid_epoch_then_resume_on_two_gloo_ranks(tmp_path):
+    """Both ranks stop at the same step (the stop is reduced over ranks: none hangs) and resume exactly."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "common.demo",
+            "--config", os.path.join(root, "configs/common/demo.yaml"), "--device", "cpu", "--set", "train.epochs=2",
+            "--set", "data.n_train=256", "--set", "data.n_val=64"]
+    env = {**os.environ, "PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    runs = [base + ["--output-dir", str(full)], base + ["--output-dir", str(cut), "--stop-after-steps", "6"],
+            base + ["--output-dir", str(cut), "--resume"]]
+    for i, cmd in enumerate(runs):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        if i == 1:
+            state = json.loads((cut / "run_state.json").read_text(encoding="utf-8"))
+            assert state["status"] == "interrupted" and state["step"] == 6
+    a = torch.load(full / "checkpoint_last.pt", weights_only=True)["state_dict"]
+    b = torch.load(cut / "checkpoint_last.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert json.loads((cut / "summary.json").read_text(encoding="utf-8"))["ddp_max_weight_spread"] == 0.0

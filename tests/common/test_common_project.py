@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 import common.demo as demo
+from common.checkpoint import project_packages
 from common.report import build_report
 
 ROOT = Path(__file__).resolve().parents[2]
-DOMAINS = ["asl", "vmat", "rsna_spine", "lensing", "abr"]
+DOMAINS = [p for p in project_packages() if p != "common"]  # discovered: a new domain folder is checked too
 SCRIPT_PREFIXES = ("preprocess_", "train_", "validate_", "predict_", "benchmark_", "generate_")
 SCRIPTS = sorted(p for d in DOMAINS for p in (ROOT / d).glob("*.py") if p.name.startswith(SCRIPT_PREFIXES))
 

@@ -1,0 +1,1 @@
+"""__domain__: a new domain of the toolkit (started from tools/domain_template)."""
