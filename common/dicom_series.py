@@ -24,10 +24,12 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from common.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
-class DicomSeriesError(ValueError):
+class DicomSeriesError(InputError):
     """A series that cannot be turned into a volume; the message names the file(s) and the field."""
 
 

@@ -316,3 +316,44 @@ def test_torchrun_stop_mid_epoch_then_resume_on_two_gloo_ranks(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
     assert json.loads((cut / "summary.json").read_text(encoding="utf-8"))["ddp_max_weight_spread"] == 0.0
+
+
+def test_truncated_nifti_dicom_and_csv_name_the_file(tmp_path):
+    import nibabel as nib
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from common.dicom_series import load_volume
+    from common.files import load_nifti, read_csv
+
+    image = nib.Nifti1Image(np.random.default_rng(0).normal(size=(16, 16, 8)).astype(np.float32), np.eye(4))
+    nib.save(image, tmp_path / "cbf.nii.gz")
+    data, _ = load_nifti(tmp_path / "cbf.nii.gz")
+    assert data.shape == (16, 16, 8)
+    truncate(tmp_path / "cbf.nii.gz", 0.6)
+    with pytest.raises(InputError, match=r"cbf\.nii\.gz: not a readable NIfTI"):
+        load_nifti(tmp_path / "cbf.nii.gz")
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [1, 1], 1
+    ds.PixelData = np.zeros((8, 8), np.int16).tobytes()
+    ds.save_as(tmp_path / "slice.dcm", enforce_file_format=True)
+    truncate(tmp_path / "slice.dcm", 0.7)
+    with pytest.raises(InputError, match=r"slice\.dcm"):
+        load_volume([tmp_path / "slice.dcm"])
+
+    (tmp_path / "table.csv").write_bytes(b"id,age\n1,3\n" + bytes([0xFF, 0xFE, 0x00]) * 10)
+    with pytest.raises(InputError, match=r"table\.csv: not a readable CSV"):
+        read_csv(tmp_path / "table.csv")
+    (tmp_path / "ok.csv").write_text("id,age\n1,3\n")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['ear'\]"):
+        read_csv(tmp_path / "ok.csv", required=["id", "ear"])
