@@ -1,45 +1,50 @@
 """Speed and accuracy of the network, the batched LS fit and the per-voxel scipy LS, in one run on the same data.
 
-Data: the saved test phantoms at benchmark.snr (brain voxels). The network runs on whole images (every
-voxel of the image is computed; voxels/s counts brain voxels); the batched LS fits all brain voxels at once;
-scipy fits a random subset (benchmark.n_scipy_voxels) one voxel at a time, from the same initialization.
+Data: the saved test phantoms (test.npz of --data DIR, default data.dir) at benchmark.snr (brain voxels);
+models: --checkpoint (a checkpoint file, a training run folder or an ensemble folder). The network runs on
+whole images (every voxel of the image is computed; voxels/s counts brain voxels); the batched LS fits all
+brain voxels at once; scipy fits a random subset (benchmark.n_scipy_voxels) one voxel at a time, from the same
+initialization.
 Prints voxels/s of each, the speed ratios, MAE of each on the scipy subset, and the agreement of the
 batched fit with scipy (|ΔCBF| on voxels where both converged).
 
-    python asl/benchmark_asl.py runs/asl/smoke --config configs/asl/smoke.yaml
+    python asl/benchmark_asl.py --checkpoint runs/asl/smoke --config configs/asl/smoke.yaml --data data/asl/smoke
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from asl.data import load_ensemble, predict_maps
+from asl.data import checkpoint_paths, fixed_set_from_args, load_ensemble, predict_maps
 from asl.defaults import defaults
 from asl.fitting import fit_batched, fit_scipy, grid_init
 from asl.simulate import load_fixed_set
 from asl.train_asl import check_set_matches
 from common.cli import make_parser, start_run
+from common.errors import run_cli
 
 DEFAULTS = defaults()
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="run folder(s) or checkpoint file(s)")
-    parser.add_argument("--data", type=Path, default=None, help="test set .npz (default: <data.dir>/test.npz)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
+    parser.add_argument("checkpoints", nargs="*", type=Path, help=argparse.SUPPRESS)  # deprecated: use --checkpoint
     args = parser.parse_args(argv)
-    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
+    checkpoints = checkpoint_paths(args, parser)
+    test_file = fixed_set_from_args(args)
+    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv, data_key="data.dir")
     cfg, device, bcfg = run.cfg, run.device, run.cfg["benchmark"]
     if device.type == "cpu" and int(bcfg["threads"]) > 0:
         torch.set_num_threads(int(bcfg["threads"]))  # same thread budget as the single-threaded scipy fit
-    models, ckpts = load_ensemble(args.checkpoints, device)
+    models, ckpts = load_ensemble(checkpoints, device)
     prep = ckpts[0]["preprocessing"]
     physics, fit_cfg = prep["physics"], prep.get("fit", cfg["fit"])
-    data_path = args.data or Path(cfg["data"]["dir"]) / "test.npz"
+    data_path = test_file or Path(cfg["data"]["dir"]) / "test.npz"
     data, meta = load_fixed_set(data_path)
     check_set_matches(meta, {"physics": physics}, data_path)
     k = int(np.argmin(np.abs(data["snrs"] - float(bcfg["snr"]))))
@@ -105,4 +110,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

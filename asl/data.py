@@ -170,18 +170,17 @@ def predict_maps(models: Sequence[torch.nn.Module], x: torch.Tensor, stats: Mapp
 
 
 def load_ensemble(paths, device="cpu") -> tuple[list[torch.nn.Module], list[dict]]:
-    """Models of a run folder (every ``member_<i>/checkpoint_best.pt``, else the folder's own checkpoint) or
-    of checkpoint files. Each is rebuilt from its checkpoint alone (common.checkpoint.load_model: the class
-    recorded in the file, never one named here); a checkpoint of another domain is refused. All members must
-    share the physics and input scale."""
+    """Models of one or more ``--checkpoint`` paths: a checkpoint file, a run folder (its ensemble.json members,
+    else its checkpoint, else every ``member_<i>/`` checkpoint) or an ensemble folder
+    (common.checkpoint.resolve_checkpoints). Each is rebuilt from its checkpoint alone (the class recorded in
+    the file, never one named here); a checkpoint of another domain is refused. All members must share the
+    physics and input scale."""
     from pathlib import Path
 
-    from common.checkpoint import CheckpointError, load_model
+    from common.checkpoint import CheckpointError, load_model, resolve_checkpoints
 
-    files = []
-    for path in [Path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]:
-        members = sorted(path.glob("member_*/checkpoint_best.pt")) if path.is_dir() else []
-        files += members if members else [path]
+    paths = paths if isinstance(paths, (list, tuple)) else [paths]
+    files = [f for path in paths for f in resolve_checkpoints(Path(path))]
     models, ckpts = [], []
     for f in files:
         model, ckpt = load_model(f, device=device, expected_domain="asl")
@@ -197,3 +196,29 @@ def load_ensemble(paths, device="cpu") -> tuple[list[torch.nn.Module], list[dict
                 raise CheckpointError(f"{f}: field 'preprocessing.{key}' differs from {files[0]}; "
                                       "ensemble members must share it")
     return models, ckpts
+
+
+def checkpoint_paths(args, parser) -> list:
+    """The models named on the command line: ``--checkpoint PATH`` (file, run folder or ensemble folder) and,
+    still accepted with a deprecation note, the old positional run folders / checkpoint files."""
+    import sys
+
+    old = list(getattr(args, "checkpoints", None) or [])
+    if old:
+        print("note: positional checkpoints are deprecated; use --checkpoint PATH", file=sys.stderr)
+    paths = ([args.checkpoint] if args.checkpoint is not None else []) + old
+    if not paths:
+        parser.error("--checkpoint PATH is required (a checkpoint file, a run folder or an ensemble folder)")
+    return paths
+
+
+def fixed_set_from_args(args):
+    """``--data`` names the data folder (holding test.npz). The old ``--data FILE.npz`` still names the test
+    set itself, with a deprecation note; it is then taken off ``args.data`` so data.dir keeps its value."""
+    import sys
+
+    if args.data is not None and args.data.suffix == ".npz":
+        print("note: --data FILE.npz is deprecated; use --data DIR (the folder holding test.npz)", file=sys.stderr)
+        path, args.data = args.data, None
+        return path
+    return None

@@ -26,10 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from common.errors import InputError
+from common.files import load_npz
 from common.runlog import save_npz_atomic
 
 
-class InvivoError(ValueError):
+class InvivoError(InputError):
     """In-vivo input that cannot be used; the message names the file and the field."""
 
 
@@ -311,8 +314,7 @@ def save_subject_npz(subject: Mapping, path: str | Path) -> Path:
 
 def load_subject_npz(path: str | Path) -> dict:
     path = Path(path)
-    with np.load(path, allow_pickle=False) as npz:
-        data = {k: npz[k] for k in npz.files}
+    data = load_npz(path)  # a truncated or foreign file is an InputError naming it
     for key in ("m0", "affine", "finite", "meta_json"):
         if key not in data:
             raise InvivoError(f"{path}: field '{key}' is missing; not a subject written by preprocess_asl.py --invivo")

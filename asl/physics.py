@@ -30,6 +30,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from common.config import ConfigError
+
 # Nominal physics of the original system (production_v2); the ``physics:`` section of every config.
 PHYSICS_DEFAULTS = {
     "modes": ["pcasl", "vsasl"],  # acquired labeling schemes, in channel order: pcasl, vsasl or both
@@ -52,18 +54,19 @@ PCASL_MODELS = ("blood_t1", "buxton_full")
 
 
 def check_physics(physics: Mapping) -> None:
-    """Raise ValueError naming the field when the physics section cannot describe an acquisition."""
+    """Raise ConfigError (a ValueError: one line from run_cli) naming the field when the physics section cannot
+    describe an acquisition."""
     modes = list(physics["modes"])
     if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
-        raise ValueError(f"physics.modes must be a non-empty subset of {list(MODES)}, got {modes}")
+        raise ConfigError(f"physics.modes must be a non-empty subset of {list(MODES)}, got {modes}")
     plds = list(physics["plds_ms"])
     if not plds or any(not np.isfinite(p) or p < 0 for p in plds):
-        raise ValueError(f"physics.plds_ms must be non-negative numbers, got {plds}")
+        raise ConfigError(f"physics.plds_ms must be non-negative numbers, got {plds}")
     if physics["pcasl_model"] not in PCASL_MODELS:
-        raise ValueError(f"physics.pcasl_model must be one of {PCASL_MODELS}, got {physics['pcasl_model']!r}")
+        raise ConfigError(f"physics.pcasl_model must be one of {PCASL_MODELS}, got {physics['pcasl_model']!r}")
     for key in ("t1_blood_ms", "t1_tissue_ms", "tau_ms", "lambda_blood"):
         if not float(physics[key]) > 0:
-            raise ValueError(f"physics.{key} must be > 0, got {physics[key]}")
+            raise ConfigError(f"physics.{key} must be > 0, got {physics[key]}")
 
 
 def n_channels(physics: Mapping) -> int:

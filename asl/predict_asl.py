@@ -2,8 +2,8 @@
 
 Input: a BIDS ASL folder (asl.nii.gz + aslcontext.tsv + asl.json, m0scan), the original's per-PLD folder
 (r_normdiff_alldyn_<PCASL|VSASL>_<PLD>.nii* + r_M0.nii*) or a .npz from preprocess_asl.py --invivo. The
-network (an ensemble run folder or checkpoint files) is rebuilt from its checkpoint; its physics decides
-which modes/PLDs are read. Writes <out>/cbf.nii.gz, att.nii.gz, cbf_std.nii.gz, att_std.nii.gz,
+network (--checkpoint: a checkpoint file, a training run folder or an ensemble folder) is rebuilt from its
+checkpoint; its physics decides which modes/PLDs are read. Writes <out>/cbf.nii.gz, att.nii.gz, cbf_std.nii.gz, att_std.nii.gz,
 ls_cbf.nii.gz, ls_att.nii.gz, ls_failed.nii.gz, mask.nii.gz and summary.json (GM/WM means and their ratio
 when GM/WM probability maps are found beside the data or given).
 
@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asl.data import load_ensemble, predict_maps
+from asl.data import checkpoint_paths, load_ensemble, predict_maps
 from asl.defaults import defaults
 from asl.fitting import fit_batched
 from asl.invivo import InvivoError, read_nifti, assemble, load_subject
 from common.cli import make_parser, start_run
+from common.errors import run_cli
 from common.runlog import atomic_path
 
 DEFAULTS = defaults()
@@ -40,17 +41,17 @@ def _tissue_means(maps: dict, region: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, checkpoint=True)
     parser.add_argument("input", type=Path, help="BIDS ASL folder, per-PLD folder, or preprocessed .npz")
-    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True, help="run folder or checkpoint file(s)")
     parser.add_argument("--gm", type=Path, default=None, help="GM probability NIfTI (default: found beside the data)")
     parser.add_argument("--wm", type=Path, default=None, help="WM probability NIfTI (default: found beside the data)")
     parser.add_argument("--reference-cbf", type=Path, default=None, help="optional reference CBF NIfTI to compare with")
     parser.add_argument("--reference-att", type=Path, default=None, help="optional reference ATT NIfTI to compare with")
     args = parser.parse_args(argv)
+    checkpoints = checkpoint_paths(args, parser)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
     cfg, device, pcfg = run.cfg, run.device, run.cfg["predict"]
-    models, ckpts = load_ensemble(args.checkpoint, device)
+    models, ckpts = load_ensemble(checkpoints, device)
     prep = ckpts[0]["preprocessing"]
     physics = prep["physics"]
     subject = load_subject(args.input)
@@ -122,4 +123,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

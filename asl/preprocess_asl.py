@@ -4,13 +4,13 @@ Phantom sets (default): ``val.npz`` (model selection) and ``test.npz`` (held-out
 per-phantom true physics (domain-randomized), clean signals and one fixed noise realization per SNR
 (noise.val_snrs / noise.eval_snrs), plus (data.synthetic_subject) a synthetic subject in BIDS and in the
 original's per-PLD layout under ``synthetic_subject/`` for the in-vivo path. Output folder: --output-dir,
-else data.dir.
+else --data DIR, else data.dir.
 
 In-vivo (--invivo PATH): a BIDS ASL folder (asl.nii.gz + aslcontext.tsv + asl.json [+ m0scan]), a
 per-PLD folder (r_normdiff_alldyn_<PCASL|VSASL>_<PLD>.nii* + r_M0.nii*) or a .npz → ``<output>/<name>.npz``
 (label/control pairs subtracted and averaged per PLD, divided by M0; NaN voxels masked).
 
-    python asl/preprocess_asl.py --config configs/asl/smoke.yaml --output-dir data/asl/smoke
+    python asl/preprocess_asl.py --config configs/asl/smoke.yaml --data data/asl/smoke
     python asl/preprocess_asl.py --config configs/asl/smoke.yaml --invivo /data/sub-01 --output-dir data/asl/invivo
 """
 
@@ -26,6 +26,7 @@ from asl.physics import check_physics, reference_signal
 from asl.simulate import build_fixed_set, save_fixed_set
 from asl.synthetic_subject import write_synthetic_subject
 from common.cli import make_parser, start_run
+from common.errors import run_cli
 
 DEFAULTS = defaults()
 
@@ -64,15 +65,20 @@ def convert_invivo(cfg: dict, source: Path, out_dir: Path, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, data=True)
     parser.add_argument("--invivo", type=Path, default=None,
                         help="convert this BIDS / per-PLD folder (or .npz) instead of building phantom sets")
     args = parser.parse_args(argv)
-    if args.output_dir is None:
-        from common.config import load_config
+    if args.output_dir is None and args.data is not None:
+        args.output_dir = args.data
+    elif args.output_dir is None:
+        from common.config import ConfigError, load_config
 
-        args.output_dir = Path(load_config(args.config, args.set, defaults=DEFAULTS)["data"]["dir"])
-    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
+        try:
+            args.output_dir = Path(load_config(args.config, args.set, defaults=DEFAULTS)["data"]["dir"])
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None  # as start_run reports config errors
+    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv, data_key="data.dir")
     check_physics(run.cfg["physics"])
     out_dir = Path(run.run_dir)
     if args.invivo is not None:
@@ -84,4 +90,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -31,6 +31,8 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from asl.physics import noise_sigma, signal_curves
+from common.errors import InputError
+from common.files import load_npz
 from common.runlog import save_npz_atomic
 
 LABELS = {"background": 0, "gm": 1, "wm": 2, "csf": 3, "pathology": 4}
@@ -379,18 +381,24 @@ def save_fixed_set(path: str | Path, data: Mapping, meta: Mapping) -> Path:
     return save_npz_atomic(path, meta_json=np.asarray(json.dumps(dict(meta))), **dict(data))
 
 
+class PhantomSetError(InputError):
+    """A saved phantom set that is missing, damaged, or not the one the run needs; names the file and field."""
+
+
+PHANTOM_SET_FIELDS = ("cbf", "att", "mask", "label", "noisy", "snrs", "sigma", "meta_json")
+
+
 def load_fixed_set(path: str | Path) -> tuple[dict, dict]:
     """(arrays, meta) of a set written by :func:`save_fixed_set`; a clear error names a missing field."""
     import json
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"phantom set not found: {path} (run preprocess_asl.py first)")
-    with np.load(path, allow_pickle=False) as npz:
-        data = {k: npz[k] for k in npz.files}
-    for key in ("cbf", "att", "mask", "label", "noisy", "snrs", "sigma", "meta_json"):
+        raise PhantomSetError("phantom set not found (run preprocess_asl.py first)", path)
+    data = load_npz(path)  # a truncated or foreign file is an InputError naming it
+    for key in PHANTOM_SET_FIELDS:
         if key not in data:
-            raise ValueError(f"{path}: field '{key}' is missing; not a phantom set written by preprocess_asl.py")
+            raise PhantomSetError(f"field '{key}' is missing; not a phantom set written by preprocess_asl.py", path)
     meta = json.loads(str(data.pop("meta_json")))
     return data, meta
 

@@ -1,25 +1,27 @@
 """Validate trained CBF/ATT networks on the saved test phantoms against voxel-wise least squares.
 
-Takes a run folder (all ensemble members) or checkpoint file(s); each model is rebuilt from its checkpoint
-alone, whatever class it holds. For every SNR of the test set: the network (ensemble mean; uncertainty from
+--checkpoint PATH: a checkpoint file, a training run folder (all ensemble members) or an ensemble folder
+(ensemble.json); each model is rebuilt from its checkpoint alone, whatever class it holds. --data DIR: the
+folder holding test.npz (default data.dir). For every SNR of the test set: the network (ensemble mean; uncertainty from
 member disagreement, MC dropout if configured, and log-variance heads), LS with the nominal physics the
 network was trained around, and LS with the true per-phantom physics (oracle). Metrics per tissue (brain,
 GM, WM, pathology): MAE, RMSE, bias, R², ICC(2,1), failure rate, CRLB ratio, win rate; uncertainty coverage
 and AUROC; amplitude linearity (signals × k → CBF × k, ATT unchanged). Writes metrics.csv, summary.json,
 report.md and figures/.
 
-    python asl/validate_asl.py runs/asl/smoke --config configs/asl/smoke.yaml
+    python asl/validate_asl.py --checkpoint runs/asl/smoke --config configs/asl/smoke.yaml --data data/asl/smoke
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 import torch
 
-from asl.data import load_ensemble, predict_maps
+from asl.data import checkpoint_paths, fixed_set_from_args, load_ensemble, predict_maps
 from asl.defaults import defaults
 from asl.evaluation import TISSUES, coverage, find, nn_failed, snr_rows, tissue_masks, uncertainty_auroc
 from asl.fitting import fit_batched
@@ -27,6 +29,7 @@ from asl.physics import crlb
 from asl.simulate import add_noise, load_fixed_set, params_of
 from asl.train_asl import check_set_matches
 from common.cli import make_parser, start_run
+from common.errors import run_cli
 from common.runlog import append_csv_row, write_text_atomic
 
 DEFAULTS = defaults()
@@ -77,19 +80,20 @@ def amplitude_linearity(models, clean: np.ndarray, gm: np.ndarray, prep: dict, k
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="run folder(s) or checkpoint file(s)")
-    parser.add_argument("--data", type=Path, default=None, help="test set .npz (default: <data.dir>/test.npz)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
+    parser.add_argument("checkpoints", nargs="*", type=Path, help=argparse.SUPPRESS)  # deprecated: use --checkpoint
     args = parser.parse_args(argv)
-    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
+    checkpoints = checkpoint_paths(args, parser)
+    test_file = fixed_set_from_args(args)
+    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv, data_key="data.dir")
     cfg, device, vcfg = run.cfg, run.device, run.cfg["validate"]
-    models, ckpts = load_ensemble(args.checkpoints, device)
+    models, ckpts = load_ensemble(checkpoints, device)
     if (run.run_dir / "metrics.csv").is_file():
         (run.run_dir / "metrics.csv").unlink()  # rows of an earlier validation in this folder
     prep = ckpts[0]["preprocessing"]
     physics, stats, s_ref = prep["physics"], prep["target_stats"], prep["input_scale"]
     run.log(f"{len(models)} model(s): {sorted({c['model']['target'] for c in ckpts})}")
-    data_path = args.data or Path(cfg["data"]["dir"]) / "test.npz"
+    data_path = test_file or Path(cfg["data"]["dir"]) / "test.npz"
     data, meta = load_fixed_set(data_path)
     check_set_matches(meta, {"physics": physics}, data_path)
     n = int(vcfg["max_phantoms"]) or data["cbf"].shape[0]
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         headline["nn_beats_ls_nominal_cbf_mae_at_snr_le5"] = bool(all(
             headline[f"cbf_mae_nn_snr{s:g}"] < headline[f"cbf_mae_ls_nominal_snr{s:g}"] for s in low))
     headline["cbf_scaling_exponent"] = linearity["cbf_scaling_exponent"]
-    summary = {"checkpoints": [str(p) for p in args.checkpoints], "n_models": len(models),
+    summary = {"checkpoints": [str(p) for p in checkpoints], "n_models": len(models),
                "model_targets": sorted({c["model"]["target"] for c in ckpts}), "test_set": str(data_path),
                "n_phantoms": int(n), "voxels": int(mask.sum()), "per_snr": summary_snr,
                "linearity": linearity, "crlb_rmse": crlb_rmse, "metrics": rows, "headline": headline,
@@ -226,4 +230,4 @@ def render_report(summary: dict, cfg: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -41,10 +41,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
-def make_parser(description: str | None, *, train: bool = False, data: bool = False, checkpoint: bool = False,
-                prog: str | None = None) -> argparse.ArgumentParser:
+def make_parser(description: str | None, *, train: bool = False, data: bool = False,
+                checkpoint: bool | str = False, prog: str | None = None) -> argparse.ArgumentParser:
     """ArgumentParser with the shared options (common/README.md). ``train=True`` adds ``--resume`` and
-    ``--stop-after-steps``; ``data=True`` adds ``--data DIR``; ``checkpoint=True`` adds ``--checkpoint PATH``."""
+    ``--stop-after-steps``; ``data=True`` adds ``--data DIR``; ``checkpoint=True`` adds ``--checkpoint PATH``
+    (``checkpoint="many"``: one or more paths, ``args.checkpoint`` is then a list)."""
     parser = argparse.ArgumentParser(prog=prog, description=(description or "").strip(),
                                      formatter_class=_HelpFormatter)
     common = parser.add_argument_group("shared options")
@@ -61,8 +62,10 @@ def make_parser(description: str | None, *, train: bool = False, data: bool = Fa
         common.add_argument("--data", type=Path, default=None, metavar="DIR",
                             help="input data folder (overrides the config's data folder)")
     if checkpoint:
-        common.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
-                            help="a checkpoint file, a run folder, or an ensemble folder (ensemble.json)")
+        many = checkpoint == "many"
+        common.add_argument("--checkpoint", type=Path, default=None, metavar="PATH", nargs="+" if many else None,
+                            help="a checkpoint file, a run folder, or an ensemble folder (ensemble.json)"
+                                 + ("; several paths form an ensemble" if many else ""))
     if train:
         common.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                             help="continue from checkpoint_last.pt: of PATH (run folder or file), of "

@@ -127,7 +127,7 @@ class UncertaintyWeighting(nn.Module):
 
     def weights(self) -> dict[str, float]:
         """Effective multipliers exp(−s)·scale, for logging."""
-        return {n: float((0.5 if self.kinds[n] == "regression" else 1.0) * torch.exp(-s))
+        return {n: float((0.5 if self.kinds[n] == "regression" else 1.0) * torch.exp(-s.detach()))
                 for n, s in self.log_vars.items()}
 
 

@@ -51,6 +51,7 @@ class TrainState:
     batches_done: int = 0
     partial: dict = field(default_factory=dict)
     resumed_from: Path | None = None
+    extra: dict = field(default_factory=dict)  # the resumed checkpoint's ``extra`` (domain training state)
 
     def improved(self, value: float, mode: str = "min") -> bool:
         """True (and ``best_metric`` updated) when ``value`` beats the best so far."""
@@ -124,7 +125,7 @@ def resume_training(run, model: torch.nn.Module, optimizer=None, scheduler=None,
     partial = extra.get("partial_epoch") or {}
     state = TrainState(epoch=info["epoch"], step=info["step"], best_metric=info["best_metric"],
                        batches_done=int(partial.get("batches_done", 0)), partial=dict(partial.get("sums", {})),
-                       resumed_from=Path(path))
+                       resumed_from=Path(path), extra=dict(extra))
     if run.is_main and run.run_dir is not None:
         from common.runfolder import trim_metrics
 

@@ -1,6 +1,7 @@
 # ASL: CBF/ATT from multi-PLD PCASL/VSASL (asl/README.md). Every recipe line is one python command.
+# Data live under data/ (never runs/, which `make clean` deletes): the smoke sets in data/asl/smoke.
 ASL_DEMO := runs/demo/asl
-ASL_DATA := $(ASL_DEMO)/data
+ASL_DATA ?= data/asl/smoke
 ASL_RUN ?= $(ASL_DEMO)/train
 ASL_SMOKE := configs/asl/smoke.yaml
 
@@ -8,11 +9,11 @@ DEMO_TARGETS += asl-demo
 .PHONY: asl-demo asl-preprocess asl-train asl-validate asl-bench asl-predict
 
 asl-demo: setup
-	$(PYTHON) -m asl.preprocess_asl --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DATA)
-	$(PYTHON) -m asl.train_asl --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DEMO)/train
-	$(PYTHON) -m asl.validate_asl $(ASL_DEMO)/train --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DEMO)/validate
+	$(PYTHON) -m asl.preprocess_asl --config $(ASL_SMOKE) --data $(ASL_DATA)
+	$(PYTHON) -m asl.train_asl --config $(ASL_SMOKE) --data $(ASL_DATA) --output-dir $(ASL_DEMO)/train
+	$(PYTHON) -m asl.validate_asl --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --data $(ASL_DATA) --output-dir $(ASL_DEMO)/validate
 	$(PYTHON) -m asl.predict_asl $(ASL_DATA)/synthetic_subject/bids --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --reference-cbf $(ASL_DATA)/synthetic_subject/truth_cbf.nii.gz --reference-att $(ASL_DATA)/synthetic_subject/truth_att.nii.gz --output-dir $(ASL_DEMO)/predict
-	$(PYTHON) -m asl.benchmark_asl $(ASL_DEMO)/train --config $(ASL_SMOKE) --set data.dir=$(ASL_DATA) --output-dir $(ASL_DEMO)/benchmark
+	$(PYTHON) -m asl.benchmark_asl --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --data $(ASL_DATA) --output-dir $(ASL_DEMO)/benchmark
 
 asl-preprocess: setup
 	$(PYTHON) -m asl.preprocess_asl --config $(or $(CONFIG),configs/asl/production_v2.yaml) $(ARGS)
@@ -22,10 +23,10 @@ asl-train: setup
 	$(PYTHON) -m asl.train_asl --config $(or $(CONFIG),configs/asl/production_v2.yaml) $(ARGS)
 
 asl-validate: setup
-	$(PYTHON) -m asl.validate_asl $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
+	$(PYTHON) -m asl.validate_asl --checkpoint $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
 
 asl-bench: setup
-	$(PYTHON) -m asl.benchmark_asl $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
+	$(PYTHON) -m asl.benchmark_asl --checkpoint $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
 
 asl-predict: setup
 	$(PYTHON) -m asl.predict_asl $(or $(INPUT),$(ASL_DATA)/synthetic_subject/bids) --checkpoint $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
