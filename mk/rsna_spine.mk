@@ -12,8 +12,8 @@ DEMO_TARGETS += rsna-demo
 rsna-demo: setup
 	$(PYTHON) -m rsna_spine.preprocess_rsna --config $(RSNA_SMOKE) --output-dir $(RSNA_DEMO)/preprocess $(ARGS)
 	$(PYTHON) -m rsna_spine.train_rsna --config $(RSNA_SMOKE) --output-dir $(RSNA_DEMO)/train $(ARGS)
-	$(PYTHON) -m rsna_spine.validate_rsna --config $(RSNA_SMOKE) --train-dir $(RSNA_DEMO)/train --output-dir $(RSNA_DEMO)/validate $(ARGS)
-	$(PYTHON) -m rsna_spine.predict_rsna --config $(RSNA_SMOKE) --train-dir $(RSNA_DEMO)/train --data-root $(RSNA_DEMO)/kaggle --solution $(RSNA_DEMO)/kaggle/solution/test_solution.csv --output-dir $(RSNA_DEMO)/predict $(ARGS)
+	$(PYTHON) -m rsna_spine.validate_rsna --config $(RSNA_SMOKE) --checkpoint $(RSNA_DEMO)/train --output-dir $(RSNA_DEMO)/validate $(ARGS)
+	$(PYTHON) -m rsna_spine.predict_rsna --config $(RSNA_SMOKE) --checkpoint $(RSNA_DEMO)/train --data $(RSNA_DEMO)/kaggle --solution $(RSNA_DEMO)/kaggle/solution/test_solution.csv --output-dir $(RSNA_DEMO)/predict $(ARGS)
 
 rsna-preprocess: setup
 	$(PYTHON) -m rsna_spine.preprocess_rsna --config $(RSNA_CONFIG) $(ARGS)

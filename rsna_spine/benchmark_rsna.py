@@ -26,6 +26,7 @@ import pandas as pd
 import pydicom
 
 from common.cli import make_parser, start_run
+from common.errors import InputError, run_cli
 from common.dicom_series import pixel_data
 from rsna_spine.cache import decode_all, series_tasks
 from rsna_spine.constants import GROUP_OF_CONDITION, SUBMISSION_COLUMNS
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         validate_dir = find_run_dir(args.validate_dir, cfg["paths"]["validate_dir"], run.config_name,
                                     "oof_predictions.csv", "validate_rsna.py")
-    except SystemExit as exc:
+    except InputError as exc:
         validate_dir = None
         run.log(str(exc))
     if validate_dir is not None:
@@ -171,4 +172,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import pydicom
 
+from common.errors import InputError
+from common.files import load_npz
 from common.dicom_series import (
     DicomSeriesError,
     Volume,
@@ -50,6 +52,10 @@ from rsna_spine.constants import (
 
 log = logging.getLogger(__name__)
 
+# the arrays of one cached stack file (Stack.save writes them, Stack.load requires them)
+STACK_ARRAYS = ("array", "slice_origins_mm", "row_dir", "col_dir", "normal", "spacing_mm", "instance_numbers",
+                "orig_row_dir", "orig_col_dir", "orig_corner", "percentiles", "meta", "keys")
+
 # canonical in-patient directions (LPS): sagittal slices towards +x, rows towards −z (feet), columns +y
 CANONICAL = {
     "sagittal": {"normal": np.array([1.0, 0, 0]), "col_dir": np.array([0, 0, -1.0]), "row_dir": np.array([0, 1.0, 0])},
@@ -58,7 +64,7 @@ CANONICAL = {
 }
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(InputError):
     """A competition file that is missing or malformed; the message names the file and the column."""
 
 
@@ -217,14 +223,16 @@ class Stack:
 
     @classmethod
     def load(cls, path: Path) -> Stack:
-        with np.load(path, allow_pickle=False) as z:
-            meta, keys = z["meta"], z["keys"]
-            return cls(study_id=int(meta[0]), series_id=int(meta[1]), stack_index=int(meta[2]),
-                       series_key=str(keys[0]), orientation=str(keys[1]), array=z["array"],
-                       slice_origins_mm=z["slice_origins_mm"], row_dir=z["row_dir"], col_dir=z["col_dir"],
-                       normal=z["normal"], spacing_mm=tuple(float(v) for v in z["spacing_mm"]),
-                       instance_numbers=z["instance_numbers"], orig_row_dir=z["orig_row_dir"],
-                       orig_col_dir=z["orig_col_dir"], orig_corner=z["orig_corner"], percentiles=z["percentiles"])
+        """A cached stack; a truncated or foreign file is an InputError naming it (rerun preprocess_rsna.py
+        with preprocess.overwrite=true to decode it again)."""
+        z = load_npz(path, required=STACK_ARRAYS)
+        meta, keys = z["meta"], z["keys"]
+        return cls(study_id=int(meta[0]), series_id=int(meta[1]), stack_index=int(meta[2]),
+                   series_key=str(keys[0]), orientation=str(keys[1]), array=z["array"],
+                   slice_origins_mm=z["slice_origins_mm"], row_dir=z["row_dir"], col_dir=z["col_dir"],
+                   normal=z["normal"], spacing_mm=tuple(float(v) for v in z["spacing_mm"]),
+                   instance_numbers=z["instance_numbers"], orig_row_dir=z["orig_row_dir"],
+                   orig_col_dir=z["orig_col_dir"], orig_corner=z["orig_corner"], percentiles=z["percentiles"])
 
 
 def classify_orientation(normal: np.ndarray) -> str:

@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from common.checkpoint import load_model
+from common.checkpoint import ENSEMBLE_MANIFEST, CheckpointError, load_checkpoint, load_model, resolve_checkpoints
+from common.errors import InputError
 from rsna_spine.constants import CONDITIONS, GROUP_OF_CONDITION, LEVELS
 from rsna_spine.crops import resample_slice, resample_volume
 from rsna_spine.data import Stack, StackStore
@@ -37,12 +38,49 @@ CENTER_COLUMNS = ["study_id", "condition", "level", "series_id", "stack_index", 
 
 
 # ------------------------------------------------------------------------------------------ loading
-def read_manifest(train_dir: str | Path) -> dict:
-    """models.json of a train_rsna.py run: {fold: {"localizer": {key: path}, "classifier": {group: {...}}}}."""
-    path = Path(train_dir) / "models.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {train_dir} a run folder of train_rsna.py?")
-    return json.loads(path.read_text(encoding="utf-8"))
+LEGACY_MANIFEST = "models.json"  # the manifest of train_rsna.py runs made before ensemble.json
+LOCALIZER_CLASS = "rsna_spine.models.HeatmapLocalizer"
+
+
+def ensemble_members(path: str | Path) -> list[dict]:
+    """The models ``--checkpoint PATH`` names, each {"path", "stage", "fold", "series_key" | "group"}.
+
+    PATH: a train_rsna.py run folder (its ensemble.json lists every fold's localizers and classifiers), an
+    older run folder with models.json, or anything :func:`common.checkpoint.resolve_checkpoints` accepts (a
+    checkpoint file ...), whose stage, fold and series are then read from each checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / ENSEMBLE_MANIFEST).is_file() and (path / LEGACY_MANIFEST).is_file():
+        return _legacy_members(path)
+    files = resolve_checkpoints(path)
+    described: dict = {}
+    if path.is_dir() and (path / ENSEMBLE_MANIFEST).is_file():
+        manifest = json.loads((path / ENSEMBLE_MANIFEST).read_text(encoding="utf-8"))
+        described = {(path / m["checkpoint"]).resolve(): m for m in manifest.get("models", []) if "checkpoint" in m}
+    members = []
+    for file in files:
+        info = described.get(file.resolve())
+        if info is None:  # no manifest entry: the checkpoint says what it is
+            ckpt = load_checkpoint(file, expected_domain="rsna_spine")
+            pre = ckpt.get("preprocessing") or {}
+            localizer = ckpt["model"]["target"] == LOCALIZER_CLASS
+            info = {"stage": "localizer" if localizer else "classifier", "fold": pre.get("fold"),
+                    **({"series_key": pre.get("series_key")} if localizer else {"group": pre.get("group")})}
+        members.append({**{k: v for k, v in info.items() if k != "checkpoint"}, "path": file})
+    return members
+
+
+def _legacy_members(train_dir: Path) -> list[dict]:
+    """Members of a run folder written before ensemble.json (models.json: {"folds": {fold: {...}}})."""
+    manifest = json.loads((train_dir / LEGACY_MANIFEST).read_text(encoding="utf-8"))
+    members = []
+    for fold, entry in manifest.get("folds", {}).items():
+        for key, rel in entry.get("localizer", {}).items():
+            members.append({"path": train_dir / rel, "stage": "localizer", "fold": int(fold), "series_key": key})
+        for group, paths in entry.get("classifier", {}).items():
+            members.append({"path": train_dir / paths["best"], "stage": "classifier", "fold": int(fold),
+                            "group": group})
+    return members
 
 
 def find_run_dir(explicit, configured, config_name: str, marker: str, what: str = "train_rsna.py") -> Path:
@@ -52,32 +90,48 @@ def find_run_dir(explicit, configured, config_name: str, marker: str, what: str 
         if candidate:
             path = Path(candidate)
             if not (path / marker).is_file():
-                raise SystemExit(f"error: {path / marker} not found (is {path} a finished {what} run?)")
+                raise InputError(f"{path / marker} not found (is {path} a finished {what} run?)", path / marker)
             return path
     base = Path("runs") / "rsna_spine" / config_name
     runs = sorted(p for p in base.glob("*") if (p / marker).is_file()) if base.is_dir() else []
     if not runs:
-        raise SystemExit(f"error: no {what} run with {marker} under {base}; pass its folder explicitly")
+        raise InputError(f"no {what} run with {marker} under {base}; pass its folder explicitly", base)
     return runs[-1]
 
 
-def find_train_dir(args_dir, cfg, config_name: str) -> Path:
-    """--train-dir, else paths.train_dir, else the latest train run of this config (models.json)."""
-    return find_run_dir(args_dir, cfg["paths"]["train_dir"], config_name, "models.json")
+def find_train_dir(explicit, cfg, config_name: str) -> Path:
+    """--checkpoint (a run folder, an ensemble folder or a checkpoint file), else paths.train_dir, else the
+    latest train_rsna.py run of this config (with ensemble.json)."""
+    for candidate in (explicit, cfg["paths"]["train_dir"]):
+        if candidate:
+            path = Path(candidate)
+            if not path.exists():
+                raise CheckpointError(f"{path}: checkpoint not found")
+            return path
+    return find_run_dir(None, None, config_name, ENSEMBLE_MANIFEST)
 
 
-def load_ensemble(train_dir: str | Path, folds: Sequence[int] | None, device, checkpoint: str = "best") -> dict:
-    """{"localizer": {key: [(model, ckpt), ...]}, "classifier": [(model, ckpt), ...]} over ``folds``."""
-    manifest = read_manifest(train_dir)
+def load_ensemble(members: Sequence[Mapping], folds: Sequence[int] | None, device, checkpoint: str = "best",
+                  logger=None) -> dict:
+    """{"localizer": {key: [(model, ckpt), ...]}, "classifier": [(model, ckpt), ...]} of the ``members`` of
+    ``folds`` (None: all). ``checkpoint`` best | swa | last picks the classifier file of each job folder
+    (the best one, with a log line, where that file does not exist)."""
     out: dict = {"localizer": {}, "classifier": []}
-    for fold, entry in manifest["folds"].items():
-        if folds is not None and int(fold) not in folds:
+    for member in members:
+        if folds is not None and member.get("fold") not in folds:
             continue
-        for key, rel in entry.get("localizer", {}).items():
-            out["localizer"].setdefault(key, []).append(load_model(Path(train_dir) / rel, device, "rsna_spine"))
-        for _group, paths in entry.get("classifier", {}).items():
-            rel = paths.get(checkpoint) or paths["best"]
-            out["classifier"].append(load_model(Path(train_dir) / rel, device, "rsna_spine"))
+        path = Path(member["path"])
+        if member["stage"] == "classifier" and checkpoint != "best" and path.name == "checkpoint_best.pt":
+            chosen = path.with_name(f"checkpoint_{checkpoint}.pt")
+            if chosen.is_file():
+                path = chosen
+            elif logger is not None:
+                logger(f"predict.checkpoint={checkpoint}: {chosen} not found; using {path}")
+        model, ckpt = load_model(path, device, "rsna_spine")
+        if member["stage"] == "localizer":
+            out["localizer"].setdefault(ckpt["preprocessing"]["series_key"], []).append((model, ckpt))
+        else:
+            out["classifier"].append((model, ckpt))
     return out
 
 

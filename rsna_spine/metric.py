@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import sklearn.metrics
 
+from common.errors import InputError
 from rsna_spine.constants import (
     CONDITIONS,
     GROUP_OF_CONDITION,
@@ -45,8 +46,9 @@ from rsna_spine.constants import (
 TARGET_LEVELS = list(SUBMISSION_COLUMNS)
 
 
-class ParticipantVisibleError(ValueError):
-    """A submission the metric cannot score (the Kaggle metric's error type); says which rows/columns."""
+class ParticipantVisibleError(InputError):
+    """A submission the metric cannot score (the Kaggle metric's error type); says which rows/columns.
+    An InputError (a ValueError), so scripts report it as one line."""
 
 
 def get_condition(full_location: str) -> str:

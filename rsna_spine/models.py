@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from common.checkpoint import register_model
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,26 @@ def build_backbone(name: str, weights: str | None = None, tiny_channels: Sequenc
             path = Path(weights)
             if not path.is_file():
                 raise FileNotFoundError(f"backbone_weights: file not found: {path}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # truncated file, pickle of objects, not a torch file ...
+                raise InputError(f"model.backbone_weights: not a readable torchvision state dict "
+                                 f"({type(exc).__name__})", path) from exc
             state = state.get("state_dict", state) if isinstance(state, dict) else state
+        # torchvision ImageNet weights (or a file of them) for the backbone only, not a warm start of this
+        # model: every tensor of the features must be there with its shape, else nothing is loaded
         features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         if not features:
-            raise RuntimeError(f"backbone_weights {weights}: no 'features.*' keys of a torchvision EfficientNet")
-        missing, unexpected = model.features.load_state_dict(features, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"backbone_weights {weights}: keys do not fit efficientnet_v2_s "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise InputError("model.backbone_weights: no 'features.*' keys of a torchvision EfficientNet", weights)
+        expected = model.features.state_dict()
+        missing = [k for k in expected if k not in features]
+        unexpected = [k for k in features if k not in expected]
+        misshaped = [k for k in expected if k in features and features[k].shape != expected[k].shape]
+        if missing or unexpected or misshaped:
+            raise InputError(f"model.backbone_weights: {len(expected) - len(missing) - len(misshaped)} of "
+                             f"{len(expected)} tensors fit efficientnet_v2_s (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}, shape mismatch {misshaped[:3]}); nothing loaded", weights)
+        model.features.load_state_dict(features, strict=True)
     return model.features, 1280
 
 

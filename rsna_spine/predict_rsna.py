@@ -8,11 +8,15 @@ with the mirrored condition, so a left output is read back as the right one and 
 probabilities are re-weighted to the metric's class weights when a model was trained with other ones.
 Whatever could not be read or located (missing or unreadable series, no axial stack at a level) gets the
 training class priors (metric-optimal), with a log line: the submission is always complete. No network.
+If not one listed series decodes, nothing is written and the script exits with code 2.
 
 With ``--solution`` (Kaggle solution format: row_id, normal_mild, moderate, severe[, sample_weight]) the
 submission is also scored with the official metric against the class-prior submission.
 
-    python rsna_spine/predict_rsna.py --config configs/rsna_spine/smoke.yaml --train-dir runs/x/train
+    python -m rsna_spine.predict_rsna --config configs/rsna_spine/smoke.yaml --checkpoint runs/x/train --data DIR
+
+--checkpoint: the run folder of train_rsna.py (ensemble.json) or a checkpoint file; --data: the Kaggle layout
+root (paths.data_root). --train-dir and --data-root are the deprecated names of these two options.
 """
 
 from __future__ import annotations
@@ -23,12 +27,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import make_parser, start_run
+from common.cli import add_deprecated_alias, make_parser, start_run
+from common.errors import InputError, NothingProcessedError, run_cli
 from common.runlog import write_text_atomic
 from rsna_spine.cache import decode_all, series_tasks
 from rsna_spine.constants import CONDITIONS, LEVELS, SUBMISSION_COLUMNS, row_id
 from rsna_spine.data import StackStore
-from rsna_spine.inference import center_items, classify, find_train_dir, load_ensemble, localize_studies
+from rsna_spine.inference import (
+    center_items,
+    classify,
+    ensemble_members,
+    find_train_dir,
+    load_ensemble,
+    localize_studies,
+)
 from rsna_spine.metric import prior_probabilities, prior_submission, score_details, submission_frame
 from rsna_spine.settings import DEFAULTS
 
@@ -42,16 +54,19 @@ def mean_priors(classifiers: list) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--train-dir", type=Path, default=None, help="run folder of train_rsna.py (models.json)")
-    parser.add_argument("--data-root", type=Path, default=None, help="Kaggle layout root (default paths.data_root)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
+    add_deprecated_alias(parser, "--train-dir", "--checkpoint", dest="checkpoint", type=Path)
+    add_deprecated_alias(parser, "--data-root", "--data", dest="data", type=Path)
     parser.add_argument("--split", default="test", help="which {split}_series_descriptions.csv / {split}_images")
     parser.add_argument("--solution", type=Path, default=None, help="optional truth to score the submission")
     args = parser.parse_args(argv)
-    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
+    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv, data_key="paths.data_root")
     cfg = run.cfg
-    train_dir = find_train_dir(args.train_dir, cfg, run.config_name)
-    root = Path(args.data_root or cfg["paths"]["data_root"])
+    train_dir = find_train_dir(args.checkpoint, cfg, run.config_name)
+    members = ensemble_members(train_dir)
+    if not any(m["stage"] == "classifier" for m in members):
+        raise InputError("no trained classifier here", train_dir)
+    root = Path(cfg["paths"]["data_root"])
     cache_dir = run.run_dir / "test_cache"
 
     tasks = series_tasks(root, args.split, cache_dir, cfg["preprocess"]["percentiles"], logger=run.log)
@@ -61,14 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
         listed = {int(str(r).split("_")[0]) for r in pd.read_csv(sample)["row_id"]}
         studies = sorted(set(studies) | listed)
     if not studies:
-        raise SystemExit(f"error: no study in {root / f'{args.split}_series_descriptions.csv'}")
+        raise InputError("no study listed", root / f"{args.split}_series_descriptions.csv")
+    run.record_inputs_valid()
     index, seconds = decode_all(tasks, int(cfg["predict"]["workers"]), run.log, desc=f"decode {args.split}")
     run.log(f"decoded {len(tasks)} series of {len(studies)} studies in {seconds:.1f} s")
+    if tasks and not (index["status"] == "ok").any():
+        raise NothingProcessedError(f"none of the {len(tasks)} listed series could be decoded (see log.txt); "
+                                    "a submission from class priors alone is not written", root / f"{args.split}_images")
     store = StackStore(cache_dir, index=index)
 
-    models = load_ensemble(train_dir, None, run.device, cfg["predict"]["checkpoint"])
-    if not models["classifier"]:
-        raise SystemExit(f"error: {train_dir} has no trained classifier")
+    models = load_ensemble(members, None, run.device, cfg["predict"]["checkpoint"], logger=run.log)
     run.log(f"ensemble: {len(models['classifier'])} classifier(s), localizers "
             f"{ {k: len(v) for k, v in models['localizer'].items()} }, flip TTA {cfg['predict']['tta_flip']}")
     centers = localize_studies(studies, store, models["localizer"], run.device, cfg["localizer"]["decode_window"],
@@ -114,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -7,7 +7,10 @@ Series are decoded in parallel (spawned processes, progress bar); each becomes o
 stacks (.npz). Then the label points are mapped into the stacks (labels.csv) and the studies are split
 into folds (folds.csv). Training and inference never read DICOM again.
 
-    python rsna_spine/preprocess_rsna.py --config configs/rsna_spine/smoke.yaml
+A run in which no listed series gives a stack exits with an error (exit code 2), not with an empty cache.
+--data: the Kaggle layout root (paths.data_root).
+
+    python -m rsna_spine.preprocess_rsna --config configs/rsna_spine/smoke.yaml
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.cli import make_parser, start_run
+from common.errors import InputError, NothingProcessedError, run_cli
 from rsna_spine.cache import (
     build_label_table,
     decode_all,
@@ -30,9 +34,9 @@ from rsna_spine.settings import DEFAULTS
 from rsna_spine.synthetic import generate_dataset
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
+    parser = make_parser(__doc__, data=True)
     args = parser.parse_args(argv)
-    run = start_run(args, domain="rsna_spine", defaults=DEFAULTS, argv=argv)
+    run = start_run(args, domain="rsna_spine", defaults=DEFAULTS, argv=argv, data_key="paths.data_root")
     cfg = run.cfg
     root, cache_dir = Path(cfg["paths"]["data_root"]), Path(cfg["paths"]["cache_dir"])
     pcfg = cfg["preprocess"]
@@ -40,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary: dict = {}
     if not (root / "train.csv").is_file():
         if not cfg["synthetic"]["enabled"]:
-            raise SystemExit(f"error: {root / 'train.csv'} not found: put the Kaggle dataset in paths.data_root "
-                             "or set synthetic.enabled=true for the embedded synthetic dataset")
+            raise InputError("not found: put the Kaggle dataset in paths.data_root (--data) or set "
+                             "synthetic.enabled=true for the embedded synthetic dataset", root / "train.csv")
         synth = {k: v for k, v in cfg["synthetic"].items() if k != "enabled"}
         run.log(f"writing the synthetic Kaggle-layout dataset to {root} ...")
         summary["synthetic"] = generate_dataset(root, synth, log=run.log)
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     rate = n_decoded / decode_s if decode_s > 0 else float("nan")
     run.log(f"decoded {n_decoded} series in {decode_s:.1f} s ({rate:.2f} series/s with {n_workers} "
             f"process(es)); {n_ok} series usable, {n_bad} missing or unreadable")
+    if n_ok == 0:
+        n_listed = int(index[["study_id", "series_id"]].drop_duplicates().shape[0]) if len(index) else 0
+        raise NothingProcessedError(f"0 of {n_listed} listed series could be decoded into a stack (see "
+                                    f"{cache_dir / 'stack_index.csv'} and the log for each series)", root)
 
     if "train" in pcfg["splits"]:
         store = StackStore(cache_dir, index=index[index["split"] == "train"].reset_index(drop=True))
@@ -96,4 +104,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

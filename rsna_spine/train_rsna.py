@@ -10,11 +10,16 @@ For each fold of train.train_folds (StratifiedGroupKFold by study, folds.csv fro
            and saved, dead-class monitoring with the minimum-minority-recall gate on the best checkpoint.
 Validation each epoch uses the held-out fold with crops centred by this fold's stage 1 (as at test time).
 
-Writes <run>/fold{f}/{localizer_<series>, classifier_<group>}/checkpoint_best.pt (+ checkpoint_swa.pt,
-metrics.csv, done.json) and models.json; <run>/checkpoint_last.pt always holds the model in training, so
---resume continues exactly (finished models are skipped). DDP: torchrun, rank 0 writes.
+Each model is one job, trained in its folder <run>/fold{f}/{localizer_<series>, classifier_<group>}/:
+checkpoint_best.pt (+ the classifier's checkpoint_last.pt and checkpoint_swa.pt) and done.json. One
+metrics.csv with a ``job`` column. ensemble.json (common.checkpoint.write_ensemble_manifest) lists every
+finished model with its fold, stage and series / group; validate_rsna.py and predict_rsna.py take the run
+folder as ``--checkpoint``. <run>/checkpoint_last.pt holds the model in training (tagged with its job), also
+when stopped in the middle of an epoch (Ctrl+C, SIGTERM, --stop-after-steps N, which counts the optimizer steps
+of the job in training): --resume continues that job exactly where it stopped and skips the finished ones.
+DDP: torchrun, rank 0 writes.
 
-    python rsna_spine/train_rsna.py --config configs/rsna_spine/smoke.yaml --output-dir runs/x/train
+    python -m rsna_spine.train_rsna --config configs/rsna_spine/smoke.yaml --output-dir runs/x/train
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from common.checkpoint import build_model, load_checkpoint, load_model, restore_training_state, save_checkpoint
+from common.checkpoint import build_model, load_checkpoint, load_model, save_checkpoint, write_ensemble_manifest
 from common.cli import make_parser, start_run
 from common.ensembling import SWA
+from common.errors import InputError, run_cli
 from common.losses import weighted_cross_entropy
-from common.runlog import append_csv_row, progress, write_json
+from common.runfolder import trim_metrics
+from common.runlog import progress, write_json
 from common.runtime import (
     CoolingPause,
-    GracefulInterrupt,
+    ResumableSampler,
     all_reduce_mean,
     amp_policy,
     barrier,
@@ -45,6 +52,7 @@ from common.runtime import (
     unwrap_model,
     wrap_model,
 )
+from common.training import CheckpointSaver, StopRequest, TrainState, resume_training
 from rsna_spine.data import StackStore
 from rsna_spine.stage_datasets import (
     POINTS,
@@ -63,27 +71,67 @@ from rsna_spine.models import decode_heatmaps, heatmap_loss
 from rsna_spine.settings import DEFAULTS
 
 DOMAIN = "rsna_spine"
+# A --resume may train longer or change the schedule, but not the networks, their inputs or the cache.
+FROZEN_ON_RESUME = ("model", "crop", "intensity", "paths.cache_dir", "localizer.channels",
+                    "localizer.grid_sagittal", "localizer.grid_axial")
 
 
 def _loader(dataset, cfg, run, batch_size, shuffle: bool, seed: int):
-    sampler = DistributedSampler(dataset, num_replicas=run.dist.world_size, rank=run.dist.rank, shuffle=shuffle,
-                                 seed=seed)
-    kw = dataloader_kwargs(run.device, cfg["runtime"]["num_workers"], start_method="spawn")
+    """DataLoader over a DistributedSampler (also in one process): the order depends only on (seed, epoch),
+    and ResumableSampler skips the batches a run stopped mid-epoch had already trained. The loader's own
+    generator keeps iterator creation off the global RNG, which the checkpoint restores for augmentation."""
+    sampler = ResumableSampler(DistributedSampler(dataset, num_replicas=run.dist.world_size, rank=run.dist.rank,
+                                                  shuffle=shuffle, seed=seed))
+    kw = dataloader_kwargs(run.device, cfg["runtime"]["num_workers"], seed=seed + run.dist.rank,
+                           start_method="spawn")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **kw), sampler
 
 
-def _save_last(run, model, job: str, epoch: int, step: int, best: float, optimizer, scheduler, amp, cfg,
-               preprocessing, extra: dict) -> None:
-    """Top-level checkpoint_last.pt: the model in training, with the job it belongs to (for --resume)."""
-    if run.is_main:
-        save_checkpoint(run.run_dir / "checkpoint_last.pt", model, domain=DOMAIN, config=cfg, optimizer=optimizer,
-                        scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=step, best_metric=best,
-                        preprocessing=preprocessing, extra={"job": job, **extra})
+class JobCheckpointSaver(CheckpointSaver):
+    """The checkpoints of one job: checkpoint_last.pt (the model in training, tagged with its job) at the
+    run root, where --resume finds it; every other checkpoint in the job's folder."""
+
+    def __init__(self, run, job: str, *args, **kwargs):
+        super().__init__(run, *args, **kwargs)
+        self.job = job
+
+    def save(self, name: str, state: TrainState, **extra):
+        where = name if name == "checkpoint_last.pt" else f"{self.job}/{name}"
+        return super().save(where, state, job=self.job, **extra)
+
+    def save_in_job(self, name: str, state: TrainState, **extra):
+        """A checkpoint in the job's folder whatever its name (the classifier's final checkpoint_last.pt)."""
+        return super().save(f"{self.job}/{name}", state, job=self.job, **extra)
+
+
+def _start_state(run, job: str, resume: dict | None, model, optimizer, scheduler, scaler) -> TrainState:
+    """The resumed state when ``resume`` is this job's checkpoint, else a fresh one."""
+    if resume is None:
+        return TrainState()
+    return resume_training(run, model, optimizer, scheduler, scaler, checkpoint=resume["path"], match={"job": job})
 
 
 # -------------------------------------------------------------------------------------------- stage 1
-def train_localizer(run, cfg, job: str, key: str, store, labels, train_studies, val_studies, resume, interrupt):
-    """One heatmap localizer; returns {"best_mm", "epochs"} or None when there is nothing to train on."""
+def train_localizer_one_epoch(model, loader, optimizer, amp, state: TrainState, stop: StopRequest, cooling,
+                              device, lcfg: dict, sigma, desc: str, is_main: bool) -> None:
+    """The remaining batches of the epoch; running loss sums in ``state.partial``."""
+    model.train()
+    for batch in progress(loader, desc=desc, is_main=is_main):
+        with amp.autocast():
+            logits = model(batch["input"].to(device))
+        loss = heatmap_loss(logits, batch["coords"].to(device), batch["mask"].to(device), sigma, lcfg["coord_weight"])
+        optimizer_step(loss, optimizer, amp, grad_clip=lcfg["grad_clip"])
+        state.add(loss=loss.item(), n=1)
+        state.step, state.batches_done = state.step + 1, state.batches_done + 1
+        cooling.step()
+        if stop.check(state.step):
+            return
+
+
+def train_localizer(run, cfg, job: str, fold: int, key: str, store, labels, train_studies, val_studies,
+                    resume: dict | None, stop: StopRequest):
+    """One heatmap localizer; returns {"best_val_error_mm", "epochs", ...}, {"interrupted": True} when stopped,
+    or None when there is nothing to train on."""
     lcfg, device = cfg["localizer"], run.device
     if key == "axial_t2":
         grid, slice_kernel = list(lcfg["grid_axial"]), 1
@@ -107,54 +155,37 @@ def train_localizer(run, cfg, job: str, key: str, store, labels, train_studies, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg["lr"], weight_decay=lcfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=lcfg["epochs"])
     amp = amp_policy(device, cfg["runtime"]["amp"])
-    preprocessing = {"series_key": key, "grid": grid, "intensity": dict(cfg["intensity"]), "stride": 2,
-                     "points": [[c, lv] for c, lv in POINTS[key]]}
-    start, step, best = 1, 0, math.inf
-    if resume is not None:
-        state = restore_training_state(resume, model, optimizer, scheduler, amp.scaler)
-        start, step = state["epoch"] + 1, state["step"]
-        best = state["best_metric"] if state["best_metric"] is not None else math.inf
+    preprocessing = {"series_key": key, "fold": int(fold), "grid": grid, "intensity": dict(cfg["intensity"]),
+                     "stride": 2, "points": [[c, lv] for c, lv in POINTS[key]]}
+    state = _start_state(run, job, resume, model, optimizer, scheduler, amp.scaler)
+    saver = JobCheckpointSaver(run, job, model, optimizer, scheduler, amp.scaler, preprocessing=preprocessing,
+                               metric_name="val_error_mm")
     ddp_model = wrap_model(model, run.dist, device)
     cooling = CoolingPause(cfg["runtime"]["cooling_every_steps"], cfg["runtime"]["cooling_pause_s"])
     sigma = lcfg["sigma_vox"] if slice_kernel == 3 else [1.0, *lcfg["sigma_vox"][1:]]
-    epoch = start - 1
-    for epoch in range(start, lcfg["epochs"] + 1):
-        sampler.set_epoch(epoch)
-        ddp_model.train()
-        loss_sum, n_batches = 0.0, 0
-        for batch in progress(train_loader, desc=f"{job} {epoch}", is_main=run.is_main):
-            with amp.autocast():
-                logits = ddp_model(batch["input"].to(device))
-            loss = heatmap_loss(logits, batch["coords"].to(device), batch["mask"].to(device), sigma,
-                                lcfg["coord_weight"])
-            optimizer_step(loss, optimizer, amp, grad_clip=lcfg["grad_clip"])
-            loss_sum, n_batches, step = loss_sum + loss.item(), n_batches + 1, step + 1
-            cooling.step()
-            if interrupt.requested:
-                break
-        scheduler.step()
-        err_sum, err_n = _localizer_val_error(model, val_loader, val_items, store, device, lcfg["decode_window"])
-        val_mm, train_loss = all_reduce_mean([err_sum, loss_sum], [err_n, n_batches], device)
-        if run.is_main:
-            append_csv_row(job_dir / "metrics.csv", {"epoch": epoch, "train_loss": train_loss, "val_error_mm": val_mm,
-                                                      "lr": scheduler.get_last_lr()[0]})
-        run.log(f"{job} epoch {epoch}: loss {train_loss:.3f}  val error {val_mm:.2f} mm")
-        if val_mm < best or not np.isfinite(best):
-            best = float(val_mm) if np.isfinite(val_mm) else best
-            if run.is_main:
-                save_checkpoint(job_dir / "checkpoint_best.pt", model, domain=DOMAIN, config=cfg, epoch=epoch, step=step,
-                                best_metric=best, best_metric_name="val_error_mm", preprocessing=preprocessing)
-        _save_last(run, model, job, epoch, step, best, optimizer, scheduler, amp, cfg, preprocessing, {})
-        if interrupt.requested:
+    for epoch in range(state.epoch + 1, lcfg["epochs"] + 1):
+        sampler.set_epoch(epoch, skip_samples=state.batches_done * lcfg["batch_size"])
+        train_localizer_one_epoch(ddp_model, train_loader, optimizer, amp, state, stop, cooling, device, lcfg, sigma,
+                                  f"{job} {epoch}", run.is_main)
+        if stop.stopped:  # epoch unfinished: checkpoint_last.pt records where to pick up
+            saver.save_partial(state)
             return {"interrupted": True}
+        scheduler.step()
+        err_sum, err_n = evaluate_localizer(model, val_loader, val_items, store, device, lcfg["decode_window"])
+        val_mm, train_loss = all_reduce_mean([err_sum, state.partial.get("loss", 0.0)],
+                                             [err_n, state.partial.get("n", 0.0)], device)
+        state.end_epoch(epoch)
+        saver.end_epoch(state, {"job": job, "train_loss": train_loss, "val_error_mm": val_mm,
+                                "lr": scheduler.get_last_lr()[0]}, metric=val_mm)
+        run.log(f"{job} epoch {epoch}: loss {train_loss:.3f}  val error {val_mm:.2f} mm")
     if run.is_main and not (job_dir / "checkpoint_best.pt").is_file():  # no finite validation error
-        save_checkpoint(job_dir / "checkpoint_best.pt", model, domain=DOMAIN, config=cfg, epoch=epoch, step=step,
-                        preprocessing=preprocessing)
-    return {"best_val_error_mm": best, "epochs": epoch, "n_train": len(train_items), "n_val": len(val_items)}
+        saver.save("checkpoint_best.pt", state)
+    best = state.best_metric if state.best_metric is not None else math.inf
+    return {"best_val_error_mm": best, "epochs": state.epoch, "n_train": len(train_items), "n_val": len(val_items)}
 
 
 @torch.no_grad()
-def _localizer_val_error(model, loader, items, store, device, window: int) -> tuple[float, int]:
+def evaluate_localizer(model, loader, items, store, device, window: int) -> tuple[float, int]:
     """Σ of 3D errors (mm) over this rank's validation points, and their count."""
     model.eval()
     total, count = 0.0, 0
@@ -212,8 +243,38 @@ def evaluate_classifier(model, loader, items, class_weights, device) -> tuple[di
     return grading_report(table), table
 
 
-def train_classifier(run, cfg, job: str, group: str, store, labels, train_studies, val_studies, centers, resume,
-                     interrupt):
+def train_classifier_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, stop: StopRequest,
+                               cooling, device, tcfg: dict, weights, steps_per_epoch: int, step_scheduler: bool,
+                               desc: str, is_main: bool) -> None:
+    """The remaining batches of the epoch (at most ``steps_per_epoch`` in all); the warmup-cosine schedule
+    steps per batch unless SWA drives the learning rate."""
+    model.train()
+    remaining = steps_per_epoch - state.batches_done
+    if remaining <= 0:  # stopped right after the epoch's last batch
+        return
+    for batch in progress(loader, desc=desc, is_main=is_main, total=remaining):
+        with amp.autocast():
+            logits = _forward(model, batch, device)["logits"]
+        loss = weighted_cross_entropy(logits.float(), batch["label"].to(device), weights)
+        optimizer_step(loss, optimizer, amp, grad_clip=tcfg["grad_clip"])
+        if step_scheduler:
+            scheduler.step()
+        state.add(loss=loss.item(), n=1)
+        state.step, state.batches_done = state.step + 1, state.batches_done + 1
+        cooling.step()
+        if stop.check(state.step) or state.batches_done >= steps_per_epoch:
+            return  # return before the loader prepares (and augments) a batch that is not trained
+
+
+def _swa_state(swa) -> dict:
+    return {"swa_state": swa.averaged.state_dict() if swa is not None else None,
+            "swa_scheduler": swa.scheduler.state_dict() if swa is not None else None,
+            "swa_n": swa.n_averaged if swa is not None else 0}
+
+
+def train_classifier(run, cfg, job: str, fold: int, group: str, store, labels, train_studies, val_studies, centers,
+                     resume: dict | None, stop: StopRequest):
+    """One stage-2 classifier; returns its summary, {"interrupted": True} when stopped, or None (no sample)."""
     tcfg, mcfg, device = cfg["train"], cfg["model"], run.device
     conditions = group_conditions(group)
     train_items = crop_items(labels, None, train_studies, conditions)
@@ -249,102 +310,79 @@ def train_classifier(run, cfg, job: str, group: str, store, labels, train_studie
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [_schedule(tcfg, steps_per_epoch)] * 2)
     amp = amp_policy(device, cfg["runtime"]["amp"])
     priors = class_priors(labels[labels["study_id"].isin(train_studies)])
-    preprocessing = {"conditions": conditions, "group": group, "class_weights": weights, "priors": priors,
-                     "crop": json.loads(json.dumps(cfg["crop"])), "intensity": dict(cfg["intensity"]),
+    preprocessing = {"conditions": conditions, "group": group, "fold": int(fold), "class_weights": weights,
+                     "priors": priors, "crop": json.loads(json.dumps(cfg["crop"])), "intensity": dict(cfg["intensity"]),
                      "val_studies": [int(s) for s in val_studies]}
-    higher = tcfg["select_metric"] == "balanced_accuracy"
-    start, step, best, bad_epochs, swa, gate_ever = 1, 0, (-math.inf if higher else math.inf), 0, None, False
     swa_cfg = tcfg["swa"]
-    if resume is not None:
-        state = restore_training_state(resume, model, optimizer, scheduler, amp.scaler)
-        start, step = state["epoch"] + 1, state["step"]
-        best = state["best_metric"] if state["best_metric"] is not None else best
-        bad_epochs, gate_ever = int(resume["extra"].get("bad_epochs", 0)), bool(resume["extra"].get("gate_ever"))
-        if resume["extra"].get("swa_state") is not None:
-            swa = SWA(model, optimizer, swa_cfg["start_epoch"], swa_cfg["lr"], swa_cfg["anneal_epochs"])
-            swa.averaged.load_state_dict(resume["extra"]["swa_state"])
-            swa.scheduler.load_state_dict(resume["extra"]["swa_scheduler"])
-            swa.n_averaged = int(resume["extra"]["swa_n"])
+    swa = None
+    resumed = (resume or {}).get("extra", {})
+    if resumed.get("swa_state") is not None:
+        # Built before the optimizer is restored: SWALR's set-up step changes the learning rates.
+        swa = SWA(model, optimizer, swa_cfg["start_epoch"], swa_cfg["lr"], swa_cfg["anneal_epochs"])
+        swa.averaged.load_state_dict(resumed["swa_state"])
+        swa.scheduler.load_state_dict(resumed["swa_scheduler"])
+        swa.n_averaged = int(resumed["swa_n"])
+    state = _start_state(run, job, resume, model, optimizer, scheduler, amp.scaler)
+    gate = {"bad_epochs": int(resumed.get("bad_epochs", 0)), "gate_ever": bool(resumed.get("gate_ever", False))}
+    saver = JobCheckpointSaver(run, job, model, optimizer, scheduler, amp.scaler, preprocessing=preprocessing,
+                               metric_name=tcfg["select_metric"], extra=lambda: {**gate, **_swa_state(swa)})
     ddp_model = wrap_model(model, run.dist, device)
     cooling = CoolingPause(cfg["runtime"]["cooling_every_steps"], cfg["runtime"]["cooling_pause_s"])
-    job_dir = run.run_dir / job
-    if run.is_main:
-        job_dir.mkdir(parents=True, exist_ok=True)
+    higher = tcfg["select_metric"] == "balanced_accuracy"
     better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)
-    epoch = start - 1
-    for epoch in range(start, tcfg["epochs"] + 1):
+    for epoch in range(state.epoch + 1, tcfg["epochs"] + 1):
         swa_active = swa_cfg["enabled"] and epoch >= swa_cfg["start_epoch"]
         if swa_active and swa is None:  # SWALR takes over the learning rate from here
             swa = SWA(model, optimizer, swa_cfg["start_epoch"], swa_cfg["lr"], swa_cfg["anneal_epochs"])
-        sampler.set_epoch(epoch)
-        ddp_model.train()
-        loss_sum, n_batches = 0.0, 0
-        for i, batch in enumerate(progress(train_loader, desc=f"{job} {epoch}", is_main=run.is_main,
-                                           total=steps_per_epoch)):
-            if i >= steps_per_epoch:
-                break
-            with amp.autocast():
-                logits = _forward(ddp_model, batch, device)["logits"]
-            loss = weighted_cross_entropy(logits.float(), batch["label"].to(device), weights)
-            optimizer_step(loss, optimizer, amp, grad_clip=tcfg["grad_clip"])
-            if not swa_active:
-                scheduler.step()
-            loss_sum, n_batches, step = loss_sum + loss.item(), n_batches + 1, step + 1
-            cooling.step()
-            if interrupt.requested:
-                break
+        sampler.set_epoch(epoch, skip_samples=state.batches_done * tcfg["batch_size"])
+        train_classifier_one_epoch(ddp_model, train_loader, optimizer, scheduler, amp, state, stop, cooling, device,
+                                   tcfg, weights, steps_per_epoch, not swa_active, f"{job} {epoch}", run.is_main)
+        if stop.stopped:  # epoch unfinished: checkpoint_last.pt records where to pick up
+            saver.save_partial(state)
+            return {"interrupted": True}
         if swa_active:
             swa.after_epoch(epoch)
         report, _ = evaluate_classifier(model, val_loader, val_items, weights, device)
-        (train_loss,) = all_reduce_mean([loss_sum], [n_batches], device)
+        (train_loss,) = all_reduce_mean([state.partial.get("loss", 0.0)], [state.partial.get("n", 0.0)], device)
         value = report.get("balanced_accuracy", float("nan")) if higher else report["official"]["score"]
-        gate = not (report.get("minority_recall", 0.0) < tcfg["min_minority_recall"])  # NaN (no minority) passes
+        passed = not (report.get("minority_recall", 0.0) < tcfg["min_minority_recall"])  # NaN (no minority) passes
         counts = report.get("prediction_counts", {})
         dead = [c for c, n in counts.items() if n == 0]
-        row = {"epoch": epoch, "train_loss": train_loss, "val_official": report["official"]["score"],
-               "val_balanced_accuracy": report.get("balanced_accuracy"), "val_minority_recall": report.get("minority_recall"),
-               **{f"val_recall_{k}": v for k, v in report.get("per_class_recall", {}).items()},
-               "lr_backbone": optimizer.param_groups[0]["lr"], "lr_head": optimizer.param_groups[1]["lr"]}
-        if run.is_main:
-            append_csv_row(job_dir / "metrics.csv", row)
         run.log(f"{job} epoch {epoch}: loss {train_loss:.4f}  val official {report['official']['score']:.4f}  "
                 f"BA {report.get('balanced_accuracy', float('nan')):.3f}  recall "
                 f"{[round(v, 2) for v in report.get('per_class_recall', {}).values()]}  predicted {counts}"
                 + (f"  DEAD CLASS {dead}" if dead else ""))
-        improved = gate and np.isfinite(value) and better(value, best)
-        if gate and not gate_ever and np.isfinite(value):  # the first checkpoint that passes the gate wins
-            improved, gate_ever = True, True
+        best = state.best_metric
+        improved = passed and np.isfinite(value) and (best is None or better(value, best))
+        if passed and not gate["gate_ever"] and np.isfinite(value):  # the first checkpoint that passes the gate wins
+            improved, gate["gate_ever"] = True, True
+        state.end_epoch(epoch)
         if improved:
-            best, bad_epochs = float(value), 0
-            if run.is_main:
-                save_checkpoint(job_dir / "checkpoint_best.pt", model, domain=DOMAIN, config=cfg, epoch=epoch,
-                                step=step, best_metric=best, best_metric_name=tcfg["select_metric"],
-                                preprocessing=preprocessing, extra={"val": report["official"]})
+            state.best_metric, gate["bad_epochs"] = float(value), 0
+            saver.save("checkpoint_best.pt", state, val=report["official"])
         else:
-            bad_epochs += 1
-            if not gate:
+            gate["bad_epochs"] += 1
+            if not passed:
                 run.log(f"{job} epoch {epoch}: minority recall {report.get('minority_recall', float('nan')):.2f} < "
                         f"{tcfg['min_minority_recall']}: not eligible as best (dead-class gate)")
-        extra = {"bad_epochs": bad_epochs, "gate_ever": gate_ever,
-                 "swa_state": swa.averaged.state_dict() if swa is not None else None,
-                 "swa_scheduler": swa.scheduler.state_dict() if swa is not None else None,
-                 "swa_n": swa.n_averaged if swa is not None else 0}
-        _save_last(run, model, job, epoch, step, best, optimizer, scheduler, amp, cfg, preprocessing, extra)
-        if interrupt.requested:
-            return {"interrupted": True}
-        if tcfg["patience"] and bad_epochs >= tcfg["patience"] and not swa_active:
-            run.log(f"{job}: no better gated checkpoint for {bad_epochs} epochs; stopping early")
+        row = {"job": job, "train_loss": train_loss, "val_official": report["official"]["score"],
+               "val_balanced_accuracy": report.get("balanced_accuracy"),
+               "val_minority_recall": report.get("minority_recall"),
+               **{f"val_recall_{k}": v for k, v in report.get("per_class_recall", {}).items()},
+               "lr_backbone": optimizer.param_groups[0]["lr"], "lr_head": optimizer.param_groups[1]["lr"]}
+        saver.end_epoch(state, row)  # best saved above (gated); here checkpoint_last.pt, then the row
+        if tcfg["patience"] and gate["bad_epochs"] >= tcfg["patience"] and not swa_active:
+            run.log(f"{job}: no better gated checkpoint for {gate['bad_epochs']} epochs; stopping early")
             break
-    result = {"best_" + tcfg["select_metric"]: best, "epochs": epoch, "gate_passed": gate_ever,
+    best = state.best_metric if state.best_metric is not None else (-math.inf if higher else math.inf)
+    result = {"best_" + tcfg["select_metric"]: best, "epochs": state.epoch, "gate_passed": gate["gate_ever"],
               "n_train": len(train_items), "n_val": len(val_items)}
     if run.is_main:
-        if not gate_ever:  # never passed the gate: keep the last model, and say so
+        if not gate["gate_ever"]:  # never passed the gate: keep the last model, and say so
             run.log(f"{job}: WARNING no epoch passed the minority-recall gate ({tcfg['min_minority_recall']}); "
                     "checkpoint_best.pt is the last epoch")
-            save_checkpoint(job_dir / "checkpoint_best.pt", model, domain=DOMAIN, config=cfg, epoch=epoch, step=step,
-                            preprocessing=preprocessing, extra={"gate_passed": False})
-        save_checkpoint(job_dir / "checkpoint_last.pt", model, domain=DOMAIN, config=cfg, epoch=epoch, step=step,
-                        preprocessing=preprocessing)
+            saver.save("checkpoint_best.pt", state, gate_passed=False)
+        saver.save_in_job("checkpoint_last.pt", state)
     if swa is not None and swa.n_averaged > 0:
         bn_loader = DataLoader(CropDataset(train_items, store, cfg["crop"], cfg["intensity"]),
                                batch_size=tcfg["batch_size"], shuffle=False)
@@ -357,66 +395,80 @@ def train_classifier(run, cfg, job: str, group: str, store, labels, train_studie
         run.log(f"{job}: SWA over {swa.n_averaged} epochs, BN updated: val official "
                 f"{swa_report['official']['score']:.4f} (best checkpoint {best:.4f})")
         if run.is_main:
-            save_checkpoint(job_dir / "checkpoint_swa.pt", swa_model, domain=DOMAIN, config=cfg, epoch=epoch,
-                            step=step, best_metric=swa_report["official"]["score"], best_metric_name="official",
-                            preprocessing=preprocessing, extra={"val": swa_report["official"]})
+            save_checkpoint(run.run_dir / job / "checkpoint_swa.pt", swa_model, domain=DOMAIN, config=cfg,
+                            epoch=state.epoch, step=state.step, best_metric=swa_report["official"]["score"],
+                            best_metric_name="official", preprocessing=preprocessing,
+                            extra={"val": swa_report["official"]})
     return result
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _run_job(run, job: str, resume: dict | None, stop: StopRequest, train_fn, *fn_args):
+    """Train one job, or read the done.json of a job a resumed run had finished; done.json after training."""
+    done = run.run_dir / job / "done.json"
+    if run.resume_from is not None and done.is_file():
+        run.log(f"{job}: already trained ({done}); skipped")
+        return json.loads(done.read_text(encoding="utf-8"))
+    job_resume = resume if resume is not None and resume["job"] == job else None
+    if run.resume_from is not None and job_resume is None and run.is_main:
+        trim_metrics(run.run_dir, -1, match={"job": job})  # rows of an attempt that left no checkpoint
+    result = train_fn(run, run.cfg, job, *fn_args, job_resume, stop)
+    if result is not None and not result.get("interrupted") and run.is_main:
+        write_json(done, result)
+    barrier()  # other ranks read this job's checkpoints next
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__, train=True)
+    parser = make_parser(__doc__, train=True, data=True)
     args = parser.parse_args(argv)
-    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
+    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv, frozen=FROZEN_ON_RESUME,
+                    data_key="paths.cache_dir")
     cfg = run.cfg
     cache_dir = Path(cfg["paths"]["cache_dir"])
     store = StackStore(cache_dir)
     labels = pd.read_csv(cache_dir / "labels.csv")
     labels = labels[labels["has_images"]].reset_index(drop=True)
     folds = pd.read_csv(cache_dir / "folds.csv")
-    resume = load_checkpoint(run.resume_from, expected_domain=DOMAIN) if run.resume_from else None
-    manifest_path = run.run_dir / "models.json"
-    resuming = resume is not None
-    manifest = (json.loads(manifest_path.read_text(encoding="utf-8")) if resuming and manifest_path.is_file()
-                else {"folds": {}})
+    unknown = [f for f in cfg["train"]["train_folds"] if f not in set(folds["fold"])]
+    if unknown:
+        raise InputError(f"train.train_folds has fold(s) {unknown}; column 'fold' has {sorted(set(folds['fold']))}",
+                         cache_dir / "folds.csv")
+    run.record_inputs_valid()
+    resume = None
+    if run.resume_from is not None:
+        extra = load_checkpoint(run.resume_from, expected_domain=DOMAIN).get("extra") or {}
+        resume = {"path": run.resume_from, "job": extra.get("job"), "extra": extra}
     groups = ["spinal", "foraminal", "subarticular"] if cfg["train"]["split_by_group"] else ["all"]
     results: dict = {}
-    interrupted = False
+    members: list[dict] = []  # the ensemble: one entry per finished model
 
-    def run_job(job: str, fn, *fn_args):
-        done = run.run_dir / job / "done.json"
-        if resuming and done.is_file():
-            run.log(f"{job}: already trained ({done}); skipped")
-            return json.loads(done.read_text(encoding="utf-8"))
-        state = resume if (resume is not None and resume["extra"].get("job") == job) else None
-        result = fn(run, cfg, job, *fn_args, state, interrupt)
-        if result is not None and not result.get("interrupted") and run.is_main:
-            write_json(done, result)
-        barrier()  # other ranks read this job's checkpoints next
-        return result
+    def add_member(entry: dict) -> None:
+        members.append(entry)
+        if run.is_main:
+            write_ensemble_manifest(run.run_dir, [m["checkpoint"] for m in members], models=members)
 
-    with GracefulInterrupt() as interrupt:
+    with StopRequest(run) as stop:
         for fold in cfg["train"]["train_folds"]:
-            if fold not in set(folds["fold"]):
-                raise SystemExit(f"error: train.train_folds has fold {fold}, folds.csv has {sorted(set(folds['fold']))}")
             val_studies = set(folds.loc[folds["fold"] == fold, "study_id"].astype(int))
             train_studies = set(folds["study_id"].astype(int)) - val_studies
-            entry = manifest["folds"].setdefault(str(fold), {"localizer": {}, "classifier": {}})
+            localizers: dict = {}
             if "localizer" in cfg["train"]["stages"]:
                 for key in cfg["localizer"]["series"]:
                     job = f"fold{fold}/localizer_{key}"
-                    res = run_job(job, train_localizer, key, store, labels, train_studies, val_studies)
-                    results[job] = res
-                    if res and res.get("interrupted"):
-                        interrupted = True
+                    res = results[job] = _run_job(run, job, resume, stop, train_localizer, fold, key, store, labels,
+                                                  train_studies, val_studies)
+                    if stop.stopped:
                         break
                     if res is not None:
-                        entry["localizer"][key] = f"{job}/checkpoint_best.pt"
-            if "classifier" in cfg["train"]["stages"] and not interrupted:
+                        localizers[key] = f"{job}/checkpoint_best.pt"
+                        add_member({"checkpoint": localizers[key], "fold": int(fold), "stage": "localizer",
+                                    "series_key": key})
+            if "classifier" in cfg["train"]["stages"] and not stop.stopped:
                 centers = None
-                if cfg["train"]["val_centers"] == "stage1" and entry["localizer"]:
-                    localizers = {k: [load_model(run.run_dir / p, run.device, DOMAIN)] for k, p in entry["localizer"].items()}
-                    centers = localize_studies(sorted(val_studies), store, localizers, run.device,
+                if cfg["train"]["val_centers"] == "stage1" and localizers:
+                    loaded = {k: [load_model(run.run_dir / p, run.device, DOMAIN)] for k, p in localizers.items()}
+                    centers = localize_studies(sorted(val_studies), store, loaded, run.device,
                                                cfg["localizer"]["decode_window"])
                     if run.is_main:
                         centers.to_csv(run.run_dir / f"fold{fold}" / "val_centers.csv", index=False)
@@ -424,23 +476,18 @@ def main(argv: list[str] | None = None) -> dict:
                     run.log(f"fold {fold}: no stage-1 localizer in this run; validation crops use label points")
                 for group in groups:
                     job = f"fold{fold}/classifier_{group}"
-                    res = run_job(job, train_classifier, group, store, labels, train_studies, val_studies, centers)
-                    results[job] = res
-                    if res and res.get("interrupted"):
-                        interrupted = True
+                    res = results[job] = _run_job(run, job, resume, stop, train_classifier, fold, group, store, labels,
+                                                  train_studies, val_studies, centers)
+                    if stop.stopped:
                         break
                     if res is not None:
-                        paths = {"best": f"{job}/checkpoint_best.pt", "last": f"{job}/checkpoint_last.pt"}
-                        if "swa_val_official" in res:
-                            paths["swa"] = f"{job}/checkpoint_swa.pt"
-                        entry["classifier"][group] = paths
-            if run.is_main:
-                write_json(manifest_path, manifest)
-            if interrupted:
-                run.log(f"stopped by the user; resume with --resume {run.run_dir}")
+                        add_member({"checkpoint": f"{job}/checkpoint_best.pt", "fold": int(fold),
+                                    "stage": "classifier", "group": group})
+            if stop.stopped:
                 break
-    return run.finish({"jobs": results, "interrupted": interrupted, "manifest": "models.json"})
+    return run.finish({"jobs": results, "interrupted": stop.stopped, "ensemble": "ensemble.json" if members else None,
+                       "n_models": len(members)})
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

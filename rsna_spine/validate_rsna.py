@@ -12,7 +12,10 @@ target of the held-out studies is scored, as the metric would. Reported:
 - figures: training curves, confusion matrices, reliability, localization errors, attention weights per
   slice and crops with predicted vs true grades for sample studies.
 
-    python rsna_spine/validate_rsna.py --config configs/rsna_spine/smoke.yaml --train-dir runs/x/train
+    python -m rsna_spine.validate_rsna --config configs/rsna_spine/smoke.yaml --checkpoint runs/x/train
+
+--checkpoint: the run folder of train_rsna.py (ensemble.json: every fold's models), or a checkpoint file;
+--data: the preprocessed cache (paths.cache_dir). --train-dir is the deprecated name of --checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import make_parser, start_run
+from common.cli import add_deprecated_alias, make_parser, start_run
+from common.errors import InputError, run_cli
 from rsna_spine.constants import SUBMISSION_COLUMNS
 from rsna_spine.data import StackStore
 from rsna_spine.stage_datasets import CropDataset, crop_items
@@ -33,7 +37,7 @@ from rsna_spine.evaluation import (
     summarize_localization,
 )
 from rsna_spine.figures import attention_figure, crops_figure, evaluation_figure, training_figure
-from rsna_spine.inference import classify, find_train_dir, load_ensemble, localize_studies, read_manifest
+from rsna_spine.inference import classify, ensemble_members, find_train_dir, load_ensemble, localize_studies
 from rsna_spine.metric import class_priors, prior_probabilities, score_details, solution_from_labels, submission_frame
 from rsna_spine.settings import DEFAULTS
 
@@ -51,27 +55,32 @@ def fallback_rows(graded: pd.DataFrame, covered: set, priors: dict) -> pd.DataFr
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--train-dir", type=Path, default=None, help="run folder of train_rsna.py (models.json)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
+    add_deprecated_alias(parser, "--train-dir", "--checkpoint", dest="checkpoint", type=Path)
     args = parser.parse_args(argv)
-    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv)
+    run = start_run(args, domain=DOMAIN, defaults=DEFAULTS, argv=argv, data_key="paths.cache_dir")
     cfg = run.cfg
-    train_dir = find_train_dir(args.train_dir, cfg, run.config_name)
+    train_dir = find_train_dir(args.checkpoint, cfg, run.config_name)
+    members = ensemble_members(train_dir)
     cache_dir = Path(cfg["paths"]["cache_dir"])
     store = StackStore(cache_dir)
     labels = pd.read_csv(cache_dir / "labels.csv")
     folds = pd.read_csv(cache_dir / "folds.csv")
-    manifest = read_manifest(train_dir)
-    run.log(f"validating {train_dir} (folds {sorted(manifest['folds'])}) on {cache_dir}")
+    classifiers = [m for m in members if m["stage"] == "classifier"]
+    if not classifiers:
+        raise InputError("no trained classifier to validate", train_dir)
+    unknown = [str(m["path"]) for m in classifiers if m.get("fold") is None]
+    if unknown:
+        raise InputError(f"classifier checkpoint(s) {unknown[:3]} name no fold; out-of-fold validation needs the "
+                         "run folder of train_rsna.py (ensemble.json)", train_dir)
+    model_folds = sorted({int(m["fold"]) for m in classifiers})
+    run.log(f"validating {train_dir} (folds {model_folds}) on {cache_dir}")
+    run.record_inputs_valid()
 
     oof, oracle, baseline, loc, examples_src = [], [], [], [], []
     crop_cfg, intensity_cfg = cfg["crop"], cfg["intensity"]
-    for fold_key, entry in sorted(manifest["folds"].items()):
-        fold = int(fold_key)
-        if not entry.get("classifier"):
-            run.log(f"fold {fold}: no classifier in {train_dir}; skipped")
-            continue
-        models = load_ensemble(train_dir, [fold], run.device, cfg["predict"]["checkpoint"])
+    for fold in model_folds:
+        models = load_ensemble(members, [fold], run.device, cfg["predict"]["checkpoint"], logger=run.log)
         crop_cfg = models["classifier"][0][1]["preprocessing"]["crop"]
         intensity_cfg = models["classifier"][0][1]["preprocessing"]["intensity"]
         val_studies = sorted(set(folds.loc[folds["fold"] == fold, "study_id"].astype(int)))
@@ -104,9 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
             examples_src.append({**it, "attention": att, "probs": p})
         run.log(f"fold {fold}: {len(items)} targets graded by the model, "
                 f"{len(graded) - len(items)} by priors (no stage-1 point)")
-    if not oof:
-        raise SystemExit(f"error: {train_dir} has no trained classifier to validate")
-
     oof_table = pd.concat(oof, ignore_index=True)
     report = grading_report(oof_table)
     oracle_report = grading_report(pd.concat(oracle, ignore_index=True))
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_table.to_csv(run.run_dir / "oof_prior_baseline.csv", index=False)
         errors.to_csv(run.run_dir / "localization_errors.csv", index=False)
 
-    figures = _figures(run, cfg, train_dir, manifest, report, oof_table, errors, examples_src, store,
+    figures = _figures(run, cfg, train_dir, model_folds, report, oof_table, errors, examples_src, store,
                        crop_cfg, intensity_cfg)
     official, score_base = report["official"], base["score"]
     run.log(f"OOF official score (two-stage) {official['score']:.4f} vs class-prior baseline {score_base:.4f} "
@@ -142,22 +148,29 @@ def main(argv: list[str] | None = None) -> dict:
                        "figures": figures})
 
 
-def _figures(run, cfg, train_dir, manifest, report, oof_table, errors, examples_src, store, crop_cfg,
+def training_curves(train_dir: Path, fold: int) -> dict[str, pd.DataFrame]:
+    """{job name: its metrics rows} of one fold, from the run's metrics.csv (``job`` column) or, for runs made
+    before it, from each job folder's own metrics.csv. Empty when ``train_dir`` is a checkpoint file."""
+    prefix = f"fold{fold}/"
+    if (train_dir / "metrics.csv").is_file():
+        rows = pd.read_csv(train_dir / "metrics.csv")
+        if "job" in rows.columns:
+            return {job[len(prefix):]: part.dropna(axis=1, how="all").reset_index(drop=True)
+                    for job, part in rows.groupby("job", sort=True) if str(job).startswith(prefix)}
+    return {csv.parent.name: pd.read_csv(csv) for csv in sorted((train_dir / f"fold{fold}").glob("*/metrics.csv"))}
+
+
+def _figures(run, cfg, train_dir, model_folds, report, oof_table, errors, examples_src, store, crop_cfg,
              intensity_cfg) -> list[str]:
     """Write the figures; returns PNG paths relative to the run folder."""
     if not run.is_main:
         return []
     fig_dir = run.run_dir / "figures"
     paths = []
-    for fold_key, entry in sorted(manifest["folds"].items()):
-        curves = {}
-        for kind, jobs in (("localizer", entry.get("localizer", {})), ("classifier", entry.get("classifier", {}))):
-            for name in jobs:
-                csv = Path(train_dir) / f"fold{fold_key}" / f"{kind}_{name}" / "metrics.csv"
-                if csv.is_file():
-                    curves[f"{kind}_{name}"] = pd.read_csv(csv)
+    for fold in model_folds:
+        curves = training_curves(Path(train_dir), fold)
         if curves:
-            paths += training_figure(curves, fig_dir / f"training_curves_fold{fold_key}")
+            paths += training_figure(curves, fig_dir / f"training_curves_fold{fold}")
     paths += evaluation_figure(report, oof_table, errors, fig_dir / "evaluation")
     n_ex = int(cfg["validate"]["n_example_studies"])
     studies = sorted({e["study_id"] for e in examples_src})[:n_ex]
@@ -176,4 +189,4 @@ def _figures(run, cfg, train_dir, manifest, report, oof_table, errors, examples_
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

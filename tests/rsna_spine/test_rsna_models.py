@@ -96,3 +96,20 @@ def test_backbone_weights_from_a_local_file_and_clear_errors(tmp_path):
         build_backbone("efficientnet_v2_s", str(tmp_path / "absent.pth"))
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("resnet9000")
+
+
+def test_backbone_weights_that_do_not_fit_are_refused_naming_the_file(tmp_path):
+    import torchvision
+
+    from common.errors import InputError
+
+    state = torchvision.models.efficientnet_v2_s(weights=None).state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("features.7.")}  # last stage absent
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(InputError, match=r"partial\.pth: .* tensors fit efficientnet_v2_s \(missing \['7\."):
+        build_backbone("efficientnet_v2_s", str(tmp_path / "partial.pth"))
+    torch.save(state, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut\.pth: .*not a readable torchvision state dict"):
+        build_backbone("efficientnet_v2_s", str(tmp_path / "cut.pth"))

@@ -31,28 +31,34 @@ def test_round_trip(tiny_dataset):
     pre = tiny_dataset["summary"]
     assert pre["n_series_usable"] > 10 and pre["n_series_failed"] >= 1  # the corrupt study has no images
     train = train_rsna.main(_args(tiny_dataset, work / "train"))
-    manifest = json.loads((work / "train" / "models.json").read_text())
-    entry = manifest["folds"]["0"]
-    assert set(entry["localizer"]) == {"sag_t1", "sag_t2", "axial_t2"}
-    assert set(entry["classifier"]["all"]) == {"best", "last", "swa"}
+    manifest = json.loads((work / "train" / "ensemble.json").read_text())
+    assert manifest["format"] == "imaging-pipelines-ensemble"
+    assert {m["series_key"] for m in manifest["models"] if m["stage"] == "localizer"} == {"sag_t1", "sag_t2", "axial_t2"}
+    assert [m["checkpoint"] for m in manifest["models"] if m["stage"] == "classifier"] == [
+        "fold0/classifier_all/checkpoint_best.pt"]
+    assert manifest["members"] == [m["checkpoint"] for m in manifest["models"]]
+    job_dir = work / "train" / "fold0" / "classifier_all"
+    assert all((job_dir / f"checkpoint_{kind}.pt").is_file() for kind in ("best", "last", "swa"))
     assert np.isfinite(train["jobs"]["fold0/classifier_all"]["swa_val_official"])
+    assert not (work / "train" / "models.json").exists()
 
     # resume: pretend the run stopped after epoch 2 of the classifier, then continue to epoch 3
     (work / "train" / "fold0" / "classifier_all" / "done.json").unlink()
     train_rsna.main(_args(tiny_dataset, work / "train", ["train.epochs=3"]) + ["--resume"])
-    rows = pd.read_csv(work / "train" / "fold0" / "classifier_all" / "metrics.csv")
-    assert rows["epoch"].tolist() == [1, 2, 3]
-    assert len(pd.read_csv(work / "train" / "fold0" / "localizer_sag_t2" / "metrics.csv")) == 1  # not retrained
+    rows = pd.read_csv(work / "train" / "metrics.csv")
+    assert rows.loc[rows["job"] == "fold0/classifier_all", "epoch"].tolist() == [1, 2, 3]
+    assert (rows["job"] == "fold0/localizer_sag_t2").sum() == 1  # not retrained
 
-    val = validate_rsna.main(_args(tiny_dataset, work / "validate") + ["--train-dir", str(work / "train")])
+    val = validate_rsna.main(_args(tiny_dataset, work / "validate") + ["--checkpoint", str(work / "train")])
     head = val["headline"]
     assert all(np.isfinite(head[k]) for k in ("oof_official_score", "class_prior_baseline", "margin_vs_prior"))
     assert (work / "validate" / "oof_predictions.csv").is_file() and len(val["figures"]) == 4
     assert all((work / "validate" / f).is_file() for f in val["figures"])
 
     root = tiny_dataset["root"]
-    pred = predict_rsna.main(_args(tiny_dataset, work / "predict") + [
-        "--train-dir", str(work / "train"), "--solution", str(root / "solution" / "test_solution.csv")])
+    pred = predict_rsna.main(_args(tiny_dataset, work / "predict") + [  # the deprecated flag still works
+        "--train-dir", str(work / "train"), "--data-root", str(root),
+        "--solution", str(root / "solution" / "test_solution.csv")])
     sub = pd.read_csv(work / "predict" / "submission.csv")
     studies = pd.read_csv(root / "sample_submission.csv")["row_id"].str.split("_").str[0].unique()
     assert len(sub) == 25 * len(studies) == pred["n_rows"] and sub["row_id"].is_unique
@@ -90,7 +96,7 @@ def test_torchrun_ddp_two_gloo_processes(tiny_dataset):
            "-m", "rsna_spine.train_rsna", *_args(tiny_dataset, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((out / "models.json").read_text())
-    assert set(manifest["folds"]["0"]["localizer"]) == {"sag_t1", "sag_t2", "axial_t2"}
+    manifest = json.loads((out / "ensemble.json").read_text())
+    assert {m["series_key"] for m in manifest["models"] if m["stage"] == "localizer"} == {"sag_t1", "sag_t2", "axial_t2"}
     assert (out / "fold0" / "classifier_all" / "checkpoint_swa.pt").is_file()
     assert "DDP rank 0/2" in (out / "log.txt").read_text()
