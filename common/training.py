@@ -110,7 +110,7 @@ class StopRequest(GracefulInterrupt):
 
 def resume_training(run, model: torch.nn.Module, optimizer=None, scheduler=None, scaler=None, ema=None,
                     checkpoint: str | Path | None = None, match: Mapping[str, Any] | None = None,
-                    restore_rng: bool = True) -> TrainState:
+                    restore_rng: bool = True, metrics_file: str = "metrics.csv") -> TrainState:
     """A fresh :class:`TrainState`, or the state of ``checkpoint`` (default ``run.resume_from``) with the
     model, optimizer, scheduler, scaler, EMA and RNG restored, metrics.csv cut back to its step (rows whose
     ``match`` columns equal the given values, e.g. ``{"member": 2}``) and its own metrics row restored."""
@@ -129,12 +129,12 @@ def resume_training(run, model: torch.nn.Module, optimizer=None, scheduler=None,
     if run.is_main and run.run_dir is not None:
         from common.runfolder import trim_metrics
 
-        dropped = trim_metrics(run.run_dir, state.step, match=match)
+        dropped = trim_metrics(run.run_dir, state.step, filename=metrics_file, match=match)
         if dropped:
-            run.log(f"metrics.csv: dropped {dropped} row(s) logged after the checkpoint's step {state.step}")
+            run.log(f"{metrics_file}: dropped {dropped} row(s) logged after the checkpoint's step {state.step}")
         row = extra.get("metrics_row")
-        if row and not _has_row(run.run_dir / "metrics.csv", row, match):
-            run.logger.log_metrics(row)  # killed between the checkpoint and its row: write the row now
+        if row and not _has_row(run.run_dir / metrics_file, row, match):
+            run.logger.log_metrics(row, filename=metrics_file)  # killed between checkpoint and row: write it now
     where = f", {state.batches_done} batches into epoch {state.epoch + 1}" if state.batches_done else ""
     run.log(f"resumed from {path}: epoch {state.epoch} complete, step {state.step}{where}")
     return state
