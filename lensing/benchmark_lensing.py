@@ -25,29 +25,11 @@ import numpy as np
 import torch
 
 from common.cli import make_parser, start_run
+from common.errors import InputError, run_cli
 from common.runlog import write_text_atomic
-from lensing.pipeline_config import with_other_sections
+from lensing.defaults import lensing_defaults
 
-DEFAULTS = with_other_sections({
-    "seed": 0,
-    "benchmark": {
-        "n_pix": [64, 101],  # image sizes
-        "supersampling": [1],  # supersampling factors (3 is ~40 images/s in lenstronomy)
-        "pixel_scale_arcsec": 0.1,
-        "psf_fwhm_arcsec": 0.18,  # Bologna space set
-        "torch_batch": 256,  # scenes per torch render call
-        "torch_repeats": 3,  # timed torch calls (after one warm-up)
-        "lenstronomy_images": 100,  # scenes rendered (one by one) by lenstronomy, also the accuracy sample
-        "threads": [1, 0],  # torch intra-op threads to time (0 = torch's default)
-        "compile": False,  # also time torch.compile(render) (needs a C++ compiler; compile time reported)
-        "train_image_size": 64,
-        "train_batch": 32,
-        "train_steps": 5,
-        "model_widths": [16, 32, 64],
-        "validate_summary": "",  # optional path of a validate summary.json to print its Bologna metrics
-    },
-    "runtime": {"num_workers": 0, "amp": True, "cooling_every_steps": 0, "cooling_pause_s": 0.0, "torch_threads": 0},
-})
+DEFAULTS = lensing_defaults()  # sections read here: seed, benchmark, runtime
 
 
 def _scenes(n: int, n_pix: int, pixel_scale: float, seed: int, dtype) -> dict:
@@ -164,11 +146,24 @@ def bench_training(bcfg: dict, device: torch.device) -> dict:
     return out
 
 
+def _read_validate_summary(path: Path) -> tuple[Path, dict]:
+    """(path, its "overall" metrics), read before the benchmark runs so a bad path fails at once."""
+    if not path.is_file():
+        raise InputError("benchmark.validate_summary: file not found", path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # a truncated summary.json
+        raise InputError(f"benchmark.validate_summary: not valid JSON ({exc})", path) from exc
+    return path, data.get("overall", {})
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__)
     args = parser.parse_args(argv)
     run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv)
     bcfg = run.cfg["benchmark"]
+    validate_summary = _read_validate_summary(Path(bcfg["validate_summary"])) if bcfg["validate_summary"] else None
+    run.record_inputs_valid()
     run.log(f"[lensing] benchmark on {run.device}, torch threads {torch.get_num_threads()}")
     rows, accuracy = bench_simulator(bcfg, run.cfg["seed"], run.log)
     training = bench_training(bcfg, run.device)
@@ -187,10 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"simulator": rows, "accuracy": accuracy, "training": training, "headline": headline,
                "targets": {"speedup_cpu_64_101px": 10.0, "max_relative_difference_f64": 1e-4},
                "torch_threads_default": torch.get_num_threads()}
-    if bcfg["validate_summary"]:
-        path = Path(bcfg["validate_summary"])
-        data = json.loads(path.read_text(encoding="utf-8"))
-        overall = data.get("overall", {})
+    if validate_summary is not None:
+        path, overall = validate_summary
         summary["validate"] = {k: overall.get(k) for k in ("auroc", "tpr0", "tpr10", "n_lenses", "n_nonlenses")}
         run.log(f"[lensing] held-out set ({path}): AUROC {overall.get('auroc')}, TPR0 {overall.get('tpr0')}, "
                 f"TPR10 {overall.get('tpr10')}")
@@ -202,4 +195,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

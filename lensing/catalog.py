@@ -16,12 +16,15 @@ Simulated rows add ``sim_kind`` and ``true_*`` lens-model parameters.
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from common.config import ConfigError
+from common.errors import InputError
 from lensing.surveys import SURVEYS
 
 SCHEMA_VERSION = "2.0"
@@ -39,7 +42,7 @@ REQUIRED_COLUMNS = FILE_COLUMNS + SCHEMA_V2_COLUMNS + TRUTH_COLUMNS
 _POSITIVE = ("pixel_scale", "psf_fwhm")
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError):
     """A catalogue that does not follow the schema; the message names the file, column and rows."""
 
 
@@ -123,6 +126,28 @@ def validate_catalog(df: pd.DataFrame, source: str | Path = "catalog.csv", root:
                                f"e.g. {root / str(df.loc[bad, 'variance_path'].iloc[0])}")
 
 
+def read_csv_table(path: str | Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures on an empty, truncated or binary file name the file (CatalogError).
+
+    pandas fills a row with fewer fields than the header with NaN, so a file cut off in the middle of its
+    last row would read silently; every row must have the header's number of fields.
+    """
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, **kwargs)
+        with path.open("r", encoding="utf-8-sig", newline="") as handle:
+            rows = csv.reader(handle)
+            n_fields = len(next(rows, []))
+            short = next((rows.line_num for row in rows if row and len(row) != n_fields), None)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CatalogError(f"not a readable CSV table, truncated or damaged? ({first})", path) from exc
+    if short is not None:
+        raise CatalogError(f"line {short} has fewer or more fields than the header's {n_fields}: the file is "
+                           "truncated or damaged", path)
+    return df
+
+
 def read_catalog(folder: str | Path, check_files: bool = True, on_missing_files: str = "error", log=None) -> pd.DataFrame:
     """Read and validate ``folder/catalog.csv``.
 
@@ -134,9 +159,9 @@ def read_catalog(folder: str | Path, check_files: bool = True, on_missing_files:
     if not path.is_file():
         raise CatalogError(f"no catalog.csv in {folder} (run `python lensing/preprocess_lensing.py simulate` or "
                            "`convert` to create a data set)")
-    df = pd.read_csv(path, keep_default_na=True, dtype={"object_id": str, "bands": str, "split": str})
+    df = read_csv_table(path, keep_default_na=True, dtype={"object_id": str, "bands": str, "split": str})
     if on_missing_files not in ("error", "drop"):
-        raise ValueError(f"on_missing_files must be 'error' or 'drop', got {on_missing_files!r}")
+        raise ConfigError(f"data.on_missing_files must be 'error' or 'drop', got {on_missing_files!r}")
     if on_missing_files == "drop" and check_files and "image_path" in df.columns:
         ok = df["image_path"].map(lambda p: isinstance(p, str) and (folder / p).is_file())
         if "variance_path" in df.columns:

@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.config import ConfigError
+from common.errors import InputError, NothingProcessedError
 from common.runlog import progress
-from lensing.catalog import SCHEMA_VERSION, CatalogError, empty_row, join_bands
+from lensing.catalog import SCHEMA_VERSION, CatalogError, empty_row, join_bands, read_csv_table
 from lensing.data import border_mad_sigma
 from lensing.psf import match_psf
-from lensing.storage import FORMATS, read_array, write_array
+from lensing.storage import FORMATS, ImageFileError, read_array, write_array
 from lensing.surveys import get_survey
 
 GALAXIESML_BANDS = ("g", "r", "i", "z", "y")
@@ -42,8 +44,8 @@ def _psf_match_if_requested(image, variance, pixel_scale, band_fwhm, target, reg
     try:
         out, var, _ = match_psf(image, variance, pixel_scale, source_fwhm_arcsec=np.asarray(band_fwhm),
                                 target_fwhm_arcsec=float(target), regularization=regularization)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+    except ValueError as exc:  # e.g. a target PSF sharper than the cutout's
+        raise InputError(f"{where}: {exc}") from exc
     return out.astype(np.float32), None if var is None else var.astype(np.float32), True
 
 
@@ -58,28 +60,41 @@ def convert_galaxiesml(h5_path: str | Path, out_dir: str | Path, cfg: dict, log:
     bands = list(cfg["bands"]) or list(GALAXIESML_BANDS)
     unknown = [b for b in bands if b not in GALAXIESML_BANDS]
     if unknown:
-        raise ValueError(f"convert.bands {unknown} are not GalaxiesML bands {list(GALAXIESML_BANDS)}")
+        raise ConfigError(f"convert.bands {unknown} are not GalaxiesML bands {list(GALAXIESML_BANDS)}")
     band_idx = [GALAXIESML_BANDS.index(b) for b in bands]
     rows = []
-    with h5py.File(h5_path, "r") as handle:
+    try:
+        handle = h5py.File(h5_path, "r")
+    except OSError as exc:  # truncated or not HDF5: h5py's message names no file
+        raise ImageFileError(f"not a readable HDF5 file, truncated or damaged? ({exc})", h5_path) from exc
+    with handle:
         for key in ("image", "object_id"):
             if key not in handle:
-                raise KeyError(f"{h5_path}: no dataset '{key}' (GalaxiesML files have 'image', 'object_id', "
-                               f"'specz_redshift', '<band>_cmodel_mag'); found {sorted(handle.keys())[:12]}")
+                raise ImageFileError(f"no dataset '{key}' (GalaxiesML files have 'image', 'object_id', "
+                                     f"'specz_redshift', '<band>_cmodel_mag'); found {sorted(handle.keys())[:12]}",
+                                     h5_path)
         images = handle["image"]
         if images.ndim != 4 or images.shape[1] != len(GALAXIESML_BANDS):
             hint = " (it looks channels-last)" if images.ndim == 4 and images.shape[-1] == 5 else ""
-            raise ValueError(f"{h5_path}: 'image' must be (N, 5, H, W) channels-first in bands g r i z y, "
-                             f"got {images.shape}{hint}")
+            raise ImageFileError(f"'image' must be (N, 5, H, W) channels-first in bands g r i z y, "
+                                 f"got {images.shape}{hint}", h5_path)
         n = images.shape[0] if not cfg["max_rows"] else min(int(cfg["max_rows"]), images.shape[0])
-        object_ids = handle["object_id"][:n]
-        specz = handle["specz_redshift"][:n] if "specz_redshift" in handle else np.full(n, np.nan)
-        mags = {b: handle[f"{b}_cmodel_mag"][:n] if f"{b}_cmodel_mag" in handle else np.full(n, np.nan)
-                for b in GALAXIESML_BANDS}
+        if n == 0:
+            raise NothingProcessedError("0 of 0 cutouts converted: dataset 'image' is empty", h5_path)
+        try:
+            object_ids = handle["object_id"][:n]
+            specz = handle["specz_redshift"][:n] if "specz_redshift" in handle else np.full(n, np.nan)
+            mags = {b: handle[f"{b}_cmodel_mag"][:n] if f"{b}_cmodel_mag" in handle else np.full(n, np.nan)
+                    for b in GALAXIESML_BANDS}
+        except OSError as exc:
+            raise ImageFileError(f"cannot read the catalogue datasets, truncated? ({exc})", h5_path) from exc
         band_fwhm = [HSC_SEEING_ARCSEC[b] for b in bands]
         target = cfg["target_psf_fwhm"]
         for i in progress(range(n), desc="convert GalaxiesML", is_main=is_main):
-            image = np.asarray(images[i], dtype=np.float32)[band_idx]
+            try:
+                image = np.asarray(images[i], dtype=np.float32)[band_idx]
+            except OSError as exc:
+                raise ImageFileError(f"cannot read 'image' row {i}, truncated? ({exc})", h5_path) from exc
             image, _, matched = _psf_match_if_requested(image, None, HSC_PIXEL_SCALE, band_fwhm, target,
                                                         cfg["psf_regularization"], f"{h5_path} row {i}")
             oid = object_ids[i].decode() if isinstance(object_ids[i], bytes) else str(object_ids[i])
@@ -114,7 +129,9 @@ def convert_folder(folder: str | Path, out_dir: str | Path, cfg: dict, log: Call
     csv_path = folder / cfg["catalog_name"]
     if not csv_path.is_file():
         raise FileNotFoundError(f"no catalogue {csv_path} (set convert.catalog_name)")
-    src = pd.read_csv(csv_path)
+    src = read_csv_table(csv_path)
+    if len(src) == 0:
+        raise NothingProcessedError("0 of 0 cutouts converted: the catalogue has no rows", csv_path)
     if "file" not in src.columns:
         raise CatalogError(f"{csv_path}: needs a 'file' column with the cutout path (columns: {list(src.columns)})")
     rows = []

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from lensing.catalog import band_floats, read_catalog, split_bands
+from lensing.catalog import CatalogError, band_floats, read_catalog, split_bands
 from lensing.storage import ImageFileError, read_array
 
 TRUE_PARAM_COLUMNS = ("true_theta_E", "true_lens_e1", "true_lens_e2", "true_lens_center_x", "true_lens_center_y",
@@ -89,7 +89,7 @@ class LensingDataset(Dataset):
         df = catalog if catalog is not None else read_catalog(self.folder, on_missing_files=on_missing_files, log=log)
         if split is not None:
             if "split" not in df.columns:
-                raise ValueError(f"{self.folder / 'catalog.csv'}: no 'split' column; run "
+                raise CatalogError(f"{self.folder / 'catalog.csv'}: no 'split' column; run "
                                  "`preprocess_lensing.py split` first or pass split=None")
             df = df[df["split"].astype(str) == split]
         if surveys:
@@ -97,7 +97,7 @@ class LensingDataset(Dataset):
         if labels is not None:
             df = df[pd.to_numeric(df["label"]).isin(list(labels))]
         if len(df) == 0:
-            raise ValueError(f"{self.folder / 'catalog.csv'}: no rows for split={split!r}, surveys={surveys}, "
+            raise CatalogError(f"{self.folder / 'catalog.csv'}: no rows for split={split!r}, surveys={surveys}, "
                              f"labels={labels}")
         self.catalog = df.reset_index(drop=True)
         self.expected_bands = expected_bands

@@ -3,19 +3,16 @@ MC dropout. Shared by train_lensing.py (validation each epoch) and validate_lens
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from common.checkpoint import CheckpointError, load_model, resolve_checkpoint_path
+from common.checkpoint import load_model, resolve_checkpoints
 from common.ensembling import mc_dropout_predict
 from common.runlog import progress
 from common.runtime import AmpPolicy
-
-ENSEMBLE_MANIFEST = "ensemble.json"
 
 
 @torch.no_grad()
@@ -50,27 +47,15 @@ def predict_mc_dropout(model: torch.nn.Module, loader: DataLoader, device: torch
     return np.concatenate(means), np.concatenate(variances), np.concatenate(indices)
 
 
-def member_checkpoints(run: str | Path) -> list[Path]:
-    """Checkpoints of a run: every member listed in ``ensemble.json`` or the run's single checkpoint."""
-    run = Path(run)
-    manifest = run / ENSEMBLE_MANIFEST if run.is_dir() else None
-    if manifest is not None and manifest.is_file():
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        paths = [resolve_checkpoint_path(run / m) for m in data.get("members", [])]
-        if not paths:
-            raise CheckpointError(f"{manifest}: lists no members")
-        return paths
-    return [resolve_checkpoint_path(run)]
-
-
-def score_run(run: str | Path, loader: DataLoader, device: torch.device, amp: AmpPolicy | None = None,
+def score_run(checkpoint: str | Path, loader: DataLoader, device: torch.device, amp: AmpPolicy | None = None,
               mc_dropout_samples: int = 0, is_main: bool = True, log=print) -> dict:
-    """Score every item of ``loader`` with all members of ``run`` (one model in memory at a time).
+    """Score every item of ``loader`` with every model ``checkpoint`` names (a checkpoint file, a run folder
+    or an ensemble folder: common.checkpoint.resolve_checkpoints), one model in memory at a time.
 
     Returns logit (member mean), logit_member_std, mc_dropout logit std (when requested), indices,
     probability = sigmoid(mean logit), the first checkpoint (for its preprocessing metadata) and member count.
     """
-    paths = member_checkpoints(run)
+    paths = resolve_checkpoints(checkpoint)
     member_logits, mc_std, indices, first_ckpt = [], None, None, None
     for i, path in enumerate(paths):
         model, ckpt = load_model(path, device=device, expected_domain="lensing")

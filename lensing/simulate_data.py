@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common.config import ConfigError
+from common.errors import NothingProcessedError
 from common.runlog import progress
 from lensing.catalog import SCHEMA_VERSION, join_bands
 from lensing.population import PopulationConfig, params_to_columns, sample_scenes
@@ -28,13 +30,16 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
     Returns the catalogue rows (not yet split). Images and variance maps are written as ``cfg['storage']``.
     """
     out_dir = Path(out_dir)
-    surveys = [get_survey(name).select(cfg["band_mode"]) for name in cfg["surveys"]]
+    try:
+        surveys = [get_survey(name).select(cfg["band_mode"]) for name in cfg["surveys"]]
+    except ValueError as exc:
+        raise ConfigError(f"simulate.surveys / simulate.band_mode: {exc}") from None
     band_counts = {s.name: len(s.bands) for s in surveys}
     if len(set(band_counts.values())) > 1:
-        raise ValueError(f"surveys {band_counts} have different numbers of bands: one data set needs one band "
+        raise ConfigError(f"simulate.surveys {band_counts} have different numbers of bands: one data set needs one band "
                          "count (set simulate.band_mode: reference to keep each survey's reference band)")
     if cfg["storage"] not in FORMATS:
-        raise ValueError(f"simulate.storage must be one of {sorted(FORMATS)}, got {cfg['storage']!r}")
+        raise ConfigError(f"simulate.storage must be one of {sorted(FORMATS)}, got {cfg['storage']!r}")
     dtype = DTYPES[cfg["dtype"]]
     population = PopulationConfig.from_dict(cfg["population"])
     rng = np.random.default_rng(seed)
@@ -45,8 +50,10 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
     if len(counts) == 1:
         counts = counts * len(surveys)
     if len(counts) != len(surveys):
-        raise ValueError(f"simulate.n_per_survey {cfg['n_per_survey']} must hold one number or one per survey "
+        raise ConfigError(f"simulate.n_per_survey {cfg['n_per_survey']} must hold one number or one per survey "
                          f"({len(surveys)})")
+    if sum(counts) <= 0:
+        raise NothingProcessedError(f"simulate.n_per_survey {cfg['n_per_survey']}: 0 cutouts to simulate")
     rows: list[dict] = []
     for survey, total in zip(surveys, counts):
         bkg = np.array([survey.background_rms(b) for b in range(len(survey.bands))])

@@ -213,10 +213,13 @@ def add_noise(model: torch.Tensor, background_rms, exposure_time_s, generator: t
         raise ValueError("background_rms must be >= 0 and exposure_time_s > 0")
     clean = model.detach().clamp(min=0)
     noisy = model.detach().clone()
+    # draw on the generator's device (a CPU generator with a CUDA model is allowed): the same generator
+    # then gives the same noise whichever device rendered the model
+    draw = generator.device if generator is not None else model.device
     if poisson:
-        counts = torch.poisson(clean * t_exp, generator=generator)
+        counts = torch.poisson((clean * t_exp).to(draw), generator=generator).to(model.device)
         noisy = noisy + counts / t_exp - clean
-    gauss = torch.randn(model.shape, generator=generator, dtype=model.dtype, device=model.device)
+    gauss = torch.randn(model.shape, generator=generator, dtype=model.dtype, device=draw).to(model.device)
     noisy = noisy + gauss * sigma
     variance = sigma**2 + (clean / t_exp if poisson else 0.0)
     return noisy, variance

@@ -9,17 +9,21 @@ the scale, which destroyed the units; this layout never does.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from common.errors import InputError
+from common.files import load_npy
 from common.runlog import atomic_path
 
 FORMATS = {"npy": ".npy", "fits": ".fits", "tiff16": ".tif"}
 UINT16_MAX = 65535
 
 
-class ImageFileError(ValueError):
-    """An image or variance file that is missing or unreadable; the message names the file."""
+class ImageFileError(InputError):
+    """An image or variance file that is missing, truncated or unreadable; the message names the file."""
 
 
 def _atomic_write(path: Path, writer) -> None:
@@ -53,6 +57,32 @@ def write_array(path: str | Path, array: np.ndarray, fmt: str) -> tuple[float, f
     raise ValueError(f"unknown storage format {fmt!r}; use one of {sorted(FORMATS)}")
 
 
+def _read_fits(path: Path) -> np.ndarray:
+    """The first HDU with data. astropy only warns about a truncated file (and may then fail to reshape):
+    that warning becomes the error, so the user reads one line naming the file and the cause."""
+    from astropy.io import fits
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with fits.open(path, memmap=False) as hdul:
+                hdu = next((h for h in hdul if getattr(h, "data", None) is not None), None)
+                if hdu is None:
+                    raise ImageFileError("no HDU with image data", path)
+                array = np.asarray(hdu.data)
+        except ImageFileError:
+            raise
+        except Exception as exc:
+            truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+            raise ImageFileError(f"cannot read ({'; '.join(truncated) or f'{type(exc).__name__}: {exc}'})",
+                                 path) from exc
+    for w in caught:
+        if "truncated" in str(w.message):
+            raise ImageFileError(f"damaged FITS file ({w.message})", path)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return array
+
+
 def read_array(path: str | Path, scale: float | None = None, offset: float | None = None) -> np.ndarray:
     """Read an image file as float32 [C, H, W] (a 2-D file becomes one band).
 
@@ -61,19 +91,13 @@ def read_array(path: str | Path, scale: float | None = None, offset: float | Non
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageFileError(f"image file not found: {path}")
+        raise ImageFileError("image file not found", path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            array = load_npy(path)
         elif suffix in (".fits", ".fit", ".fz"):
-            from astropy.io import fits
-
-            with fits.open(path, memmap=False) as hdul:
-                hdu = next((h for h in hdul if getattr(h, "data", None) is not None), None)
-                if hdu is None:
-                    raise ImageFileError(f"{path}: no HDU with image data")
-                array = np.asarray(hdu.data)
+            array = _read_fits(path)
         elif suffix in (".tif", ".tiff"):
             import tifffile
 
@@ -82,8 +106,10 @@ def read_array(path: str | Path, scale: float | None = None, offset: float | Non
             raise ImageFileError(f"{path}: unsupported image format '{suffix}' (use .npy, .fits or .tif)")
     except ImageFileError:
         raise
+    except InputError as exc:  # a truncated .npy (common.files names the file)
+        raise ImageFileError(str(exc), path) from exc
     except Exception as exc:  # truncated files, bad headers
-        raise ImageFileError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+        raise ImageFileError(f"cannot read, truncated or damaged? ({type(exc).__name__}: {exc})", path) from exc
     if np.issubdtype(array.dtype, np.integer):
         if scale is None or offset is None or not np.isfinite(scale) or not np.isfinite(offset):
             raise ImageFileError(f"{path}: integer image without scale/offset in the catalogue: cannot restore "

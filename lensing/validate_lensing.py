@@ -13,46 +13,29 @@ TPR0/TPR10 are false-positive COUNTS; rate-based TPR@FPR is reported as tpr_at_f
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
+from common.checkpoint import load_checkpoint, resolve_checkpoints
 from common.cli import make_parser, start_run
+from common.config import ConfigError
+from common.errors import run_cli
 from common.runlog import write_text_atomic
 from common.runtime import amp_policy, dataloader_kwargs
 from lensing.baseline import azimuthal_residual_score
 from lensing.catalog import TRUTH_COLUMNS
 from lensing.data import LensingDataset
+from lensing.defaults import lensing_defaults
 from lensing.inference import score_run
 from lensing.metrics import (
-    DOMAIN_SHIFT_AUROC,
-    STRATIFY_QUANTITIES,
     bologna_metrics,
     calibration,
     per_survey_metrics,
     stratified_curve,
 )
-from lensing.pipeline_config import with_other_sections
 
-DEFAULTS = with_other_sections({
-    "seed": 0,
-    "validate": {
-        "split": "test",  # rows of this split (null/"" = all rows)
-        "surveys": [],  # only these surveys (empty = all)
-        "batch_size": 256,
-        "mc_dropout_samples": 0,  # > 0: MC dropout passes per member (model needs dropout > 0)
-        "stratify": list(STRATIFY_QUANTITIES),  # truth columns for the stratified curves
-        "n_thresholds": 10,  # thresholds per curve (percentiles of the lenses' quantity)
-        "domain_shift_auroc": DOMAIN_SHIFT_AUROC,  # per-survey AUROC below this logs a domain-shift warning
-        "grid_size": 16,  # cutouts in each figure grid
-        "calibration_bins": 10,
-        "baseline": True,  # also score the non-learned azimuthal-residual baseline
-        "figures": True,  # ROC, stratified curves, cutout grids, reliability diagram
-    },
-    "runtime": {"num_workers": 0, "amp": True, "cooling_every_steps": 0, "cooling_pause_s": 0.0, "torch_threads": 0},
-})
+DEFAULTS = lensing_defaults()  # sections read here: seed, data.dir, validate, runtime
 
 STRATIFY_LABELS = {"einstein_area_arcsec2": "Einstein area (arcsec²)", "flux_contrast": "flux contrast",
                    "lensed_pixels_above_1sigma": "lensed pixels > 1σ"}
@@ -63,26 +46,29 @@ def _metric_rows(scope: str, metrics: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, run folder or ensemble run")
-    parser.add_argument("--data", type=Path, required=True, help="data set folder (catalog.csv)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
     args = parser.parse_args(argv)
-    run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv)
+    if args.checkpoint is None:
+        parser.error("give the model with --checkpoint PATH (checkpoint file, run folder or ensemble folder)")
+    run = start_run(args, domain="lensing", defaults=DEFAULTS, argv=argv, data_key="data.dir")
     cfg, vcfg, device = run.cfg, run.cfg["validate"], run.device
+    data_dir = cfg["data"]["dir"]
+    if not data_dir:
+        raise ConfigError("give the data set folder with --data DIR (or data.dir)")
     if not run.is_main:
         return run.finish({})
-    from lensing.inference import member_checkpoints
-    from common.checkpoint import load_checkpoint
 
-    first = load_checkpoint(member_checkpoints(args.checkpoint)[0], expected_domain="lensing")
+    checkpoints = resolve_checkpoints(args.checkpoint)
+    first = load_checkpoint(checkpoints[0], expected_domain="lensing")
     prep = first.get("preprocessing", {})
-    dataset = LensingDataset(args.data, split=vcfg["split"] or None, surveys=vcfg["surveys"] or None,
+    dataset = LensingDataset(data_dir, split=vcfg["split"] or None, surveys=vcfg["surveys"] or None,
                              expected_bands=prep.get("n_bands"), expected_size=prep.get("image_size"),
                              clip_sigma=prep.get("clip_sigma", 250.0), stretch=prep.get("stretch", "linear"),
                              log=run.log)
+    run.record_inputs_valid()
     loader = DataLoader(dataset, batch_size=vcfg["batch_size"], shuffle=False,
-                        **dataloader_kwargs(device, cfg["runtime"].get("num_workers", 0)))
-    scored = score_run(args.checkpoint, loader, device, amp_policy(device, cfg["runtime"].get("amp", True)),
+                        **dataloader_kwargs(device, cfg["runtime"]["num_workers"]))
+    scored = score_run(args.checkpoint, loader, device, amp_policy(device, cfg["runtime"]["amp"]),
                        int(vcfg["mc_dropout_samples"]), run.is_main, run.log)
     cat = dataset.catalog.iloc[scored["index"]].reset_index(drop=True)
     labels = pd.to_numeric(cat["label"]).to_numpy()
@@ -162,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, m in surveys.items():
         if len(surveys) > 1:
             headline[f"auroc_{name}"] = m["auroc"]
-    summary = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": vcfg["split"],
+    summary = {"checkpoint": str(args.checkpoint), "checkpoints": scored["checkpoint_paths"], "data": str(data_dir),
+               "split": vcfg["split"],
                "n_members": scored["n_members"], "overall": overall, "per_survey": surveys,
                "domain_shift_warnings": [k for k, v in surveys.items() if v["domain_shift_warning"]],
                "calibration": calib, "stratified": curves, "baseline_azimuthal_residual": baseline,
@@ -173,4 +160,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))
