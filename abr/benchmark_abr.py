@@ -8,7 +8,7 @@ benchmark.timing_repeats) and prints the ratio — a speed comparison on this ma
 
 Config sections used: validate, classical, benchmark.
 
-    python -m abr.benchmark_abr --checkpoint runs/abr/production_improved/<run> --data runs/abr/data/production_improved
+    python -m abr.benchmark_abr --checkpoint runs/abr/production_improved/<run> --data data/abr/production_improved
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 
-from abr.dataset import ABRSeriesDataset, load_cache, split_series
+from abr.dataset import ABRSeriesDataset, CacheError, load_cache, split_series
 from abr.defaults import abr_defaults
 from abr.evaluation import class_prior_baselines, evaluate_classical, evaluate_model, fit_classical, predict
-from abr.validate_abr import check_grid
-from common.checkpoint import CheckpointError, load_model
+from abr.validate_abr import check_grid, model_checkpoint
 from common.cli import make_parser, start_run
+from common.errors import run_cli
 
 DEFAULTS = abr_defaults()
 
@@ -38,22 +38,20 @@ def best_time(fn, repeats: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or training run folder")
-    parser.add_argument("--data", type=Path, default=None, help="preprocessed cache (default: the checkpoint's)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
     parser.add_argument("--split", default="test", help="train | val | test")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
     cfg, device = run.cfg, run.device
     bcfg = cfg["benchmark"]
-    try:
-        model, ckpt = load_model(args.checkpoint, device=device, expected_domain="abr")
-    except CheckpointError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    model, ckpt = model_checkpoint(args.checkpoint, device)
     data_dir = args.data or Path(ckpt["preprocessing"]["cache"])
     arrays, meta = load_cache(data_dir)
     check_grid(meta, ckpt["preprocessing"], data_dir)
     series = split_series(arrays, args.split)
+    if series.size == 0:
+        raise CacheError(f"the '{args.split}' split has no ears", data_dir)
+    run.record_inputs_valid()
     dataset = ABRSeriesDataset(arrays, ckpt["preprocessing"], series)
     pred, model_s = best_time(lambda: predict(model, dataset, device, cfg["validate"]["batch_size"]), bcfg["timing_repeats"])
     criterion = fit_classical(arrays, meta, split_series(arrays, "val"), cfg["classical"])
@@ -96,4 +94,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

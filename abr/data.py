@@ -19,6 +19,7 @@ for reporting only: it encodes the wave-present label, so it is never a model in
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from abr.labels import CLASS_NAMES, WAVES, canonical_class
+from common.errors import InputError, NothingProcessedError
 
 DEFAULT_COLUMNS = {
     "patient_id": "Patient_ID",
@@ -51,8 +53,12 @@ NO_RESPONSE_WORDS = {"NR", "NORESPONSE", "YOK", "CEVAPYOK", "YANITYOK", "ABSENT"
 AGE_TO_YEARS = {"years": 1.0, "months": 1.0 / 12.0, "days": 1.0 / 365.25}
 
 
-class TableError(ValueError):
+class TableError(InputError):
     """A table that cannot be used as it is; the message names the file, column and row."""
+
+
+class NoRecordingsError(TableError, NothingProcessedError):
+    """Every recording of the table was dropped by the checks: nothing to preprocess (non-zero exit)."""
 
 
 @dataclass
@@ -109,6 +115,9 @@ def read_table(path: str | Path, encoding: str = "auto", sheet=None) -> pd.DataF
             table = pd.read_excel(path, sheet_name=0 if sheet is None else sheet)
         except ValueError as exc:
             raise TableError(f"{path}: cannot read sheet {sheet!r}: {exc}") from exc
+        except (zipfile.BadZipFile, EOFError, OSError, KeyError) as exc:  # a half-copied or damaged workbook
+            raise TableError(f"{path}: not a readable Excel workbook, truncated or damaged? "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     elif suffix in (".csv", ".txt", ".tsv"):
         sep = "\t" if suffix == ".tsv" else ","
         encodings = ["utf-8-sig", "cp1254"] if encoding == "auto" else [encoding]
@@ -249,7 +258,7 @@ def parse_recordings(table: pd.DataFrame, data_cfg: dict, source: str = "table")
         dropped["sweeps_rejected"] = int((keep & ~ok).sum())
         keep &= ok
     if not keep.any():
-        raise TableError(f"{source}: no recording left after filtering ({dropped})")
+        raise NoRecordingsError(f"{source}: 0 of {len(keep)} recordings left after filtering ({dropped})")
     table, signals, rows = table[keep].reset_index(drop=True), signals[keep], rows[keep]
 
     age_unit = data_cfg.get("age_unit", "years")

@@ -16,6 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from common.config import ConfigError
+from common.errors import InputError
+from common.files import load_npz
+
 CACHE_NAME = "abr_cache.npz"
 META_NAME = "meta.json"
 SPLITS = ("train", "val", "test")
@@ -37,16 +41,47 @@ def standardize_static(raw: np.ndarray, meta: dict) -> np.ndarray:
     return ((raw - mean) / std).astype(np.float32)
 
 
+# Arrays every reader of the cache indexes (written by preprocess_abr.build_cache).
+CACHE_ARRAYS = ("signal", "clean", "has_clean", "scale_uv", "static_raw", "intensity_db", "exist", "exist_known",
+                "latency_ms", "amp_rel", "class_idx", "series_of_row", "series_rows", "series_class",
+                "series_threshold_db", "series_split")
+
+
+class CacheError(InputError):
+    """A preprocessed cache folder that cannot be used (missing, damaged, or not what the model needs)."""
+
+
+def cache_folder(cfg: dict, config_name: str) -> Path:
+    """The preprocessed cache folder: data.cache_dir (set by ``--data DIR``) or data/abr/<config name>."""
+    return Path(cfg["data"]["cache_dir"]) if cfg["data"].get("cache_dir") else Path("data") / "abr" / config_name
+
+
+def training_cache_folder(run) -> Path:
+    """The cache a trainer reads: ``--data DIR``; on ``--resume`` without it, the folder the run was trained
+    on (recorded in its checkpoint's config); else data/abr/<config name>. Recorded in ``run.cfg``."""
+    if not run.cfg["data"].get("cache_dir") and run.resume_from is not None:
+        from common.checkpoint import load_checkpoint
+
+        saved = ((load_checkpoint(run.resume_from, expected_domain="abr").get("config") or {}).get("data") or {})
+        if saved.get("cache_dir"):
+            run.cfg["data"]["cache_dir"] = saved["cache_dir"]
+    folder = cache_folder(run.cfg, run.config_name)
+    run.cfg["data"]["cache_dir"] = folder.as_posix()
+    return folder
+
+
 def load_cache(folder: str | Path) -> tuple[dict, dict]:
-    """(arrays, meta) from a preprocessing output folder; clear errors when it is not one."""
+    """(arrays, meta) from a preprocessing output folder; one-line errors naming the file when it is not one."""
     folder = Path(folder)
     cache, meta_path = folder / CACHE_NAME, folder / META_NAME
     if not cache.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: no {CACHE_NAME} + {META_NAME}; run abr/preprocess_abr.py first "
-                                "(python -m abr.preprocess_abr --output-dir <folder>)")
-    with np.load(cache, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        raise CacheError(f"no {CACHE_NAME} + {META_NAME}; run abr/preprocess_abr.py first "
+                         "(python -m abr.preprocess_abr --output-dir <folder>)", folder)
+    arrays = load_npz(cache, required=CACHE_ARRAYS)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CacheError(f"not valid JSON, truncated? ({exc})", meta_path) from exc
     return arrays, meta
 
 
@@ -132,7 +167,7 @@ def class_weights(freq: np.ndarray, mode: str) -> np.ndarray:
     elif mode == "inverse_sqrt":
         w = np.where(present, 1.0 / np.sqrt(np.maximum(freq, 1)), 0.0)
     else:
-        raise ValueError(f"loss.class_weighting must be none, inverse or inverse_sqrt, got {mode!r}")
+        raise ConfigError(f"loss.class_weighting must be none, inverse or inverse_sqrt, got {mode!r}")
     return w / w[present].mean() if present.any() else w
 
 

@@ -31,6 +31,7 @@ ABR_DEFAULTS = {
         "max_sweeps_rejected": 100.0,  # drop recordings with this many rejected sweeps or more (null = off)
         "missing_peak_means_absent": True,  # empty latency = wave absent (clinical exports leave it blank)
         "columns": dict(DEFAULT_COLUMNS),  # config key -> column name; null = the table has no such column
+        "cache_dir": None,  # preprocessed cache folder (--data DIR sets it); null = data/abr/<config name>
     },
     # ------------------------------------------------------- synthetic recordings (abr/synthetic.py)
     "synthetic": copy.deepcopy(SYNTHETIC_DEFAULTS),
@@ -54,7 +55,8 @@ ABR_DEFAULTS = {
         "latency_range_ms": {"I": [0.5, 6.0], "III": [2.0, 9.5], "V": [3.5, 14.0]},  # must cover the data
         "amplitude_range_rel": [-1.0, 6.0],  # amplitude / recording RMS; must cover the data
         "threshold_range_db": [0.0, 120.0],  # bounded threshold output
-        "weights": None,  # optional local .pt with a state_dict to start from (no downloads)
+        "weights": None,  # optional project checkpoint (file or run folder) to warm-start from (no downloads)
+        "weights_min_fraction": 0.9,  # refuse model.weights when fewer of the model's tensors fit (another model)
     },
     # ----------------------------------------------------------------------- losses (abr/objectives.py)
     "loss": {

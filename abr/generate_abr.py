@@ -6,7 +6,9 @@ the clinical format (resampled back to the source sampling rate, so abr/data.py 
 data config; the file is read back as a check), figures of the generated series, and quality metrics
 against real recordings of the same class and intensity.
 
-Config sections used: seed, data (columns), generate, classical.
+Config sections used: seed, data (columns), generate, classical. ``--checkpoint PATH``: a checkpoint file
+or a run folder of abr.train_diffusion_abr; ``--data DIR``: the cache with real recordings to compare with
+(default: the one the generator was trained on).
 
     python -m abr.generate_abr --checkpoint runs/abr/diffusion/<run> --set generate.n_per_condition=8
 """
@@ -26,8 +28,10 @@ from abr.generator import condition_features, sample_waveforms, target_uv
 from abr.labels import CLASS_ASCII, WAVES, canonical_class
 from abr.quality import quality_report
 from abr.train_diffusion_abr import load_generator, split_rows
-from common.checkpoint import CheckpointError
+from common.checkpoint import resolve_checkpoints
 from common.cli import make_parser, start_run
+from common.config import ConfigError
+from common.errors import InputError, run_cli
 from common.plotting import OKABE_ITO, plt, save_figure
 
 DEFAULTS = abr_defaults()
@@ -42,7 +46,7 @@ def conditions_table(gcfg: dict) -> pd.DataFrame:
                 rows.append({"class": cls, "intensity_db": float(level), "age_years": float(gcfg["age_years"]),
                              "rate_per_s": float(gcfg["rate_per_s"])})
     if not rows:
-        raise SystemExit("error: generate.classes and generate.intensities_db must not be empty")
+        raise ConfigError("generate.classes and generate.intensities_db must not be empty")
     return pd.DataFrame(rows)
 
 
@@ -86,20 +90,20 @@ def series_figure(conditions: pd.DataFrame, waveforms_uv: np.ndarray, t_ms: np.n
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="diffusion checkpoint or run folder")
-    parser.add_argument("--data", type=Path, default=None, help="cache with real recordings to compare against "
-                                                                  "(default: the checkpoint's)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
     cfg, device = run.cfg, run.device
     gcfg = cfg["generate"]
-    try:
-        model, process, ckpt = load_generator(args.checkpoint, device)
-    except (CheckpointError, KeyError) as exc:
-        raise SystemExit(f"error: {args.checkpoint}: not a diffusion generator checkpoint ({exc})") from None
+    conditions = conditions_table(gcfg)  # config errors before the checkpoint is read
+    if args.checkpoint is None:
+        raise InputError("--checkpoint PATH is required (a checkpoint file or a run folder of abr.train_diffusion_abr)")
+    files = resolve_checkpoints(args.checkpoint)
+    if len(files) != 1:
+        raise InputError(f"names {len(files)} checkpoints (an ensemble); sampling uses one generator", args.checkpoint)
+    model, process, ckpt = load_generator(files[0], device)
     pre = ckpt["preprocessing"]
-    conditions = conditions_table(gcfg)
+    run.record_inputs_valid()
     cls_idx = np.array([pre["class_names"].index(c) for c in conditions["class"]])
     cond = condition_features(conditions["age_years"].to_numpy(), conditions["intensity_db"].to_numpy(),
                               conditions["rate_per_s"].to_numpy(), pre)
@@ -154,4 +158,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from abr.dataset import static_raw
+from common.config import ConfigError
 from common.diffusion import GaussianDiffusion, guided
 
 N_COND_STATIC = 3  # log age, intensity, rate (the recording RMS is an outcome, not a condition)
@@ -31,9 +32,9 @@ def target_uv(arrays: dict, rows: np.ndarray, target: str) -> np.ndarray:
         return arrays["signal"][rows].astype(np.float64) * arrays["scale_uv"][rows, None]
     if target == "clean":
         if not arrays["has_clean"][rows].all():
-            raise SystemExit("error: diffusion.target=clean needs clean traces (synthetic data only); use recorded")
+            raise ConfigError("diffusion.target=clean needs clean traces (synthetic data only); use recorded")
         return arrays["clean"][rows].astype(np.float64) * arrays["scale_uv"][rows, None]
-    raise SystemExit(f"error: diffusion.target must be recorded or clean, got {target!r}")
+    raise ConfigError(f"diffusion.target must be recorded or clean, got {target!r}")
 
 
 class RecordingDataset(Dataset):

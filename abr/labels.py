@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from common.errors import InputError
+
 # Canonical names in the order of the class index (the original's order; NORMAL is the majority).
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "SNİK", "İTİK", "TOTAL", "NÖROPATİ")
 CLASS_DESCRIPTIONS = {
@@ -55,13 +57,13 @@ for _name, _aliases in CLASS_ALIASES.items():
 
 
 def canonical_class(value, where: str = "") -> str:
-    """Canonical class name for ``value``; raises ValueError naming ``where`` and the accepted names."""
+    """Canonical class name for ``value``; raises InputError (a ValueError) naming ``where`` and the accepted names."""
     key = _fold(value) if value is not None else ""
     if key in _LOOKUP:
         return _LOOKUP[key]
     accepted = ", ".join(f"{name} ({'/'.join(CLASS_ALIASES[name])})" for name in CLASS_NAMES)
     prefix = f"{where}: " if where else ""
-    raise ValueError(f"{prefix}unknown hearing-loss class {value!r}; accepted: {accepted}")
+    raise InputError(f"{prefix}unknown hearing-loss class {value!r}; accepted: {accepted}")
 
 
 def class_index(value, where: str = "") -> int:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from common.config import ConfigError
 from common.losses import (
     UncertaintyWeighting,
     curriculum_weights,
@@ -35,7 +36,7 @@ def loss_weights(loss_cfg: Mapping, epoch: float) -> dict[str, float]:
     schedules = {name: loss_cfg["weights"][name] for name in LOSS_NAMES}
     for name, points in (loss_cfg.get("curriculum") or {}).items():
         if name not in LOSS_NAMES:
-            raise ValueError(f"loss.curriculum: unknown loss '{name}' (known: {', '.join(LOSS_NAMES)})")
+            raise ConfigError(f"loss.curriculum: unknown loss '{name}' (known: {', '.join(LOSS_NAMES)})")
         schedules[name] = points
     return curriculum_weights(schedules, epoch)
 
@@ -61,7 +62,7 @@ def task_losses(out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tenso
         losses["peak_latency"] = masked_huber(out["latency_ms"].float(), batch["latency_ms"], present, delta)
         losses["peak_amplitude"] = masked_huber(out["amp_rel"].float(), batch["amp_rel"], amp_mask, delta)
     else:
-        raise ValueError(f"loss.regression must be nll or huber, got {loss_cfg['regression']!r}")
+        raise ConfigError(f"loss.regression must be nll or huber, got {loss_cfg['regression']!r}")
     clean_mask = (batch["has_clean"] & level)[..., None]
     losses["signal"] = masked_mse(out["denoised"].float(), batch["clean"], clean_mask)
 
@@ -72,7 +73,7 @@ def task_losses(out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tenso
     elif loss_cfg["classification"] == "weighted_ce":
         losses["classification"] = weighted_cross_entropy(out["class_logits"].float(), target, class_weights)
     else:
-        raise ValueError(f"loss.classification must be focal or weighted_ce, got {loss_cfg['classification']!r}")
+        raise ConfigError(f"loss.classification must be focal or weighted_ce, got {loss_cfg['classification']!r}")
 
     thr_known = batch["threshold_known"]
     true = batch["threshold_db"] / THRESHOLD_UNIT_DB

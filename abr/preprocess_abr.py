@@ -6,9 +6,13 @@ Then: analysis band-pass, resampling to the model grid, per-recording RMS normal
 is kept as an input feature), patient-level stratified train/val/test split, grouping into intensity
 series per patient-ear (threshold labels live on the series), and label-range statistics.
 
+The cache goes to ``--output-dir`` (default data.cache_dir, else data/abr/<config name>: data live under
+data/, which ``make clean`` keeps); training, validation and generation read it with ``--data DIR``. A table
+from which no recording survives the checks exits with an error (code 2), never with an empty cache.
+
 Config sections used: seed, data, synthetic, preprocess.
 
-    python -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir runs/abr/data/smoke
+    python -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir data/abr/smoke
     python -m abr.preprocess_abr --table exports/abr.xlsx --set data.columns.threshold=null
 """
 
@@ -20,12 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from abr.data import Recordings, TableError, load_recordings
-from abr.dataset import CACHE_NAME, META_NAME, SPLITS, STATIC_FEATURES, static_raw
+from abr.dataset import CACHE_NAME, META_NAME, SPLITS, STATIC_FEATURES, cache_folder, static_raw
 from abr.defaults import abr_defaults
 from abr.dsp import bandpass, normalize_recordings, resample, time_axis_ms
 from abr.labels import CLASS_NAMES, WAVES
 from abr.synthetic import clean_sidecar_path, write_synthetic_table
 from common.cli import make_parser, start_run
+from common.config import load_config
+from common.errors import run_cli
+from common.files import load_npz
 from common.runlog import write_json
 
 DEFAULTS = abr_defaults()
@@ -36,8 +43,8 @@ def load_clean_sidecar(table_path: Path, recs: Recordings) -> np.ndarray | None:
     sidecar = clean_sidecar_path(table_path)
     if not sidecar.is_file():
         return None
-    with np.load(sidecar, allow_pickle=False) as data:
-        clean, pids, levels = data["clean_uv"], data["patient_id"], data["intensity_db"]
+    data = load_npz(sidecar, required=("clean_uv", "patient_id", "intensity_db"))
+    clean, pids, levels = data["clean_uv"], data["patient_id"], data["intensity_db"]
     rows = recs.row_number - 2
     if rows.max() >= clean.shape[0] or np.any(pids[rows] != recs.patient_id) or \
             not np.allclose(levels[rows], recs.intensity_db):
@@ -229,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__)
     parser.add_argument("--table", type=Path, default=None, help="clinical table (overrides data.table)")
     args = parser.parse_args(argv)
+    if args.output_dir is None:  # data.cache_dir or data/abr/<config name>: never runs/, which make clean deletes
+        args.output_dir = cache_folder(load_config(args.config, args.set, defaults=DEFAULTS),
+                                       Path(args.config).stem if args.config else "default")
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
     cfg = run.cfg
     table = args.table or (Path(cfg["data"]["table"]) if cfg["data"]["table"] else None)
@@ -238,11 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                cfg["data"]["sampling_rate_hz"], cfg["data"]["window_ms"],
                                                seed=int(cfg["seed"]), columns=cfg["data"]["columns"])
         run.log(f"wrote {table} and {sidecar.name}")
-    try:
-        recs = load_recordings(table, cfg["data"])
-        clean = load_clean_sidecar(Path(table), recs)
-    except TableError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    recs = load_recordings(table, cfg["data"])  # TableError / NoRecordingsError: one line naming the file
+    clean = load_clean_sidecar(Path(table), recs)
+    run.record_inputs_valid()
     run.log(f"read {len(recs)} recordings from {table}" + (f" (dropped {recs.dropped})" if recs.dropped else ""))
     arrays, meta = build_cache(recs, clean, cfg)
     write_cache(run.run_dir, arrays, meta)
@@ -259,4 +267,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

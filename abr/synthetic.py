@@ -38,6 +38,7 @@ import pandas as pd
 
 from abr.dsp import bandpass, local_maxima, parabolic_peak, time_axis_ms
 from abr.labels import CLASS_NAMES, WAVES, canonical_class
+from common.config import ConfigError
 
 # Default generator settings (the ``synthetic`` config section; documented there in abr/defaults.py).
 SYNTHETIC_DEFAULTS = {
@@ -250,7 +251,7 @@ def _class_probabilities(cfg: dict) -> np.ndarray:
     for key, value in cfg["class_probs"].items():
         probs[CLASS_NAMES.index(canonical_class(key, "synthetic.class_probs"))] = float(value)
     if probs.sum() <= 0:
-        raise ValueError("synthetic.class_probs: probabilities must not all be zero")
+        raise ConfigError("synthetic.class_probs: probabilities must not all be zero")
     return probs / probs.sum()
 
 
@@ -335,7 +336,7 @@ def write_synthetic_table(cfg: dict, path: str | Path, sampling_rate_hz: float, 
     table, clean = generate_recordings(cfg, sampling_rate_hz, window_ms, seed, cols)
     path = Path(path)
     if cfg["output_format"] not in ("csv", "xlsx"):
-        raise ValueError(f"synthetic.output_format must be 'csv' or 'xlsx', got {cfg['output_format']!r}")
+        raise ConfigError(f"synthetic.output_format must be 'csv' or 'xlsx', got {cfg['output_format']!r}")
     path = path.with_suffix("." + cfg["output_format"])
     write_table(table, path)
     sidecar = clean_sidecar_path(path)

@@ -3,18 +3,21 @@
 Seed 003's loss weights and curriculum (config loss.weights / loss.curriculum), masked Gaussian NLL or
 Huber for peaks, Huber for the threshold, focal loss or weighted CE for the class, optional learned
 uncertainty weighting and class-balanced sampling; AdamW with warm restarts, gradient clipping, AMP on
-CUDA, resume, DDP (torchrun), progress bars, Ctrl+C-safe. After training the best checkpoint gets a class
-temperature fitted on the validation split (calibration).
+CUDA, DDP (torchrun), progress bars. Ctrl+C (or --stop-after-steps N) saves checkpoint_last.pt mid-epoch and
+``--resume`` continues exactly where it stopped. ``model.weights`` warm-starts from another checkpoint and is
+refused when fewer than ``model.weights_min_fraction`` of the tensors fit. After training the best checkpoint
+gets a class temperature fitted on the validation split (calibration).
 
-Config sections used: seed, model, loss, train, runtime, validate (batch size).
+Config sections used: seed, data (cache_dir), model, loss, train, runtime, validate (batch size).
+``--data DIR`` is the preprocessing output (default data/abr/<config name>).
 
-    python -m abr.train_abr --config configs/abr/smoke.yaml --data runs/abr/data/smoke
+    python -m abr.train_abr --config configs/abr/smoke.yaml --data data/abr/smoke
     python -m torch.distributed.run --nproc_per_node=2 -m abr.train_abr --config configs/abr/production_improved.yaml --data DIR
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +27,25 @@ from torch.utils.data import DataLoader, DistributedSampler
 from abr.dataset import (
     ABRSeriesDataset,
     BalancedDistributedSampler,
+    CacheError,
     class_frequencies,
     class_weights,
     load_cache,
     split_series,
+    training_cache_folder,
 )
 from abr.defaults import abr_defaults
 from abr.evaluation import evaluate_model, fit_temperature, predictions, run_model
 from abr.objectives import LOSS_KINDS, LOSS_NAMES, combine_losses, loss_weights, task_losses
-from common.checkpoint import build_model, load_checkpoint, load_model, restore_training_state, save_checkpoint
+from common.checkpoint import build_model, load_checkpoint, load_model, warm_start
 from common.cli import make_parser, start_run
+from common.config import ConfigError
+from common.errors import run_cli
 from common.losses import UncertaintyWeighting
 from common.runlog import progress
 from common.runtime import (
     CoolingPause,
-    GracefulInterrupt,
+    ResumableSampler,
     all_reduce_mean,
     amp_policy,
     dataloader_kwargs,
@@ -46,6 +53,7 @@ from common.runtime import (
     optimizer_step,
     wrap_model,
 )
+from common.training import CheckpointSaver, StopRequest, TrainState, resume_training
 
 DEFAULTS = abr_defaults()
 BATCH_KEYS_TO_DEVICE = ("signal", "clean", "has_clean", "static", "intensity_db", "level_mask", "exist",
@@ -66,7 +74,7 @@ def model_kwargs(cfg: dict, meta: dict) -> dict:
             "n_classes": len(meta["class_names"]), "wave_v_index": meta["waves"].index("V")}
 
 
-def check_label_ranges(cfg: dict, meta: dict) -> None:
+def check_label_ranges(cfg: dict, meta: dict, data_dir: Path) -> None:
     """The heads' output ranges must cover the labels (the original squashed latency into (1, 8) ms
     although half the wave V latencies were later). Stops with a message naming the key to change."""
     ranges = meta["label_ranges"]
@@ -84,7 +92,7 @@ def check_label_ranges(cfg: dict, meta: dict) -> None:
         if ranges["threshold_db"][0] < lo or ranges["threshold_db"][1] > hi:
             problems.append(f"model.threshold_range_db={[lo, hi]} does not cover the labels {ranges['threshold_db']}")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise ConfigError(f"{data_dir}: " + "; ".join(problems))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -107,42 +115,99 @@ def validation_pass(model, dataset, series_all, device, cfg, cw, final_weights, 
     return float(reduced[0]), dict(zip(losses, reduced[1:])), pred
 
 
+def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, stop: StopRequest, cooling,
+                    device, n_batches: int, epoch: int, lcfg: dict, grad_clip: float, params, cw, uncertainty,
+                    is_main: bool) -> None:
+    """The remaining batches of ``epoch`` (all of them unless resumed mid-epoch); loss sums go to
+    ``state.partial`` so a stop and resume inside the epoch gives the same epoch means."""
+    model.train()
+    remaining = n_batches - state.batches_done
+    for batch in progress(itertools.islice(loader, remaining), desc=f"epoch {epoch}", total=remaining, is_main=is_main):
+        index = state.batches_done  # batch position in the epoch, also after a resume
+        weights = loss_weights(lcfg, epoch - 1 + index / n_batches)  # curriculum clock: fractional epochs
+        batch = to_device(batch, device)
+        with amp.autocast():
+            out = model(batch["signal"], batch["static"], batch["intensity_db"], batch["level_mask"])
+        losses = task_losses(out, batch, lcfg, cw)
+        total = combine_losses(losses, weights, uncertainty)
+        optimizer_step(total, optimizer, amp, parameters=params, grad_clip=grad_clip)
+        scheduler.step(epoch - 1 + (index + 1) / n_batches)
+        state.add(n=1, total=float(total.detach()), **{name: float(losses[name].detach()) for name in LOSS_NAMES})
+        state.step, state.batches_done = state.step + 1, state.batches_done + 1
+        cooling.step()
+        if stop.check(state.step):
+            return
+
+
+def evaluate(model, val_set, val_series, device, cfg, cw, final_weights, dist, amp, arrays, meta, is_main) -> tuple:
+    """Validation losses (all ranks) and, on rank 0, the clinical metrics of the row; returns (row, metrics)."""
+    val_loss, val_losses, pred = validation_pass(model, val_set, val_series, device, cfg, cw, final_weights, dist, amp)
+    row = {"val_loss": val_loss, **{f"val_{n}": float(v) for n, v in val_losses.items()}}
+    metrics = None
+    if pred is not None and is_main:
+        metrics = evaluate_model(pred, arrays, meta)
+        row.update({"val_macro_f1": metrics["classification"]["macro_f1"],
+                    "val_threshold_mae_db": metrics["threshold"]["mae"],
+                    "val_threshold_within_10db": metrics["threshold"]["within_10db"],
+                    "val_wave_v_f1": metrics["waves"]["V"]["existence"]["f1"],
+                    "val_wave_v_latency_mae_ms": metrics["waves"]["V"]["latency_ms"]["mae"]})
+    return row, metrics
+
+
+def updated_class_weights(cw, cw_np, metrics, meta, dist, device):
+    """loss.dynamic_class_weights: scale the base weights by (1.5 − val recall); rank 0 computes, all share."""
+    if metrics is not None:
+        recall = np.array([metrics["classification"]["per_class"][n]["recall"] for n in meta["class_names"]])
+        new = cw_np * (1.5 - recall)
+        cw = torch.tensor(new / new[cw_np > 0].mean(), dtype=torch.float32, device=device)
+    if dist.enabled:
+        buffer = cw.detach().clone() if device.type == "cuda" else cw.detach().cpu().clone()
+        torch.distributed.broadcast(buffer, src=0)
+        cw = buffer.to(device)
+    return cw
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__, train=True)
-    parser.add_argument("--data", type=Path, required=True, help="preprocessing output folder (abr_cache.npz)")
+    parser = make_parser(__doc__, train=True, data=True)
     args = parser.parse_args(argv)
-    run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
+    run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv, data_key="data.cache_dir")
     cfg, device, dist = run.cfg, run.device, run.dist
     tcfg, lcfg, rcfg = cfg["train"], cfg["loss"], cfg["runtime"]
-    arrays, meta = load_cache(args.data)
-    check_label_ranges(cfg, meta)
+    data_dir = training_cache_folder(run)
+    arrays, meta = load_cache(data_dir)
+    check_label_ranges(cfg, meta, data_dir)
     train_series, val_series = split_series(arrays, "train"), split_series(arrays, "val")
     if len(val_series) < dist.world_size or len(train_series) == 0:
-        raise SystemExit(f"error: {args.data}: {len(train_series)} train / {len(val_series)} val ears; training needs "
-                         f"train ears and at least one val ear per process ({dist.world_size})")
+        raise CacheError(f"{len(train_series)} train / {len(val_series)} val ears; training needs train ears and "
+                         f"at least one val ear per process ({dist.world_size})", data_dir)
     train_set = ABRSeriesDataset(arrays, meta, train_series)
     val_set = ABRSeriesDataset(arrays, meta, val_series)
     n_classes = len(meta["class_names"])
-    freq = class_frequencies(arrays, train_series, n_classes)
-    cw_np = class_weights(freq, lcfg["class_weighting"])
+    cw_np = class_weights(class_frequencies(arrays, train_series, n_classes), lcfg["class_weighting"])
     run.log(f"{len(train_set)} train / {len(val_set)} val ears; class weights "
             + ", ".join(f"{n} {w:.2f}" for n, w in zip(meta["class_names"], cw_np)))
 
+    # The order of an epoch depends only on (seed, epoch) (DistributedSampler also in one process); the
+    # ResumableSampler skips the batches a resumed epoch already trained on.
     if tcfg["balanced_sampling"]:
-        sampler = BalancedDistributedSampler(arrays["series_class"][train_series], dist.world_size, dist.rank,
-                                             cfg["seed"])
-    else:  # DistributedSampler even in one process: shuffling depends on (seed, epoch) only → exact resume
-        sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                     seed=cfg["seed"])
-    loader = DataLoader(train_set, batch_size=tcfg["batch_size"], sampler=sampler, drop_last=len(train_set) > tcfg["batch_size"],
-                        **dataloader_kwargs(device, rcfg["num_workers"], start_method="spawn" if rcfg["num_workers"] else None))
+        base_sampler = BalancedDistributedSampler(arrays["series_class"][train_series], dist.world_size, dist.rank,
+                                                  cfg["seed"])
+    else:
+        base_sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                          seed=cfg["seed"])
+    sampler = ResumableSampler(base_sampler)
+    # The loader's own generator: starting an epoch never draws from the global RNG that the checkpoint restores.
+    loader = DataLoader(train_set, batch_size=tcfg["batch_size"], sampler=sampler,
+                        drop_last=len(train_set) > tcfg["batch_size"],
+                        **dataloader_kwargs(device, rcfg["num_workers"], seed=int(cfg["seed"]) + dist.rank,
+                                            start_method="spawn" if rcfg["num_workers"] else None))
+    n_batches = len(loader) if not tcfg["max_steps_per_epoch"] else min(len(loader), tcfg["max_steps_per_epoch"])
 
     model = build_model("abr.models.ABRMultiTaskNet", model_kwargs(cfg, meta)).to(device)
-    if cfg["model"]["weights"]:
-        state = torch.load(cfg["model"]["weights"], map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state), strict=False)
-        run.log(f"initialized from {cfg['model']['weights']}")
-    else:
+    if run.resume_from is None and cfg["model"]["weights"]:
+        warm_start(model, cfg["model"]["weights"], min_fraction=float(cfg["model"]["weights_min_fraction"]),
+                   log=run.log)
+    elif run.resume_from is None:
         run.log("random initialization (no model.weights given)")
     uncertainty = UncertaintyWeighting(LOSS_KINDS).to(device) if lcfg["uncertainty_weighting"] else None
     params = list(model.parameters()) + (list(uncertainty.parameters()) if uncertainty is not None else [])
@@ -151,89 +216,46 @@ def main(argv: list[str] | None = None) -> dict:
                                                                      T_mult=tcfg["restart_mult"], eta_min=tcfg["min_lr"])
     amp = amp_policy(device, rcfg["amp"])
     cw = torch.tensor(cw_np, dtype=torch.float32, device=device)
-    start_epoch, step, best = 1, 0, math.inf
-    if run.resume_from is not None:
-        ckpt = load_checkpoint(run.resume_from, expected_domain="abr")
-        state = restore_training_state(ckpt, model, optimizer, scheduler, amp.scaler)
-        if uncertainty is not None and ckpt["extra"].get("uncertainty"):
-            uncertainty.load_state_dict(ckpt["extra"]["uncertainty"])
-        if ckpt["extra"].get("class_weights") is not None:
-            cw = torch.as_tensor(ckpt["extra"]["class_weights"], dtype=torch.float32, device=device)
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        best = state["best_metric"] if state["best_metric"] is not None else math.inf
+    if run.resume_from is not None:  # task weights that change during training travel in the checkpoint
+        extra = load_checkpoint(run.resume_from, expected_domain="abr").get("extra") or {}
+        if uncertainty is not None and extra.get("uncertainty"):
+            uncertainty.load_state_dict(extra["uncertainty"])
+        if extra.get("class_weights") is not None:
+            cw = torch.as_tensor(extra["class_weights"], dtype=torch.float32, device=device)
+    state = resume_training(run, model, optimizer, scheduler, amp.scaler)
+    saver = CheckpointSaver(run, model, optimizer, scheduler, amp.scaler,
+                            preprocessing={**meta, "cache": Path(data_dir).as_posix()},
+                            extra=lambda: {"class_weights": cw.cpu(),
+                                           "uncertainty": uncertainty.state_dict() if uncertainty else None})
     ddp_model = wrap_model(model, dist, device)
     cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
     final_weights = loss_weights(lcfg, 1e9)
-    preprocessing = {**meta, "cache": Path(args.data).as_posix()}
+    run.record_inputs_valid()
 
-    def save(name: str, epoch: int) -> None:
-        if run.is_main:
-            extra = {"class_weights": cw.cpu(), "uncertainty": uncertainty.state_dict() if uncertainty else None}
-            save_checkpoint(run.run_dir / name, model, domain="abr", config=cfg, optimizer=optimizer,
-                            scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=step, best_metric=best,
-                            best_metric_name="val_loss", preprocessing=preprocessing, extra=extra)
-
-    n_batches = len(loader) if not tcfg["max_steps_per_epoch"] else min(len(loader), tcfg["max_steps_per_epoch"])
-    epoch = start_epoch - 1
-    with GracefulInterrupt() as interrupt:
-        for epoch in range(start_epoch, tcfg["epochs"] + 1):
-            sampler.set_epoch(epoch)
-            ddp_model.train()
-            sums = dict.fromkeys(LOSS_NAMES, 0.0)
-            total_sum, seen = 0.0, 0
-            for i, batch in enumerate(progress(loader, desc=f"epoch {epoch}", total=n_batches, is_main=run.is_main)):
-                if i >= n_batches:
-                    break
-                position = epoch - 1 + i / n_batches  # fractional epochs since the start (curriculum clock)
-                weights = loss_weights(lcfg, position)
-                batch = to_device(batch, device)
-                with amp.autocast():
-                    out = ddp_model(batch["signal"], batch["static"], batch["intensity_db"], batch["level_mask"])
-                losses = task_losses(out, batch, lcfg, cw)
-                total = combine_losses(losses, weights, uncertainty)
-                optimizer_step(total, optimizer, amp, parameters=params, grad_clip=tcfg["grad_clip"])
-                scheduler.step(epoch - 1 + (i + 1) / n_batches)
-                total_sum, seen, step = total_sum + float(total.detach()), seen + 1, step + 1
-                for name in LOSS_NAMES:
-                    sums[name] += float(losses[name].detach())
-                cooling.step()
-                if interrupt.requested:
-                    break
-            train_means = all_reduce_mean([total_sum] + [sums[n] for n in LOSS_NAMES], [seen] * (len(LOSS_NAMES) + 1), device)
-            val_loss, val_losses, pred = validation_pass(model, val_set, val_series, device, cfg, cw, final_weights, dist, amp)
-            row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": train_means[0],
-                   **{f"train_{n}": v for n, v in zip(LOSS_NAMES, train_means[1:])}, "val_loss": val_loss,
-                   **{f"val_{n}": float(v) for n, v in val_losses.items()}}
-            if pred is not None and run.is_main:
-                metrics = evaluate_model(pred, arrays, meta)
-                row.update({"val_macro_f1": metrics["classification"]["macro_f1"],
-                            "val_threshold_mae_db": metrics["threshold"]["mae"],
-                            "val_threshold_within_10db": metrics["threshold"]["within_10db"],
-                            "val_wave_v_f1": metrics["waves"]["V"]["existence"]["f1"],
-                            "val_wave_v_latency_mae_ms": metrics["waves"]["V"]["latency_ms"]["mae"]})
-                if lcfg["dynamic_class_weights"]:
-                    recall = np.array([metrics["classification"]["per_class"][n]["recall"] for n in meta["class_names"]])
-                    new = cw_np * (1.5 - recall)
-                    new = new / new[cw_np > 0].mean()
-                    cw = torch.tensor(new, dtype=torch.float32, device=device)
-            if dist.enabled and lcfg["dynamic_class_weights"]:  # rank 0 computed them; share
-                buffer = cw.detach().clone() if device.type == "cuda" else cw.detach().cpu().clone()
-                torch.distributed.broadcast(buffer, src=0)
-                cw = buffer.to(device)
-            run.logger.log_metrics(row)
-            run.log(f"epoch {epoch}: train {train_means[0]:.4f}  val {val_loss:.4f}"
+    with StopRequest(run) as stop:
+        for epoch in range(state.epoch + 1, tcfg["epochs"] + 1):
+            sampler.set_epoch(epoch, skip_samples=state.batches_done * tcfg["batch_size"])
+            train_one_epoch(ddp_model, loader, optimizer, scheduler, amp, state, stop, cooling, device, n_batches,
+                            epoch, lcfg, tcfg["grad_clip"], params, cw, uncertainty, run.is_main)
+            if stop.stopped:  # epoch unfinished: checkpoint_last.pt records where to pick up
+                saver.save_partial(state)
+                break
+            sums = [state.partial.get("total", 0.0)] + [state.partial.get(n, 0.0) for n in LOSS_NAMES]
+            train_means = all_reduce_mean(sums, [state.partial.get("n", 0.0)] * len(sums), device)
+            row, metrics = evaluate(model, val_set, val_series, device, cfg, cw, final_weights, dist, amp, arrays,
+                                    meta, run.is_main)
+            if lcfg["dynamic_class_weights"]:
+                cw = updated_class_weights(cw, cw_np, metrics, meta, dist, device)
+            row = {"lr": scheduler.get_last_lr()[0], "train_loss": train_means[0],
+                   **{f"train_{n}": v for n, v in zip(LOSS_NAMES, train_means[1:])}, **row}
+            state.end_epoch(epoch)
+            saver.end_epoch(state, row, metric=row["val_loss"])
+            run.log(f"epoch {epoch}: train {train_means[0]:.4f}  val {row['val_loss']:.4f}"
                     + (f"  F1 {row['val_macro_f1']:.3f}  thr MAE {row['val_threshold_mae_db']:.1f} dB  "
                        f"V lat MAE {row['val_wave_v_latency_mae_ms']:.3f} ms" if "val_macro_f1" in row else ""))
-            if val_loss < best:
-                best = float(val_loss)
-                save("checkpoint_best.pt", epoch)
-            save("checkpoint_last.pt", epoch)
-            if interrupt.requested:
-                run.log(f"stopped by the user after epoch {epoch}; resume with --resume {run.run_dir}")
-                break
 
-    summary: dict = {"epochs_completed": epoch, "interrupted": interrupt.requested, "best_val_loss": best}
-    if run.is_main:
+    summary: dict = {"epochs_completed": state.epoch, "interrupted": stop.stopped, "best_val_loss": state.best_metric}
+    if run.is_main and not stop.stopped:
         summary.update(finalize(run, val_set, device, cfg, arrays, meta))
     return run.finish(summary)
 
@@ -273,4 +295,4 @@ def finalize(run, val_set, device, cfg, arrays, meta) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

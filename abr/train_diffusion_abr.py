@@ -7,39 +7,46 @@ diffusion loss (fixed timesteps and noise, EMA weights). After training, DDIM sa
 conditions of held-out recordings are compared with those recordings (abr/quality.py), next to the
 real-vs-real reference.
 
-Config sections used: seed, diffusion, runtime, classical (wave V picker for the quality metrics).
+Ctrl+C (or --stop-after-steps N) saves checkpoint_last.pt mid-epoch (weights, optimizer, EMA, RNG) and
+``--resume`` continues exactly where it stopped.
 
-    python -m abr.train_diffusion_abr --config configs/abr/diffusion.yaml --data runs/abr/data/diffusion
+Config sections used: seed, data (cache_dir), diffusion, runtime, classical (wave V picker for the quality
+metrics). ``--data DIR`` is the preprocessing output (default data/abr/<config name>).
+
+    python -m abr.train_diffusion_abr --config configs/abr/diffusion.yaml --data data/abr/diffusion
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from abr.dataset import load_cache
+from abr.dataset import CacheError, load_cache, training_cache_folder
 from abr.defaults import abr_defaults
 from abr.generator import RecordingDataset, condition_features, make_process, sample_waveforms, target_uv
 from abr.quality import quality_report
-from common.checkpoint import build_model, load_checkpoint, load_model, restore_training_state, save_checkpoint
+from common.checkpoint import CheckpointError, apply_ema_weights, build_model, load_model
 from common.cli import make_parser, start_run
+from common.errors import run_cli
 from common.ensembling import EMA
 from common.runlog import progress
 from common.runtime import (
     CoolingPause,
-    GracefulInterrupt,
+    ResumableSampler,
     all_reduce_mean,
     amp_policy,
     dataloader_kwargs,
     optimizer_step,
     wrap_model,
 )
+from common.training import CheckpointSaver, StopRequest, TrainState, resume_training
 
 DEFAULTS = abr_defaults()
+GENERATOR_TARGET = "abr.models.ABRDiffusionUNet"
 
 
 def split_rows(arrays: dict, split: int) -> np.ndarray:
@@ -75,23 +82,55 @@ def validation_loss(model, process, dataset, device, seed: int) -> tuple[float, 
     return total, count
 
 
+def train_one_epoch(model, raw_model, loader, optimizer, amp, ema, process, state: TrainState, stop: StopRequest,
+                    cooling, device, n_batches: int, epoch: int, dcfg: dict, is_main: bool) -> None:
+    """The remaining batches of ``epoch``. Timesteps, noise and condition dropout come from the global RNG,
+    which the checkpoint restores, so a resumed epoch draws what the uninterrupted one would have."""
+    model.train()
+    remaining = n_batches - state.batches_done
+    for batch in progress(itertools.islice(loader, remaining), desc=f"epoch {epoch}", total=remaining, is_main=is_main):
+        with amp.autocast():
+            loss = diffusion_loss(model, process, batch, device, dcfg["p_uncond"])
+        optimizer_step(loss, optimizer, amp, grad_clip=dcfg["grad_clip"])
+        ema.update(raw_model)
+        state.add(loss=float(loss.detach()), n=1)
+        state.step, state.batches_done = state.step + 1, state.batches_done + 1
+        cooling.step()
+        if stop.check(state.step):
+            return
+
+
+def evaluate(model, ema, process, val_set, device, seed: int) -> tuple[float, int]:
+    """Validation diffusion loss of the EMA weights (sum, count) on this rank's recordings."""
+    with ema.applied(model):
+        return validation_loss(model, process, val_set, device, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__, train=True)
-    parser.add_argument("--data", type=Path, required=True, help="preprocessing output folder (abr_cache.npz)")
+    parser = make_parser(__doc__, train=True, data=True)
     args = parser.parse_args(argv)
-    run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
+    run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv, data_key="data.cache_dir")
     cfg, device, dist = run.cfg, run.device, run.dist
     dcfg, rcfg = cfg["diffusion"], cfg["runtime"]
-    arrays, meta = load_cache(args.data)
+    data_dir = training_cache_folder(run)
+    arrays, meta = load_cache(data_dir)
     train_rows, val_rows = split_rows(arrays, 0), split_rows(arrays, 1)
+    if train_rows.size == 0 or val_rows.size < dist.world_size:
+        raise CacheError(f"{train_rows.size} train / {val_rows.size} val recordings; the generator needs train "
+                         f"recordings and at least one val recording per process ({dist.world_size})", data_dir)
     scale = float(np.quantile(np.abs(target_uv(arrays, train_rows, dcfg["target"])), 0.999))
     train_set = build_dataset(arrays, train_rows, meta, dcfg, scale)
     val_set = build_dataset(arrays, val_rows[dist.rank::dist.world_size], meta, dcfg, scale)
     run.log(f"{len(train_set)} train / {len(val_rows)} val recordings; target {dcfg['target']}, "
             f"data scale {scale * 1000:.1f} nV = 1")
-    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg["seed"])
-    loader = DataLoader(train_set, batch_size=dcfg["batch_size"], sampler=sampler, drop_last=len(train_set) > dcfg["batch_size"],
-                        **dataloader_kwargs(device, rcfg["num_workers"], start_method="spawn" if rcfg["num_workers"] else None))
+    # Epoch order from (seed, epoch) only; the loader's own generator keeps the global RNG for the steps.
+    sampler = ResumableSampler(DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
+                                                  shuffle=True, seed=cfg["seed"]))
+    loader = DataLoader(train_set, batch_size=dcfg["batch_size"], sampler=sampler,
+                        drop_last=len(train_set) > dcfg["batch_size"],
+                        **dataloader_kwargs(device, rcfg["num_workers"], seed=int(cfg["seed"]) + dist.rank,
+                                            start_method="spawn" if rcfg["num_workers"] else None))
+    n_batches = len(loader) if not dcfg["max_steps_per_epoch"] else min(len(loader), dcfg["max_steps_per_epoch"])
     kwargs = {"n_samples": int(meta["n_samples"]), "channels": list(dcfg["channels"]), "cond_dim": dcfg["cond_dim"],
               "static_dim": 3, "n_classes": len(meta["class_names"]), "dropout": 0.0}
     model = build_model("abr.models.ABRDiffusionUNet", kwargs).to(device)
@@ -99,69 +138,48 @@ def main(argv: list[str] | None = None) -> dict:
     ema = EMA(model, dcfg["ema_decay"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg["lr"], weight_decay=dcfg["weight_decay"])
     amp = amp_policy(device, rcfg["amp"])
-    start_epoch, step, best = 1, 0, math.inf
-    if run.resume_from is not None:
-        ckpt = load_checkpoint(run.resume_from, expected_domain="abr")
-        state = restore_training_state(ckpt, model, optimizer, None, amp.scaler)
-        ema.load_state_dict(ckpt["extra"]["ema"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        best = state["best_metric"] if state["best_metric"] is not None else math.inf
-    ddp_model = wrap_model(model, dist, device)
-    cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
+    state = resume_training(run, model, optimizer, None, amp.scaler, ema=ema)
     preprocessing = {**{k: meta[k] for k in ("n_samples", "model_rate_hz", "time_ms", "class_names", "static_mean",
                                              "static_std", "source_sampling_rate_hz", "window_ms", "pre_stimulus_ms")},
-                     "data_scale_uv": scale, "target": dcfg["target"], "cache": Path(args.data).as_posix(),
+                     "data_scale_uv": scale, "target": dcfg["target"], "cache": Path(data_dir).as_posix(),
                      "condition_features": ["log_age_months", "intensity_01", "rate_per_50s"]}
+    saver = CheckpointSaver(run, model, optimizer, None, amp.scaler, ema=ema, preprocessing=preprocessing,
+                            metric_name="val_diffusion_loss_ema")
+    ddp_model = wrap_model(model, dist, device)
+    cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
+    run.record_inputs_valid()
 
-    def save(name: str, epoch: int) -> None:
-        if run.is_main:
-            save_checkpoint(run.run_dir / name, model, domain="abr", config=cfg, optimizer=optimizer, scaler=amp.scaler,
-                            epoch=epoch, step=step, best_metric=best, best_metric_name="val_diffusion_loss_ema",
-                            preprocessing=preprocessing, extra={"ema": ema.state_dict()})
-
-    n_batches = len(loader) if not dcfg["max_steps_per_epoch"] else min(len(loader), dcfg["max_steps_per_epoch"])
-    epoch = start_epoch - 1
-    with GracefulInterrupt() as interrupt:
-        for epoch in range(start_epoch, dcfg["epochs"] + 1):
-            sampler.set_epoch(epoch)
-            ddp_model.train()
-            loss_sum, seen = 0.0, 0
-            for i, batch in enumerate(progress(loader, desc=f"epoch {epoch}", total=n_batches, is_main=run.is_main)):
-                if i >= n_batches:
-                    break
-                with amp.autocast():
-                    loss = diffusion_loss(ddp_model, process, batch, device, dcfg["p_uncond"])
-                optimizer_step(loss, optimizer, amp, grad_clip=dcfg["grad_clip"])
-                ema.update(model)
-                loss_sum, seen, step = loss_sum + float(loss.detach()), seen + 1, step + 1
-                cooling.step()
-                if interrupt.requested:
-                    break
-            with ema.applied(model):
-                val_sum, val_n = validation_loss(model, process, val_set, device, seed=int(cfg["seed"]) + 99)
-            train_loss, val_loss = all_reduce_mean([loss_sum, val_sum], [seen, val_n], device)
-            run.logger.log_metrics({"epoch": epoch, "step": step, "train_loss": train_loss, "val_loss_ema": val_loss})
-            run.log(f"epoch {epoch}: train {train_loss:.4f}  val (EMA) {val_loss:.4f}")
-            if val_loss < best:
-                best = float(val_loss)
-                save("checkpoint_best.pt", epoch)
-            save("checkpoint_last.pt", epoch)
-            if interrupt.requested:
-                run.log(f"stopped by the user after epoch {epoch}; resume with --resume {run.run_dir}")
+    with StopRequest(run) as stop:
+        for epoch in range(state.epoch + 1, dcfg["epochs"] + 1):
+            sampler.set_epoch(epoch, skip_samples=state.batches_done * dcfg["batch_size"])
+            train_one_epoch(ddp_model, model, loader, optimizer, amp, ema, process, state, stop, cooling, device,
+                            n_batches, epoch, dcfg, run.is_main)
+            if stop.stopped:  # epoch unfinished: checkpoint_last.pt records where to pick up
+                saver.save_partial(state)
                 break
+            val_sum, val_n = evaluate(model, ema, process, val_set, device, seed=int(cfg["seed"]) + 99)
+            train_loss, val_loss = all_reduce_mean([state.partial.get("loss", 0.0), val_sum],
+                                                   [state.partial.get("n", 0.0), val_n], device)
+            state.end_epoch(epoch)
+            saver.end_epoch(state, {"train_loss": train_loss, "val_loss_ema": val_loss}, metric=val_loss)
+            run.log(f"epoch {epoch}: train {train_loss:.4f}  val (EMA) {val_loss:.4f}")
 
-    summary: dict = {"epochs_completed": epoch, "interrupted": interrupt.requested, "best_val_loss_ema": best}
-    if run.is_main:
+    summary: dict = {"epochs_completed": state.epoch, "interrupted": stop.stopped,
+                     "best_val_loss_ema": state.best_metric}
+    if run.is_main and not stop.stopped:
         summary.update(evaluate_generator(run, cfg, arrays, meta, train_rows, val_rows, device))
     return run.finish(summary)
 
 
 def load_generator(path, device):
-    """The generator with its EMA weights (what sampling uses), its diffusion process and checkpoint."""
+    """The generator with its EMA weights (what sampling uses), its diffusion process and checkpoint.
+    ``path``: a checkpoint file or run folder."""
     model, ckpt = load_model(path, device=device, expected_domain="abr")
-    ema = EMA(model)
-    ema.load_state_dict(ckpt["extra"]["ema"])
-    ema.copy_to(model)
+    if ckpt["model"]["target"] != GENERATOR_TARGET:
+        raise CheckpointError(f"{path}: holds {ckpt['model']['target']}, not the diffusion generator "
+                              f"{GENERATOR_TARGET} (train one with abr.train_diffusion_abr)")
+    if not apply_ema_weights(model, ckpt):
+        raise CheckpointError(f"{path}: field 'extra.ema' missing: no EMA weights to sample with")
     dcfg = ckpt["config"]["diffusion"]
     return model.eval(), make_process(dcfg).to(device), ckpt
 
@@ -199,4 +217,4 @@ def evaluate_generator(run, cfg, arrays, meta, train_rows, val_rows, device) -> 
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

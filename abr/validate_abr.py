@@ -12,8 +12,10 @@ predictions_ears.csv and predictions_recordings.csv (per-ear and per-recording e
 figures/.
 
 Config sections used: validate, classical (plus the checkpoint's preprocessing metadata).
+``--checkpoint PATH``: a checkpoint file or a training run folder; ``--data DIR``: the preprocessed cache
+(default: the one the model was trained on).
 
-    python -m abr.validate_abr --checkpoint runs/abr/smoke/<run> --data runs/abr/data/smoke
+    python -m abr.validate_abr --checkpoint runs/abr/smoke/<run> --data data/abr/smoke
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abr.dataset import ABRSeriesDataset, load_cache, split_series
+from abr.dataset import ABRSeriesDataset, CacheError, load_cache, split_series
 from abr.defaults import abr_defaults
 from abr.evaluation import (
     class_prior_baselines,
@@ -41,19 +43,37 @@ from abr.figures import (
     threshold_agreement,
     waveform_stacks,
 )
-from common.checkpoint import CheckpointError, load_model
+from common.checkpoint import CheckpointError, load_model, resolve_checkpoints
 from common.cli import make_parser, start_run
+from common.errors import InputError, run_cli
 from common.metrics import reliability_curve
 from common.runlog import write_text_atomic
 
 DEFAULTS = abr_defaults()
+MULTITASK_TARGET = "abr.models.ABRMultiTaskNet"
 
 
 def check_grid(meta: dict, ckpt_meta: dict, data_dir: Path) -> None:
     for key in ("n_samples", "model_rate_hz", "class_names", "waves"):
         if meta.get(key) != ckpt_meta.get(key):
-            raise SystemExit(f"error: {data_dir}: cache field '{key}' is {meta.get(key)!r} but the checkpoint was "
-                             f"trained with {ckpt_meta.get(key)!r}; preprocess the data with the model's config")
+            raise CacheError(f"cache field '{key}' is {meta.get(key)!r} but the checkpoint was trained with "
+                             f"{ckpt_meta.get(key)!r}; preprocess the data with the model's config", data_dir)
+
+
+def model_checkpoint(path: Path | None, device) -> tuple:
+    """(model, checkpoint) of the multi-task model that ``--checkpoint PATH`` names: a checkpoint file or a
+    training run folder (its checkpoint_best.pt). An ensemble folder is refused: these scripts score one model."""
+    if path is None:
+        raise InputError("--checkpoint PATH is required (a checkpoint file or a run folder of abr.train_abr)")
+    files = resolve_checkpoints(path)
+    if len(files) != 1:
+        raise InputError(f"names {len(files)} checkpoints (an ensemble); abr validation scores one model: "
+                         f"give one of {[f.as_posix() for f in files[:3]]}", path)
+    model, ckpt = load_model(files[0], device=device, expected_domain="abr")
+    if ckpt["model"]["target"] != MULTITASK_TARGET:
+        raise CheckpointError(f"{files[0]}: holds {ckpt['model']['target']}, not the multi-task model "
+                              f"{MULTITASK_TARGET} (diffusion generators are used by abr.generate_abr)")
+    return model, ckpt
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -76,26 +96,21 @@ def flat_metrics(prefix: str, value, out: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or training run folder")
-    parser.add_argument("--data", type=Path, default=None, help="preprocessed cache folder (default: the "
-                                                                  "checkpoint's own)")
+    parser = make_parser(__doc__, data=True, checkpoint=True)
     parser.add_argument("--split", default=None, help="train | val | test (default validate.split)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
     cfg, device = run.cfg, run.device
-    try:
-        model, ckpt = load_model(args.checkpoint, device=device, expected_domain="abr")
-    except CheckpointError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    model, ckpt = model_checkpoint(args.checkpoint, device)
     ckpt_meta = ckpt["preprocessing"]
-    data_dir = args.data or Path(ckpt_meta["cache"])
+    data_dir = args.data or Path(ckpt_meta["cache"])  # default: the cache the model was trained on
     arrays, meta = load_cache(data_dir)
     check_grid(meta, ckpt_meta, data_dir)
     split = args.split or cfg["validate"]["split"]
     series = split_series(arrays, split)
     if series.size == 0:
-        raise SystemExit(f"error: {data_dir}: the '{split}' split has no ears")
+        raise CacheError(f"the '{split}' split has no ears", data_dir)
+    run.record_inputs_valid()
     dataset = ABRSeriesDataset(arrays, ckpt_meta, series)  # the training statistics standardize the inputs
     run.log(f"{ckpt['model']['target']} (epoch {ckpt['epoch']}) on {len(dataset)} {split} ears of {data_dir}")
 
@@ -211,4 +226,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -16,6 +16,9 @@
 
 Inside ``train_one_epoch`` after each optimizer step: ``state.step += 1; state.batches_done += 1``, running sums
 in ``state.partial`` (they survive a mid-epoch stop), and ``if stop.check(state.step): break``.
+Sequential ensembles (``member_<i>/``) pass ``checkpoint=`` / ``folder=`` per member and ``fresh=True`` for a
+member not started yet; ``--stop-after-steps`` compares with the step the loop passes to ``stop.check``, so an
+ensemble that wants one step count over all members passes its running total (asl and lensing do).
 
 What makes the resume exact: the checkpoint carries the optimizer / scheduler / scaler / EMA / RNG state,
 ``batches_done`` and the partial sums; the data order must depend only on (seed, epoch), e.g.
@@ -110,12 +113,13 @@ class StopRequest(GracefulInterrupt):
 
 def resume_training(run, model: torch.nn.Module, optimizer=None, scheduler=None, scaler=None, ema=None,
                     checkpoint: str | Path | None = None, match: Mapping[str, Any] | None = None,
-                    restore_rng: bool = True, metrics_file: str = "metrics.csv") -> TrainState:
-    """A fresh :class:`TrainState`, or the state of ``checkpoint`` (default ``run.resume_from``) with the
+                    restore_rng: bool = True, metrics_file: str = "metrics.csv", fresh: bool = False) -> TrainState:
+    """A fresh :class:`TrainState` (no ``--resume``, or ``fresh=True``, e.g. an ensemble member not started
+    yet), or the state of ``checkpoint`` (default ``run.resume_from``) with the
     model, optimizer, scheduler, scaler, EMA and RNG restored, metrics.csv cut back to its step (rows whose
     ``match`` columns equal the given values, e.g. ``{"member": 2}``) and its own metrics row restored."""
     path = Path(checkpoint) if checkpoint is not None else run.resume_from
-    if path is None:
+    if fresh or path is None:
         return TrainState()
     ckpt = load_checkpoint(path, expected_domain=run.domain)
     info = restore_training_state(ckpt, model, optimizer, scheduler, scaler, restore_rng=restore_rng)
@@ -123,8 +127,12 @@ def resume_training(run, model: torch.nn.Module, optimizer=None, scheduler=None,
     if ema is not None and extra.get("ema"):
         ema.load_state_dict(extra["ema"])
     partial = extra.get("partial_epoch") or {}
+    sums = partial.get("sums", {})
+    per_rank = partial.get("sums_per_rank")
+    if per_rank and len(per_rank) == run.dist.world_size:  # each rank continues its own running sums
+        sums = per_rank[run.dist.rank]
     state = TrainState(epoch=info["epoch"], step=info["step"], best_metric=info["best_metric"],
-                       batches_done=int(partial.get("batches_done", 0)), partial=dict(partial.get("sums", {})),
+                       batches_done=int(partial.get("batches_done", 0)), partial=dict(sums),
                        resumed_from=Path(path), extra=dict(extra))
     if run.is_main and run.run_dir is not None:
         from common.runfolder import trim_metrics
@@ -185,9 +193,14 @@ class CheckpointSaver:
                                extra={**self._extra(), **extra})
 
     def save_partial(self, state: TrainState) -> Path | None:
-        """checkpoint_last.pt in the middle of epoch ``state.epoch + 1``; records the run as interrupted."""
-        path = self.save("checkpoint_last.pt", state,
-                         partial_epoch={"batches_done": state.batches_done, "sums": dict(state.partial)})
+        """checkpoint_last.pt in the middle of epoch ``state.epoch + 1``; records the run as interrupted.
+        Call it on every rank: under DDP each rank's running sums are gathered into the checkpoint."""
+        partial = {"batches_done": state.batches_done, "sums": dict(state.partial)}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, dict(state.partial))
+            partial["sums_per_rank"] = gathered
+        path = self.save("checkpoint_last.pt", state, partial_epoch=partial)
         self.run.train_state = state
         self.run.log(f"stopped in epoch {state.epoch + 1} after {state.batches_done} batches (step {state.step}); "
                      f"continue with --resume {self.run.run_dir}")

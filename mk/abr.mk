@@ -1,24 +1,28 @@
 # ABR analysis (abr/). Every recipe line is one python command (sh and cmd.exe alike).
-#   make abr-demo                              whole pipeline at smoke size -> runs/demo/abr/
+# Preprocessed caches live under data/abr/<config name> (never runs/, which `make clean` deletes).
+#   make abr-demo                              whole pipeline at smoke size -> runs/demo/abr/ (data: data/abr/smoke)
+#   make abr-preprocess [CONFIG=configs/abr/baseline.yaml]
 #   make abr-train [CONFIG=configs/abr/baseline.yaml] [ARGS=--resume]
 #   make abr-validate / abr-bench [CONFIG=...]  (the run of that config)
 #   make abr-diffusion / abr-generate [ABR_DIFFUSION_CONFIG=...]
 ABR_CONFIG = $(or $(CONFIG),configs/abr/production_improved.yaml)
 ABR_NAME = $(basename $(notdir $(ABR_CONFIG)))
-ABR_DATA = runs/abr/data/$(ABR_NAME)
+ABR_DATA = data/abr/$(ABR_NAME)
 ABR_RUN = runs/abr/train/$(ABR_NAME)
 ABR_DIFFUSION_CONFIG ?= configs/abr/diffusion.yaml
 ABR_DIFFUSION_NAME = $(basename $(notdir $(ABR_DIFFUSION_CONFIG)))
+ABR_DIFFUSION_DATA = data/abr/$(ABR_DIFFUSION_NAME)
+ABR_DEMO_DATA = data/abr/smoke
 
 DEMO_TARGETS += abr-demo
 .PHONY: abr-demo abr-preprocess abr-train abr-validate abr-bench abr-diffusion abr-generate
 
 abr-demo: setup
-	$(PYTHON) -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir runs/demo/abr/data
-	$(PYTHON) -m abr.train_abr --config configs/abr/smoke.yaml --data runs/demo/abr/data --output-dir runs/demo/abr/train
-	$(PYTHON) -m abr.validate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/train --data runs/demo/abr/data --output-dir runs/demo/abr/evaluate
-	$(PYTHON) -m abr.train_diffusion_abr --config configs/abr/smoke.yaml --data runs/demo/abr/data --output-dir runs/demo/abr/diffusion
-	$(PYTHON) -m abr.generate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/diffusion --output-dir runs/demo/abr/generate
+	$(PYTHON) -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir $(ABR_DEMO_DATA)
+	$(PYTHON) -m abr.train_abr --config configs/abr/smoke.yaml --data $(ABR_DEMO_DATA) --output-dir runs/demo/abr/train
+	$(PYTHON) -m abr.validate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/train --data $(ABR_DEMO_DATA) --output-dir runs/demo/abr/evaluate
+	$(PYTHON) -m abr.train_diffusion_abr --config configs/abr/smoke.yaml --data $(ABR_DEMO_DATA) --output-dir runs/demo/abr/diffusion
+	$(PYTHON) -m abr.generate_abr --config configs/abr/smoke.yaml --checkpoint runs/demo/abr/diffusion --data $(ABR_DEMO_DATA) --output-dir runs/demo/abr/generate
 
 abr-preprocess: setup
 	$(PYTHON) -m abr.preprocess_abr --config $(ABR_CONFIG) --output-dir $(ABR_DATA) $(ARGS)
@@ -36,11 +40,11 @@ abr-validate: setup
 abr-bench: setup
 	$(PYTHON) -m abr.benchmark_abr --config $(ABR_CONFIG) --checkpoint $(ABR_RUN) --data $(ABR_DATA) --output-dir runs/abr/bench/$(ABR_NAME) $(ARGS)
 
-runs/abr/data/$(ABR_DIFFUSION_NAME)/abr_cache.npz: $(ABR_DIFFUSION_CONFIG) | setup
-	$(PYTHON) -m abr.preprocess_abr --config $(ABR_DIFFUSION_CONFIG) --output-dir runs/abr/data/$(ABR_DIFFUSION_NAME)
+$(ABR_DIFFUSION_DATA)/abr_cache.npz: $(ABR_DIFFUSION_CONFIG) | setup
+	$(PYTHON) -m abr.preprocess_abr --config $(ABR_DIFFUSION_CONFIG) --output-dir $(ABR_DIFFUSION_DATA)
 
-abr-diffusion: setup runs/abr/data/$(ABR_DIFFUSION_NAME)/abr_cache.npz
-	$(PYTHON) -m abr.train_diffusion_abr --config $(ABR_DIFFUSION_CONFIG) --data runs/abr/data/$(ABR_DIFFUSION_NAME) --output-dir runs/abr/diffusion/$(ABR_DIFFUSION_NAME) $(ARGS)
+abr-diffusion: setup $(ABR_DIFFUSION_DATA)/abr_cache.npz
+	$(PYTHON) -m abr.train_diffusion_abr --config $(ABR_DIFFUSION_CONFIG) --data $(ABR_DIFFUSION_DATA) --output-dir runs/abr/diffusion/$(ABR_DIFFUSION_NAME) $(ARGS)
 
 abr-generate: setup
-	$(PYTHON) -m abr.generate_abr --config $(ABR_DIFFUSION_CONFIG) --checkpoint runs/abr/diffusion/$(ABR_DIFFUSION_NAME) --output-dir runs/abr/generate/$(ABR_DIFFUSION_NAME) $(ARGS)
+	$(PYTHON) -m abr.generate_abr --config $(ABR_DIFFUSION_CONFIG) --checkpoint runs/abr/diffusion/$(ABR_DIFFUSION_NAME) --data $(ABR_DIFFUSION_DATA) --output-dir runs/abr/generate/$(ABR_DIFFUSION_NAME) $(ARGS)

@@ -5,11 +5,13 @@ survives a cp1252 console."""
 import io
 import json
 import math
+import re
 import sys
 
 import pytest
 
 from abr import benchmark_abr, generate_abr, preprocess_abr, train_abr, train_diffusion_abr, validate_abr
+from common.errors import run_cli
 
 SCRIPTS = [preprocess_abr, train_abr, validate_abr, benchmark_abr, train_diffusion_abr, generate_abr]
 
@@ -84,19 +86,26 @@ def test_diffusion_and_generation(tiny_config, tiny_cache, tmp_path):
     assert "SNİK" in table and table.splitlines()[0].startswith("Patient_ID")
 
 
-def test_bad_inputs_give_one_line_errors(tiny_config, tiny_cache, tmp_path):
+def test_bad_inputs_give_one_line_errors(tiny_config, tiny_cache, tmp_path, capsys):
+    def error_line(module, argv) -> str:
+        assert run_cli(module.main, argv) == 2
+        return capsys.readouterr().err.strip().splitlines()[0]
+
     bad = tmp_path / "bad.csv"
     bad.write_text("Patient_ID,Age\nP1,3\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match=r"column 'Intensity' \(data.columns.intensity\) not found"):
-        preprocess_abr.main(["--config", str(tiny_config), "--table", str(bad), "--output-dir", str(tmp_path / "p")])
+    line = error_line(preprocess_abr, ["--config", str(tiny_config), "--table", str(bad), "--output-dir",
+                                       str(tmp_path / "p")])
+    assert line.startswith(f"error: {bad}") and "column 'Intensity' (data.columns.intensity) not found" in line
     with pytest.raises(SystemExit, match="unknown config key 'model.chanels'"):
         train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--set", "model.chanels=4",
                         "--output-dir", str(tmp_path / "t")])
-    with pytest.raises(SystemExit, match=r"latency_range_ms.V=\[6.0, 9.0\] does not cover"):
-        train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--set",
-                        "model.latency_range_ms.V=[6.0,9.0]", "--output-dir", str(tmp_path / "t2")])
-    with pytest.raises(FileNotFoundError, match="run abr/preprocess_abr.py first"):
-        train_abr.main(["--config", str(tiny_config), "--data", str(tmp_path), "--output-dir", str(tmp_path / "t3")])
+    line = error_line(train_abr, ["--config", str(tiny_config), "--data", str(tiny_cache), "--set",
+                                  "model.latency_range_ms.V=[6.0,9.0]", "--output-dir", str(tmp_path / "t2")])
+    assert re.search(r"latency_range_ms.V=\[6.0, 9.0\] does not cover", line)
+    line = error_line(train_abr, ["--config", str(tiny_config), "--data", str(tmp_path), "--output-dir",
+                                  str(tmp_path / "t3")])
+    assert line.startswith(f"error: {tmp_path}") and "run abr/preprocess_abr.py first" in line
+    assert not (tmp_path / "t3" / "config.yaml").exists()  # a run refused for its inputs records no config
 
 
 def test_turkish_class_names_survive_a_cp1252_console(trained, tiny_config, tiny_cache, tmp_path, monkeypatch):
