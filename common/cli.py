@@ -236,18 +236,17 @@ def start_run(args: argparse.Namespace, *, domain: str, defaults: dict, argv: li
     if args.seed is not None:
         cfg["seed"] = int(args.seed)
     if data_key is not None and getattr(args, "data", None) is not None:
-        node = cfg
-        *parents, leaf = data_key.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = Path(args.data).as_posix()
+        _set_dotted(cfg, data_key, Path(args.data).as_posix())
     config_name = Path(args.config).stem if args.config else "default"
     info, device = init_distributed(args.device)
 
     resume_from = None
     if getattr(args, "resume", None):
         resume_from = _find_resume_checkpoint(args.resume, domain, config_name, args.output_dir)
-        _check_resume_config(resume_from, cfg, frozen, domain)
+        saved = _check_resume_config(resume_from, cfg, frozen, domain)
+        if data_key is not None and _get_dotted(cfg, data_key) is None:
+            # --resume without --data continues on the data the run was trained on
+            _set_dotted(cfg, data_key, _get_dotted(saved, data_key))
     if resume_from is not None and args.output_dir is None:
         run_dir: Path | None = run_root(resume_from)
     elif create_dir:
@@ -288,7 +287,24 @@ def start_run(args: argparse.Namespace, *, domain: str, defaults: dict, argv: li
     return run
 
 
-def _check_resume_config(checkpoint: Path, cfg: dict, frozen: tuple[str, ...], domain: str) -> None:
+def _get_dotted(cfg: dict, dotted: str):
+    node = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _set_dotted(cfg: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+
+
+def _check_resume_config(checkpoint: Path, cfg: dict, frozen: tuple[str, ...], domain: str) -> dict:
     """Refuse a resume whose config changes the model or the data (listing the keys); nothing is written."""
     from common.checkpoint import load_checkpoint
 
@@ -299,3 +315,4 @@ def _check_resume_config(checkpoint: Path, cfg: dict, frozen: tuple[str, ...], d
         more = f" (and {len(diffs) - 10} more)" if len(diffs) > 10 else ""
         raise RunFolderError(f"{checkpoint}: --resume with a config that changes {', '.join(frozen)}: "
                              f"{listed}{more}. Start a new run (another --output-dir) or undo these changes")
+    return saved

@@ -232,7 +232,8 @@ def progress_enabled(is_main: bool = True) -> bool:
 def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None,
              is_main: bool = True, leave: bool = False, **kwargs):
     """A tqdm bar that stays quiet when output is not a terminal or on ranks other than 0."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() in __init__, which starts a
+    # DataLoader's workers twice per epoch
 
     return tqdm(iterable, desc=desc, total=total, disable=not progress_enabled(is_main), leave=leave,
                 dynamic_ncols=True, ascii=os.name == "nt", **kwargs)
