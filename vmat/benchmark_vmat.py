@@ -1,7 +1,7 @@
 """Benchmarks: gamma (vectorized torch vs pymedphys), preprocessing speed, training throughput and memory.
 
     python vmat/benchmark_vmat.py --output-dir runs/vmat/bench
-    python vmat/benchmark_vmat.py --data OUT_NPZ --set throughput.model_config=configs/vmat/baseline_unet.yaml
+    python vmat/benchmark_vmat.py --data OUT_NPZ --set benchmark.throughput.model_config=configs/vmat/baseline_unet.yaml
 
 1. Gamma 3%/3 mm (global, 10 % cutoff) of a perturbed dose against the reference, on the same full 3D
    grid, by vmat.gamma.gamma_index and pymedphys.gamma with identical settings: seconds of each, the time
@@ -11,7 +11,8 @@
 2. Preprocessing: synthetic DICOM-RT patients through preprocess_vmat.process_case, cases per minute.
 3. Training: patches/s and peak memory of forward + backward + AdamW steps per patch size for the model
    of a training config (CUDA: torch.cuda.max_memory_allocated; CPU: growth of the process's peak RSS).
-Speeds are measured against a peer in the same run; nothing here is a pass/fail test.
+Speeds are measured against a peer in the same run; nothing here is a pass/fail test. Settings: the
+``benchmark`` section of the vmat config (vmat/defaults.py).
 """
 
 from __future__ import annotations
@@ -26,28 +27,8 @@ import torch
 
 from common.cli import make_parser, start_run
 from common.config import load_config
-
-DEFAULTS = {
-    "seed": 0,
-    "gamma": {
-        "enabled": True,
-        "criterion": [3.0, 3.0],  # dose %, distance mm
-        "lower_percent_cutoff": 10.0,
-        "max_gamma": 2.0,
-        "interp_fraction": 10,  # the same for both implementations
-        "shift_mm": [1.5, 2.0, -1.5],  # perturbation of the evaluated dose: a shift (z, y, x) ...
-        "scale": 0.97,  # ... a global scale ...
-        "noise_gy": 1.0,  # ... and Gaussian noise where the dose exceeds 1 % of its maximum
-    },
-    "preprocess": {"enabled": True, "n_cases": 3},
-    "throughput": {
-        "enabled": True,
-        "model_config": "configs/vmat/smoke.yaml",  # training config whose model is measured
-        "patch_sizes": [[32, 32, 32], [48, 48, 48]],
-        "batch_size": 2,
-        "steps": 3,  # timed steps per size (after one warm-up step)
-    },
-}
+from common.errors import run_cli
+from vmat.defaults import PHANTOM_DEFAULTS, PREPROCESS_DEFAULTS, VMAT_DEFAULTS
 
 
 def _peak_rss_mb() -> float:
@@ -72,10 +53,9 @@ def bench_gamma(cfg: dict, data: Path | None, seed: int, log) -> dict:
         case = load_case(list_cases(data)[0])
         ref, spacing, source = case["dose"].astype(np.float64), tuple(case["spacing_mm"]), case["case_id"]
     else:
-        from vmat.phantom import DEFAULTS as PHANTOM
         from vmat.phantom import generate_case
 
-        case = generate_case(copy.deepcopy(PHANTOM), 0, seed)
+        case = generate_case(copy.deepcopy(PHANTOM_DEFAULTS), 0, seed)
         ref, spacing, source = case.dose.astype(np.float64), case.dose_spacing_zyx, "synthetic dose grid"
     rng = np.random.default_rng(seed)
     ev = ndimage.shift(ref, np.asarray(cfg["shift_mm"]) / np.asarray(spacing), order=1) * cfg["scale"]
@@ -102,22 +82,20 @@ def bench_gamma(cfg: dict, data: Path | None, seed: int, log) -> dict:
 
 
 def bench_preprocess(cfg: dict, seed: int, log) -> dict:
-    from vmat.phantom import DEFAULTS as PHANTOM
     from vmat.phantom import generate_case, write_case
-    from vmat.preprocess_vmat import DEFAULTS as PRE
     from vmat.preprocess_vmat import process_case
 
     with tempfile.TemporaryDirectory(prefix="vmat_bench_") as tmp:
         tmp = Path(tmp)
-        pcfg = copy.deepcopy(PHANTOM)
+        pcfg = copy.deepcopy(PHANTOM_DEFAULTS)
         for i in range(int(cfg["n_cases"])):
             write_case(generate_case(pcfg, i, seed), tmp / "raw" / f"case_{i}", pcfg, seed)
         t0 = time.perf_counter()
-        rows = [process_case(str(p), str(tmp / "npz"), copy.deepcopy(PRE), "dicom") for p in sorted((tmp / "raw").iterdir())]
+        rows = [process_case(str(p), str(tmp / "npz"), copy.deepcopy(PREPROCESS_DEFAULTS), "dicom") for p in sorted((tmp / "raw").iterdir())]
         elapsed = time.perf_counter() - t0
     ok = sum(r["status"] == "ok" for r in rows)
     out = {"n_cases": len(rows), "n_ok": ok, "seconds": elapsed, "cases_per_minute": 60 * len(rows) / elapsed,
-           "ct_shape": PHANTOM["ct"]["shape_zyx"]}
+           "ct_shape": PHANTOM_DEFAULTS["ct"]["shape_zyx"]}
     log(f"[vmat] preprocessing: {out['cases_per_minute']:.1f} cases/min ({ok}/{len(rows)} ok)")
     return out
 
@@ -139,10 +117,9 @@ def bench_throughput(cfg: dict, device: torch.device, log) -> list[dict]:
     from common.runtime import amp_policy
     from vmat.data import make_input_spec
     from vmat.structures import PROSTATE_STRUCTURES
-    from vmat.train_vmat import DEFAULTS as TRAIN
     from vmat.train_vmat import model_spec_from_config
 
-    tcfg = load_config(cfg["model_config"], defaults=TRAIN)
+    tcfg = load_config(cfg["model_config"], defaults=VMAT_DEFAULTS)
     spec = make_input_spec(PROSTATE_STRUCTURES, {"PTV70": 70.0, "PTV56": 56.0}, tcfg["input"], 50.0)
     target, kwargs = model_spec_from_config(tcfg["model"], spec)
     rows = []
@@ -179,19 +156,18 @@ def bench_throughput(cfg: dict, device: torch.device, log) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--data", type=Path, default=None, help="preprocessed NPZ folder (gamma on its first case)")
+    parser = make_parser(__doc__, data=True)  # --data: preprocessed NPZ folder (gamma on its first case)
     args = parser.parse_args(argv)
-    run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv)
-    cfg = run.cfg
+    run = start_run(args, domain="vmat", defaults=VMAT_DEFAULTS, argv=argv)
+    cfg, seed = run.cfg["benchmark"], run.cfg["seed"]
     summary: dict = {"device": str(run.device), "torch_threads": torch.get_num_threads()}
     headline = {}
     if cfg["gamma"]["enabled"]:
-        summary["gamma"] = bench_gamma(cfg["gamma"], args.data, cfg["seed"], run.log)
+        summary["gamma"] = bench_gamma(cfg["gamma"], args.data, seed, run.log)
         headline.update({"gamma_speedup_vs_pymedphys": summary["gamma"]["speedup"],
                          "gamma_pass_pct_difference": summary["gamma"]["pass_pct_difference"]})
     if cfg["preprocess"]["enabled"]:
-        summary["preprocess"] = bench_preprocess(cfg["preprocess"], cfg["seed"], run.log)
+        summary["preprocess"] = bench_preprocess(cfg["preprocess"], seed, run.log)
         headline["preprocess_cases_per_minute"] = summary["preprocess"]["cases_per_minute"]
     if cfg["throughput"]["enabled"]:
         summary["throughput"] = bench_throughput(cfg["throughput"], run.device, run.log)
@@ -203,4 +179,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -27,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import InputError
+from common.files import load_npz
 from common.runlog import save_npz_atomic
 
 REQUIRED_KEYS = ("ct", "masks", "sdf", "structure_names", "spacing_mm", "origin_mm", "prescription_gy",
                  "possible_dose_mask")
 
 
-class CaseFileError(ValueError):
+class CaseFileError(InputError):
     """A case or prediction file that cannot be used; the message names the file and the key."""
 
 
@@ -56,16 +58,19 @@ def write_case(path: str | Path, *, ct, dose, masks, sdf, structure_names, spaci
     return save_npz_atomic(path, **arrays)
 
 
+def _read_npz(path: Path) -> dict:
+    try:
+        return load_npz(path)
+    except InputError as exc:  # truncated or damaged: the message already names the file
+        raise CaseFileError(str(exc)) from exc
+
+
 def load_case(path: str | Path, require_dose: bool = True) -> dict:
     """Read a case NPZ into a dict of arrays (+ ``meta`` dict, ``case_id``); clear errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise CaseFileError(f"case file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            out = {key: data[key] for key in data.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise CaseFileError(f"{path}: not a readable NPZ file ({exc})") from exc
+    out = _read_npz(path)
     needed = REQUIRED_KEYS + (("dose",) if require_dose else ())
     missing = [k for k in needed if k not in out]
     if missing:
@@ -89,12 +94,7 @@ def load_case(path: str | Path, require_dose: bool = True) -> dict:
 
 def load_prediction(path: str | Path, expected_shape: tuple | None = None) -> dict:
     """A predicted-dose NPZ: ``dose`` (Gy) required, ``dose_std`` optional; shape checked."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            out = {key: data[key] for key in data.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise CaseFileError(f"{path}: not a readable NPZ file ({exc})") from exc
+    out = _read_npz(path)
     if "dose" not in out:
         raise CaseFileError(f"{path}: missing key 'dose' (predicted dose in Gy); found {sorted(out)}")
     if expected_shape is not None and tuple(out["dose"].shape) != tuple(expected_shape):

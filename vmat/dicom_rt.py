@@ -38,6 +38,7 @@ from common.dicom_series import (
     position,
     slice_normal,
 )
+from common.errors import InputError
 from vmat.geometry import (
     grid_bounds_xyz,
     overlap_fraction,
@@ -50,7 +51,7 @@ from vmat.structures import StructureMap
 log = logging.getLogger(__name__)
 
 
-class CaseError(ValueError):
+class CaseError(InputError):
     """A case that cannot be used; ``code`` is a short reason for the manifest."""
 
     def __init__(self, code: str, message: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import load_model
+from common.checkpoint import CheckpointError, apply_ema_weights, load_model, resolve_checkpoints
 from common.sliding_window import sliding_window_inference
 from vmat.data import build_inputs, cond_permutation, input_channel_permutation
 
@@ -34,14 +34,23 @@ INFERENCE_DEFAULTS = {
 
 def load_member(path: str | Path, device, use_ema: bool = True):
     model, ckpt = load_model(path, device=device, expected_domain="vmat")
-    ema = (ckpt.get("extra") or {}).get("ema")
-    if use_ema and ema:
-        state = model.state_dict()
-        model.load_state_dict({k: ema["shadow"][k].to(state[k].dtype) for k in state})
+    if use_ema:
+        apply_ema_weights(model, ckpt)
     prep = ckpt.get("preprocessing") or {}
     if "input_spec" not in prep:
-        raise ValueError(f"{path}: checkpoint has no preprocessing.input_spec (not a vmat dose model?)")
+        raise CheckpointError(f"{path}: field 'preprocessing.input_spec' is missing (not a vmat dose model?)")
     return model.eval(), prep
+
+
+def add_checkpoint_argument(parser, required: bool = False, group=None) -> None:
+    """``--checkpoint PATH [PATH ...]``: files, run folders or ensemble folders (one ensemble in all)."""
+    (group or parser).add_argument("--checkpoint", type=Path, nargs="+", required=required, metavar="PATH",
+                                   help="checkpoint file(s), run folder(s) or ensemble folder(s); several = ensemble")
+
+
+def checkpoint_files(paths: list[Path]) -> list[Path]:
+    """Every checkpoint file the ``--checkpoint`` paths name, in order (common.checkpoint.resolve_checkpoints)."""
+    return [file for path in paths for file in resolve_checkpoints(path)]
 
 
 class EnsemblePredictor:
@@ -62,7 +71,8 @@ class EnsemblePredictor:
         self.members = list(members)
         specs = [m[1]["input_spec"] for m in self.members]
         if any(s != specs[0] for s in specs[1:]):
-            raise ValueError("ensemble members were trained with different input specs (structures/targets)")
+            raise CheckpointError("ensemble members were trained with different input specs (structures/targets): "
+                                  "combine only checkpoints trained on the same preprocessing")
         self.spec = specs[0]
         self.channel_perm = input_channel_permutation(self.spec)
         self.cond_perm = cond_permutation(self.spec)

@@ -1,7 +1,7 @@
 """Synthetic DICOM-RT prostate patients (CT, RTSTRUCT, RTDOSE, RTPLAN), written with pydicom.
 
-    python -m vmat.phantom --output data/vmat/synthetic_raw --n-cases 8
-    python -m vmat.phantom --config configs/vmat/phantom_smoke.yaml --output runs/demo/vmat/raw
+    python -m vmat.phantom --output-dir data/vmat/synthetic_raw --n-cases 8
+    python -m vmat.phantom --config configs/vmat/phantom_smoke.yaml --output-dir runs/demo/vmat/raw
 
 Each case folder holds standards-conformant files with uninformative names in nested folders (readers
 must identify them by Modality), CT slices whose InstanceNumber runs against their position (readers
@@ -14,18 +14,24 @@ mask, structure volumes, ROI names used). Anatomy: vmat.phantom_anatomy; dose: v
 ``--broken KIND`` writes deliberately broken cases for tests: missing_ptv56, missing_rtdose,
 contour_outside_ct, mismatched_frame, compressed_ct, dose_outside_ct, empty_contour, no_prescription
 (RTPLAN without dose references: the reader falls back to beam doses), no_rtplan.
+
+Settings: the ``phantom`` section of the vmat config (vmat/defaults.py) and ``seed``; ``--output-dir`` gets
+only the case folders (``--output`` is its deprecated spelling).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import make_parser, start_run
+from common.cli import add_deprecated_alias, make_parser, start_run
+from common.errors import run_cli
 from common.runlog import progress, write_json
+from vmat.defaults import VMAT_DEFAULTS
 from vmat.phantom_anatomy import EllipticCylinder, ct_numbers, plane_contours, sample_anatomy
 from vmat.phantom_dose import PlanParams, arcs_to_angles, compute_dose
 from vmat.rt_writer import PatientInfo, write_ct_series, write_rtdose, write_rtplan, write_rtstruct
@@ -33,40 +39,6 @@ from vmat.structures import load_structure_map
 
 BROKEN_KINDS = ("missing_ptv56", "missing_rtdose", "contour_outside_ct", "mismatched_frame", "compressed_ct",
                 "dose_outside_ct", "empty_contour", "no_prescription", "no_rtplan")
-
-DEFAULTS = {
-    "seed": 0,
-    "n_cases": 8,  # number of patients
-    "case_prefix": "synth",  # folders <prefix>_<NNN>
-    "structure_map": "configs/vmat/structure_map.json",  # ROI spellings are drawn from here
-    "ct": {
-        "shape_zyx": [48, 64, 64],  # slices, rows, columns
-        "spacing_zyx_mm": [5.0, 6.0, 6.0],  # slice gap, row spacing (y), column spacing (x): non-square allowed
-        "rescale_slope": 1.0,  # stored = (HU - intercept) / slope
-        "rescale_intercept": -1024.0,
-        "noise_hu": 10.0,  # Gaussian noise inside the body
-    },
-    "dose_grid": {
-        "spacing_zyx_mm": [4.0, 5.0, 5.0],  # RTDOSE voxel size, deliberately not the CT's
-        "margin_mm": 10.0,  # beyond the body's bounding box in x and y
-    },
-    "plan": {
-        "prescription_gy": 70.0,  # PTV70, TargetPrescriptionDose of the first dose reference
-        "low_dose_gy": 56.0,  # PTV56
-        "n_fractions": 28,
-        "n_arcs": [1, 3],  # drawn uniformly in [min, max] per case
-        "beams_per_arc": 18,  # static beams sampling each arc
-        "penumbra_mm": [3.0, 5.0],
-        "oar_sparing": [0.3, 0.7],  # fluence reduction of low-dose rays crossing rectum/bladder
-        "scatter_fraction": 0.12,
-        "scatter_sigma_mm": 15.0,
-        "attenuation_per_mm": 0.0045,
-    },
-    "bowel_probability": 0.8,  # the bowel bag is optional in the protocol; absent in some cases
-    "contour_resolution_mm": 0.25,  # tracing grid of organ contours (traced polygons lie <= half of it inside)
-    "body_contour_resolution_mm": 1.0,  # the body outline is large; a coarser grid keeps it fast
-    "distractor_rois": ["Couch_Surface", "z_PTV70_ring", "PTV70_eval", "Rectum_PRV5", "Marker_1"],
-}
 
 
 @dataclass
@@ -249,23 +221,27 @@ def _recompress_without_decoder(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--output", type=Path, required=True, help="folder that receives one sub-folder per case")
+    parser = make_parser(__doc__)  # --output-dir: the folder that receives one sub-folder per case
+    add_deprecated_alias(parser, "--output", "--output-dir", dest="output_dir", type=Path)
     parser.add_argument("--n-cases", type=int, default=None, help="overrides n_cases")
     parser.add_argument("--broken", choices=BROKEN_KINDS, default=None, help="write every case broken this way")
     args = parser.parse_args(argv)
-    run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv, create_dir=False)
-    cfg = run.cfg
+    if args.output_dir is None:
+        parser.error("--output-dir RAW (receives one sub-folder per case) is required")
+    # The output holds only case folders (preprocessing reads every sub-folder as a case): no run files there.
+    run = start_run(argparse.Namespace(**{**vars(args), "output_dir": None}), domain="vmat", defaults=VMAT_DEFAULTS,
+                    argv=argv, create_dir=False)
+    cfg = run.cfg["phantom"]
     n_cases = int(args.n_cases if args.n_cases is not None else cfg["n_cases"])
-    seed = int(cfg["seed"])
+    seed = int(run.cfg["seed"])
     rows = []
     for index in progress(range(n_cases), desc="synthetic patients", total=n_cases):
         case = generate_case(cfg, index, seed)
-        write_case(case, args.output / case.case_id, cfg, seed, broken=args.broken)
+        write_case(case, args.output_dir / case.case_id, cfg, seed, broken=args.broken)
         rows.append({"case_id": case.case_id, "ptv70_d95_gy": case.d95_truth("PTV70"), "n_arcs": case.extras["n_arcs"]})
-    run.log(f"[vmat] wrote {n_cases} synthetic DICOM-RT patients to {args.output}")
-    return {"n_cases": n_cases, "output": str(args.output), "cases": rows}
+    run.log(f"[vmat] wrote {n_cases} synthetic DICOM-RT patients to {args.output_dir}")
+    return run.finish({"n_cases": n_cases, "output": str(args.output_dir), "cases": rows})
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -1,7 +1,7 @@
 """Preprocess DICOM-RT cases (or the OpenKBP CSV layout) into per-case NPZ files + manifest.csv.
 
-    python vmat/preprocess_vmat.py --config configs/vmat/preprocess.yaml --input RAW --output OUT
-    python vmat/preprocess_vmat.py --format openkbp --input open-kbp/provided-data/train-pats --output OUT
+    python vmat/preprocess_vmat.py --config configs/vmat/preprocess.yaml --data RAW --output-dir OUT
+    python vmat/preprocess_vmat.py --format openkbp --data open-kbp/provided-data/train-pats --output-dir OUT
 
 RAW holds one folder per case with DICOM files of any names (identified by Modality, searched
 recursively). Each case becomes OUT/<case>.npz (format in vmat/case_io.py) with CT (HU), dose on the CT
@@ -10,7 +10,10 @@ prescription and the possible-dose (body) mask. OUT/manifest.csv lists every cas
 for skipped cases, the reason (missing RTDOSE, non-SIB case, contour outside the CT, mixed frames of
 reference, undecodable pixel data, failed sanity checks ...). A failing case never stops the batch and
 never leaves a partial NPZ (files are written to a temporary name and renamed). OUT/preprocessing.json
-records the channel list and settings that training copies into its checkpoints.
+records the channel list and settings that training copies into its checkpoints; OUT also holds the run
+files (log.txt, config.yaml, env.json, summary.json). A batch in which no case could be used exits
+non-zero. Settings: the ``preprocess`` section of the vmat config (vmat/defaults.py). (``--input`` and
+``--output`` are deprecated spellings of ``--data`` and ``--output-dir``.)
 """
 
 from __future__ import annotations
@@ -24,42 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import make_parser, start_run
+from common.cli import add_deprecated_alias, make_parser, start_run
+from common.config import ConfigError
+from common.errors import InputError, NothingProcessedError, run_cli
 from common.runlog import progress, write_json, write_text_atomic
 from vmat.case_io import write_case
+from vmat.defaults import PREPROCESS_DEFAULTS, VMAT_DEFAULTS
 from vmat.dicom_rt import CaseError, load_rt_case
 from vmat.dvh import dose_at_volume_percent
 from vmat.geometry import resample_to_grid, scaled_sdf
 from vmat.structures import OPENKBP_STRUCTURES, PROSTATE_STRUCTURES, load_structure_map, target_dose_from_name
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {
-    "seed": 0,
-    "format": "dicom",  # dicom | openkbp (the --format option overrides)
-    "structures": {
-        "map_file": "configs/vmat/structure_map.json",  # canonical -> variants (JSON)
-        "channels": None,  # mask/SDF channel order; null = the format's default list
-        "required": ["PTV70", "PTV56", "Prostate", "Rectum", "Bladder", "Femur_L", "Femur_R"],  # else skipped
-        "body": "Body",  # canonical ROI used as possible-dose mask (else a CT threshold)
-    },
-    "target_doses_gy": {},  # {target: Gy}; targets not listed take their dose from the name (PTV56 -> 56 Gy)
-    "prescription": {"fallback_gy": 70.0},  # used with a warning when no RTPLAN prescription is found
-    "dose": {"interpolation": "linear"},  # RTDOSE -> CT grid: linear | bspline
-    "body_threshold_hu": -500.0,  # possible-dose mask from the CT when no body ROI exists
-    "sdf": {"clip_mm": 50.0},  # SDF = clip(signed distance, ±clip) / clip
-    "grid": {
-        "resample_spacing_mm": None,  # [z, y, x] mm to resample every case to; null keeps the CT grid
-        "crop_shape": None,  # [z, y, x] voxels around the PTV centroid (padded with air / 0 Gy); null = no crop
-    },
-    "sanity": {
-        "enforce": True,  # skip cases that fail a check (else only record it)
-        "ptv_mean_tolerance": 0.15,  # |mean dose in the top target - its dose| / its dose
-        "min_d95_fraction": 0.80,  # D95 of the top target below this fraction of its dose is absurd
-    },
-    "num_workers": 1,  # parallel case processes (spawn); 0/1 = in this process
-}
-
 
 # ------------------------------------------------------------------------------------------- grid ops
 def _resample_case(arrays: dict, spacing, origin_xyz, new_spacing) -> tuple[dict, tuple, np.ndarray]:
@@ -228,7 +207,7 @@ def process_case(case_dir: str, out_dir: str, cfg: dict, fmt: str) -> dict:
 
 def list_case_dirs(root: Path, fmt: str) -> list[Path]:
     if not root.is_dir():
-        raise SystemExit(f"error: --input folder not found: {root}")
+        raise InputError("--data folder not found", root)
     if fmt == "openkbp":
         from vmat.openkbp import find_patients
 
@@ -251,38 +230,40 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--input", type=Path, required=True, help="folder with one sub-folder per case")
-    parser.add_argument("--output", type=Path, required=True, help="folder for <case>.npz and manifest.csv")
+    parser = make_parser(__doc__, data=True)
+    add_deprecated_alias(parser, "--input", "--data", dest="data", type=Path)
+    add_deprecated_alias(parser, "--output", "--output-dir", dest="output_dir", type=Path)
     parser.add_argument("--format", choices=("dicom", "openkbp"), default=None, help="overrides the config's format")
     parser.add_argument("--cases", nargs="*", default=None, help="only these case folder names")
     args = parser.parse_args(argv)
-    run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv, create_dir=args.output_dir is not None)
-    cfg = run.cfg
+    if args.data is None or args.output_dir is None:
+        parser.error("--data RAW (one sub-folder per case) and --output-dir OUT (for <case>.npz) are required")
+    run = start_run(args, domain="vmat", defaults=VMAT_DEFAULTS, argv=argv)
+    cfg, out_dir = run.cfg["preprocess"], run.run_dir
     fmt = args.format or cfg["format"]
     if fmt not in ("dicom", "openkbp"):
-        raise SystemExit(f"error: format must be dicom or openkbp, got {fmt!r}")
-    if fmt == "openkbp" and cfg["structures"]["required"] == DEFAULTS["structures"]["required"]:
+        raise ConfigError(f"config: 'preprocess.format' must be dicom or openkbp, got {fmt!r}")
+    if fmt == "openkbp" and cfg["structures"]["required"] == PREPROCESS_DEFAULTS["structures"]["required"]:
         cfg["structures"]["required"] = []  # OpenKBP patients have different ROI sets; targets are checked
     if fmt == "dicom":
         load_structure_map(cfg["structures"]["map_file"])  # a broken map is one clear error, not N skips
-    case_dirs = list_case_dirs(args.input, fmt)
+    case_dirs = list_case_dirs(args.data, fmt)
     if args.cases:
         case_dirs = [p for p in case_dirs if p.name in set(args.cases)]
     if not case_dirs:
-        raise SystemExit(f"error: no case folders under {args.input}")
-    args.output.mkdir(parents=True, exist_ok=True)
+        raise InputError("no case folders here" + (f" named {args.cases}" if args.cases else ""), args.data)
+    run.record_inputs_valid()
     start = time.perf_counter()
     rows = []
     workers = int(cfg["num_workers"])
     if workers > 1 and len(case_dirs) > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(process_case, str(p), str(args.output), cfg, fmt) for p in case_dirs]
+            futures = [pool.submit(process_case, str(p), str(out_dir), cfg, fmt) for p in case_dirs]
             for future in progress(as_completed(futures), desc="cases", total=len(futures)):
                 rows.append(future.result())
     else:
         for path in progress(case_dirs, desc="cases", total=len(case_dirs)):
-            rows.append(process_case(str(path), str(args.output), cfg, fmt))
+            rows.append(process_case(str(path), str(out_dir), cfg, fmt))
     rows.sort(key=lambda r: r["case"])
     elapsed = time.perf_counter() - start
     ok = [r for r in rows if r["status"] == "ok"]
@@ -291,18 +272,22 @@ def main(argv: list[str] | None = None) -> dict:
             run.log(f"[vmat] {row['status']} {row['case']}: {row['reason']}")
         elif row.get("unmatched_rois"):
             run.log(f"[vmat] {row['case']}: unmatched ROI names: {row['unmatched_rois']}")
-    write_manifest(args.output / "manifest.csv", rows)
+    write_manifest(out_dir / "manifest.csv", rows)
     channels = list(cfg["structures"]["channels"] or (OPENKBP_STRUCTURES if fmt == "openkbp" else PROSTATE_STRUCTURES))
     summary = {"n_cases": len(rows), "n_ok": len(ok), "n_skipped": len(rows) - len(ok), "seconds": elapsed,
                "cases_per_minute": 60.0 * len(rows) / max(elapsed, 1e-9), "format": fmt,
                "structure_names": channels, "target_doses_gy": _target_doses(channels, cfg),
                "sdf_clip_mm": float(cfg["sdf"]["clip_mm"]), "config": cfg,
                "skipped": {r["case"]: r["reason"] for r in rows if r["status"] != "ok"}}
-    write_json(args.output / "preprocessing.json", summary)
-    run.log(f"[vmat] preprocessed {len(ok)}/{len(rows)} cases into {args.output} "
+    write_json(out_dir / "preprocessing.json", summary)
+    run.log(f"[vmat] preprocessed {len(ok)}/{len(rows)} cases into {out_dir} "
             f"({summary['cases_per_minute']:.1f} cases/min)")
+    if not ok:
+        first = rows[0]
+        raise NothingProcessedError(f"none of the {len(rows)} case(s) could be preprocessed (see "
+                                    f"{out_dir / 'manifest.csv'}); first: {first['case']}: {first['reason']}", args.data)
     return run.finish(summary)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from common.errors import InputError
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,7 @@ OPENKBP_STRUCTURES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", 
                       "Mandible", "PTV56", "PTV63", "PTV70")
 
 
-class StructureMapError(ValueError):
+class StructureMapError(InputError):
     """An unusable structure map; the message names the file and the offending entry."""
 
 

@@ -3,6 +3,8 @@
     python vmat/validate_vmat.py --data OUT_NPZ --predictions PRED_DIR [--atlas RUN/atlas.json]
     python vmat/validate_vmat.py --data OUT_NPZ --checkpoint runs/vmat/smoke/<timestamp> [--export-rtdose]
 
+``--checkpoint`` takes checkpoint files, run folders or ensemble folders (several = one ensemble).
+
 ``--predictions`` scores any folder of <case>.npz files holding ``dose`` (Gy, on the case's grid), so
 external models and ensembles can be scored; ``--checkpoint`` predicts first (vmat.inference, sliding
 window, optional flip TTA). Per case and overall: MAE (Gy) in the body, PTVs, OARs and the rest; gamma
@@ -23,20 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import make_parser, start_run
+from common.errors import InputError, run_cli
 from common.runlog import progress, write_text_atomic
 from vmat.case_io import CaseFileError, list_cases, load_case, load_prediction
-from vmat.dvh import DEFAULT_CONSTRAINTS
-from vmat.evaluation import GAMMA_DEFAULTS, evaluate_case
-from vmat.inference import INFERENCE_DEFAULTS
-
-DEFAULTS = {
-    "seed": 0,
-    "gamma": dict(GAMMA_DEFAULTS),  # see vmat/evaluation.py
-    "constraints": [dict(c) for c in DEFAULT_CONSTRAINTS],  # QUANTEC / RTOG prostate table (vmat/dvh.py)
-    "figures": {"n_cases": 3},  # cases that get dose/DVH/gamma figures
-    "inference": dict(INFERENCE_DEFAULTS),  # only for --checkpoint (see vmat/inference.py)
-}
-
+from vmat.defaults import VMAT_DEFAULTS
+from vmat.evaluation import evaluate_case
+from vmat.inference import add_checkpoint_argument, checkpoint_files
 
 def _mean(rows, key):
     values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
@@ -75,16 +69,17 @@ def _report(path: Path, overall: dict, baseline: dict | None, rows: list[dict], 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser(__doc__)
-    parser.add_argument("--data", type=Path, required=True, help="folder of preprocessed <case>.npz (with reference dose)")
+    parser = make_parser(__doc__, data=True)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, nargs="+", help="run folder(s) or checkpoint file(s); several = ensemble")
+    add_checkpoint_argument(parser, group=source)
     source.add_argument("--predictions", type=Path, help="folder of predicted <case>.npz files with key 'dose' (Gy)")
     parser.add_argument("--atlas", type=Path, default=None, help="atlas.json (or a checkpoint) for the atlas baseline")
     parser.add_argument("--export-rtdose", action="store_true", help="write each prediction as RTDOSE DICOM")
     parser.add_argument("--cases", nargs="*", default=None, help="only these case ids")
     args = parser.parse_args(argv)
-    run = start_run(args, domain="vmat", defaults=DEFAULTS, argv=argv)
+    if args.data is None:
+        parser.error("--data NPZ_DIR (preprocessed cases with reference dose) is required")
+    run = start_run(args, domain="vmat", defaults=VMAT_DEFAULTS, argv=argv)
     cfg = run.cfg
     if (run.run_dir / "metrics.csv").is_file():
         (run.run_dir / "metrics.csv").unlink()  # one row per case of this evaluation only
@@ -92,13 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cases:
         paths = [p for p in paths if p.stem in set(args.cases)]
     if not paths:
-        raise SystemExit(f"error: no case NPZ files in {args.data}")
+        raise InputError("no case NPZ files here" + (f" named {args.cases}" if args.cases else ""), args.data)
     predictor = None
     if args.checkpoint:
         from vmat.inference import EnsemblePredictor
 
-        predictor = EnsemblePredictor(args.checkpoint, cfg["inference"], run.device)
+        predictor = EnsemblePredictor(checkpoint_files(args.checkpoint), cfg["inference"], run.device)
     atlas = _load_atlas(args.atlas) if args.atlas else None
+    run.record_inputs_valid()
     rows, base_rows, figures = [], [], []
     fig_dir = run.run_dir / "figures"
     for index, path in enumerate(progress(paths, desc="cases", total=len(paths))):
@@ -161,7 +157,7 @@ def _load_atlas(path: Path) -> dict:
     ckpt = load_checkpoint(path, expected_domain="vmat")
     atlas = ckpt.get("preprocessing", {}).get("atlas")
     if not atlas:
-        raise SystemExit(f"error: {path}: the checkpoint's preprocessing has no 'atlas'")
+        raise InputError("field 'preprocessing.atlas' is missing: pass the training run's atlas.json", path)
     return atlas
 
 
@@ -188,4 +184,4 @@ def _case_figures(fig_dir: Path, case: dict, prediction: np.ndarray, maps: dict,
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

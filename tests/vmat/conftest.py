@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from vmat.phantom import DEFAULTS as PHANTOM_DEFAULTS
+from vmat.defaults import PHANTOM_DEFAULTS
 from vmat.phantom import generate_case, write_case
 
 # Tiny patients for pipeline tests: the whole pelvis at a very coarse resolution (fast, not accurate).
@@ -53,7 +53,7 @@ def tiny_npz(tiny_raw, tmp_path_factory):
     from vmat.preprocess_vmat import main
 
     out = tmp_path_factory.mktemp("vmat_tiny_npz")
-    summary = main(["--input", str(tiny_raw), "--output", str(out)])
+    summary = main(["--data", str(tiny_raw), "--output-dir", str(out)])
     assert summary["n_ok"] == 3, summary["skipped"]
     return out
 

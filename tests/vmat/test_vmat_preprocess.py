@@ -51,16 +51,21 @@ def _check_mixed(summary, out):
     assert reasons["nonsib"].startswith("missing_structure") and "non-SIB" in reasons["nonsib"]
     assert reasons["nodose"].startswith("no_rtdose")
     assert reasons["empty"].startswith("no_dicom")
-    assert sorted(p.name for p in out.iterdir()) == ["good.npz", "manifest.csv", "preprocessing.json"]
+    assert sorted(p.name for p in out.glob("*.npz")) == ["good.npz"]  # no partial file of a skipped case
+    assert (out / "manifest.csv").is_file() and (out / "preprocessing.json").is_file()
+    assert (out / "summary.json").is_file()  # the output folder is also the run folder
 
 
-def test_batch_skips_broken_cases_with_reasons(mixed_raw, tmp_path):
-    _check_mixed(main(["--input", str(mixed_raw), "--output", str(tmp_path), "--set", "num_workers=1"]), tmp_path)
+def test_batch_skips_broken_cases_with_reasons(mixed_raw, tmp_path, capsys):
+    # the deprecated spellings of --data / --output-dir still work, with a one-line notice each
+    _check_mixed(main(["--input", str(mixed_raw), "--output", str(tmp_path), "--set", "preprocess.num_workers=1"]), tmp_path)
+    err = capsys.readouterr().err
+    assert "--input is deprecated; use --data" in err and "--output is deprecated; use --output-dir" in err
 
 
 @pytest.mark.slow
 def test_batch_in_spawned_worker_processes(mixed_raw, tmp_path):
-    _check_mixed(main(["--input", str(mixed_raw), "--output", str(tmp_path), "--set", "num_workers=2"]), tmp_path)
+    _check_mixed(main(["--data", str(mixed_raw), "--output-dir", str(tmp_path), "--set", "preprocess.num_workers=2"]), tmp_path)
 
 
 def test_crop_keeps_origin_consistent():
@@ -116,7 +121,7 @@ def test_openkbp_reader(tmp_path):
     assert set(np.argwhere(patient["masks"][names.index("LeftParotid")])[:, 0]) == {127 - 52, 127 - 53}
     out = tmp_path / "npz"
     summary = main(["--format", "openkbp", "--config", "configs/vmat/preprocess_openkbp.yaml",
-                    "--input", str(tmp_path / "train"), "--output", str(out), "--set", "grid.crop_shape=[24,24,24]", "--set", "num_workers=1"])
+                    "--data", str(tmp_path / "train"), "--output-dir", str(out), "--set", "preprocess.grid.crop_shape=[24,24,24]", "--set", "preprocess.num_workers=1"])
     assert summary["n_ok"] == 1 and summary["skipped"]["pt_2"].startswith("missing_file")
     case = load_case(out / "pt_1.npz")
     assert case["structure_names"][-1] == "PTV70" and case["prescription_gy"] == 70.0

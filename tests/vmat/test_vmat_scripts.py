@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_predict_validate_export(trained, tiny_npz, tmp_path):
 
     root, _, _ = trained
     pred = tmp_path / "pred"
-    out = predict(["--checkpoint", str(root / "run"), "--data", str(tiny_npz), "--output", str(pred),
+    out = predict(["--checkpoint", str(root / "run"), "--data", str(tiny_npz), "--output-dir", str(pred),
                    "--set", "inference.window_zyx=[24,32,32]", "--export-rtdose"])
     assert out["n_cases"] == 3 and out["outputs_per_case"] == 2  # flip TTA on by default
     assert len(list((pred / "rtdose").glob("*_predicted_RD.dcm"))) == 3
@@ -129,14 +130,14 @@ def test_phantom_and_benchmark_mains(tmp_path, tiny_npz):
     from vmat.benchmark_vmat import main as bench
     from vmat.phantom import main as phantom
 
-    out = phantom(["--output", str(tmp_path / "raw"), "--n-cases", "1", "--set", "ct.shape_zyx=[16,24,24]",
-                   "--set", "ct.spacing_zyx_mm=[12.0,16.0,16.0]", "--set", "dose_grid.spacing_zyx_mm=[10.0,12.0,12.0]",
-                   "--set", "plan.beams_per_arc=4"])
+    out = phantom(["--output-dir", str(tmp_path / "raw"), "--n-cases", "1", "--set", "phantom.ct.shape_zyx=[16,24,24]",
+                   "--set", "phantom.ct.spacing_zyx_mm=[12.0,16.0,16.0]", "--set", "phantom.dose_grid.spacing_zyx_mm=[10.0,12.0,12.0]",
+                   "--set", "phantom.plan.beams_per_arc=4"])
     truth = json.loads((tmp_path / "raw" / "synth_000" / "ground_truth.json").read_text(encoding="utf-8"))
     assert out["n_cases"] == 1 and truth["prescription_gy"] == 70.0
-    summary = bench(["--data", str(tiny_npz), "--output-dir", str(tmp_path / "bench"), "--set", "gamma.interp_fraction=3",
-                     "--set", "preprocess.enabled=false", "--set", "throughput.patch_sizes=[[8,8,8]]",
-                     "--set", "throughput.steps=1"])
+    summary = bench(["--data", str(tiny_npz), "--output-dir", str(tmp_path / "bench"), "--set", "benchmark.gamma.interp_fraction=3",
+                     "--set", "benchmark.preprocess.enabled=false", "--set", "benchmark.throughput.patch_sizes=[[8,8,8]]",
+                     "--set", "benchmark.throughput.steps=1"])
     head = summary["headline"]
     assert _finite([head["gamma_speedup_vs_pymedphys"], head["gamma_pass_pct_difference"]])
     assert summary["gamma"]["n_points"] > 0
@@ -145,7 +146,8 @@ def test_phantom_and_benchmark_mains(tmp_path, tiny_npz):
 
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(tiny_npz, tmp_path):
-    """torchrun with two CPU processes (gloo): trains, rank 0 writes the checkpoints and summary."""
+    """torchrun with two CPU processes (gloo): stops mid-epoch on both ranks, resumes, rank 0 writes the
+    checkpoints and summary."""
     import subprocess
     import sys
     from pathlib import Path
@@ -155,9 +157,57 @@ def test_ddp_two_processes_gloo(tiny_npz, tmp_path):
     cfg["train"]["batch_size"] = 1
     config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     script = Path(__file__).resolve().parents[2] / "vmat" / "train_vmat.py"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
-                             "--config", str(config), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+               "--config", str(config), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "run")]
+    # 2 patches per rank and batch 1: a stop after step 1 is mid-epoch; both ranks must stop there together
+    stopped = subprocess.run(command + ["--stop-after-steps", "1"], capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    state = json.loads((tmp_path / "run" / "run_state.json").read_text(encoding="utf-8"))
+    assert state["status"] == "interrupted" and state["step"] == 1
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
     assert summary["epochs_completed"] == 1 and math.isfinite(summary["val"]["val_mae_gy"])
+
+
+def test_unknown_best_metric_is_refused_before_training(tiny_npz, tmp_path, capsys):
+    from common.errors import run_cli
+    from vmat.train_vmat import main
+
+    code = run_cli(main, ["--data", str(tiny_npz), "--output-dir", str(tmp_path / "run"), "--set", "val.best_metric=val_mae"])
+    assert code == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][0]
+    assert "'val.best_metric'" in line and "val_mae_gy, val_gamma_pass_pct, train_loss" in line and "'val_mae'" in line
+    assert not list((tmp_path / "run").glob("checkpoint_*.pt")) and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_checkpoint_accepts_an_ensemble_folder(trained, tiny_npz, tmp_path):
+    from common.checkpoint import write_ensemble_manifest
+    from vmat.predict_vmat import main as predict
+
+    run = trained[0] / "run"
+    write_ensemble_manifest(run, [run / "checkpoint_best.pt", run / "checkpoint_last.pt"])
+    try:
+        out = predict(["--checkpoint", str(run), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "pred"),
+                       "--cases", "synth_000", "--set", "inference.window_zyx=[24,32,32]", "--set", "inference.tta_flip=false"])
+    finally:
+        (run / "ensemble.json").unlink()
+    assert out["n_members"] == 2 and out["outputs_per_case"] == 2
+    assert (tmp_path / "pred" / "synth_000.npz").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in Path("configs/vmat").glob("*.yaml")))
+def test_every_config_loads_against_the_one_vmat_schema(name):
+    from common.config import load_config
+    from vmat.defaults import VMAT_DEFAULTS
+
+    assert set(load_config(Path("configs/vmat") / name, defaults=VMAT_DEFAULTS)) == set(VMAT_DEFAULTS)
+
+
+def test_a_typo_in_a_section_another_script_reads_is_an_error(tiny_npz, tmp_path):
+    from vmat.train_vmat import main
+
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump({"preprocess": {"sanity": {"enforced": False}}}), encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"unknown config key 'preprocess.sanity.enforced'.*enforce"):
+        main(["--config", str(config), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "run")])
