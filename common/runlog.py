@@ -248,8 +248,7 @@ class RunLogger:
         self.is_main = is_main
         self.quiet = quiet
         if self.active:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "figures").mkdir(exist_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # figures/ appears with the first figure
 
     @property
     def active(self) -> bool:
