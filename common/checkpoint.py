@@ -354,8 +354,17 @@ def write_ensemble_manifest(folder: str | Path, members: list[str | Path], **inf
     from common.runlog import write_json
 
     folder = Path(folder)
-    rel = [Path(m).resolve().relative_to(folder.resolve()).as_posix() if Path(m).is_absolute() else Path(m).as_posix()
-           for m in members]
+
+    def relative(member) -> str:
+        member = Path(member)
+        if not member.is_absolute() and (folder / member).is_file():
+            return member.as_posix()  # already relative to the folder
+        try:
+            return member.resolve().relative_to(folder.resolve()).as_posix()
+        except ValueError:
+            raise CheckpointError(f"{folder / ENSEMBLE_MANIFEST}: member {member} is not inside {folder}") from None
+
+    rel = [relative(m) for m in members]
     return write_json(folder / ENSEMBLE_MANIFEST, {"format": ENSEMBLE_FORMAT, "version": 1, "members": rel, **info})
 
 

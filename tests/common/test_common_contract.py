@@ -9,6 +9,8 @@ import subprocess
 import sys
 import zipfile
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,7 @@ from common.runfolder import RunLock, config_differences, pid_alive
 from common.runlog import append_csv_row, atomic_open, read_csv_rows, save_npz_atomic
 from common.runtime import GracefulInterrupt, choose_backend
 
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--config", "configs/common/demo.yaml", "--device", "cpu", "--set", "data.n_train=128",
          "--set", "data.n_val=32", "--set", "train.epochs=2"]
 
@@ -215,6 +218,13 @@ def test_checkpoint_paths_file_run_folder_and_ensemble_manifest(tmp_path):
     write_ensemble_manifest(tmp_path / "run", ["member_1/checkpoint_best.pt", "member_0/checkpoint_best.pt"])
     assert [p.parent.name for p in resolve_checkpoints(tmp_path / "run")] == ["member_1", "member_0"]
     assert resolve_checkpoints(members[0]) == [members[0]]
+    # members named relative to the working directory, as scripts run from the repository root do
+    os.chdir(tmp_path)
+    try:
+        write_ensemble_manifest("run", [Path("run/member_10/checkpoint_best.pt")])
+    finally:
+        os.chdir(ROOT)
+    assert json.loads((tmp_path / "run" / "ensemble.json").read_text())["members"] == ["member_10/checkpoint_best.pt"]
     with pytest.raises(CheckpointError, match="no checkpoint here"):
         resolve_checkpoints(tmp_path)
 

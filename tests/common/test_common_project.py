@@ -77,3 +77,17 @@ def test_report_lists_headlines_figures_and_missing_domains(tmp_path):
     assert "![curves](common/figures/curves.png)" in text
     assert "ASL" in text and "did not complete" in text
     assert (tmp_path / "REPORT.md").read_text(encoding="utf-8") == text
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_script_follows_the_error_and_flag_contract(script, capsys):
+    """One-line errors through run_cli; training scripts can be stopped mid-epoch and resumed."""
+    text = script.read_text(encoding="utf-8")
+    assert "raise SystemExit(run_cli(main))" in text, f"{script.name}: __main__ must use common.errors.run_cli"
+    module = importlib.import_module(f"{script.parent.name}.{script.stem}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--debug" in help_text and "--device" in help_text and "--seed" in help_text
+    if script.name.startswith("train_"):
+        assert "--resume" in help_text and "--stop-after-steps" in help_text
