@@ -6,7 +6,10 @@
    stacks already in memory) and from the npz files (a cold epoch), against the peer that reads DICOM every
    epoch the way the seed did (the N files around the slice of interest decoded in __getitem__; given the
    slice order and intensity percentiles for free, which favours the peer). Reports the ratios.
-3. The official metric of the two-stage model vs the class-prior baseline, re-scored from the
+3. Real slice sizes (benchmark.real_size: 256-640 px, uncompressed and JPEG 2000 lossless): caching
+   throughput (slices/s, MB/s), cache / DICOM size, samples/s from the disk cache, from memory and from DICOM
+   with the same crops, extrapolated to the competition set (:func:`real_size_benchmark`; real_size.csv).
+4. The official metric of the two-stage model vs the class-prior baseline, re-scored from the
    out-of-fold predictions of a validate_rsna.py run (paths.validate_dir or --validate-dir).
 
     python rsna_spine/benchmark_rsna.py --config configs/rsna_spine/smoke.yaml
@@ -31,11 +34,13 @@ from common.dicom_series import pixel_data
 from rsna_spine.cache import decode_all, series_tasks
 from rsna_spine.constants import GROUP_OF_CONDITION, SUBMISSION_COLUMNS
 from rsna_spine.crops import crop_stack
-from rsna_spine.data import Stack, StackStore, decode_series_task
+from rsna_spine.data import Stack, StackStore, decode_series_task, load_series
 from rsna_spine.inference import find_run_dir
 from rsna_spine.stage_datasets import CropDataset, crop_items
 from rsna_spine.metric import score_details, solution_from_labels, submission_frame
+from rsna_spine.phantom import sample_anatomy
 from rsna_spine.settings import DEFAULTS
+from rsna_spine.synthetic import SYNTHETIC_DEFAULTS, render_stack, sagittal_stack, sample_grades, write_stack
 
 DOMAIN = "rsna_spine"
 
@@ -91,6 +96,92 @@ def _rate(fn, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+# the competition set (notes/rsna_spine.md): what the real-size numbers are extrapolated to
+FULL_SET = {"studies": 1975, "slices": 147_000, "dicom_gb": 35.0, "samples_per_epoch": 1975 * 25}
+
+
+def _real_size_case(work_dir: Path, size: int, syntax: str, n_slices: int, n_samples: int, crop_cfg: dict,
+                    intensity: dict) -> dict:
+    """One (size, syntax) case of :func:`real_size_benchmark`: its row of measurements."""
+    rng = np.random.default_rng(size)
+    synth = dict(SYNTHETIC_DEFAULTS, sag_size_px=size, sag_spacing_mm=230.0 / size, sag_slices=[n_slices, n_slices])
+    anat = sample_anatomy(rng, sample_grades(rng, synth["class_priors"], 0.5))
+    geom = sagittal_stack(anat, rng, synth)
+    folder = Path(work_dir) / "train_images" / "1" / "2"
+    write_stack(folder, render_stack(anat, geom, "t2", rng), geom, rng.permutation(n_slices) + 1,
+                {"study_id": 1, "study_uid": "1.2", "series_uid": "1.2.3", "series_number": 1,
+                 "description": "Sagittal T2/STIR", "syntax": syntax})
+    dicom_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    start = time.perf_counter()
+    (stack,) = load_series(folder, 1, 2, "sag_t2", logger=lambda m: None)
+    path = stack.save(Path(work_dir) / "cache.npz")
+    cache_s = time.perf_counter() - start
+    centres = [(float(rng.integers(0, n_slices)), float(rng.uniform(0.3, 0.7) * size),
+                float(rng.uniform(0.3, 0.7) * size)) for _ in range(n_samples)]
+    args = (int(crop_cfg["num_slices"]), float(crop_cfg["crop_mm"]["spinal"]), int(crop_cfg["img_size"]), intensity)
+    num = args[0]
+
+    def from_disk(i):  # a cold store: the stack file read for every sample
+        return crop_stack(Stack.load(path), centres[i], *args)
+
+    def from_memory(i):
+        return crop_stack(stack, centres[i], *args)
+
+    def from_dicom(i):  # the N slices around the centre decoded per sample, geometry given
+        ks = np.clip(int(round(centres[i][0])) + np.arange(num) - num // 2, 0, n_slices - 1)
+        array = np.zeros_like(stack.array)
+        for k in sorted(set(ks.tolist())):
+            file = folder / f"{int(stack.instance_numbers[k])}.dcm"
+            array[k] = _to_canonical(pixel_data(pydicom.dcmread(str(file)), file), stack)
+        return crop_stack(Stack(**{**stack.__dict__, "array": array}), centres[i], *args)
+
+    rates = {name: _rate(fn, n_samples) for name, fn in
+             (("disk", from_disk), ("memory", from_memory), ("dicom", from_dicom))}
+    diff = max(float(np.abs(from_disk(i) - from_dicom(i)).max()) for i in range(n_samples))
+    ratio = path.stat().st_size / dicom_bytes
+    return {"size_px": size, "syntax": syntax, "slices": n_slices, "dicom_mb": dicom_bytes / 1e6,
+            "cache_ratio": ratio, "cache_slices_per_s": n_slices / cache_s,
+            "cache_dicom_mb_per_s": dicom_bytes / 1e6 / cache_s, "samples_per_s_disk": rates["disk"],
+            "samples_per_s_memory": rates["memory"], "samples_per_s_dicom": rates["dicom"],
+            "speedup_disk_vs_dicom": rates["disk"] / rates["dicom"],
+            "speedup_memory_vs_dicom": rates["memory"] / rates["dicom"], "max_abs_difference": diff,
+            "full_set_cache_hours_1_process": FULL_SET["slices"] / (n_slices / cache_s) / 3600,
+            "full_set_cache_gb": FULL_SET["dicom_gb"] * ratio,
+            "epoch_minutes_disk": FULL_SET["samples_per_epoch"] / rates["disk"] / 60,
+            "epoch_minutes_dicom": FULL_SET["samples_per_epoch"] / rates["dicom"] / 60}
+
+
+def real_size_benchmark(work_dir: Path, cfg: dict, logger=print) -> dict:
+    """Caching and sampling at real slice sizes, the same crops on both sides (issue 14, item 4).
+
+    For each size in ``benchmark.real_size.sizes`` (px) and transfer syntax (explicit VR = uncompressed,
+    jpeg2000 lossless): a synthetic sagittal T2 series of ``n_slices`` slices (phantom + noise, 230 mm field)
+    written as DICOM; then timed: decode + write the cache (slices/s, DICOM MB/s, cache / DICOM size);
+    ``n_samples`` crops (crop.num_slices x crop.img_size, crop_mm of the spinal group, random centres) from
+    (a) the disk cache, one stack file read per sample (a cold store), (b) the stack in memory, (c) the DICOM
+    files (the N slices decoded per sample, as the seed's __getitem__, geometry given). The crops of (a) and
+    (c) are compared pixel by pixel. Extrapolated to the competition set (FULL_SET) with one process.
+    """
+
+    rcfg = cfg["benchmark"]["real_size"]
+    rows = []
+    for size in rcfg["sizes"]:
+        for syntax in rcfg["syntaxes"]:
+            row = _real_size_case(Path(work_dir) / f"{size}_{syntax}", int(size), syntax, int(rcfg["n_slices"]),
+                                  int(rcfg["n_samples"]), cfg["crop"], cfg["intensity"])
+            rows.append(row)
+            logger(f"real size {size} px {syntax}: cache {row['cache_slices_per_s']:.1f} slices/s "
+                   f"({row['cache_dicom_mb_per_s']:.1f} MB/s), {row['cache_ratio']:.2f} x DICOM size; samples/s "
+                   f"disk {row['samples_per_s_disk']:.1f}, memory {row['samples_per_s_memory']:.1f}, DICOM "
+                   f"{row['samples_per_s_dicom']:.1f} -> x{row['speedup_disk_vs_dicom']:.2f} from disk; max "
+                   f"|disk - DICOM| {row['max_abs_difference']:.1e}; full set ({FULL_SET['slices']} slices, "
+                   f"{FULL_SET['samples_per_epoch']} samples/epoch, 1 process): cache "
+                   f"{row['full_set_cache_hours_1_process']:.1f} h, {row['full_set_cache_gb']:.1f} GB; epoch "
+                   f"{row['epoch_minutes_disk']:.0f} min from disk vs {row['epoch_minutes_dicom']:.0f} min DICOM")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return {"rows": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__)
     parser.add_argument("--validate-dir", type=Path, default=None, help="run folder of validate_rsna.py")
@@ -106,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                          logger=lambda m: None)[: int(bcfg["n_series"])]
     for workers in bcfg["decode_workers"]:
         if workers <= 1:
-            _, seconds = decode_all(tasks, 1, lambda m: None, desc="decode x1")
+            _, seconds = decode_all(tasks, 1, lambda m: None, desc="decode x1", reuse=False)
             startup = 0.0
         else:  # a warm pool: process start-up (a fresh interpreter importing torch) is reported apart
             start = time.perf_counter()
@@ -144,7 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"max |cache − DICOM| pixel difference {check:.2e}")
     results["max_abs_difference_cache_vs_dicom"] = float(check)
 
-    # 3. metric margin from a validation run
+    # 3. real slice sizes, uncompressed and JPEG 2000, the same crops from the disk cache and from DICOM
+    if cfg["benchmark"]["real_size"]["sizes"]:
+        real = real_size_benchmark(run.run_dir / "real_size", cfg, logger=run.log)
+        results["real_size"] = real["rows"]
+        pd.DataFrame(real["rows"]).to_csv(run.run_dir / "real_size.csv", index=False)
+
+    # 4. metric margin from a validation run
     try:
         validate_dir = find_run_dir(args.validate_dir, cfg["paths"]["validate_dir"], run.config_name,
                                     "oof_predictions.csv", "validate_rsna.py")
@@ -155,9 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
         oof = pd.read_csv(Path(validate_dir) / "oof_predictions.csv")
         base = pd.read_csv(Path(validate_dir) / "oof_prior_baseline.csv")
         cols = list(SUBMISSION_COLUMNS)
-        model = score_details(solution_from_labels(oof), submission_frame(oof["row_id"], oof[cols].to_numpy()), "row_id", 1.0)
+        model = score_details(solution_from_labels(oof), submission_frame(oof["row_id"], oof[cols].to_numpy()), "row_id", 1.0,
+                             mode="normalized")
         prior = score_details(solution_from_labels(base), submission_frame(base["row_id"], base[cols].to_numpy()),
-                              "row_id", 1.0)
+                              "row_id", 1.0, mode="normalized")
         results.update({"oof_official_score": model["score"], "class_prior_baseline": prior["score"],
                         "margin_vs_prior": prior["score"] - model["score"], "n_targets": model["n_rows"]})
         run.log(f"official metric (OOF, {model['n_rows']} targets): two-stage {model['score']:.4f} vs class prior "

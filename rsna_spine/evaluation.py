@@ -44,7 +44,7 @@ def grading_report(table: pd.DataFrame, any_severe_scalar: float = 1.0) -> dict:
         return {"official": {"score": float("nan")}, "n": 0}
     solution = solution_from_labels(table)
     official = score_details(solution, submission_frame(table["row_id"], table[list(SUBMISSION_COLUMNS)].to_numpy()),
-                             "row_id", any_severe_scalar)
+                             "row_id", any_severe_scalar, mode="normalized")
     probs = table[list(SUBMISSION_COLUMNS)].to_numpy(dtype=np.float64)
     overall = classification_metrics(table["label"].to_numpy(), probs, labels=[0, 1, 2],
                                      class_names=list(SUBMISSION_COLUMNS))
@@ -70,7 +70,7 @@ def prior_baseline(train_labels: pd.DataFrame, table: pd.DataFrame, any_severe_s
     table = table[table["label"] >= 0].reset_index(drop=True)
     priors = class_priors(train_labels, by="condition_level")
     sub = prior_submission(table["row_id"], priors, metric_optimal=True)
-    return score_details(solution_from_labels(table), sub, "row_id", any_severe_scalar)
+    return score_details(solution_from_labels(table), sub, "row_id", any_severe_scalar, mode="normalized")
 
 
 def localization_errors(centers: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:

@@ -32,9 +32,10 @@ from rsna_spine.data import Stack, StackStore
 from rsna_spine.stage_datasets import POINTS, CropDataset, output_to_voxel
 from rsna_spine.metric import reweight_probabilities
 from rsna_spine.models import decode_heatmaps
+from rsna_spine.stacks import assign_level_slice, choose_stack
 
 CENTER_COLUMNS = ["study_id", "condition", "level", "series_id", "stack_index", "k", "j", "i", "x_mm", "y_mm",
-                  "z_mm", "confidence", "source"]
+                  "z_mm", "confidence", "source", "slice_distance_mm"]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -156,38 +157,38 @@ def _sagittal_points(models: list, stack: Stack, device, window: int) -> tuple[n
     return output_to_voxel(coords[0].cpu().numpy(), stack.shape, ckpt["preprocessing"]["grid"]), conf[0].cpu().numpy()
 
 
-def choose_axial_slice(stacks: list[Stack], point_mm: np.ndarray) -> tuple[Stack, int, float] | None:
-    """The axial stack and slice that contain a patient point (nearest slice plane, in-plane inside);
-    None if no stack covers it (within 1.5 slice gaps). Returns (stack, k, distance to the plane in mm)."""
-    best = None
-    for stack in stacks:
-        k, j, i = stack.patient_to_voxel(point_mm[None, :])[0]
-        n_k, rows, cols = stack.shape
-        k_near = int(np.clip(round(k), 0, n_k - 1))
-        dist = abs(k - k_near) * stack.spacing_mm[0]
-        if not (0 <= j < rows and 0 <= i < cols) or dist > 1.5 * stack.spacing_mm[0]:
-            continue
-        if best is None or dist < best[2]:
-            best = (stack, k_near, dist)
-    return best
+def choose_axial_slice(stacks: list[Stack], point_mm: np.ndarray,
+                       max_distance_mm: float = 0.0) -> tuple[Stack, int, float] | None:
+    """The axial stack and slice nearest to a patient point (exact slice-plane distance in mm, in-plane
+    inside, within the tolerance of :func:`rsna_spine.stacks.slice_tolerance_mm`); None if no slice is
+    that close. Returns (stack, k, distance in mm). :func:`rsna_spine.stacks.assign_level_slice` says why not."""
+    found = assign_level_slice(stacks, point_mm, max_distance_mm)
+    return (found["stack"], found["k"], found["distance_mm"]) if found["ok"] else None
 
 
-def localize_study(study_id: int, store: StackStore, localizers: Mapping, device, window: int = 2) -> pd.DataFrame:
-    """Stage-1 centres of one study: a row per (condition, level) that could be located."""
+def localize_study(study_id: int, store: StackStore, localizers: Mapping, device, window: int = 2,
+                   max_distance_mm: float = 0.0, misses: list | None = None, logger=None) -> pd.DataFrame:
+    """Stage-1 centres of one study: a row per (condition, level) that could be located.
+
+    Among several sagittal series (or stacks) of one description the localizer runs on the one chosen by
+    :func:`rsna_spine.stacks.choose_stack` (coverage of the levels, then pixel size). Each level's axial slice
+    carries its distance in mm (``slice_distance_mm``); a level with no axial slice within tolerance is
+    appended to ``misses`` as {study_id, level, reason, distance_mm} (its subarticular rows fall back to
+    class priors)."""
     rows = []
     level_anchor: dict = {}
     for key in ("sag_t2", "sag_t1"):
         stacks = store.stacks_of(study_id, key)
         if key not in localizers or not stacks:
             continue
-        stack = stacks[0]
+        stack = choose_stack(stacks, logger=logger)
         kji, conf = _sagittal_points(localizers[key], stack, device, window)
         xyz = stack.voxel_to_patient(kji)
         for p, (condition, level) in enumerate(POINTS[key]):
             rows.append({"study_id": study_id, "condition": condition, "level": level, "series_id": stack.series_id,
                          "stack_index": stack.stack_index, "k": kji[p, 0], "j": kji[p, 1], "i": kji[p, 2],
                          "x_mm": xyz[p, 0], "y_mm": xyz[p, 1], "z_mm": xyz[p, 2], "confidence": conf[p],
-                         "source": key})
+                         "source": key, "slice_distance_mm": float("nan")})
             level_anchor.setdefault((key, level), []).append(xyz[p])
     axial = store.stacks_of(study_id, "axial_t2")
     if "axial_t2" in localizers and axial:
@@ -199,10 +200,13 @@ def localize_study(study_id: int, store: StackStore, localizers: Mapping, device
             anchors = level_anchor.get(("sag_t2", level)) or level_anchor.get(("sag_t1", level))
             if not anchors:
                 continue
-            found = choose_axial_slice(axial, np.mean(anchors, axis=0))
-            if found is None:
+            found = assign_level_slice(axial, np.mean(anchors, axis=0), max_distance_mm)
+            if not found["ok"]:
+                if misses is not None:
+                    misses.append({"study_id": study_id, "level": level, "reason": found["reason"],
+                                   "distance_mm": found["distance_mm"]})
                 continue
-            stack, k, _ = found
+            stack, k, distance = found["stack"], found["k"], found["distance_mm"]
             plane, _ = resample_slice(stack, k, size, intensity)
             coords, conf = decode_heatmaps(_heatmap_mean(models, plane[None], device), window)
             kji = output_to_voxel(coords[0].cpu().numpy(), stack.shape, size, k)
@@ -212,21 +216,29 @@ def localize_study(study_id: int, store: StackStore, localizers: Mapping, device
                 rows.append({"study_id": study_id, "condition": condition, "level": level,
                              "series_id": stack.series_id, "stack_index": stack.stack_index, "k": float(k),
                              "j": ji[p, 0], "i": ji[p, 1], "x_mm": xyz[p, 0], "y_mm": xyz[p, 1], "z_mm": xyz[p, 2],
-                             "confidence": float(conf[0, p]), "source": "axial_t2"})
+                             "confidence": float(conf[0, p]), "source": "axial_t2", "slice_distance_mm": distance})
     return pd.DataFrame(rows, columns=CENTER_COLUMNS)
 
 
 def localize_studies(study_ids, store: StackStore, localizers: Mapping, device, window: int = 2,
-                     logger=None) -> pd.DataFrame:
+                     logger=None, max_distance_mm: float = 0.0, misses: list | None = None) -> pd.DataFrame:
+    """Stage-1 centres of ``study_ids``. Every level without an axial slice within tolerance is logged and
+    appended to ``misses`` (when given) so the caller can count the rows that fall back to class priors."""
     for models in localizers.values():
         for model, _ in models:
             model.eval()
     frames = []
+    misses = [] if misses is None else misses
     for study in study_ids:
-        frame = localize_study(int(study), store, localizers, device, window)
-        if logger is not None and len(frame) < len(CONDITIONS) * len(LEVELS):
-            logger(f"study {study}: stage 1 located {len(frame)} of 25 points (missing series or no axial "
-                   "stack at a level); the rest fall back to class priors")
+        before = len(misses)
+        frame = localize_study(int(study), store, localizers, device, window, max_distance_mm, misses, logger)
+        if logger is not None:
+            for miss in misses[before:]:
+                logger(f"study {study} {miss['level']}: no axial slice for the subarticular points "
+                       f"({miss['reason']}); class priors used")
+            if len(frame) < len(CONDITIONS) * len(LEVELS):
+                logger(f"study {study}: stage 1 located {len(frame)} of 25 points (missing series or no axial "
+                       "stack at a level); the rest fall back to class priors")
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CENTER_COLUMNS)
 

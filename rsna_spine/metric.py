@@ -1,4 +1,4 @@
-"""The official RSNA 2024 lumbar spine metric, plus the helpers around it.
+"""The official RSNA 2024 lumbar spine metric (both its edge-case behaviours), plus helpers.
 
 Kaggle metric "rsna-lumbar-metric" (the competition's evaluation page and its published source):
 
@@ -10,13 +10,31 @@ Kaggle metric "rsna-lumbar-metric" (the competition's evaluation page and its pu
    weighted log loss.
 4. Score = weighted mean of the four losses (weights 1, 1, 1, ``any_severe_scalar``). Lower is better.
 
-Two details made explicit here (notes/rsna_spine.md):
-- Rows are normalized to sum 1 *before* anything else, so the any_severe term sees normalized severe
-  probabilities. (The published code relied on older scikit-learn normalizing inside ``log_loss``;
-  scikit-learn ≥ 1.5 rejects rows that do not sum to 1.)
-- Solution rows without a truth (all-NaN or all-zero one-hot) are not scored. The binary any_severe loss
-  is given ``labels=[0, 1]`` so a set with no severe study still scores (the published code would raise);
-  the value is unchanged whenever both labels occur.
+Two modes (``mode=``), because the published code leaves the edge cases to scikit-learn:
+
+``"official"`` (default) reproduces what the published code computes under the scikit-learn of the
+competition (``log_loss`` of scikit-learn 1.2: clip every probability to [eps, 1 − eps], eps = the
+float64 machine epsilon by default, *then* divide each row by its sum), re-implemented here in numpy so
+the result does not depend on the installed scikit-learn (≥ 1.5 rejects rows that do not sum to 1):
+- unnormalized rows are clipped before they are normalized, so a row with values above 1 is *not* the
+  same as its normalized version ([2, 10, 0.5] scores as [0.4, 0.4, 0.2]);
+- an all-zero row scores as uniform (every value clipped to eps), an exact zero on the true class as
+  −log(eps / row sum) ≈ 36.04;
+- ``any_severe_spinal`` takes the *raw* ``severe`` column (max over the study's spinal rows, clipped to
+  [eps, 1 − eps]), not the normalized one;
+- a set where every study has the same any-severe label (e.g. no severe spinal row) raises, as
+  scikit-learn's ``log_loss`` does without ``labels=`` (``ParticipantVisibleError`` saying so).
+
+``"normalized"`` is the project's deliberate deviation, used for its own validation: rows are normalized
+to sum 1 first (an all-zero row is an error: no probability can be read from it), the any_severe term sees
+the normalized severe probability, and it is scored with ``labels=[0, 1]`` so a fold without a severe
+study still gets a score. On the pipeline's own submissions (rows sum to 1, no row of zeros) both modes
+agree to 1e-12 whenever both any-severe labels occur (tested).
+
+In both modes: rows are matched by row id, not position; solution rows without a truth (all-NaN or
+all-zero one-hot) are not scored (notes/rsna_spine.md); a solution row missing from the submission is an
+error naming it; extra submission rows are ignored; a condition group with no scored row is left out of
+the mean (reported as NaN) instead of raising.
 
 Under this loss the best prediction for a case with class probabilities p is q ∝ w·p (w = the sample
 weights): training with weighted cross-entropy [1, 2, 4] targets it directly, and a model trained with
@@ -75,9 +93,35 @@ def normalize_rows(values: np.ndarray, source: str = "submission") -> np.ndarray
     return values / sums
 
 
+METRIC_MODES = ("official", "normalized")
+FLOAT64_EPS = float(np.finfo(np.float64).eps)  # scikit-learn 1.2's eps="auto" for float64 predictions
+
+
+def official_log_loss(onehot: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None = None,
+                      eps: float = FLOAT64_EPS) -> float:
+    """Weighted multi-class log loss exactly as scikit-learn 1.2's ``log_loss`` computes it for one-hot
+    truth: clip to [eps, 1 − eps], divide each row by its sum, −Σ y log p, weighted mean over rows.
+    ``pred`` of shape (n,) is a binary positive-class probability (expanded to [1 − p, p] after clipping)."""
+    pred = np.clip(np.asarray(pred, dtype=np.float64), eps, 1.0 - eps)
+    if pred.ndim == 1:
+        pred = np.stack([1.0 - pred, pred], axis=1)
+    onehot = np.asarray(onehot, dtype=np.float64)
+    if onehot.ndim == 1:
+        onehot = np.stack([1.0 - onehot, onehot], axis=1)
+    pred = pred / pred.sum(axis=1, keepdims=True)
+    loss = -(onehot * np.log(pred)).sum(axis=1)
+    return float(np.average(loss, weights=sample_weight))
+
+
 def score_details(solution: pd.DataFrame, submission: pd.DataFrame, row_id_column_name: str = "row_id",
-                  any_severe_scalar: float = 1.0) -> dict:
-    """Every term of the metric: {spinal, foraminal, subarticular, any_severe_spinal, score, n_rows}."""
+                  any_severe_scalar: float = 1.0, mode: str = "official", eps: float = FLOAT64_EPS) -> dict:
+    """Every term of the metric: {spinal, foraminal, subarticular, any_severe_spinal, score, n_rows, mode}.
+
+    ``mode``: "official" (the published code's behaviour on every edge case) or "normalized" (the
+    project's deviation: rows normalized first); see the module docstring. ``eps``: the clipping of the
+    official mode (scikit-learn 1.2 default: float64 machine epsilon; older versions used 1e-15)."""
+    if mode not in METRIC_MODES:
+        raise ValueError(f"metric mode must be one of {METRIC_MODES}, got {mode!r}")
     _check_columns(solution, "solution", row_id_column_name)
     _check_columns(submission, "submission", row_id_column_name)
     sub_values = submission[TARGET_LEVELS]
@@ -107,9 +151,12 @@ def score_details(solution: pd.DataFrame, submission: pd.DataFrame, row_id_colum
     if len(missing):
         raise ParticipantVisibleError(f"submission lacks {len(missing)} row(s) of the solution, e.g. "
                                       f"'{missing.iloc[0]}'")
-    pred = normalize_rows(sub.loc[sol[row_id_column_name], TARGET_LEVELS].to_numpy(dtype=np.float64))
+    raw = sub.loc[sol[row_id_column_name], TARGET_LEVELS].to_numpy(dtype=np.float64)
+    pred = raw if mode == "official" else normalize_rows(raw)
     sol["study_id"] = sol[row_id_column_name].map(lambda x: str(x).split("_")[0])
     sol["condition"] = sol[row_id_column_name].map(get_condition)
+    onehot = sol[TARGET_LEVELS].to_numpy(dtype=np.float64)
+    weight = sol["sample_weight"].to_numpy(dtype=np.float64)
 
     out: dict = {}
     losses, weights = [], []
@@ -118,21 +165,30 @@ def score_details(solution: pd.DataFrame, submission: pd.DataFrame, row_id_colum
         if idx.size == 0:
             out[condition] = float("nan")
             continue
-        loss = sklearn.metrics.log_loss(sol.loc[idx, TARGET_LEVELS].to_numpy(), pred[idx],
-                                        sample_weight=sol.loc[idx, "sample_weight"].to_numpy())
+        if mode == "official":
+            loss = official_log_loss(onehot[idx], pred[idx], weight[idx], eps)
+        else:
+            loss = sklearn.metrics.log_loss(onehot[idx], pred[idx], sample_weight=weight[idx])
         out[condition] = float(loss)
         losses.append(loss)
         weights.append(1.0)
     spinal = np.flatnonzero(sol["condition"].to_numpy() == "spinal")
     if spinal.size:
-        frame = pd.DataFrame({"study_id": sol.loc[spinal, "study_id"].to_numpy(),
-                              "label": sol.loc[spinal, "severe"].to_numpy(),
-                              "weight": sol.loc[spinal, "sample_weight"].to_numpy(),
-                              "pred": pred[spinal, 2]})
+        frame = pd.DataFrame({"study_id": sol.loc[spinal, "study_id"].to_numpy(), "label": onehot[spinal, 2],
+                              "weight": weight[spinal], "pred": pred[spinal, 2]})
         per_study = frame.groupby("study_id").agg(label=("label", "max"), weight=("weight", "max"),
                                                   pred=("pred", "max"))
-        any_loss = sklearn.metrics.log_loss(per_study["label"].to_numpy(), per_study["pred"].to_numpy(),
-                                            sample_weight=per_study["weight"].to_numpy(), labels=[0, 1])
+        labels = per_study["label"].to_numpy()
+        if mode == "official":
+            if np.unique(labels).size < 2:
+                raise ParticipantVisibleError(
+                    f"any_severe_spinal: every study has label {labels[0]:g} (no severe spinal row, or only "
+                    "severe ones); the official code raises here (scikit-learn: y_true contains only one "
+                    "label); mode='normalized' scores it with labels=[0, 1]")
+            any_loss = official_log_loss(labels, per_study["pred"].to_numpy(), per_study["weight"].to_numpy(), eps)
+        else:
+            any_loss = sklearn.metrics.log_loss(labels, per_study["pred"].to_numpy(),
+                                                sample_weight=per_study["weight"].to_numpy(), labels=[0, 1])
         out["any_severe_spinal"] = float(any_loss)
         losses.append(any_loss)
         weights.append(float(any_severe_scalar))
@@ -140,18 +196,19 @@ def score_details(solution: pd.DataFrame, submission: pd.DataFrame, row_id_colum
         out["any_severe_spinal"] = float("nan")
     out["score"] = float(np.average(losses, weights=weights))
     out["n_rows"] = int(len(sol))
+    out["mode"] = mode
     return out
 
 
 def score(solution: pd.DataFrame, submission: pd.DataFrame, row_id_column_name: str,
-          any_severe_scalar: float) -> float:
+          any_severe_scalar: float, mode: str = "official") -> float:
     """The Kaggle signature: the official score of ``submission`` against ``solution`` (lower is better).
 
     ``solution``: row_id, normal_mild, moderate, severe (one-hot truth), optional sample_weight.
-    ``submission``: row_id, normal_mild, moderate, severe (probabilities; rows are normalized).
-    Rows are matched by row id, not by position.
+    ``submission``: row_id, normal_mild, moderate, severe (probabilities; see ``mode`` in the module
+    docstring for how unnormalized rows are treated). Rows are matched by row id, not by position.
     """
-    return score_details(solution, submission, row_id_column_name, any_severe_scalar)["score"]
+    return score_details(solution, submission, row_id_column_name, any_severe_scalar, mode)["score"]
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -41,7 +41,13 @@ from rsna_spine.inference import (
     load_ensemble,
     localize_studies,
 )
-from rsna_spine.metric import prior_probabilities, prior_submission, score_details, submission_frame
+from rsna_spine.metric import (
+    ParticipantVisibleError,
+    prior_probabilities,
+    prior_submission,
+    score_details,
+    submission_frame,
+)
 from rsna_spine.settings import DEFAULTS
 
 DOMAIN = "rsna_spine"
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(cfg["paths"]["data_root"])
     cache_dir = run.run_dir / "test_cache"
 
-    tasks = series_tasks(root, args.split, cache_dir, cfg["preprocess"]["percentiles"], logger=run.log)
+    tasks = series_tasks(root, args.split, cache_dir, cfg["preprocess"]["percentiles"], logger=run.log,
+                         gap_factor=cfg["preprocess"]["stack_gap_factor"],
+                         missing_geometry=cfg["preprocess"]["missing_geometry"])
     studies = sorted({t["study_id"] for t in tasks})
     sample = root / "sample_submission.csv"
     if sample.is_file():  # studies listed for submission but without any usable series still get rows
@@ -83,13 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
     if tasks and not (index["status"] == "ok").any():
         raise NothingProcessedError(f"none of the {len(tasks)} listed series could be decoded (see log.txt); "
                                     "a submission from class priors alone is not written", root / f"{args.split}_images")
-    store = StackStore(cache_dir, index=index)
+    store = StackStore(cache_dir, index=index, max_mb=cfg["cache"]["memory_mb"])
 
     models = load_ensemble(members, None, run.device, cfg["predict"]["checkpoint"], logger=run.log)
     run.log(f"ensemble: {len(models['classifier'])} classifier(s), localizers "
             f"{ {k: len(v) for k, v in models['localizer'].items()} }, flip TTA {cfg['predict']['tta_flip']}")
+    misses: list = []  # levels with no axial slice within tolerance (subarticular rows from priors)
     centers = localize_studies(studies, store, models["localizer"], run.device, cfg["localizer"]["decode_window"],
-                               logger=run.log)
+                               logger=run.log, max_distance_mm=cfg["localizer"]["axial_max_distance_mm"],
+                               misses=misses)
     items = center_items(centers)
     probs, _ = classify(items, store, models["classifier"], run.device, cfg["predict"]["batch_size"],
                         cfg["predict"]["tta_flip"])
@@ -115,11 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
     summary: dict = {"submission": out_path.name, "n_rows": len(submission), "n_studies": len(studies),
-                     "n_model_rows": len(submission) - n_prior, "n_prior_rows": n_prior, "train_dir": str(train_dir)}
+                     "n_model_rows": len(submission) - n_prior, "n_prior_rows": n_prior, "train_dir": str(train_dir),
+                     "levels_without_axial_slice": len(misses)}
     if args.solution is not None:
         solution = pd.read_csv(args.solution)
-        scored = score_details(solution.copy(), submission.copy(), "row_id", 1.0)
-        baseline = score_details(solution.copy(), prior_submission(submission["row_id"], priors), "row_id", 1.0)
+        scored = score_details(solution.copy(), submission.copy(), "row_id", 1.0, mode="normalized")
+        baseline = score_details(solution.copy(), prior_submission(submission["row_id"], priors), "row_id", 1.0,
+                                 mode="normalized")
+        try:  # the published code's own behaviour (raises on a set without any severe spinal study)
+            summary["official_mode_score"] = score_details(solution.copy(), submission.copy(), "row_id", 1.0)["score"]
+        except ParticipantVisibleError as exc:
+            summary["official_mode_score"] = None
+            run.log(f"official-mode score not defined: {exc}")
         run.log(f"official score on {args.solution}: {scored['score']:.4f} vs class-prior baseline "
                 f"{baseline['score']:.4f} (margin {baseline['score'] - scored['score']:+.4f})")
         summary.update({"official": scored, "prior_baseline": baseline, "headline": {

@@ -15,12 +15,14 @@ A run in which no listed series gives a stack exits with an error (exit code 2),
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from common.cli import make_parser, start_run
 from common.errors import InputError, NothingProcessedError, run_cli
+from common.runlog import write_text_atomic
 from rsna_spine.cache import (
     build_label_table,
     decode_all,
@@ -29,9 +31,12 @@ from rsna_spine.cache import (
     worker_count,
     write_csv_atomic,
 )
-from rsna_spine.data import DataLayoutError, StackStore, read_stack_index, stack_path
+from rsna_spine.data import DataLayoutError, StackStore
 from rsna_spine.settings import DEFAULTS
 from rsna_spine.synthetic import generate_dataset
+
+CACHE_MANIFEST = "cache_manifest.json"  # decode counts + label counts (read / matched / dropped with reasons)
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, data=True)
@@ -53,26 +58,21 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{summary['synthetic']['n_test_studies']} test studies, {summary['synthetic']['n_dicom_files']} files")
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    previous = None
-    if (cache_dir / "stack_index.csv").is_file() and not pcfg["overwrite"]:
-        previous = read_stack_index(cache_dir)
     frames, decode_s, n_decoded, n_workers = [], 0.0, 0, 1
+    decode_counts: dict = {}  # files, unreadable, skipped_geometry, gap_splits, instance_from_name
+    estimates: dict = {}
     for split in pcfg["splits"]:
-        tasks = series_tasks(root, split, cache_dir, pcfg["percentiles"], logger=run.log)
-        keep_rows = []
-        if previous is not None:  # series already decoded (all their stacks on disk) are not decoded again
-            done = previous[(previous["split"] == split) & (previous["status"] == "ok")]
-            cached = {(int(r.study_id), int(r.series_id)) for r in done.itertuples()
-                      if stack_path(cache_dir, r.study_id, r.series_id, r.stack_index).is_file()}
-            keep_rows = [done[(done["study_id"] == s) & (done["series_id"] == r)] for s, r in cached]
-            tasks = [t for t in tasks if (t["study_id"], t["series_id"]) not in cached]
-            if cached:
-                run.log(f"{split}: {len(cached)} series already in {cache_dir}, {len(tasks)} to decode")
+        tasks = series_tasks(root, split, cache_dir, pcfg["percentiles"], logger=run.log,
+                             gap_factor=pcfg["stack_gap_factor"], missing_geometry=pcfg["missing_geometry"])
         n_workers = worker_count(int(pcfg["workers"]), len(tasks))
-        index, seconds = decode_all(tasks, n_workers, run.log, desc=f"decode {split}")
-        frames += keep_rows + [index]
+        estimate: dict = {}
+        # resumable: series with a done marker and their stacks on disk are reused (unless preprocess.overwrite)
+        index, seconds = decode_all(tasks, n_workers, run.log, desc=f"decode {split}", totals=decode_counts,
+                                    reuse=not pcfg["overwrite"], estimate=estimate)
+        estimates[split] = estimate
+        frames.append(index)
         decode_s += seconds
-        n_decoded += len(tasks)
+        n_decoded += len(tasks) - estimate.get("n_resumed", 0)
     index = pd.concat([f for f in frames if len(f)], ignore_index=True)
     write_csv_atomic(index, cache_dir / "stack_index.csv")
     n_ok = int(index.loc[index["status"] == "ok", ["study_id", "series_id"]].drop_duplicates().shape[0])
@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
                                     f"{cache_dir / 'stack_index.csv'} and the log for each series)", root)
 
     if "train" in pcfg["splits"]:
-        store = StackStore(cache_dir, index=index[index["split"] == "train"].reset_index(drop=True))
-        table = build_label_table(root, store, logger=run.log)
+        store = StackStore(cache_dir, index=index[index["split"] == "train"].reset_index(drop=True),
+                           max_mb=cfg["cache"]["memory_mb"])
+        label_counts: dict = {}
+        table = build_label_table(root, store, logger=run.log, counts=label_counts)
         write_csv_atomic(table, cache_dir / "labels.csv")
         folds = make_folds(table, int(pcfg["n_folds"]), int(pcfg["fold_seed"]))
         write_csv_atomic(folds, cache_dir / "folds.csv")
@@ -95,11 +97,17 @@ def main(argv: list[str] | None = None) -> dict:
         run.log(f"labels: {int((table['label'] >= 0).sum())} graded targets, {located} with a located point; "
                 f"{folds['study_id'].nunique()} studies in {pcfg['n_folds']} folds")
         summary.update({"n_graded_targets": int((table["label"] >= 0).sum()), "n_located_points": located,
-                        "n_studies": int(folds["study_id"].nunique())})
+                        "n_studies": int(folds["study_id"].nunique()), "labels": label_counts})
     elif not (cache_dir / "labels.csv").is_file():
         raise DataLayoutError("preprocess.splits has no 'train': labels.csv was not built")
     summary.update({"cache_dir": cache_dir.as_posix(), "n_series_decoded": n_decoded, "n_series_usable": n_ok,
-                    "n_series_failed": n_bad, "decode_seconds": decode_s, "series_per_second": rate})
+                    "n_series_failed": n_bad, "decode_seconds": decode_s, "series_per_second": rate,
+                    "decode_counts": decode_counts, "estimate": estimates})
+    manifest = {"format": "rsna_spine-cache", "version": 2, "decode_counts": decode_counts,
+                "labels": summary.get("labels", {}), "n_series_usable": n_ok, "n_series_failed": n_bad,
+                "stack_gap_factor": pcfg["stack_gap_factor"], "missing_geometry": pcfg["missing_geometry"]}
+    write_text_atomic(cache_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
+    run.log(f"cache manifest: {cache_dir / CACHE_MANIFEST} (label counts: {summary.get('labels', {})})")
     return run.finish(summary)
 
 

@@ -30,6 +30,13 @@ DEFAULTS = {
         "n_folds": 5,  # StratifiedGroupKFold by study
         "fold_seed": 42,
         "overwrite": False,  # re-decode stacks already in the cache
+        "stack_gap_factor": 2.5,  # a gap > this x the median slice gap starts a new stack (parallel blocks)
+        "missing_geometry": "skip",  # slice without ImageOrientation/PositionPatient: skip (logged) | error
+    },
+    "cache": {
+        # decoded stacks one process keeps in memory (least recently used evicted first); every DataLoader
+        # worker holds its own, so a training job uses about (1 + train workers) x this
+        "memory_mb": 1024.0,
     },
     "intensity": {
         "mode": "percentile",  # percentile (per stack, default) | window (fixed WC/WW, the v9 setting)
@@ -45,6 +52,8 @@ DEFAULTS = {
         "channels": [8, 16, 32],  # U-Net widths (stem, pooled levels..., bottleneck)
         "sigma_vox": [1.0, 1.5, 1.5],  # Gaussian target width in output voxels (slice, row, col)
         "decode_window": 2,  # soft-argmax half-window around the peak (output voxels)
+        "axial_max_distance_mm": 0.0,  # level point to nearest axial slice plane; farther -> class priors
+        # (0 = automatic: the axial stack's median slice spacing)
         "coord_weight": 0.1,  # weight of the DSNT coordinate (L1) term added to the heatmap cross-entropy
         "epochs": 30,
         "batch_size": 4,
@@ -111,6 +120,12 @@ DEFAULTS = {
         "n_series": 40,  # series decoded for the decode-throughput measurement
         "n_samples": 64,  # stage-2 samples timed from the cache and from DICOM
         "decode_workers": [1, 2],  # worker counts whose decode throughput is measured
+        "real_size": {  # caching and sampling at real slice sizes (synthetic series; [] sizes = skip)
+            "sizes": [256, 384, 640],  # px (rows = columns)
+            "syntaxes": ["explicit", "jpeg2000"],  # uncompressed and JPEG 2000 lossless
+            "n_slices": 15,
+            "n_samples": 16,  # crops timed per source (disk cache, memory, DICOM)
+        },
     },
     "runtime": {**RUNTIME_DEFAULTS, "torch_threads": 0},  # torch_threads: 0 = torch default; 1 on busy CPUs
 }

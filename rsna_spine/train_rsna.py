@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
                     data_key="paths.cache_dir")
     cfg = run.cfg
     cache_dir = Path(cfg["paths"]["cache_dir"])
-    store = StackStore(cache_dir)
+    store = StackStore(cache_dir, max_mb=cfg["cache"]["memory_mb"])
     labels = pd.read_csv(cache_dir / "labels.csv")
     labels = labels[labels["has_images"]].reset_index(drop=True)
     folds = pd.read_csv(cache_dir / "folds.csv")
@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if cfg["train"]["val_centers"] == "stage1" and localizers:
                     loaded = {k: [load_model(run.run_dir / p, run.device, DOMAIN)] for k, p in localizers.items()}
                     centers = localize_studies(sorted(val_studies), store, loaded, run.device,
-                                               cfg["localizer"]["decode_window"])
+                                               cfg["localizer"]["decode_window"],
+                                               max_distance_mm=cfg["localizer"]["axial_max_distance_mm"])
                     if run.is_main:
                         centers.to_csv(run.run_dir / f"fold{fold}" / "val_centers.csv", index=False)
                 elif cfg["train"]["val_centers"] == "stage1":

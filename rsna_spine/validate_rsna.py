@@ -8,6 +8,8 @@ target of the held-out studies is scored, as the metric would. Reported:
   predicts its training prior re-weighted to the metric optimum q ∝ w·p), and with label-point crops
   ("oracle" stage 1) to separate localization from grading errors;
 - per-class recall, balanced accuracy, confusion matrices, calibration (ECE, reliability diagram);
+- temperature scaling per condition group fitted on the official metric (any-severe term included),
+  measured cross-fitted on two halves of the studies (``temperatures.json``; not applied by predict);
 - stage-1 localization error (3D mm and slices) per condition group;
 - figures: training curves, confusion matrices, reliability, localization errors, attention weights per
   slice and crops with predicted vs true grades for sample studies.
@@ -20,6 +22,7 @@ target of the held-out studies is scored, as the metric would. Reported:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,8 @@ import pandas as pd
 
 from common.cli import add_deprecated_alias, make_parser, start_run
 from common.errors import InputError, run_cli
+from common.runlog import write_text_atomic
+from rsna_spine.calibration import cross_fitted
 from rsna_spine.constants import SUBMISSION_COLUMNS
 from rsna_spine.data import StackStore
 from rsna_spine.stage_datasets import CropDataset, crop_items
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_dir = find_train_dir(args.checkpoint, cfg, run.config_name)
     members = ensemble_members(train_dir)
     cache_dir = Path(cfg["paths"]["cache_dir"])
-    store = StackStore(cache_dir)
+    store = StackStore(cache_dir, max_mb=cfg["cache"]["memory_mb"])
     labels = pd.read_csv(cache_dir / "labels.csv")
     folds = pd.read_csv(cache_dir / "folds.csv")
     classifiers = [m for m in members if m["stage"] == "classifier"]
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     run.record_inputs_valid()
 
     oof, oracle, baseline, loc, examples_src = [], [], [], [], []
+    misses: list = []  # levels with no axial slice within tolerance (subarticular rows from priors)
     crop_cfg, intensity_cfg = cfg["crop"], cfg["intensity"]
     for fold in model_folds:
         models = load_ensemble(members, [fold], run.device, cfg["predict"]["checkpoint"], logger=run.log)
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         imaged = labels[labels["has_images"] & labels["study_id"].isin(val_studies)]["study_id"].unique()
         if models["localizer"]:
             centers = localize_studies(sorted(imaged), store, models["localizer"], run.device,
-                                       cfg["localizer"]["decode_window"], logger=run.log)
+                                       cfg["localizer"]["decode_window"], logger=run.log,
+                                       max_distance_mm=cfg["localizer"]["axial_max_distance_mm"], misses=misses)
             loc.append(localization_errors(centers, labels).assign(fold=fold))
         else:
             run.log(f"fold {fold}: no localizer in the run; crops are centred on the label points")
@@ -115,15 +122,21 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{len(graded) - len(items)} by priors (no stage-1 point)")
     oof_table = pd.concat(oof, ignore_index=True)
     report = grading_report(oof_table)
+    # temperature scaling per condition group on the official metric, measured cross-fitted (two study halves)
+    calibration = cross_fitted(oof_table, seed=int(cfg["seed"]))
+    run.log(f"temperature scaling (cross-fitted on two study halves): OOF {calibration['uncalibrated']:.4f} -> "
+            f"{calibration['cross_fitted']:.4f}; temperatures fitted on all OOF rows "
+            f"{ {g: round(t, 3) for g, t in calibration['temperatures_all'].items()} }")
     oracle_report = grading_report(pd.concat(oracle, ignore_index=True))
     base_table = pd.concat(baseline, ignore_index=True)
     base = score_details(solution_from_labels(base_table), submission_frame(
-        base_table["row_id"], base_table[list(SUBMISSION_COLUMNS)].to_numpy()), "row_id", 1.0)
+        base_table["row_id"], base_table[list(SUBMISSION_COLUMNS)].to_numpy()), "row_id", 1.0, mode="normalized")
     errors = pd.concat(loc, ignore_index=True) if loc else pd.DataFrame(
         columns=["study_id", "condition", "level", "group", "distance_mm", "slice_error", "fold"])
     loc_summary = summarize_localization(errors)
     if run.is_main:
         oof_table.to_csv(run.run_dir / "oof_predictions.csv", index=False)
+        write_text_atomic(run.run_dir / "temperatures.json", json.dumps(calibration, indent=2))
         base_table.to_csv(run.run_dir / "oof_prior_baseline.csv", index=False)
         errors.to_csv(run.run_dir / "localization_errors.csv", index=False)
 
@@ -141,9 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "oof_official_label_point_crops": oracle_report["official"]["score"],
                 "balanced_accuracy": report["balanced_accuracy"],
                 "stage1_median_error_mm": {g: round(s["median_mm"], 2) for g, s in loc_summary.items()},
-                "n_targets": report["n"]}
+                "levels_without_axial_slice": len(misses),
+                "n_targets": report["n"], "oof_official_temperature_cross_fitted": calibration["cross_fitted"]}
     return run.finish({"headline": headline, "official": official, "prior_baseline": base,
-                       "label_point_crops": oracle_report["official"], "report": report,
+                       "label_point_crops": oracle_report["official"], "report": report, "calibration": calibration,
                        "oracle_report": oracle_report, "localization": loc_summary, "train_dir": str(train_dir),
                        "figures": figures})
 

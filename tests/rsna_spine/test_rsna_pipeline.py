@@ -54,6 +54,7 @@ def test_round_trip(tiny_dataset):
     assert all(np.isfinite(head[k]) for k in ("oof_official_score", "class_prior_baseline", "margin_vs_prior"))
     assert (work / "validate" / "oof_predictions.csv").is_file() and len(val["figures"]) == 4
     assert all((work / "validate" / f).is_file() for f in val["figures"])
+    assert (work / "validate" / "temperatures.json").is_file() and "cross_fitted" in val["calibration"]
 
     root = tiny_dataset["root"]
     pred = predict_rsna.main(_args(tiny_dataset, work / "predict") + [  # the deprecated flag still works
@@ -65,14 +66,19 @@ def test_round_trip(tiny_dataset):
     np.testing.assert_allclose(sub[["normal_mild", "moderate", "severe"]].sum(axis=1), 1.0, atol=1e-9)
     assert pred["n_prior_rows"] >= 10  # the test study without Sagittal T1 gets priors for its foramina
     truth = pd.read_csv(root / "solution" / "test_solution.csv")
-    assert np.isfinite(score(truth, sub, "row_id", 1.0))
-    assert pred["headline"]["test_official_score"] == pytest.approx(score(truth, sub, "row_id", 1.0))
+    assert np.isfinite(score(truth, sub, "row_id", 1.0, mode="normalized"))
+    assert pred["levels_without_axial_slice"] >= 0 and "official_mode_score" in pred
+    assert pred["headline"]["test_official_score"] == pytest.approx(score(truth, sub, "row_id", 1.0, mode="normalized"))
     assert not (work / "predict" / "test_cache").exists()
 
-    bench = benchmark_rsna.main(_args(tiny_dataset, work / "bench", ["benchmark.n_series=2", "benchmark.n_samples=4",
-                                                                    "benchmark.decode_workers=[1]"])
-                                + ["--validate-dir", str(work / "validate")])
+    bench = benchmark_rsna.main(_args(tiny_dataset, work / "bench", [
+        "benchmark.n_series=2", "benchmark.n_samples=4", "benchmark.decode_workers=[1]",
+        "benchmark.real_size.sizes=[64]", "benchmark.real_size.n_slices=7", "benchmark.real_size.n_samples=2"])
+        + ["--validate-dir", str(work / "validate")])
     assert bench["samples_per_s_dicom"] > 0 and bench["speedup_cached_vs_dicom"] > 0
+    assert [(r["size_px"], r["syntax"]) for r in bench["real_size"]] == [(64, "explicit"), (64, "jpeg2000")]
+    assert all(r["max_abs_difference"] == 0 and r["cache_ratio"] < 1 for r in bench["real_size"])
+    assert (work / "bench" / "real_size.csv").is_file()
     assert bench["max_abs_difference_cache_vs_dicom"] < 1e-5
     assert bench["margin_vs_prior"] == pytest.approx(head["margin_vs_prior"], rel=1e-9)
 
