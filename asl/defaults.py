@@ -99,8 +99,13 @@ DEFAULTS = {
     },
     "predict": {
         "mask_threshold": 0.2,  # brain mask: M0 > threshold × 99th percentile of M0
-        "ls": True,  # also fit LS maps for comparison
-        "m0_scale": 1.0,  # multiply M0 by this (e.g. a different receiver gain / TR correction)
+        "ls": True,  # with --checkpoint and no --method: also fit LS maps (--method both); false: --method nn
+        "m0_scale": 1.0,  # multiply M0 by this (e.g. a different receiver gain)
+        "m0_value": 0.0,  # M0 for data with M0Type Absent (> 0: used as a uniform M0; 0: refuse such data)
+        "fix_label_control_swap": False,  # a detected label/control swap: false = refuse, true = flip and record
+        "fit_model": "buxton_full",  # PCASL model LS fits to data (buxton_full as FSL BASIL; blood_t1 as MULTIVERSE)
+        "crlb": True,  # CRLB uncertainty maps of the fit (ls_cbf_std, ls_att_std; σ from the fit residuals)
+        "qc_figure": True,  # figures/qc.png: M0, ΔM/M0, maps, uncertainty, mean curve and fit
     },
     "benchmark": {
         "snr": 5.0,  # test-set SNR used

@@ -132,6 +132,44 @@ def pcasl_buxton_full(cbf, att_ms, plds_ms, t1b_ms, tau_ms, alpha_eff, lambda_bl
     return xp.where(t < att, zero, xp.where(t < att + tau_ms, during, after))
 
 
+def pcasl_buxton_full_jac(cbf, att_ms, plds_ms, t1b_ms, tau_ms, alpha_eff, lambda_blood, t1t_ms):
+    """(signal, ∂/∂CBF, ∂/∂ATT) of :func:`pcasl_buxton_full` in closed form (shapes as pcasl_blood_t1).
+
+    With k = f'/1000 (ms⁻¹), c = ∂k/∂CBF = 1/(6·10⁶ λ), T1' = 1/(1/T1t + k), E = exp(−ATT/T1b),
+    amp = 2α E k T1' (so ∂amp/∂CBF = 2α E c T1'²/T1t and ∂T1'/∂CBF = −c T1'²):
+      during (x = t − ATT): S = amp (1 − e^(−x/T1')); ∂S/∂CBF = ∂amp·q + amp c x e^(−x/T1');
+                            ∂S/∂ATT = −S/T1b − amp e^(−x/T1')/T1'
+      after (y = t − τ − ATT): S = amp e^(−y/T1') (1 − e^(−τ/T1'));
+                            ∂S/∂CBF = ∂amp·D·Q − amp c D (y Q − τ e^(−τ/T1')); ∂S/∂ATT = S (1/T1' − 1/T1b)
+    """
+    xp = _xp(cbf)
+    c = 1.0 / (6.0e6 * lambda_blood)
+    k = cbf[..., None] * c
+    att = att_ms[..., None]
+    t1a = 1.0 / (1.0 / t1t_ms + k)
+    e_att = xp.exp(-att / t1b_ms)
+    amp = 2.0 * alpha_eff * e_att * k * t1a
+    damp = 2.0 * alpha_eff * e_att * c * t1a * t1a / t1t_ms
+    t = tau_ms + plds_ms
+    x = xp.where(t > att, t - att, 0.0 * att)
+    ex = xp.exp(-x / t1a)
+    s_during = amp * (1.0 - ex)
+    dc_during = damp * (1.0 - ex) + amp * c * x * ex
+    da_during = -s_during / t1b_ms - amp * ex / t1a
+    y = t - tau_ms - att
+    d = xp.exp(-y / t1a)
+    e_tau = xp.exp(-tau_ms / t1a)
+    q = 1.0 - e_tau
+    s_after = amp * d * q
+    dc_after = damp * d * q - amp * c * d * (y * q - tau_ms * e_tau)
+    da_after = s_after * (1.0 / t1a - 1.0 / t1b_ms)
+    before = t < att
+    during = t < att + tau_ms
+    zero = 0.0 * s_during
+    pick = lambda a, b: xp.where(before, zero, xp.where(during, a, b))  # noqa: E731
+    return pick(s_during, s_after), pick(dc_during, dc_after), pick(da_during, da_after)
+
+
 def vsasl_multiverse(cbf, att_ms, plds_ms, t1b_ms, alpha_eff, lambda_blood):
     """VSASL ΔM/M0 (MULTIVERSE): (2 α2 f/λ)(min(PLD, ATT)/1000) exp(−PLD/T1b)."""
     xp = _xp(cbf)
@@ -220,19 +258,34 @@ def signal_curves_np(cbf, att_ms, physics: Mapping, params: Mapping | None = Non
 def signal_jacobian(cbf, att_ms, physics: Mapping, params: Mapping | None = None):
     """(signal, ∂signal/∂(CBF, ATT)): shapes (..., C) and (..., C, 2).
 
-    Closed form for the blood-T1 PCASL and VSASL models (both linear in CBF: ∂S/∂CBF = S(CBF=1));
-    central finite differences (CBF step 1e-3·max(CBF, 1), ATT step 0.5 ms) for the full Buxton model.
+    Closed form for every model: blood-T1 PCASL and VSASL are linear in CBF (∂S/∂CBF = S(CBF=1)); the full
+    Buxton model's derivatives are :func:`pcasl_buxton_full_jac` (tested against finite differences).
     """
     cbf, att_ms = _as_arrays(cbf, att_ms)
     xp = _xp(cbf)
     if "pcasl" in physics["modes"] and physics["pcasl_model"] == "buxton_full":
-        sig = _curves(cbf, att_ms, physics, params)
-        h_c = 1e-3 * xp.maximum(cbf, 0.0 * cbf + 1.0)
-        h_a = 0.5
-        d_cbf = (_curves(cbf + h_c, att_ms, physics, params)
-                 - _curves(xp.maximum(cbf - h_c, 0.0 * cbf), att_ms, physics, params))
-        d_cbf = d_cbf / (cbf + h_c - xp.maximum(cbf - h_c, 0.0 * cbf))[..., None]
-        d_att = (_curves(cbf, att_ms + h_a, physics, params) - _curves(cbf, att_ms - h_a, physics, params)) / (2 * h_a)
+        sigs, d_cbfs, d_atts = [], [], []
+        for mode in physics["modes"]:
+            one = {**physics, "modes": [mode]}
+            if mode == "pcasl":
+                plds = _plds(physics, params, cbf)
+                alpha = _param("alpha_pcasl", physics, params, cbf) * _param("alpha_bs1", physics, params, cbf) ** int(
+                    physics["n_bs_pcasl"])
+                s_, dc_, da_ = pcasl_buxton_full_jac(
+                    cbf, att_ms, plds, _param("t1_blood_ms", physics, params, cbf), _param("tau_ms", physics, params, cbf),
+                    alpha, float(physics["lambda_blood"]), float(physics["t1_tissue_ms"]))
+                scale = _param("m0_scale", physics, params, cbf)
+                sigs.append(s_ * scale)
+                d_cbfs.append(dc_ * scale)
+                d_atts.append(da_ * scale)
+            else:
+                unit = _curves(0.0 * cbf + 1.0, att_ms, one, params)
+                sigs.append(unit * cbf[..., None])
+                d_cbfs.append(unit)
+                d_atts.append(_curves(cbf, att_ms, one, params, d_att=True))
+        cat = (lambda parts: torch.cat(parts, dim=-1)) if xp is torch else (  # noqa: E731
+            lambda parts: np.concatenate(np.broadcast_arrays(*parts), axis=-1))
+        sig, d_cbf, d_att = cat(sigs), cat(d_cbfs), cat(d_atts)
     else:
         d_cbf = _curves(0.0 * cbf + 1.0, att_ms, physics, params)
         sig = d_cbf * cbf[..., None]

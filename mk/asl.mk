@@ -6,13 +6,14 @@ ASL_RUN ?= $(ASL_DEMO)/train
 ASL_SMOKE := configs/asl/smoke.yaml
 
 DEMO_TARGETS += asl-demo
-.PHONY: asl-demo asl-preprocess asl-train asl-validate asl-bench asl-predict
+.PHONY: asl-demo asl-preprocess asl-train asl-validate asl-bench asl-predict asl-fit
 
 asl-demo: setup
 	$(PYTHON) -m asl.preprocess_asl --config $(ASL_SMOKE) --data $(ASL_DATA)
 	$(PYTHON) -m asl.train_asl --config $(ASL_SMOKE) --data $(ASL_DATA) --output-dir $(ASL_DEMO)/train
 	$(PYTHON) -m asl.validate_asl --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --data $(ASL_DATA) --output-dir $(ASL_DEMO)/validate
-	$(PYTHON) -m asl.predict_asl $(ASL_DATA)/synthetic_subject/bids --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --reference-cbf $(ASL_DATA)/synthetic_subject/truth_cbf.nii.gz --reference-att $(ASL_DATA)/synthetic_subject/truth_att.nii.gz --output-dir $(ASL_DEMO)/predict
+	$(PYTHON) -m asl.predict_asl $(ASL_DATA)/synthetic_subject/bids --method ls --config $(ASL_SMOKE) --set physics.pcasl_model=blood_t1 --reference-cbf $(ASL_DATA)/synthetic_subject/truth_cbf.nii.gz --reference-att $(ASL_DATA)/synthetic_subject/truth_att.nii.gz --output-dir $(ASL_DEMO)/predict_ls
+	$(PYTHON) -m asl.predict_asl $(ASL_DATA)/synthetic_subject/bids --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --set physics.pcasl_model=blood_t1 --reference-cbf $(ASL_DATA)/synthetic_subject/truth_cbf.nii.gz --reference-att $(ASL_DATA)/synthetic_subject/truth_att.nii.gz --output-dir $(ASL_DEMO)/predict
 	$(PYTHON) -m asl.benchmark_asl --checkpoint $(ASL_DEMO)/train --config $(ASL_SMOKE) --data $(ASL_DATA) --output-dir $(ASL_DEMO)/benchmark
 
 asl-preprocess: setup
@@ -30,3 +31,6 @@ asl-bench: setup
 
 asl-predict: setup
 	$(PYTHON) -m asl.predict_asl $(or $(INPUT),$(ASL_DATA)/synthetic_subject/bids) --checkpoint $(ASL_RUN) --config $(or $(CONFIG),$(ASL_SMOKE)) $(ARGS)
+
+asl-fit: setup
+	$(PYTHON) -m asl.predict_asl $(INPUT) --method ls $(ARGS)

@@ -20,11 +20,11 @@ def save(arr, path):
 
 def write_bids(folder, plds_s=(1.0, 1.0, 2.0, 2.0), types=("label", "control", "label", "control"), m0="separate",
                kind="PCASL", acq="pcasl", nan_voxel=False, pld_field=None):
-    """Volumes: label_k = 100 − k·10 − 1, control_k = 100 (k = PLD index) → ΔM = 10k + 1 at PLD k; M0 = 200."""
+    """Volumes: label_k = 100 − k·10 − 1, control_k = 100 (k = PLD index) → ΔM = 10k + 1 at PLD k; M0 = 2000."""
     vols = []
     for t, pld in zip(types, plds_s):
         k = [1.0, 2.0].index(pld) + 1 if pld in (1.0, 2.0) else 0
-        vols.append(np.full(SHAPE, 100.0 if t == "control" else 200.0 if t == "m0scan" else 100.0 - 10 * k - 1))
+        vols.append(np.full(SHAPE, 100.0 if t == "control" else 2000.0 if t == "m0scan" else 100.0 - 10 * k - 1))
     data = np.stack(vols, axis=-1)
     if nan_voxel:
         data[0, 0, 0, 1] = np.nan
@@ -35,17 +35,17 @@ def write_bids(folder, plds_s=(1.0, 1.0, 2.0, 2.0), types=("label", "control", "
                "LabelingDuration": 1.8}
     (folder / f"{prefix}_asl.json").write_text(json.dumps(sidecar), encoding="utf-8")
     if m0 == "separate":
-        save(np.full(SHAPE, 200.0), folder / f"{prefix}_m0scan.nii.gz")
+        save(np.full(SHAPE, 2000.0), folder / f"{prefix}_m0scan.nii.gz")
 
 
 def test_bids_pairs_subtracted_averaged_and_divided_by_m0(tmp_path):
     write_bids(tmp_path)
     subject = load_bids(tmp_path)
-    np.testing.assert_allclose(subject["signals"]["pcasl"][1000.0], 11 / 200)
-    np.testing.assert_allclose(subject["signals"]["pcasl"][2000.0], 21 / 200)
+    np.testing.assert_allclose(subject["signals"]["pcasl"][1000.0], 11 / 2000)
+    np.testing.assert_allclose(subject["signals"]["pcasl"][2000.0], 21 / 2000)
     signals, mask = assemble(subject, PH, 0.2)
     assert signals.shape == SHAPE + (2,) and mask.all()
-    np.testing.assert_allclose(signals[..., 1], 21 / 200, rtol=1e-6)
+    np.testing.assert_allclose(signals[..., 1], 21 / 2000, rtol=1e-6)
 
 
 def test_bids_included_m0_and_deltam_volumes(tmp_path):
@@ -53,8 +53,8 @@ def test_bids_included_m0_and_deltam_volumes(tmp_path):
                kind="VSASL", acq="vsasl")
     subject = load_subject(tmp_path)
     assert set(subject["signals"]) == {"vsasl"}
-    # deltam volume at 2 s holds 100 − 21 = 79 (it was written as a "label" value); ΔM/M0 = 79/200.
-    np.testing.assert_allclose(subject["signals"]["vsasl"][2000.0], 79 / 200)
+    # deltam volume at 2 s holds 100 − 21 = 79 (it was written as a "label" value); ΔM/M0 = 79/2000.
+    np.testing.assert_allclose(subject["signals"]["vsasl"][2000.0], 79 / 2000)
 
 
 def test_nan_voxels_are_masked_not_propagated(tmp_path):
@@ -78,7 +78,7 @@ def test_bids_bad_input_names_file_and_field(tmp_path, kwargs, match):
 
 def test_bids_m0_shape_mismatch(tmp_path):
     write_bids(tmp_path)
-    save(np.full((3, 3, 2), 200.0), tmp_path / "sub-01_acq-pcasl_m0scan.nii.gz")
+    save(np.full((3, 3, 2), 2000.0), tmp_path / "sub-01_acq-pcasl_m0scan.nii.gz")
     with pytest.raises(InvivoError, match="m0scan.nii.gz: M0 shape"):
         load_bids(tmp_path)
 

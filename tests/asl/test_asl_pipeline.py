@@ -128,8 +128,10 @@ def test_validate_predict_benchmark(pipeline, capsys):
         pred = predict_asl.main([str(subject / layout), "--checkpoint", str(root / "train"), *cfg,
                                  "--output-dir", str(root / f"pred_{layout}"),
                                  "--reference-cbf", str(subject / "truth_cbf.nii.gz")])
-        for name in ("cbf", "att", "cbf_std", "att_std", "ls_cbf", "ls_att", "mask"):
+        for name in ("cbf", "att", "cbf_std", "att_std", "ls_cbf", "ls_att", "ls_cbf_std", "ls_att_std", "mask"):
             assert (root / f"pred_{layout}" / f"{name}.nii.gz").is_file()
+        sidecar = json.loads((root / f"pred_{layout}" / "maps.json").read_text(encoding="utf-8"))
+        assert sidecar["method"] == "both" and sidecar["network"]["n_models"] == 2 and pred["method"] == "both"
         assert finite(pred["nn_gm_wm_cbf_ratio"]) and finite(pred["ls_gm_wm_cbf_ratio"])
         assert pred["reference_cbf_mae"]["ls"] < 15  # LS on the synthetic subject recovers the truth
     import nibabel as nib
