@@ -1,7 +1,8 @@
 """Check a trained ABR model against the issue's targets, beside the baselines measured in the same run.
 
-Targets (held-out synthetic patients, production config): threshold within ±10 dB ≥ 92 % (the ABRpresto
-figure) and better than the classical baseline; wave V latency MAE below 0.2 ms; macro F1 above the
+Targets (held-out synthetic patients, production config): threshold within ±10 dB ≥ 92 % and better than
+the classical baseline (92 % is borrowed as a bar from ABRpresto's real-mouse agreement with human
+readers; a synthetic score meeting it says nothing about real ears and is not compared with it); wave V latency MAE below 0.2 ms; macro F1 above the
 class-prior (majority-class) baseline by a clear margin (benchmark.macro_f1_margin). Also times
 inference per ear for the model and the classical analysis in this process (best of
 benchmark.timing_repeats) and prints the ratio — a speed comparison on this machine, not a target.
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     lat = metrics["waves"]["V"]["latency_ms"]["mae"]
     f1 = metrics["classification"]["macro_f1"]
     targets = [
-        {"target": f"threshold within ±10 dB >= {bcfg['threshold_within_10db']:.0%} (ABRpresto)", "value": thr,
+        {"target": f"threshold within ±10 dB >= {bcfg['threshold_within_10db']:.0%} (synthetic bar)", "value": thr,
          "reference": bcfg["threshold_within_10db"], "passed": bool(thr >= bcfg["threshold_within_10db"])},
         {"target": "threshold within ±10 dB better than the classical baseline", "value": thr, "reference": cthr,
          "passed": bool(thr > cthr)},

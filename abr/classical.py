@@ -5,8 +5,11 @@ waveform (maximum normalized cross-correlation within ±``max_lag_ms``, inside t
 above a criterion — the visual "repeatability across levels" rule, in the spirit of ABRpresto's
 correlation of sub-averages (Shaheen et al. 2024). Going down from the top level, the threshold is the
 lowest level of the unbroken run of accepted levels; the estimate is placed half-way into the gap to the
-next lower level tested (the true threshold lies in that gap). No accepted level → "no response"
-(the censor value). The criterion is chosen on the validation split, never on the test split.
+next lower level tested (the true threshold lies in that gap). The estimate never leaves the tested range:
+when every level responds it is the lowest level tested, censored "<=" (the threshold is at or below it, how
+far is not measured); when none responds it is "no response", censored ">" the highest level tested, with
+the censor value as its number (the label convention for "NR" ears). The criterion is chosen on the
+validation split, never on the test split.
 
 Wave V: the largest local maximum inside an intensity-dependent latency window (clinical rule of thumb:
 window at 80 dB nHL moved later by ~0.45 ms per 10 dB below), interpolated between samples.
@@ -50,9 +53,27 @@ def series_correlations(signals_uv: np.ndarray, t_ms: np.ndarray, window_ms, max
     return out
 
 
+CENSOR_BELOW = "<="  # every level responded: threshold at or below the lowest level tested
+CENSOR_ABOVE = ">"  # no level responded: threshold above the highest level tested
+
+
+def threshold_censoring(accepted: np.ndarray) -> str:
+    """"<=" when every level responded, ">" when none did, "" when the threshold lies inside the tested range."""
+    accepted = np.asarray(accepted, dtype=bool)
+    if accepted.size and accepted.all():
+        return CENSOR_BELOW
+    if not accepted.any():
+        return CENSOR_ABOVE
+    return ""
+
+
 def threshold_from_correlations(corr: np.ndarray, intensity_db: np.ndarray, criterion: float, censor_db: float,
                                 step_db: float) -> tuple[float, np.ndarray]:
-    """(threshold estimate in dB, accepted-response flag per level) from one ear's correlations."""
+    """(threshold estimate in dB, accepted-response flag per level) from one ear's correlations.
+
+    Inside the tested range: half-way into the gap below the lowest accepted level. Every level accepted:
+    the lowest level tested (never below it; :func:`threshold_censoring` gives "<="). None accepted:
+    ``censor_db`` (">" the highest level tested). ``step_db`` is kept for the signature's sake."""
     n = corr.size
     accepted = np.zeros(n, dtype=bool)
     for i in range(n - 1, -1, -1):
@@ -62,7 +83,9 @@ def threshold_from_correlations(corr: np.ndarray, intensity_db: np.ndarray, crit
     if not accepted.any():
         return float(censor_db), accepted
     k = int(np.flatnonzero(accepted)[0])
-    gap = intensity_db[k] - intensity_db[k - 1] if k > 0 else step_db
+    if k == 0:
+        return float(intensity_db[0]), accepted
+    gap = intensity_db[k] - intensity_db[k - 1]
     return float(intensity_db[k] - 0.5 * gap), accepted
 
 
@@ -97,10 +120,12 @@ def pick_wave_v(signal_uv: np.ndarray, t_ms: np.ndarray, intensity_db: float, wi
 
 def analyse_series(signals_uv: np.ndarray, intensity_db: np.ndarray, t_ms: np.ndarray, cfg: dict,
                    criterion: float, censor_db: float, step_db: float) -> dict:
-    """Classical analysis of one ear: threshold, per-level response flag and correlation, wave V picks."""
+    """Classical analysis of one ear: threshold (with its censoring "<=", ">" or ""), per-level response flag
+    and correlation, wave V picks."""
     corr = series_correlations(signals_uv, t_ms, cfg["window_ms"], cfg["max_lag_ms"])
     threshold, accepted = threshold_from_correlations(corr, intensity_db, criterion, censor_db, step_db)
     picks = np.array([pick_wave_v(s, t_ms, i, cfg["v_window_80db_ms"], cfg["v_window_slope_ms_per_10db"])
                       for s, i in zip(signals_uv, intensity_db)])
-    return {"threshold_db": threshold, "response": accepted, "correlation": corr,
+    return {"threshold_db": threshold, "threshold_censoring": threshold_censoring(accepted),
+            "response": accepted, "correlation": corr,
             "latency_ms": picks[:, 0], "amplitude_uv": picks[:, 1]}

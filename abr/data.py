@@ -12,6 +12,18 @@ Columns (config key → default name):
   threshold Threshold (dB nHL; "NR" = no response at any level; empty = unknown) · latency_I/III/V
   "I Latency" ... (ms; empty = wave absent) · amplitude_I/III/V "I Amplitude" ... (µV).
 
+Only patient_id and intensity are required. Age, rate, hearing-loss class, threshold, FMP, sweeps, polarity and
+the peak columns are optional: a column missing under its default name is treated as absent (noted in
+``Recordings.notes``, no ``--set ...=null`` needed); a column renamed in the config must exist (a typo is
+an error). An empty age / rate / class cell, or a class spelled "unknown", is unknown (NaN / -1): the model
+is conditioned on "unknown" (abr/dataset.py) and the class loss skips it.
+
+Sweep rejection: ``data.max_rejected_fraction`` drops recordings whose rejected / (rejected + accepted)
+sweeps exceed the fraction (needs both columns); ``data.max_sweeps_rejected`` (absolute, off by default)
+is kept for exports without an accepted-sweeps column. Both are counted in ``Recordings.dropped``.
+
+Other layouts (long CSV, NumPy, MATLAB, ABRA/TDT CSV), units, polarity and level reference: abr/readers.py.
+
 FMP (Elberling & Don's response-detection statistic, Fmp ≥ 3.1 ≈ 99 % confidence) is read and kept
 for reporting only: it encodes the wave-present label, so it is never a model input.
 """
@@ -26,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from abr.labels import CLASS_NAMES, WAVES, canonical_class
+from abr.labels import UNKNOWN_CLASS, WAVES, class_index_or_unknown
 from common.errors import InputError, NothingProcessedError
 
 DEFAULT_COLUMNS = {
@@ -37,6 +49,7 @@ DEFAULT_COLUMNS = {
     "rate": "Stimulus Rate",
     "fmp": "FMP",
     "sweeps_rejected": "Sweeps Rejected",
+    "sweeps_accepted": "Sweeps Accepted",
     "polarity": "Stimulus Polarity",
     "hearing_loss": "Hear_Loss",
     "threshold": "Threshold",
@@ -47,8 +60,11 @@ DEFAULT_COLUMNS = {
     "latency_V": "V Latency",
     "amplitude_V": "V Amplitude",
     "sample_prefix": "",  # sample columns are "<prefix>1" .. "<prefix>N"
+    "samples": "Samples",  # long layout: the waveform in one cell (abr/readers.py)
+    "file": "File",  # long layout: the waveform in a file named by the row
+    "sampling_rate": "Sampling Rate",  # long layout: per-row sampling rate (Hz), optional
 }
-REQUIRED = ("patient_id", "age", "intensity", "rate", "hearing_loss")
+REQUIRED = ("patient_id", "intensity")
 NO_RESPONSE_WORDS = {"NR", "NORESPONSE", "YOK", "CEVAPYOK", "YANITYOK", "ABSENT", "NONE"}
 AGE_TO_YEARS = {"years": 1.0, "months": 1.0 / 12.0, "days": 1.0 / 365.25}
 
@@ -82,6 +98,11 @@ class Recordings:
     fmp: np.ndarray  # (N,) NaN when absent (reporting only, never a model input)
     row_number: np.ndarray  # (N,) spreadsheet row of each recording
     dropped: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # repairs and assumptions, shown in the log and the outputs
+    window_ms: float = float("nan")  # the recordings' own window (samples / rate), before any crop or pad
+    level_reference: str = "dB nHL"  # the input's level reference (intensity_db and threshold_db are in it)
+    level_offset_db: float = 0.0  # added to the input's levels to get the model's reference
+    stimulus: np.ndarray | None = None  # (N,) str: "click" or the tone frequency, when the layout has it
 
     def __len__(self) -> int:
         return int(self.patient_id.size)
@@ -167,19 +188,30 @@ def sample_columns(table: pd.DataFrame, prefix: str, source: str) -> list[str]:
     return [numbered[i] for i in range(1, top + 1)]
 
 
-def _check_columns(table: pd.DataFrame, columns: dict, source: str) -> None:
-    order = list(REQUIRED) + [k for k in columns if k not in REQUIRED]  # required columns reported first
-    for key in order:
-        name = columns.get(key)
-        if key == "sample_prefix" or name is None:
-            continue
-        if name not in table.columns:
-            need = "required" if key in REQUIRED else f"set data.columns.{key}: null if the table has none"
-            raise TableError(f"{source}: column '{name}' (data.columns.{key}) not found ({need}); "
-                             f"the table's columns start with: {', '.join(list(table.columns)[:16])}")
+def _check_columns(table: pd.DataFrame, columns: dict, source: str, notes: list | None = None) -> dict:
+    """The column map actually used. A required column must exist; an optional column missing under its
+    default name is dropped from the map (noted); one the config renamed must exist (a typo is an error)."""
     for key in REQUIRED:
         if columns.get(key) is None:
             raise TableError(f"{source}: data.columns.{key} is required and cannot be null")
+    used = dict(columns)
+    absent = []
+    order = list(REQUIRED) + [k for k in columns if k not in REQUIRED]  # required columns reported first
+    for key in order:
+        name = columns.get(key)
+        if key in ("sample_prefix", "samples", "file", "sampling_rate") or name is None:
+            continue
+        if name not in table.columns:
+            if key not in REQUIRED and name == DEFAULT_COLUMNS.get(key):
+                used[key] = None
+                absent.append(name)
+                continue
+            need = "required" if key in REQUIRED else f"set data.columns.{key}: null if the table has none"
+            raise TableError(f"{source}: column '{name}' (data.columns.{key}) not found ({need}); "
+                             f"the table's columns start with: {', '.join(list(table.columns)[:16])}")
+    if absent and notes is not None:
+        notes.append(f"columns not in the table (treated as absent/unknown): {', '.join(absent)}")
+    return used
 
 
 def _numeric(table: pd.DataFrame, name: str, source: str, rows: np.ndarray, allow_nan: bool) -> np.ndarray:
@@ -219,8 +251,8 @@ def parse_recordings(table: pd.DataFrame, data_cfg: dict, source: str = "table")
     (or such rows dropped when ``nan_samples: drop``); known class names; numeric metadata; peak
     latencies inside the recording window (a latency past the window means the sampling rate is wrong).
     """
-    columns = {**DEFAULT_COLUMNS, **(data_cfg.get("columns") or {})}
-    _check_columns(table, columns, source)
+    notes: list = []
+    columns = _check_columns(table, {**DEFAULT_COLUMNS, **(data_cfg.get("columns") or {})}, source, notes)
     table = table.reset_index(drop=True)
     rows = np.arange(len(table)) + 2  # spreadsheet row numbers (header is row 1)
     names = sample_columns(table, columns["sample_prefix"], source)
@@ -231,8 +263,11 @@ def parse_recordings(table: pd.DataFrame, data_cfg: dict, source: str = "table")
         if abs(len(names) - expected) > tolerance * expected + 1:
             raise TableError(
                 f"{source}: {len(names)} sample columns ('{names[0]}'..'{names[-1]}') but data.sampling_rate_hz="
-                f"{fs:g} × data.window_ms={data_cfg['window_ms']:g} expects about {expected:.0f}; the table's "
-                f"sampling rate would be {len(names) / float(data_cfg['window_ms']) * 1000:.0f} Hz")
+                f"{fs:g} × data.window_ms={data_cfg['window_ms']:g} expects about {expected:.0f}: either the window "
+                f"is {len(names) / fs * 1000:.2f} ms at {fs:g} Hz (set data.window_ms, or null to take it from the "
+                f"sample count; the model grid is cropped or padded to it) or the sampling rate is "
+                f"{len(names) / float(data_cfg['window_ms']) * 1000:.0f} Hz for a {data_cfg['window_ms']:g} ms "
+                "window (set data.sampling_rate_hz)")
     signals = table[names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     dropped = {}
     bad_rows = ~np.all(np.isfinite(signals), axis=1)
@@ -257,6 +292,18 @@ def parse_recordings(table: pd.DataFrame, data_cfg: dict, source: str = "table")
         ok = ~(swept >= float(data_cfg["max_sweeps_rejected"]))
         dropped["sweeps_rejected"] = int((keep & ~ok).sum())
         keep &= ok
+    if data_cfg.get("max_rejected_fraction") is not None and columns.get("sweeps_rejected"):
+        if columns.get("sweeps_accepted"):
+            rejected = _numeric(table, columns["sweeps_rejected"], source, rows, allow_nan=True)
+            accepted = _numeric(table, columns["sweeps_accepted"], source, rows, allow_nan=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                fraction = rejected / (rejected + accepted)
+            ok = ~(fraction > float(data_cfg["max_rejected_fraction"]))
+            dropped["rejected_fraction"] = int((keep & ~ok).sum())
+            keep &= ok
+        else:
+            notes.append(f"sweep rejection not checked: no '{DEFAULT_COLUMNS['sweeps_accepted']}' column "
+                         "(data.columns.sweeps_accepted) to form the rejected fraction")
     if not keep.any():
         raise NoRecordingsError(f"{source}: 0 of {len(keep)} recordings left after filtering ({dropped})")
     table, signals, rows = table[keep].reset_index(drop=True), signals[keep], rows[keep]
@@ -264,20 +311,28 @@ def parse_recordings(table: pd.DataFrame, data_cfg: dict, source: str = "table")
     age_unit = data_cfg.get("age_unit", "years")
     if age_unit not in AGE_TO_YEARS:
         raise TableError(f"data.age_unit must be one of {sorted(AGE_TO_YEARS)}, got {age_unit!r}")
-    age = _numeric(table, columns["age"], source, rows, allow_nan=False) * AGE_TO_YEARS[age_unit]
+    unknown = np.full(len(table), np.nan)
+    age = (_numeric(table, columns["age"], source, rows, allow_nan=True) * AGE_TO_YEARS[age_unit]
+           if columns.get("age") else unknown.copy())
     if (age < 0).any():
         first = int(np.flatnonzero(age < 0)[0])
         raise TableError(f"{source}: column '{columns['age']}' row {rows[first]}: negative age")
     intensity = _numeric(table, columns["intensity"], source, rows, allow_nan=False)
-    rate = _numeric(table, columns["rate"], source, rows, allow_nan=False)
-    class_idx = np.empty(len(table), dtype=np.int64)
-    labels = table[columns["hearing_loss"]]
-    for value in pd.unique(labels):
-        where = np.flatnonzero((labels == value).to_numpy()) if not pd.isna(value) else np.flatnonzero(labels.isna())
-        shown = ", ".join(str(r) for r in rows[where[:5]])
-        index = CLASS_NAMES.index(canonical_class(
-            None if pd.isna(value) else value, f"{source}: column '{columns['hearing_loss']}' row(s) {shown}"))
-        class_idx[where] = index
+    rate = _numeric(table, columns["rate"], source, rows, allow_nan=True) if columns.get("rate") else unknown.copy()
+    class_idx = np.full(len(table), UNKNOWN_CLASS, dtype=np.int64)
+    if columns.get("hearing_loss"):
+        labels = table[columns["hearing_loss"]]
+        for value in pd.unique(labels):
+            where = (np.flatnonzero((labels == value).to_numpy()) if not pd.isna(value)
+                     else np.flatnonzero(labels.isna().to_numpy()))
+            shown = ", ".join(str(r) for r in rows[where[:5]])
+            class_idx[where] = class_index_or_unknown(
+                value, f"{source}: column '{columns['hearing_loss']}' row(s) {shown}")
+    for name, values in (("age", age), ("rate", rate)):
+        if np.isnan(values).any():
+            notes.append(f"{name} unknown for {int(np.isnan(values).sum())} of {len(table)} recordings")
+    if (class_idx < 0).any():
+        notes.append(f"hearing-loss class unknown for {int((class_idx < 0).sum())} of {len(table)} recordings")
     threshold = (_threshold(table, columns["threshold"], source, rows) if columns.get("threshold")
                  else np.full(len(table), np.nan))
     n_waves = len(WAVES)
@@ -308,10 +363,19 @@ def parse_recordings(table: pd.DataFrame, data_cfg: dict, source: str = "table")
         source=source, sampling_rate_hz=fs, pre_stimulus_ms=float(data_cfg.get("pre_stimulus_ms", 0.0)),
         patient_id=table[columns["patient_id"]].astype(str).str.strip().to_numpy(), ear=ear, age_years=age,
         intensity_db=intensity, rate_per_s=rate, class_idx=class_idx, threshold_db=threshold, latency_ms=latency,
-        amplitude_uv=amplitude, peaks_known=known, signals_uv=signals, fmp=fmp, row_number=rows, dropped=dropped)
+        amplitude_uv=amplitude, peaks_known=known, signals_uv=signals, fmp=fmp, row_number=rows, dropped=dropped,
+        notes=notes, window_ms=len(names) / fs * 1000.0)
+
+
+def load_clinical(path: str | Path, data_cfg: dict) -> Recordings:
+    """:func:`read_table` + :func:`parse_recordings` (the clinical layout only, samples as given)."""
+    table = read_table(path, data_cfg.get("encoding", "auto"), data_cfg.get("sheet"))
+    return parse_recordings(table, data_cfg, source=str(path))
 
 
 def load_recordings(path: str | Path, data_cfg: dict) -> Recordings:
-    """:func:`read_table` + :func:`parse_recordings`."""
-    table = read_table(path, data_cfg.get("encoding", "auto"), data_cfg.get("sheet"))
-    return parse_recordings(table, data_cfg, source=str(path))
+    """Any supported layout (``data.format``, see abr/readers.py), with units, polarity, the amplitude-scale
+    check and the level reference applied."""
+    from abr.readers import read_recordings
+
+    return read_recordings(path, data_cfg)

@@ -24,20 +24,28 @@ CACHE_NAME = "abr_cache.npz"
 META_NAME = "meta.json"
 SPLITS = ("train", "val", "test")
 # Model inputs besides the waveform (FMP is deliberately absent: it encodes the wave-present label).
-STATIC_FEATURES = ("log_age_months", "intensity_01", "rate_per_50s", "log10_scale_uv")
+# Age and rate may be unknown: their value is then the training mean (0 after standardization) and the
+# *_known flag is 0, so the model is conditioned on "unknown" rather than on a guess.
+STATIC_FEATURES = ("log_age_months", "intensity_01", "rate_per_50s", "log10_scale_uv", "age_known", "rate_known")
 
 
-def static_raw(age_years, intensity_db, rate_per_s, scale_uv) -> np.ndarray:
-    """Unstandardized static features (N, 4): log(1 + age in months), level/100, rate/50, log10 RMS µV."""
-    return np.stack([np.log1p(12.0 * np.asarray(age_years, dtype=np.float64)),
-                     np.asarray(intensity_db, dtype=np.float64) / 100.0,
-                     np.asarray(rate_per_s, dtype=np.float64) / 50.0,
-                     np.log10(np.asarray(scale_uv, dtype=np.float64))], axis=-1)
+def static_raw(age_years, intensity_db, rate_per_s, scale_uv, features=STATIC_FEATURES) -> np.ndarray:
+    """Unstandardized static features (N, F) named by ``features`` (a checkpoint's own list, so models
+    trained before the *_known flags keep their 4): log(1 + age in months), level/100, rate/50,
+    log10 RMS µV, age known, rate known. Unknown age / rate are NaN (see :func:`standardize_static`)."""
+    age = np.asarray(age_years, dtype=np.float64)
+    rate = np.asarray(rate_per_s, dtype=np.float64)
+    columns = {"log_age_months": np.log1p(12.0 * age), "intensity_01": np.asarray(intensity_db, np.float64) / 100.0,
+               "rate_per_50s": rate / 50.0, "log10_scale_uv": np.log10(np.asarray(scale_uv, dtype=np.float64)),
+               "age_known": np.isfinite(age).astype(np.float64), "rate_known": np.isfinite(rate).astype(np.float64)}
+    return np.stack([columns[name] for name in features], axis=-1)
 
 
 def standardize_static(raw: np.ndarray, meta: dict) -> np.ndarray:
+    """(raw − mean) / std with the training statistics; unknown (NaN) values become the mean (0)."""
     mean = np.asarray(meta["static_mean"], dtype=np.float64)
     std = np.asarray(meta["static_std"], dtype=np.float64)
+    raw = np.where(np.isfinite(raw), raw, mean)
     return ((raw - mean) / std).astype(np.float32)
 
 

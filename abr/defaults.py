@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 from abr.data import DEFAULT_COLUMNS
+from abr.readers import ARRAY_KEYS
 from abr.synthetic import SYNTHETIC_DEFAULTS
 from common.runtime import RUNTIME_DEFAULTS
 
@@ -18,7 +19,16 @@ ABR_DEFAULTS = {
     "seed": 0,
     # ---------------------------------------------------------------- the clinical table (abr/data.py)
     "data": {
-        "table": None,  # CSV/XLSX in the clinical format; null = generate synthetic data (section below)
+        "table": None,  # the recordings (any data.format); null = generate synthetic data (section below)
+        "format": "auto",  # auto | clinical | long | arrays (.npz/.npy/.mat) | abra (TDT BioSigRZ CSV); abr/readers.py
+        "units": "uV",  # V | mV | uV | nV: unit of the samples (and amplitude columns); converted to µV
+        "amplitude_check": "error",  # error | convert | off: median RMS outside 0.003-30 µV = another unit
+        "signal_polarity": "vertex_positive",  # vertex_negative: the export shows vertex-negative up (inverted)
+        "level_reference": "dB nHL",  # the input's level reference (a label; predictions are given back in it)
+        "level_offset_db": 0.0,  # added to the input's levels to reach the model's reference (dB nHL click)
+        "array_keys": dict(ARRAY_KEYS),  # .npz/.mat array names, e.g. {signals: abr, intensity_db: levels, sampling_rate_hz: fs}
+        "array_levels_db": [],  # levels of a bare .npy (one ear, rows = levels)
+        "abra_sampling_rate_hz": 24414.0625,  # ABRA/TDT CSV (RZ6: 244 samples ≈ 10 ms)
         "sheet": None,  # Excel sheet name or index (null = first)
         "encoding": "auto",  # CSV text encoding; auto = UTF-8 (with/without BOM), else cp1254
         "sampling_rate_hz": 30000.0,  # of the table's samples (Eclipse ABR15 export: 30 kHz)
@@ -28,7 +38,8 @@ ABR_DEFAULTS = {
         "age_unit": "years",  # years | months | days
         "nan_samples": "error",  # error | drop (rows with empty/NaN samples)
         "keep_polarities": [],  # e.g. [Alternating]; empty = keep all (the original kept alternating)
-        "max_sweeps_rejected": 100.0,  # drop recordings with this many rejected sweeps or more (null = off)
+        "max_rejected_fraction": 0.5,  # drop recordings with rejected / (rejected + accepted) sweeps above this
+        "max_sweeps_rejected": None,  # absolute limit (exports without an accepted-sweeps column); null = off
         "missing_peak_means_absent": True,  # empty latency = wave absent (clinical exports leave it blank)
         "columns": dict(DEFAULT_COLUMNS),  # config key -> column name; null = the table has no such column
         "cache_dir": None,  # preprocessed cache folder (--data DIR sets it); null = data/abr/<config name>
@@ -42,6 +53,10 @@ ABR_DEFAULTS = {
         "filter_order": 2,  # Butterworth order (zero-phase: no latency shift)
         "split": [0.7, 0.15, 0.15],  # train / val / test share of PATIENTS (stratified by class)
         "threshold_censor_db": None,  # value for "no response"; null = highest level in the table + step
+        "model_window_ms": None,  # model grid window; null = the data's own; other windows are cropped / zero-padded
+        "unknown_metadata_fraction": 0.1,  # training ears whose age and rate are marked unknown (the "unknown" input)
+        "short_window_fraction": 0.1,  # training ears cut to a shorter window, zero-padded (10 ms TDT/ABRA) ...
+        "short_window_ms": [8.0, 12.0],  # ... at a window drawn from this range (ms after the stimulus)
     },
     # ----------------------------------------------------------------- the multi-task model (models.py)
     "model": {
@@ -138,9 +153,19 @@ ABR_DEFAULTS = {
         "guidance_scale": 1.5,
         "compare_split": "test",  # real recordings the quality metrics compare against
     },
+    # ---------------------------------------------------------------------- new recordings (predict_abr.py)
+    "predict": {
+        "batch_size": 64,
+        "figure_ears": 50,  # one figure per ear, up to this many
+        "overrides": None,  # manual override CSV; null = <output-dir>/overrides.csv when it exists
+        "classical_criterion": 0.5,  # used when classical.criterion is null (no validation split to fit it on)
+        "unsure_sd_db": 10.0,  # flag an ear whose threshold σ exceeds this ...
+        "unsure_outlier_prob": 0.5,  # ... or whose outlier probability exceeds this ...
+        "unsure_disagreement_db": 20.0,  # ... or where model and classical differ by more than this
+    },
     # --------------------------------------------------------------------------- targets (benchmark_abr.py)
     "benchmark": {
-        "threshold_within_10db": 0.92,  # ABRpresto (mice) share within ±10 dB
+        "threshold_within_10db": 0.92,  # a bar for SYNTHETIC test ears; ABRpresto's 92 % is real mice, not comparable
         "latency_mae_ms": 0.2,
         "macro_f1_margin": 0.2,  # over the class-prior baseline
         "timing_repeats": 3,

@@ -150,6 +150,10 @@ def class_prior_baselines(train_labels: np.ndarray, test_labels: np.ndarray, n_c
     predicting classes at random with the training priors."""
     train_labels = train_labels[train_labels >= 0]
     test_labels = test_labels[test_labels >= 0]
+    if train_labels.size == 0 or test_labels.size == 0:  # no known classes: nothing to compare
+        nan = float("nan")
+        return {"majority_macro_f1": nan, "majority_balanced_accuracy": nan, "majority_accuracy": nan,
+                "prior_sampling_macro_f1": nan, "majority_class": None}
     prior = np.bincount(train_labels, minlength=n_classes) / max(train_labels.size, 1)
     majority = classification_metrics(test_labels, y_pred=np.full(test_labels.size, int(prior.argmax())),
                                       labels=list(range(n_classes)), class_names=names)
@@ -160,6 +164,17 @@ def class_prior_baselines(train_labels: np.ndarray, test_labels: np.ndarray, n_c
     return {"majority_macro_f1": majority["macro_f1"], "majority_balanced_accuracy": majority["balanced_accuracy"],
             "majority_accuracy": majority["accuracy"], "prior_sampling_macro_f1": float(np.mean(sampled)),
             "majority_class": names[int(prior.argmax())]}
+
+
+def class_metrics(labels: np.ndarray, probs: np.ndarray, names) -> dict:
+    """common.metrics.classification_metrics, or the same keys as NaN when no ear has a known class (a table
+    without a class column: sklearn refuses empty input)."""
+    if labels.size:
+        return classification_metrics(labels, probs=probs, labels=list(range(len(names))), class_names=names)
+    nan = float("nan")
+    return {"accuracy": nan, "balanced_accuracy": nan, "macro_f1": nan, "log_loss": nan, "ece": nan, "n": 0,
+            "per_class": {n: {"recall": nan, "precision": nan, "f1": nan, "support": 0} for n in names},
+            "confusion": [[0] * len(names) for _ in names]}
 
 
 def evaluate_model(pred: dict, arrays: dict, meta: dict) -> dict:
@@ -189,8 +204,7 @@ def evaluate_model(pred: dict, arrays: dict, meta: dict) -> dict:
     out["threshold_outlier_auroc"] = roc_auc(err[ok] > 10.0, pred["outlier_prob"][ok])
     labels = arrays["series_class"][series]
     keep = labels >= 0
-    out["classification"] = classification_metrics(labels[keep], probs=pred["class_probs"][keep],
-                                                   labels=list(range(len(names))), class_names=names)
+    out["classification"] = class_metrics(labels[keep], pred["class_probs"][keep], names)
     has_clean = arrays["has_clean"][rows]
     if has_clean.any():
         clean = arrays["clean"][rows][has_clean].astype(np.float64)
@@ -238,12 +252,13 @@ def evaluate_classical(arrays: dict, meta: dict, series: np.ndarray, cfg: dict, 
     """Classical threshold and wave V metrics on ``series`` plus the per-ear / per-recording picks."""
     t_ms = np.asarray(meta["time_ms"])
     v = meta["waves"].index("V")
-    rows_all, thr, resp, corr, lat, amp = [], [], [], [], [], []
+    rows_all, thr, cens, resp, corr, lat, amp = [], [], [], [], [], [], []
     for rows, signals, levels in classical_inputs(arrays, series):
         res = analyse_series(signals, levels, t_ms, cfg, criterion, meta["threshold_censor_db"],
                              meta["intensity_step_db"])
         rows_all.append(rows)
         thr.append(res["threshold_db"])
+        cens.append(res["threshold_censoring"])
         resp.append(res["response"])
         corr.append(res["correlation"])
         lat.append(res["latency_ms"])
@@ -265,5 +280,6 @@ def evaluate_classical(arrays: dict, meta: dict, series: np.ndarray, cfg: dict, 
                "wave_v": {"existence": det, "latency_ms": lat_m,
                           "amplitude_uv": regression_metrics(amp, amp_true, present & np.isfinite(amp_true))}}
     picks = {"rows": rows, "response": resp, "correlation": corr, "latency_ms": lat, "amplitude_uv": amp,
-             "threshold_db": np.array(thr), "series": np.asarray(series)}
+             "threshold_db": np.array(thr), "threshold_censoring": np.array(cens, dtype=object),
+             "series": np.asarray(series)}
     return {"metrics": metrics, "picks": picks}

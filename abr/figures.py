@@ -51,7 +51,7 @@ def waveform_stacks(arrays: dict, meta: dict, pred: dict, classical: dict, ears:
             j = cls_pos.get(int(r))
             if j is not None and classical["response"][j]:
                 ax.plot(classical["latency_ms"][j], classical["amplitude_uv"][j] + offset, "x", color=OKABE_ITO[0], ms=4)
-        name = meta["class_names"][int(arrays["series_class"][s])]
+        name = meta["class_names"][int(arrays["series_class"][s])] if arrays["series_class"][s] >= 0 else "unknown"
         true = arrays["series_threshold_db"][s]
         ax.set_title(f"{arrays['series_patient'][s]} {arrays['series_ear'][s]} {name}\n"
                      f"true {true:.0f} | model {model_threshold.get(s, np.nan):.0f} | "

@@ -23,6 +23,7 @@ def condition_features(age_years, intensity_db, rate_per_s, meta: dict) -> np.nd
     raw = static_raw(age_years, intensity_db, rate_per_s, np.ones(np.shape(age_years)))[:, :N_COND_STATIC]
     mean = np.asarray(meta["static_mean"][:N_COND_STATIC])
     std = np.asarray(meta["static_std"][:N_COND_STATIC])
+    raw = np.where(np.isfinite(raw), raw, mean)  # unknown age / rate: the training mean
     return ((raw - mean) / std).astype(np.float32)
 
 

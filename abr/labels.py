@@ -68,3 +68,14 @@ def canonical_class(value, where: str = "") -> str:
 
 def class_index(value, where: str = "") -> int:
     return CLASS_NAMES.index(canonical_class(value, where))
+
+
+UNKNOWN_CLASS = -1  # a recording's class index when the class is not known (the class loss skips it)
+UNKNOWN_WORDS = {"", "UNKNOWN", "NA", "NAN", "NONE", "BILINMIYOR", "BILINMEYEN"}  # after _fold; "?" and "-" fold to ""
+
+
+def class_index_or_unknown(value, where: str = "") -> int:
+    """:func:`class_index`, or UNKNOWN_CLASS for an empty cell, NaN, "unknown", "?", "-" (a typo stays an error)."""
+    if value is None or (isinstance(value, float) and value != value) or _fold(value) in UNKNOWN_WORDS:
+        return UNKNOWN_CLASS
+    return class_index(value, where)

@@ -1,8 +1,10 @@
 """Preprocess ABR recordings into the model's cached arrays.
 
-Reads a clinical table (CSV/Excel, ``--table`` or data.table) or, without one, first generates a
-synthetic table in that same format (synthetic section), so the real-data path is the one exercised.
-Then: analysis band-pass, resampling to the model grid, per-recording RMS normalization (the RMS in µV
+Reads recordings (``--table`` or data.table: the clinical CSV/Excel table or any layout of abr/readers.py,
+with its units / polarity / level options) or, without one, first generates a synthetic table in the
+clinical format (synthetic section), so the real-data path is the one exercised. Then: analysis band-pass,
+resampling to the model grid (cropped or zero-padded to preprocess.model_window_ms; training augmentations:
+ears with unknown age / rate, ears cut to a short window), per-recording RMS normalization (the RMS in µV
 is kept as an input feature), patient-level stratified train/val/test split, grouping into intensity
 series per patient-ear (threshold labels live on the series), and label-range statistics.
 
@@ -13,12 +15,14 @@ from which no recording survives the checks exits with an error (code 2), never 
 Config sections used: seed, data, synthetic, preprocess.
 
     python -m abr.preprocess_abr --config configs/abr/smoke.yaml --output-dir data/abr/smoke
-    python -m abr.preprocess_abr --table exports/abr.xlsx --set data.columns.threshold=null
+    python -m abr.preprocess_abr --table exports/abr.xlsx
+    python -m abr.preprocess_abr --table exports/long_nv.csv --set data.units=nV --set preprocess.model_window_ms=15
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,27 +78,94 @@ def stratified_patient_split(patient_class: dict, shares, seed: int) -> dict:
     return out
 
 
-def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict) -> tuple[dict, dict]:
-    """Arrays and metadata of the cache (see abr.dataset.ABRSeriesDataset for how they are used)."""
+def majority_class(labels: np.ndarray) -> int:
+    """The most common known class (≥ 0); -100 (ignored by the class loss) when none is known."""
+    labels = np.asarray(labels)
+    labels = labels[labels >= 0]
+    return int(np.bincount(labels).argmax()) if labels.size else -100
+
+
+def to_model_grid(x: np.ndarray, fs_in: float, pre_in_ms: float, fs_out: float, n_out: int, pre_out_ms: float,
+                  band, order: int) -> np.ndarray:
+    """Band-pass at the recording's rate, resample to ``fs_out``, then crop or zero-pad so that sample 0 is at
+    −``pre_out_ms`` and there are ``n_out`` samples (a 10 ms recording on a 15 ms grid: zeros after 10 ms,
+    which the band-passed, zero-mean trace approaches anyway; a 24.7 ms one is cropped)."""
+    if band is not None:
+        x = bandpass(x, fs_in, band[0], band[1], order, zero_phase=True)
+    x = resample(x, fs_in, fs_out)
+    shift = int(round((float(pre_in_ms) - float(pre_out_ms)) * fs_out / 1000.0))  # samples before the grid's start
+    if shift > 0:
+        x = x[..., shift:]
+    elif shift < 0:
+        x = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(-shift, 0)])
+    if x.shape[-1] >= n_out:
+        return x[..., :n_out]
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_out - x.shape[-1])])
+
+
+def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict, grid: dict | None = None,
+                static_features=STATIC_FEATURES, split: bool = True) -> tuple[dict, dict]:
+    """Arrays and metadata of the cache (see abr.dataset.ABRSeriesDataset for how they are used).
+
+    ``grid`` (``model_rate_hz``, ``n_samples``, ``pre_stimulus_ms``): a trained model's grid (predict_abr);
+    default the config's rate over ``preprocess.model_window_ms`` (null: the recordings' own window).
+    ``split=False`` (prediction): every ear in the first split, no metadata masking."""
     pcfg = cfg["preprocess"]
-    fs_in, fs_out = recs.sampling_rate_hz, float(pcfg["model_rate_hz"])
-    window_ms = recs.signals_uv.shape[1] / fs_in * 1000.0
-    n_out = int(round(window_ms * fs_out / 1000.0))
+    fs_in = recs.sampling_rate_hz
+    source_window_ms = recs.signals_uv.shape[1] / fs_in * 1000.0
+    if grid is None:
+        fs_out = float(pcfg["model_rate_hz"])
+        window_ms = float(pcfg.get("model_window_ms") or source_window_ms)
+        grid = {"model_rate_hz": fs_out, "n_samples": int(round(window_ms * fs_out / 1000.0)),
+                "pre_stimulus_ms": recs.pre_stimulus_ms}
+    fs_out, n_out, pre_out = float(grid["model_rate_hz"]), int(grid["n_samples"]), float(grid["pre_stimulus_ms"])
+    window_ms = n_out / fs_out * 1000.0
     band = pcfg["filter_hz"]
+    notes = list(recs.notes)
+    if abs(source_window_ms - recs.pre_stimulus_ms - (window_ms - pre_out)) > 1000.0 / fs_out:
+        notes.append(f"recordings of {source_window_ms:.2f} ms (from {-recs.pre_stimulus_ms:g} ms) "
+                     f"{'zero-padded' if source_window_ms - recs.pre_stimulus_ms < window_ms - pre_out else 'cropped'}"
+                     f" to the model's {window_ms:.2f} ms grid (from {-pre_out:g} ms)")
 
     def to_grid(x: np.ndarray) -> np.ndarray:
-        if band is not None:
-            x = bandpass(x, fs_in, band[0], band[1], pcfg["filter_order"], zero_phase=True)
-        return resample(x, fs_in, fs_out, n_out)
+        return to_model_grid(x, fs_in, recs.pre_stimulus_ms, fs_out, n_out, pre_out, band, pcfg["filter_order"])
+
+    # the patient-level split first: the training augmentations below touch training ears only
+    patient_class = {str(pid): majority_class(recs.class_idx[recs.patient_id == pid])
+                     for pid in np.unique(recs.patient_id)}
+    split_of_patient = (stratified_patient_split(patient_class, pcfg["split"], int(cfg["seed"])) if split
+                        else dict.fromkeys(patient_class, 0))
+    row_train = np.array([split_of_patient[str(p)] == 0 for p in recs.patient_id], dtype=bool)
 
     signal_uv = to_grid(recs.signals_uv)
+    t_grid = time_axis_ms(n_out, fs_out, pre_out)
+    cut_ms = np.full(len(recs), np.inf)  # recordings shortened on purpose (short-window augmentation)
+    fraction = float(pcfg.get("short_window_fraction", 0.0) or 0.0) if split else 0.0
+    if fraction > 0:  # some ears recorded over a shorter window (10 ms TDT / ABRA), zero-padded as predict does
+        ear_keys = np.array([f"{p}\t{e}" for p, e in zip(recs.patient_id, recs.ear)])
+        unique, inverse = np.unique(ear_keys, return_inverse=True)
+        rng = np.random.default_rng([int(cfg["seed"]), 17])
+        train_ear = np.zeros(unique.size, dtype=bool)
+        train_ear[inverse] = row_train
+        chosen = (rng.random(unique.size) < fraction) & train_ear  # training ears only
+        cuts = rng.uniform(*pcfg["short_window_ms"], unique.size)
+        cut_ms = np.where(chosen[inverse], cuts[inverse], np.inf)
+        signal_uv[t_grid[None, :] >= cut_ms[:, None]] = 0.0
+        if chosen.any():
+            notes.append(f"short-window augmentation: {int(chosen.sum())} of {unique.size} ears cut at "
+                         f"{pcfg['short_window_ms'][0]:g}-{pcfg['short_window_ms'][1]:g} ms and zero-padded")
     signal, scale = normalize_recordings(signal_uv)
     has_clean = np.full(len(recs), clean_uv is not None)
     clean = to_grid(clean_uv) / scale[:, None] if clean_uv is not None else np.zeros_like(signal)
+    clean[t_grid[None, :] >= cut_ms[:, None]] = 0.0  # nothing to denoise where nothing was recorded
 
     latency = recs.latency_ms.copy()
     exist = np.isfinite(latency)
     exist_known = recs.peaks_known.copy()
+    cut_off = np.nan_to_num(latency, nan=0.0) > cut_ms[:, None] - 0.5  # a wave cut off: unknown, not absent
+    exist_known &= ~cut_off
+    exist &= ~cut_off
+    latency[cut_off] = np.nan
     if not cfg["data"]["missing_peak_means_absent"]:
         exist_known &= exist
     amp_rel = recs.amplitude_uv / scale[:, None]
@@ -119,24 +190,30 @@ def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict) -> tup
     step = float(np.median(np.diff(levels))) if levels.size > 1 else 10.0
     censor = float(pcfg["threshold_censor_db"]) if pcfg["threshold_censor_db"] is not None \
         else float(levels.max() + step)
-    series_class = np.array([np.bincount(recs.class_idx[m]).argmax() for m in members], dtype=np.int64)
+    series_class = np.array([majority_class(recs.class_idx[m]) for m in members], dtype=np.int64)
     series_threshold = np.array([recs.threshold_db[m[0]] for m in members], dtype=np.float64)
     series_censored = np.isinf(series_threshold)
     series_threshold = np.where(series_censored, censor, np.minimum(series_threshold, censor))
     series_patient = np.array([recs.patient_id[m[0]] for m in members])
     series_ear = np.array([str(recs.ear[m[0]]) for m in members])
 
-    patient_class = {}
-    for pid in np.unique(recs.patient_id):
-        patient_class[str(pid)] = int(np.bincount(recs.class_idx[recs.patient_id == pid]).argmax())
-    split_of_patient = stratified_patient_split(patient_class, pcfg["split"], int(cfg["seed"]))
     series_split = np.array([split_of_patient[str(p)] for p in series_patient], dtype=np.int64)
     row_split = series_split[series_of_row]
 
-    raw = static_raw(recs.age_years, recs.intensity_db, recs.rate_per_s, scale)
+    age, rate = recs.age_years.copy(), recs.rate_per_s.copy()
+    fraction = float(pcfg.get("unknown_metadata_fraction", 0.0) or 0.0) if split else 0.0
+    if fraction > 0:  # some ears with age and rate "unknown", so the model learns that input
+        masked = np.random.default_rng([int(cfg["seed"]), 16]).random(len(members)) < fraction
+        masked &= series_split == 0  # training ears only: validation and test keep what the table says
+        age[masked[series_of_row]] = np.nan
+        rate[masked[series_of_row]] = np.nan
+    raw = static_raw(age, recs.intensity_db, rate, scale, static_features)
     train_rows = row_split == 0
-    mean, std = raw[train_rows].mean(axis=0), raw[train_rows].std(axis=0)
-    std = np.where(std > 1e-6, std, 1.0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature unknown for every training row
+        mean, std = np.nanmean(raw[train_rows], axis=0), np.nanstd(raw[train_rows], axis=0)
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0)
 
     arrays = {
         "signal": signal.astype(np.float32), "clean": clean.astype(np.float32), "has_clean": has_clean,
@@ -155,15 +232,20 @@ def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict) -> tup
     meta = {
         "source": recs.source,
         "source_sampling_rate_hz": fs_in,
-        "pre_stimulus_ms": recs.pre_stimulus_ms,
+        "source_window_ms": source_window_ms,
+        "source_pre_stimulus_ms": recs.pre_stimulus_ms,
+        "level_reference": recs.level_reference,
+        "level_offset_db": recs.level_offset_db,
+        "notes": notes,
+        "pre_stimulus_ms": pre_out,
         "model_rate_hz": fs_out,
         "n_samples": n_out,
         "window_ms": window_ms,
-        "time_ms": time_axis_ms(n_out, fs_out, recs.pre_stimulus_ms).tolist(),
+        "time_ms": time_axis_ms(n_out, fs_out, pre_out).tolist(),
         "filter_hz": band,
         "class_names": list(CLASS_NAMES),
         "waves": list(WAVES),
-        "static_features": list(STATIC_FEATURES),
+        "static_features": list(static_features),
         "static_mean": mean.tolist(),
         "static_std": std.tolist(),
         "threshold_censor_db": censor,
@@ -252,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     clean = load_clean_sidecar(Path(table), recs)
     run.record_inputs_valid()
     run.log(f"read {len(recs)} recordings from {table}" + (f" (dropped {recs.dropped})" if recs.dropped else ""))
+    for note in recs.notes:
+        run.log(f"  {note}")
     arrays, meta = build_cache(recs, clean, cfg)
     write_cache(run.run_dir, arrays, meta)
     figures = overview_figure(arrays, meta, run.run_dir / "figures" / "dataset_overview")

@@ -23,6 +23,11 @@ Evoked Potentials*; values collected in the domain notes):
 - residual noise after averaging 20-40 nV RMS (the clinical target), with a quarter of the recordings
   noisier (40-100 nV: restless infants, runs stopped early), 1/f-coloured EEG.
 
+What real recordings vary (issue 16), randomized per ear: the EEG spectrum's slope (1/f^a,
+``noise_exponent_range``), mains hum at 50 or 60 Hz with harmonics in ``mains_fraction`` of ears, myogenic
+(muscle) noise above ~300 Hz in ``myogenic_fraction``, all inside the same residual RMS; and the response
+size across subjects (electrode placement, skull: a log-normal gain, ``subject_gain_sd``).
+
 Ground-truth peaks are measured on the noise-free trace after the device filter (what a perfect reader
 would mark on that trace): the local maximum nearest each wave's component latency.
 """
@@ -58,6 +63,13 @@ SYNTHETIC_DEFAULTS = {
     "device_filter_hz": [100.0, 3000.0],
     "device_filter_order": 2,
     "device_zero_phase": True,
+    "noise_exponent_range": [0.6, 1.6],  # EEG 1/f^a slope per ear
+    "mains_fraction": 0.3,  # ears with mains hum (50 or 60 Hz + harmonics 2-5) inside the residual noise
+    "mains_hz": [50.0, 60.0],
+    "mains_rel": [0.3, 1.5],  # hum RMS relative to the EEG noise before the mix is scaled to the residual RMS
+    "myogenic_fraction": 0.15,  # ears with muscle noise (white, high-passed at 300 Hz) ...
+    "myogenic_rel": [0.5, 1.5],  # ... of this RMS relative to the EEG noise
+    "subject_gain_sd": 0.25,  # log-normal σ of a per-ear response amplitude scale (0 = none)
     "output_format": "csv",
 }
 
@@ -224,6 +236,25 @@ def coloured_noise(shape: tuple, sampling_rate_hz: float, rng: np.random.Generat
     return noise / noise.std(axis=-1, keepdims=True)
 
 
+def ear_noise(shape: tuple, t_ms: np.ndarray, sampling_rate_hz: float, cfg: dict, rng: np.random.Generator) -> np.ndarray:
+    """One ear's background before filtering and scaling: 1/f^a EEG (a drawn per ear), plus mains hum
+    (50/60 Hz and harmonics 2-5, random phases) and myogenic noise (white, high-passed at 300 Hz) in a
+    fraction of ears. Unit-free: the caller scales it to the residual RMS."""
+    # no random draw for a feature that is off: with them off the tables are those of the generator before
+    lo, hi = cfg.get("noise_exponent_range", [1.0, 1.0])
+    noise = coloured_noise(shape, sampling_rate_hz, rng, exponent=float(rng.uniform(lo, hi)) if hi > lo else float(lo))
+    if cfg.get("mains_fraction", 0.0) > 0 and rng.random() < cfg["mains_fraction"]:
+        f0 = float(rng.choice(cfg["mains_hz"]))
+        hum = sum(rng.uniform(0.2, 1.0) / h * np.sin(2 * np.pi * f0 * h * t_ms[None, :] / 1000.0
+                                                      + rng.uniform(0, 2 * np.pi, (shape[0], 1)))
+                  for h in range(1, 6))
+        noise = noise + rng.uniform(*cfg["mains_rel"]) * hum / max(float(np.std(hum)), 1e-12)
+    if cfg.get("myogenic_fraction", 0.0) > 0 and rng.random() < cfg["myogenic_fraction"]:
+        emg = bandpass(rng.standard_normal(shape), sampling_rate_hz, 300.0, None, 2)
+        noise = noise + rng.uniform(*cfg["myogenic_rel"]) * emg / emg.std()
+    return noise
+
+
 def measure_peak(trace: np.ndarray, t_ms: np.ndarray, latency_ms: float, search_ms: float = 0.5) -> tuple[float, float]:
     """Latency (ms) and value (µV) of the local maximum of ``trace`` nearest ``latency_ms`` within
     ±``search_ms``, interpolated between samples; the trace value at ``latency_ms`` when there is none."""
@@ -295,8 +326,10 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
             noisy = rng.random(len(levels)) < cfg["noisy_fraction"]
             rms_nv = np.where(noisy, rng.uniform(*cfg["noisy_rms_nv"], len(levels)),
                               rng.uniform(*cfg["noise_rms_nv"], len(levels)))
-            noise = bandpass(coloured_noise(clean.shape, sampling_rate_hz, rng), sampling_rate_hz, low, high,
-                             cfg["device_filter_order"], cfg["device_zero_phase"])
+            if cfg.get("subject_gain_sd", 0.0):
+                clean *= float(np.exp(rng.normal(0.0, cfg["subject_gain_sd"])))
+            noise = ear_noise(clean.shape, t_pad, sampling_rate_hz, cfg, rng)
+            noise = bandpass(noise, sampling_rate_hz, low, high, cfg["device_filter_order"], cfg["device_zero_phase"])
             noise *= (rms_nv / 1000.0 / noise[:, pad_before:pad_before + n_samples].std(axis=1))[:, None]
             clean_f = bandpass(clean, sampling_rate_hz, low, high, cfg["device_filter_order"], cfg["device_zero_phase"])
             clean_f = clean_f[:, pad_before:pad_before + n_samples]
@@ -308,6 +341,8 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
                 ratio = 1.0 + clean_f[k, window].var() / (rms_nv[k] / 1000.0) ** 2
                 row[cols["fmp"]] = round(float(ratio * rng.chisquare(15) / 15.0), 2)
                 row[cols["sweeps_rejected"]] = int(rng.poisson(40 if noisy[k] else 12))
+                if cols.get("sweeps_accepted"):
+                    row[cols["sweeps_accepted"]] = 2000  # averaging stops at 2,000 accepted sweeps
                 row[cols["polarity"]] = "Alternating"
                 row[cols["hearing_loss"]] = cls
                 row[cols["threshold"]] = "NR" if not math.isfinite(ear.threshold_db) else round(ear.threshold_db, 2)

@@ -54,10 +54,15 @@ MULTITASK_TARGET = "abr.models.ABRMultiTaskNet"
 
 
 def check_grid(meta: dict, ckpt_meta: dict, data_dir: Path) -> None:
-    for key in ("n_samples", "model_rate_hz", "class_names", "waves"):
+    for key in ("n_samples", "model_rate_hz", "class_names", "waves", "static_features"):
         if meta.get(key) != ckpt_meta.get(key):
+            hint = ""
+            if key == "n_samples" and meta.get("model_rate_hz") == ckpt_meta.get("model_rate_hz"):
+                hint = (f" (a {meta.get('window_ms', 0):.1f} ms window against the model's "
+                        f"{ckpt_meta.get('window_ms', 0):.1f} ms: preprocess with --set preprocess.model_window_ms="
+                        f"{ckpt_meta.get('window_ms', 0):g} to crop / zero-pad, or use abr.predict_abr, which does)")
             raise CacheError(f"cache field '{key}' is {meta.get(key)!r} but the checkpoint was trained with "
-                             f"{ckpt_meta.get(key)!r}; preprocess the data with the model's config", data_dir)
+                             f"{ckpt_meta.get(key)!r}; preprocess the data with the model's config{hint}", data_dir)
 
 
 def model_checkpoint(path: Path | None, device) -> tuple:
@@ -176,14 +181,17 @@ def main(argv: list[str] | None = None) -> dict:
     ser_index = {int(s): i for i, s in enumerate(classical["picks"]["series"])}
     ear_rows = []
     for i, s in enumerate(pred["series"]):
-        ear_rows.append([arrays["series_patient"][s], arrays["series_ear"][s], names[int(arrays["series_class"][s])],
+        true_class = names[int(arrays["series_class"][s])] if arrays["series_class"][s] >= 0 else "unknown"
+        ear_rows.append([arrays["series_patient"][s], arrays["series_ear"][s], true_class,
                          names[int(np.argmax(pred["class_probs"][i]))], round(float(pred["class_probs"][i].max()), 4),
                          arrays["series_threshold_db"][s], round(float(pred["threshold_db"][i]), 2),
                          round(float(pred["threshold_sd"][i]), 2), round(float(pred["outlier_prob"][i]), 3),
-                         classical["picks"]["threshold_db"][ser_index[int(s)]]])
+                         classical["picks"]["threshold_db"][ser_index[int(s)]],
+                         classical["picks"]["threshold_censoring"][ser_index[int(s)]]])
     write_csv(out_dir / "predictions_ears.csv", ["patient_id", "ear", "class_true", "class_model", "class_prob",
                                                   "threshold_true_db", "threshold_model_db", "threshold_model_sd_db",
-                                                  "threshold_outlier_prob", "threshold_classical_db"], ear_rows)
+                                                  "threshold_outlier_prob", "threshold_classical_db",
+                                                  "threshold_classical_censoring"], ear_rows)
     wv = meta["waves"].index("V")
     cpos = {int(r): i for i, r in enumerate(classical["picks"]["rows"])}
     rec_rows = []

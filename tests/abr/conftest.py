@@ -41,6 +41,16 @@ def tiny_cache(tiny_config, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def trained(tiny_config, tiny_cache, tmp_path_factory):
+    """A tiny multi-task model trained on the tiny cache (once per session): (run folder, summary)."""
+    from abr import train_abr
+
+    out = tmp_path_factory.mktemp("abr_train")
+    summary = train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--output-dir", str(out)])
+    return out, summary
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """The tests' tensors are tiny: one thread avoids OpenMP spin-waiting on a shared 2-core CPU."""

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from abr.classical import analyse_series, max_normalized_xcorr, pick_wave_v, threshold_from_correlations
+from abr.classical import (
+    analyse_series,
+    max_normalized_xcorr,
+    pick_wave_v,
+    threshold_censoring,
+    threshold_from_correlations,
+)
 from abr.defaults import abr_defaults
 from abr.dsp import bandpass, resample, time_axis_ms
 from abr.synthetic import clean_response, sample_ear, wave_parameters
@@ -16,16 +22,32 @@ def test_xcorr_finds_a_shifted_copy():
     assert max_normalized_xcorr(a, np.roll(a, 6), max_lag=1) < 0.5
 
 
-@pytest.mark.parametrize("corr, expected", [
-    ([0.1, 0.2, 0.8, 0.9, 0.9], 25.0),  # accepted from 30 dB up → 30 − 10/2
-    ([0.9, 0.9, 0.9, 0.9, 0.9], 5.0),  # all accepted → lowest level − step/2
-    ([0.1, 0.1, 0.1, 0.1, 0.2], 110.0),  # none → censor
-    ([0.9, 0.1, 0.9, 0.9, 0.9], 25.0),  # an isolated low "response" below a gap does not count
+@pytest.mark.parametrize("corr, expected, censoring", [
+    ([0.1, 0.2, 0.8, 0.9, 0.9], 25.0, ""),  # accepted from 30 dB up → 30 − 10/2
+    ([0.9, 0.9, 0.9, 0.9, 0.9], 10.0, "<="),  # all accepted → "<= lowest level tested", never below it
+    ([0.1, 0.1, 0.1, 0.1, 0.2], 110.0, ">"),  # none → "> highest" (the censor value as its number)
+    ([0.9, 0.1, 0.9, 0.9, 0.9], 25.0, ""),  # an isolated low "response" below a gap does not count
+    ([0.1, 0.1, 0.1, 0.1, 0.9], 45.0, ""),  # only the top level → half-way into the gap below it
 ])
-def test_threshold_rule_by_hand(corr, expected):
+def test_threshold_rule_by_hand(corr, expected, censoring):
     levels = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
-    value, _ = threshold_from_correlations(np.array(corr), levels, 0.5, censor_db=110.0, step_db=10.0)
+    value, accepted = threshold_from_correlations(np.array(corr), levels, 0.5, censor_db=110.0, step_db=10.0)
     assert value == pytest.approx(expected)
+    assert threshold_censoring(accepted) == censoring
+    if censoring != ">":
+        assert levels[0] <= value <= levels[-1]  # never outside the tested range
+
+
+def test_analyse_series_reports_censoring_when_every_level_responds():
+    t = time_axis_ms(150, 10000.0)
+    bump = np.exp(-0.5 * ((t - 6.0) / 0.3) ** 2)
+    levels = np.array([30.0, 50.0, 70.0])
+    out = analyse_series(np.stack([bump * a for a in (0.2, 0.4, 0.6)]), levels, t, abr_defaults()["classical"],
+                         criterion=0.5, censor_db=80.0, step_db=20.0)
+    assert out["threshold_db"] == 30.0 and out["threshold_censoring"] == "<="
+    flat = np.random.default_rng(0).normal(size=(3, 150))
+    out = analyse_series(flat, levels, t, abr_defaults()["classical"], criterion=0.9, censor_db=80.0, step_db=20.0)
+    assert out["threshold_db"] == 80.0 and out["threshold_censoring"] == ">"
 
 
 def test_classical_on_clean_synthetic_series_finds_threshold_and_wave_v():

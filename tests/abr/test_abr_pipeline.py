@@ -10,10 +10,20 @@ import sys
 
 import pytest
 
-from abr import benchmark_abr, generate_abr, preprocess_abr, train_abr, train_diffusion_abr, validate_abr
+from abr import (
+    benchmark_abr,
+    benchmark_exports_abr,
+    generate_abr,
+    predict_abr,
+    preprocess_abr,
+    train_abr,
+    train_diffusion_abr,
+    validate_abr,
+)
 from common.errors import run_cli
 
-SCRIPTS = [preprocess_abr, train_abr, validate_abr, benchmark_abr, train_diffusion_abr, generate_abr]
+SCRIPTS = [preprocess_abr, train_abr, validate_abr, benchmark_abr, train_diffusion_abr, generate_abr, predict_abr,
+           benchmark_exports_abr]
 
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
@@ -26,13 +36,6 @@ def test_help_exits_cleanly(module, capsys):
 
 def finite(value) -> bool:
     return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_config, tiny_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("abr_train")
-    summary = train_abr.main(["--config", str(tiny_config), "--data", str(tiny_cache), "--output-dir", str(out)])
-    return out, summary
 
 
 def test_preprocess_outputs(tiny_cache):

@@ -112,3 +112,19 @@ def test_generated_table_labels_and_noise_level():
     # wave V is labelled exactly where the level reaches the ear's true threshold
     assert (present == (table["Intensity"] >= threshold)).all()
     assert table["V Latency"].dropna().between(4.5, 10.0).all()
+
+
+def test_ear_noise_carries_mains_hum_and_muscle_noise_when_drawn():
+    from abr.synthetic import ear_noise
+
+    fs = 30000.0
+    t = time_axis_ms(3000, fs)  # 100 ms: 0.01 ms bins of 10 Hz
+    cfg = {**SYNTHETIC_DEFAULTS, "mains_fraction": 1.0, "mains_hz": [50.0], "mains_rel": [3.0, 3.0],
+           "myogenic_fraction": 0.0, "noise_exponent_range": [1.0, 1.0]}
+    spectrum = np.abs(np.fft.rfft(ear_noise((4, t.size), t, fs, cfg, np.random.default_rng(0)), axis=1)).mean(0)
+    freqs = np.fft.rfftfreq(t.size, 1 / fs)
+    assert freqs[np.argmax(spectrum[1:]) + 1] == pytest.approx(50.0)
+    cfg.update(mains_fraction=0.0, myogenic_fraction=1.0, myogenic_rel=[5.0, 5.0])
+    emg = np.abs(np.fft.rfft(ear_noise((4, t.size), t, fs, cfg, np.random.default_rng(0)), axis=1)).mean(0)
+    high = (freqs > 1000) & (freqs < 3000)
+    assert emg[high].mean() > 3 * spectrum[high].mean()  # muscle noise lifts the high frequencies
