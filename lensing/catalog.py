@@ -28,8 +28,11 @@ from common.errors import InputError
 from lensing.surveys import SURVEYS
 
 SCHEMA_VERSION = "2.0"
-LABEL_SOURCES = ("sim:bologna", "sim:deeplens", "sim:torch", "obs:castles", "obs:relics", "obs:other",
-                 "weak:gzoo", "pretrain:galaxiesml")
+# sim:external: labels from any other simulator (lenstronomy scripts, deeplenstronomy, SLSim, paltas, ...),
+# e.g. a held-out set rendered independently of sim:torch; name the simulator in the catalogue's
+# optional 'simulator' column
+LABEL_SOURCES = ("sim:bologna", "sim:deeplens", "sim:torch", "sim:external", "obs:castles", "obs:relics",
+                 "obs:other", "weak:gzoo", "pretrain:galaxiesml")
 SCHEMA_V2_COLUMNS = ("label", "label_source", "label_confidence", "z_phot", "z_spec", "z_err", "seeing",
                      "psf_fwhm", "pixel_scale", "instrument", "survey", "magnitude", "snr", "sersic_index",
                      "half_light_radius", "axis_ratio", "variance_map_available", "psf_matched",

@@ -58,6 +58,21 @@ def noise_sigma(image: np.ndarray, variance: np.ndarray | None, background_rms: 
 
 
 STRETCHES = ("linear", "asinh")
+SIZE_POLICIES = ("crop_pad", "error", "native")
+
+
+def fit_size(array: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """Centre-crop or pad ``array`` [C, H, W] to [C, size, size] (pad value ``fill``).
+
+    The kept/added border is split as (d // 2, d − d // 2), so an odd difference moves the centre by half a
+    pixel (to the lower index)."""
+    c, h, w = array.shape
+    out = np.full((c, size, size), fill, dtype=array.dtype)
+    src_y, dst_y = max((h - size) // 2, 0), max((size - h) // 2, 0)
+    src_x, dst_x = max((w - size) // 2, 0), max((size - w) // 2, 0)
+    ny, nx = min(h, size), min(w, size)
+    out[:, dst_y:dst_y + ny, dst_x:dst_x + nx] = array[:, src_y:src_y + ny, src_x:src_x + nx]
+    return out
 
 
 def normalize(image: np.ndarray, sigma: np.ndarray, clip_sigma: float = 250.0, stretch: str = "linear") -> np.ndarray:
@@ -74,15 +89,17 @@ def normalize(image: np.ndarray, sigma: np.ndarray, clip_sigma: float = 250.0, s
 class LensingDataset(Dataset):
     """Rows of one data set folder (optionally one split and some surveys); module-level for spawn workers.
 
-    ``expected_bands``/``expected_size`` (from the model) turn a mismatch into a clear error naming the
-    file. ``preload`` reads every file once at construction (small data sets), which also validates them
+    ``expected_bands`` (from the model) turns a mismatch into a clear error naming the file. Cutouts whose
+    size differs from ``expected_size`` follow ``size_policy``: ``crop_pad`` (centre crop, or pad with input
+    0 / image 0 / variance +inf, i.e. zero χ² weight; counted in one log line), ``error`` (an error naming
+    the file) or ``native`` (passed as they are: the network takes any size, but one batch needs one size). ``preload`` reads every file once at construction (small data sets), which also validates them
     all and reports masked pixels in one line through ``log``.
     """
 
     def __init__(self, folder: str | Path, split: str | None = None, surveys: list[str] | None = None,
                  labels: tuple[int, ...] | None = None, expected_bands: int | None = None,
                  expected_size: int | None = None, clip_sigma: float = 250.0, stretch: str = "linear",
-                 preload: bool = True,
+                 preload: bool = True, size_policy: str = "crop_pad",
                  on_missing_files: str = "error", log: Callable[[str], None] | None = None,
                  catalog: pd.DataFrame | None = None):
         self.folder = Path(folder)
@@ -102,6 +119,10 @@ class LensingDataset(Dataset):
         self.catalog = df.reset_index(drop=True)
         self.expected_bands = expected_bands
         self.expected_size = expected_size
+        if size_policy not in SIZE_POLICIES:
+            raise ValueError(f"data.size_policy must be one of {list(SIZE_POLICIES)}, got {size_policy!r}")
+        self.size_policy = size_policy
+        self.resized = {"cropped": 0, "padded": 0}
         self.clip_sigma = float(clip_sigma)
         self.stretch = stretch
         self.log = log or (lambda message: None)
@@ -121,6 +142,9 @@ class LensingDataset(Dataset):
             self.log(f"[lensing] {self.folder}: masked {m['nan_pixels']} NaN pixel(s) and "
                      f"{m['nonpositive_variance']} variance value(s) <= 0 in {m['images_with_masks']} image(s) "
                      "(input 0, zero weight in chi2)")
+        if self.resized["cropped"] or self.resized["padded"]:
+            self.log(f"[lensing] {self.folder}: size_policy crop_pad: {self.resized['cropped']} cutout(s) centre-cropped "
+                     f"and {self.resized['padded']} padded to {self.expected_size}x{self.expected_size} px")
 
     def _load(self, i: int) -> dict:
         row = self.catalog.iloc[i]
@@ -133,9 +157,11 @@ class LensingDataset(Dataset):
         if self.expected_bands is not None and image.shape[0] != self.expected_bands:
             raise ImageFileError(f"{image_path}: {image.shape[0]} band(s), but the model expects "
                                  f"{self.expected_bands}")
-        if self.expected_size is not None and image.shape[1:] != (self.expected_size, self.expected_size):
+        if self.expected_size is not None and self.size_policy == "error" \
+                and image.shape[1:] != (self.expected_size, self.expected_size):
             raise ImageFileError(f"{image_path}: image size {image.shape[1:]}, but the model expects "
-                                 f"{self.expected_size}x{self.expected_size}")
+                                 f"{self.expected_size}x{self.expected_size} (data.size_policy: error; crop_pad "
+                                 "centre-crops or pads)")
         variance = None
         var_name = row.get("variance_path")
         if isinstance(var_name, str) and var_name.strip():
@@ -157,6 +183,12 @@ class LensingDataset(Dataset):
             self.masked_counts["images_with_masks"] += 1
             image = np.where(mask, 0.0, image).astype(np.float32)
             variance = np.where(mask, np.inf, variance).astype(np.float32)
+        size = self.expected_size
+        if size is not None and self.size_policy == "crop_pad" and image.shape[1:] != (size, size):
+            key = "cropped" if max(image.shape[1:]) > size else "padded"
+            self.resized[key] += 1
+            image = fit_size(np.asarray(image, dtype=np.float32), size, 0.0)
+            variance = fit_size(np.asarray(variance, dtype=np.float32), size, np.inf)  # σ from the full cutout
         fwhm = band_floats(row.get("band_psf_fwhm"))
         if fwhm.size != image.shape[0]:
             fwhm = np.full(image.shape[0], float(row["psf_fwhm"]))

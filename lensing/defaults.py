@@ -34,12 +34,15 @@ LENSING_DEFAULTS = {
             "nonlens_neighbour_fraction": 0.5,
             "lens_neighbour_fraction": 0.3,
             "theta_E_range_arcsec": [0.5, 2.0],
-            "theta_E_max_fov_fraction": 0.45,
+            "theta_E_max_fov_fraction": None,  # null: U(theta_E_range_arcsec); a number caps theta_E at this x half
+            # the cutout width, with a WARNING naming the range actually drawn
             "lens_mag_range": [19.0, 22.5],
             "source_mag_range": [21.5, 25.0],
             "neighbour_mag_range": [21.0, 25.0],
             "source_offset_max": 0.9,
             "shear_sigma": 0.03,
+            "confuser_fraction": 0.0,  # of non-lenses, the share with a ring / spiral arms / close pair / edge-on
+            # disc (population.py); 0 draws nothing extra, so earlier data sets are reproduced
         },
     },
     # ------------------------------------------------------ real cutouts (preprocess_lensing.py convert)
@@ -73,6 +76,9 @@ LENSING_DEFAULTS = {
         "clip_sigma": 250.0,  # noise-normalized inputs clipped at ±this (DeepLens)
         "stretch": "linear",  # linear (DeepLens) | asinh (compresses the bright lens galaxy)
         "preload": True,  # read all cutouts into memory once
+        "image_size": 0,  # model input size in px (0 = the first training cutout's); validation uses the model's
+        "size_policy": "crop_pad",  # cutouts of another size: crop_pad (centre crop / pad, zero-weight pad) | error
+        # | native (fed as they are: the network takes any size; one batch needs one size)
         "on_missing_files": "error",  # error | drop (rows whose files are missing, with a log line)
     },
     # ---------------------------------------------------------------------- the model (lensing/models.py)
@@ -118,19 +124,22 @@ LENSING_DEFAULTS = {
         "grid_size": 16,  # cutouts in each figure grid
         "calibration_bins": 10,
         "baseline": True,  # also score the non-learned azimuthal-residual baseline
+        "bootstrap": 200,  # stratified paired bootstrap resamples for 95 % CIs of model, baseline and difference (0 = off)
         "figures": True,  # ROC, stratified curves, cutout grids, reliability diagram
     },
     # -------------------------------------------------------------------- benchmarks (benchmark_lensing.py)
     "benchmark": {
         "n_pix": [64, 101],  # image sizes
-        "supersampling": [1],  # supersampling factors (3 is ~40 images/s in lenstronomy)
+        "supersampling": [1],  # supersampling factors (3 is ~40-170 images/s in lenstronomy)
         "pixel_scale_arcsec": 0.1,
         "psf_fwhm_arcsec": 0.18,  # Bologna space set
         "torch_batch": 256,  # scenes per torch render call
         "torch_repeats": 3,  # timed torch calls (after one warm-up)
         "lenstronomy_images": 100,  # scenes rendered (one by one) by lenstronomy, also the accuracy sample
         "threads": [1, 0],  # torch intra-op threads to time (0 = torch's default)
-        "compile": False,  # also time torch.compile(render) (needs a C++ compiler; compile time reported)
+        "compile": False,  # also time the torch.compile'd fused renderer (needs a C++ compiler; compile time reported)
+        "compile_threads": 1,  # torch threads for the compiled renderer (0 = torch's default)
+        "rounds": 3,  # interleaved timing rounds (lenstronomy, then each torch variant); medians reported
         "train_image_size": 64,
         "train_batch": 32,
         "train_steps": 5,

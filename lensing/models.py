@@ -64,7 +64,9 @@ class DeepLensResNet(nn.Module):
 
     Args:
         in_bands: input channels (bands); a different count at run time is an error naming both.
-        image_size: expected cutout size in pixels (checked; the network itself is size-agnostic).
+        image_size: the cutout size (pixels) the model was trained on; recorded, not enforced: the network
+            (convolutions + global average pooling) takes any H×W ≥ 1, and the data loader's crop/pad policy
+            (``data.size_policy``) decides what reaches it.
         widths: channels per stage; every stage after the first halves the resolution.
         blocks_per_stage: residual blocks per stage.
         dropout: dropout before the logit (> 0 enables MC dropout).
@@ -95,9 +97,6 @@ class DeepLensResNet(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_bands:
             raise ValueError(f"model expects input [B, {self.in_bands}, H, W], got {list(x.shape)}")
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            raise ValueError(f"model was built for {self.image_size}x{self.image_size} cutouts, got "
-                             f"{x.shape[-2]}x{x.shape[-1]}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

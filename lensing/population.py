@@ -8,6 +8,17 @@ Every scene has a lens galaxy (Sérsic, early-type colours). Kinds:
   the galaxy (arc-like confusers), at 0.6-2.5 θ_E-like distances, with source-like magnitudes.
 So colour, faint blue structure or elongation alone does not identify a lens.
 
+Optional confusers (``confuser_fraction`` > 0; off by default, and then not a single extra random number
+is drawn, so data sets of earlier versions are reproduced): that share of the non-lenses gets one of
+CONFUSER_KINDS, built from the same Sérsic components (``CONFUSER_KNOTS`` extra neighbour slots):
+- ``ring``: 6-8 blue star-forming knots on an ellipse at 0.6-1.6 × (half-light-radius-scaled) radius, the
+  arc-like structure of a ring galaxy or a collisional ring;
+- ``spiral``: knots along two logarithmic arms (pitch 12-25°), blue;
+- ``pair``: a second early-type galaxy 0.3-1.2" from the centre, about 0-1.5 mag fainter (close pair / merger);
+- ``edge_on``: the central galaxy becomes a disc (Sérsic n 0.8-1.5, axis ratio 0.1-0.25) with a dusty-blue
+  colour.
+Their ``sim_kind`` is ``galaxy+<kind>``.
+
 Magnitudes are converted to Sérsic ``amp`` through the total flux (lensing.profiles.sersic_total_flux) and
 the survey zero point. Redshifts are nuisance metadata for stratification (θ_E is drawn directly; no
 cosmology): z_lens ~ U(0.2, 0.9), photometric error 0.05(1 + z).
@@ -26,6 +37,8 @@ from lensing.surveys import LENS_COLOURS, SOURCE_COLOURS, Survey
 
 KINDS = ("lens", "galaxy", "galaxy+neighbours")
 MAX_NEIGHBOURS = 3
+CONFUSER_KINDS = ("ring", "spiral", "pair", "edge_on")
+CONFUSER_KNOTS = 8  # extra neighbour slots used by the confusers
 
 
 @dataclass
@@ -34,12 +47,15 @@ class PopulationConfig:
     nonlens_neighbour_fraction: float = 0.5  # of non-lenses, the share with neighbours
     lens_neighbour_fraction: float = 0.3  # of lenses, the share that also has neighbours
     theta_E_range_arcsec: tuple[float, float] = (0.5, 2.0)
-    theta_E_max_fov_fraction: float = 0.45  # θ_E ≤ this × half the cutout width
+    # optional explicit cap: θ_E ≤ this × half the cutout width (None = draw from theta_E_range_arcsec as
+    # configured); when it truncates the configured range, simulate_data logs a WARNING with the range drawn
+    theta_E_max_fov_fraction: float | None = None
     lens_mag_range: tuple[float, float] = (19.0, 22.5)
     source_mag_range: tuple[float, float] = (21.5, 25.0)
     neighbour_mag_range: tuple[float, float] = (21.0, 25.0)
     source_offset_max: float = 0.9  # source centre within this × θ_E of the lens centre
     shear_sigma: float = 0.03
+    confuser_fraction: float = 0.0  # of non-lenses, the share with a ring / spiral / pair / edge-on confuser
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -51,7 +67,29 @@ class PopulationConfig:
                 if not lo <= hi:
                     raise ValueError(f"simulate.{key} must be [low, high] with low <= high, got {known[key]}")
                 known[key] = (float(lo), float(hi))
+        if known.get("theta_E_max_fov_fraction") is not None:
+            cap = float(known["theta_E_max_fov_fraction"])
+            if not cap > 0:
+                raise ValueError(f"simulate.population.theta_E_max_fov_fraction must be > 0 or null, got {cap}")
+            known["theta_E_max_fov_fraction"] = cap
         return cls(**known)
+
+
+def theta_e_range(cfg: PopulationConfig, survey: Survey, n_pix: int) -> tuple[float, float, bool]:
+    """(low, high, capped): the θ_E range (arcsec) drawn for ``survey`` at ``n_pix``.
+
+    The configured ``theta_E_range_arcsec``, truncated above only when ``theta_E_max_fov_fraction`` is set
+    (``capped`` then says whether the cap cut the range). A cap below the configured low end is an error
+    naming both keys (never a silent change of the distribution)."""
+    lo, hi = cfg.theta_E_range_arcsec
+    if cfg.theta_E_max_fov_fraction is None:
+        return lo, hi, False
+    cap = cfg.theta_E_max_fov_fraction * 0.5 * n_pix * survey.pixel_scale_arcsec
+    if cap < lo:
+        raise ValueError(f"simulate.population.theta_E_max_fov_fraction {cfg.theta_E_max_fov_fraction} caps theta_E at "
+                         f"{cap:.3g}\" for {survey.name} at {n_pix} px, below theta_E_range_arcsec's low end {lo}: "
+                         "raise n_pix or the fraction, or lower the range")
+    return lo, min(hi, cap), cap < hi
 
 
 def _ellipticity(rng, n, q_low, q_high, phi=None):
@@ -92,9 +130,8 @@ def sample_scenes(n: int, survey: Survey, n_pix: int, cfg: PopulationConfig, rng
     lens_colour[:, ref] = 0.0
     lens_amp = _amp(lens_mag[:, None] + lens_colour, zp[None, :], lens_r[:, None], lens_n[:, None])
 
-    # mass: SIE aligned with the light (scatter), θ_E capped by the field of view, external shear
-    te_hi = min(cfg.theta_E_range_arcsec[1], cfg.theta_E_max_fov_fraction * half_fov)
-    te_lo = min(cfg.theta_E_range_arcsec[0], te_hi)
+    # mass: SIE aligned with the light (scatter), θ_E ~ U(configured range; explicit cap only), external shear
+    te_lo, te_hi, _ = theta_e_range(cfg, survey, n_pix)
     theta_e = np.where(is_lens, rng.uniform(te_lo, te_hi, n), 0.0)
     mass_q = np.clip(lens_q + rng.normal(0, 0.05, n), 0.5, 1.0)
     me1, me2 = phi_q_to_ellipticity(lens_phi + rng.normal(0, math.radians(10), n), mass_q)
@@ -145,10 +182,13 @@ def sample_scenes(n: int, survey: Survey, n_pix: int, cfg: PopulationConfig, rng
         "neighbours": {"amp": t(nb_amp), "R_sersic": t(nb_r), "n_sersic": t(nb_n), "e1": t(ne1), "e2": t(ne2),
                        "center_x": t(nb_x), "center_y": t(nb_y)},
     }
+    sim_kind = np.array(KINDS)[kind]
+    if cfg.confuser_fraction > 0:  # drawn after everything else: without confusers the stream is unchanged
+        params, sim_kind = _add_confusers(params, sim_kind, is_lens, survey, cfg, rng, dtype, half_fov)
     z_lens = rng.uniform(0.2, 0.9, n)
     z_err = 0.05 * (1 + z_lens)
     meta = {
-        "sim_kind": np.array(KINDS)[kind],
+        "sim_kind": sim_kind,
         "label": is_lens.astype(int),
         "n_neighbours": n_nb,
         "z_spec": z_lens,
@@ -162,6 +202,90 @@ def sample_scenes(n: int, survey: Survey, n_pix: int, cfg: PopulationConfig, rng
         "axis_ratio": lens_q,
     }
     return params, meta
+
+
+def _add_confusers(params: dict, sim_kind: np.ndarray, is_lens: np.ndarray, survey: Survey, cfg: PopulationConfig,
+                   rng: np.random.Generator, dtype, half_fov: float) -> tuple[dict, np.ndarray]:
+    """Give ``cfg.confuser_fraction`` of the non-lenses a ring, spiral arms, a close companion or an edge-on
+    disc (module docstring); appends CONFUSER_KNOTS neighbour slots to every scene (zero amplitude where
+    unused) so one batched render call still serves all scenes."""
+    n, n_bands = len(is_lens), len(survey.bands)
+    zp = np.array(survey.zero_point_mag)
+    ref = survey.band_index(survey.reference_band)
+    k = CONFUSER_KNOTS
+    chosen = (~is_lens) & (rng.uniform(0, 1, n) < cfg.confuser_fraction)
+    which = rng.integers(0, len(CONFUSER_KINDS), n)
+    ring, spiral = chosen & (which == 0), chosen & (which == 1)
+    pair, edge_on = chosen & (which == 2), chosen & (which == 3)
+    light = params["lens_light"]
+    cx, cy = light["center_x"].double().numpy(), light["center_y"].double().numpy()
+    scale = np.clip(half_fov / 3.0, 0.3, 1.0)
+    # ring: knots on an ellipse; spiral: knots along two log arms r = r0·exp(t·tan(pitch))
+    radius = rng.uniform(0.6, 1.6, n) * scale
+    ell_q = rng.uniform(0.6, 1.0, n)
+    ell_phi = rng.uniform(0, math.pi, n)
+    t = np.linspace(0, 2 * math.pi, k, endpoint=False)[None, :] + rng.uniform(0, 2 * math.pi, (n, 1))
+    t = t + rng.normal(0, 0.15, (n, k))
+    ring_x, ring_y = radius[:, None] * np.cos(t), radius[:, None] * ell_q[:, None] * np.sin(t)
+    pitch = np.radians(rng.uniform(12, 25, n))
+    arm = np.arange(k)[None, :] % 2
+    s_param = np.tile(np.linspace(0, 1.6, k // 2 + k % 2), 2)[None, :k]
+    s_param = np.sort(s_param, axis=1)
+    r_sp = 0.35 * scale * np.exp(s_param * math.tau * np.tan(pitch)[:, None] / 2)
+    ang = s_param * math.pi * 1.4 + arm * math.pi + rng.uniform(0, 2 * math.pi, (n, 1))
+    sp_x, sp_y = r_sp * np.cos(ang), r_sp * np.sin(ang) * ell_q[:, None]
+    rot_c, rot_s = np.cos(ell_phi)[:, None], np.sin(ell_phi)[:, None]
+    kx = np.where(ring[:, None], ring_x, sp_x)
+    ky = np.where(ring[:, None], ring_y, sp_y)
+    kx, ky = cx[:, None] + kx * rot_c - ky * rot_s, cy[:, None] + kx * rot_s + ky * rot_c
+    n_knots = np.where(ring, rng.integers(6, k + 1, n), np.where(spiral, k, 0))
+    knot_present = np.arange(k)[None, :] < n_knots[:, None]
+    knot_r = rng.uniform(0.04, 0.15, (n, k))
+    knot_n = rng.uniform(0.8, 1.5, (n, k))
+    ke1, ke2 = phi_q_to_ellipticity(rng.uniform(0, math.pi, (n, k)), rng.uniform(0.5, 1.0, (n, k)))
+    total_mag = rng.uniform(*cfg.source_mag_range, n) - 0.5
+    knot_mag = total_mag[:, None] + 2.5 * np.log10(np.maximum(n_knots, 1))[:, None] + rng.normal(0, 0.3, (n, k))
+    colour = np.array([SOURCE_COLOURS.get(b, 0.0) for b in survey.bands])[None, None, :] \
+        + rng.normal(0, 0.15, (n, k, n_bands))
+    colour[..., ref] = 0.0
+    knot_amp = _amp(knot_mag[..., None] + colour, zp, knot_r[..., None], knot_n[..., None]) * knot_present[..., None]
+    # pair: slot 0 holds a second early-type galaxy instead of a knot
+    pd_ = rng.uniform(0.3, 1.2, n)
+    pa = rng.uniform(0, 2 * math.pi, n)
+    lens_r = light["R_sersic"].double().numpy()
+    pair_r, pair_n = lens_r * rng.uniform(0.5, 1.0, n), rng.uniform(2.5, 5.0, n)
+    pe1, pe2 = phi_q_to_ellipticity(rng.uniform(0, math.pi, n), rng.uniform(0.6, 1.0, n))
+    lens_amp = light["amp"].double().numpy()
+    pair_amp = lens_amp * 10 ** (-0.4 * rng.uniform(0.0, 1.5, n))[:, None] * (lens_r / pair_r)[:, None] ** 2
+    slot0 = pair
+    kx[:, 0] = np.where(slot0, cx + pd_ * np.cos(pa), kx[:, 0])
+    ky[:, 0] = np.where(slot0, cy + pd_ * np.sin(pa), ky[:, 0])
+    knot_r[:, 0] = np.where(slot0, pair_r, knot_r[:, 0])
+    knot_n[:, 0] = np.where(slot0, pair_n, knot_n[:, 0])
+    ke1[:, 0], ke2[:, 0] = np.where(slot0, pe1, ke1[:, 0]), np.where(slot0, pe2, ke2[:, 0])
+    knot_amp[:, 0] = np.where(slot0[:, None], pair_amp, knot_amp[:, 0])
+    knot_amp = knot_amp * (ring | spiral | pair)[:, None, None]
+    # edge-on disc: the central galaxy itself, same total flux in the reference band
+    q_disc, n_disc = rng.uniform(0.1, 0.25, n), rng.uniform(0.8, 1.5, n)
+    de1, de2 = phi_q_to_ellipticity(rng.uniform(0, math.pi, n), q_disc)
+    disc_colour = 10 ** (-0.4 * rng.normal(-0.3, 0.1, (n, n_bands)))
+    disc_colour[:, ref] = 1.0
+    old_n = light["n_sersic"].double().numpy()
+    flux = sersic_total_flux(lens_amp, lens_r[:, None], old_n[:, None])
+    disc_amp = flux / sersic_total_flux(1.0, lens_r[:, None], n_disc[:, None]) * disc_colour
+    t_ = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=dtype)  # noqa: E731
+    light = dict(light)
+    light["amp"] = t_(np.where(edge_on[:, None], disc_amp, lens_amp))
+    light["n_sersic"] = t_(np.where(edge_on, n_disc, old_n))
+    light["e1"] = t_(np.where(edge_on, de1, light["e1"].double().numpy()))
+    light["e2"] = t_(np.where(edge_on, de2, light["e2"].double().numpy()))
+    nb = params["neighbours"]
+    extra = {"amp": knot_amp, "R_sersic": knot_r, "n_sersic": knot_n, "e1": ke1, "e2": ke2, "center_x": kx,
+             "center_y": ky}
+    params = dict(params, lens_light=light,
+                  neighbours={key: torch.cat([nb[key], t_(extra[key])], dim=1) for key in nb})
+    kinds = np.where(chosen, np.char.add("galaxy+", np.array(CONFUSER_KINDS)[which]), sim_kind)
+    return params, kinds
 
 
 def params_to_columns(params: dict, prefix: str = "true_") -> dict:

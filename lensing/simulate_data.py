@@ -13,7 +13,7 @@ from common.config import ConfigError
 from common.errors import NothingProcessedError
 from common.runlog import progress
 from lensing.catalog import SCHEMA_VERSION, join_bands
-from lensing.population import PopulationConfig, params_to_columns, sample_scenes
+from lensing.population import PopulationConfig, params_to_columns, sample_scenes, theta_e_range
 from lensing.psf import GaussianPSF
 from lensing.simulator import add_noise, renderer
 from lensing.storage import FORMATS, write_array
@@ -56,6 +56,11 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
         raise NothingProcessedError(f"simulate.n_per_survey {cfg['n_per_survey']}: 0 cutouts to simulate")
     rows: list[dict] = []
     for survey, total in zip(surveys, counts):
+        te_lo, te_hi, capped = theta_e_range(population, survey, n_pix)
+        if capped:
+            log(f"[lensing] WARNING: {survey.name}: theta_E drawn from U({te_lo:.3g}, {te_hi:.3g})\" instead of the "
+                f"configured {list(population.theta_E_range_arcsec)} (simulate.population.theta_E_max_fov_fraction "
+                f"{population.theta_E_max_fov_fraction} of the {n_pix}-px half width)")
         bkg = np.array([survey.background_rms(b) for b in range(len(survey.bands))])
         t_exp = np.array([survey.total_exposure_s(b) for b in range(len(survey.bands))])
         psf = GaussianPSF(torch.tensor(survey.psf_fwhm_arcsec, dtype=dtype, device=device))

@@ -14,8 +14,8 @@ pixel (i, j) of an N×N image is centred at x = (j − (N−1)/2)·Δ, y = (i �
 surface brightness × pixel area (counts/s per pixel). Supersampling by s evaluates s×s sub-pixels and
 averages them before the PSF (lenstronomy's regular grid without supersampled convolution).
 
-Noise (lenstronomy SimAPI): Gaussian background σ_bkg plus Poisson noise of the model with exposure time
-t: Var = σ_bkg² + max(model, 0)/t, which is also the returned variance map.
+Noise: Gaussian background σ_bkg plus Poisson noise of the model with exposure time t (exact Poisson draws;
+lenstronomy 1.14 draws a Gaussian of the same variance): Var = σ_bkg² + max(model, 0)/t, which is also the returned variance map.
 """
 
 from __future__ import annotations
@@ -202,8 +202,9 @@ def add_noise(model: torch.Tensor, background_rms, exposure_time_s, generator: t
               poisson: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Noisy image and variance map for a noiseless ``model`` [B, C, H, W] in counts/s.
 
-    Poisson noise of the (non-negative) model over ``exposure_time_s`` (lenstronomy image_util.add_poisson:
-    Poisson(model·t)/t), plus Gaussian background noise σ = ``background_rms`` (counts/s); both are
+    Poisson noise of the (non-negative) model over ``exposure_time_s``, drawn as Poisson(model·t)/t (exact
+    counts; lenstronomy 1.14's image_util.add_poisson draws the Gaussian approximation N(0, |model|/t)
+    instead: the same variance, different tails at low counts), plus Gaussian background noise σ = ``background_rms`` (counts/s); both are
     floats, [C] or [B, C]. Variance map = σ_bkg² + max(model, 0)/t. Noise is not differentiable.
     """
     b, c = model.shape[:2]

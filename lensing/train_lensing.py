@@ -157,7 +157,7 @@ def train_member(run, member: int, seed: int, member_dir: Path, train_set, val_s
     else:
         state = TrainState(step=first_step)
     preprocessing = {"n_bands": int(n_bands), "image_size": int(image_size), "clip_sigma": cfg["data"]["clip_sigma"],
-                     "stretch": cfg["data"]["stretch"],
+                     "stretch": cfg["data"]["stretch"], "size_policy": cfg["data"]["size_policy"],
                      "normalization": "per-band background sigma (sqrt median variance), clipped",
                      "surveys": sorted(train_set.catalog["survey"].unique().tolist()),
                      "bands": str(train_set.catalog["bands"].iloc[0]), "data_dir": str(cfg["data"]["dir"])}
@@ -248,9 +248,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("give the data set folder with --data DIR (or data.dir)")
     _check_config(cfg)
     common_kw = {"surveys": dcfg["surveys"] or None, "clip_sigma": dcfg["clip_sigma"], "stretch": dcfg["stretch"],
-                 "preload": dcfg["preload"], "on_missing_files": dcfg["on_missing_files"], "log": run.log}
-    train_set = LensingDataset(dcfg["dir"], split=dcfg["train_split"], **common_kw)
-    n_bands, size = train_set[0]["input"].shape[0], train_set[0]["input"].shape[-1]
+                 "preload": dcfg["preload"], "on_missing_files": dcfg["on_missing_files"],
+                 "size_policy": dcfg["size_policy"], "log": run.log}
+    size = int(dcfg["image_size"]) or None
+    if size is None:  # the first training cutout's size, then every cutout follows data.size_policy
+        size = LensingDataset(dcfg["dir"], split=dcfg["train_split"],
+                              **{**common_kw, "preload": False, "log": None})[0]["input"].shape[-1]
+    train_set = LensingDataset(dcfg["dir"], split=dcfg["train_split"], expected_size=size, **common_kw)
+    n_bands = train_set[0]["input"].shape[0]
     val_set = LensingDataset(dcfg["dir"], split=dcfg["val_split"], expected_bands=n_bands, expected_size=size,
                              **common_kw)
     if len(train_set) // run.dist.world_size < cfg["train"]["batch_size"]:

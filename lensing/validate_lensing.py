@@ -30,6 +30,7 @@ from lensing.defaults import lensing_defaults
 from lensing.inference import score_run
 from lensing.metrics import (
     bologna_metrics,
+    bootstrap_comparison,
     calibration,
     per_survey_metrics,
     stratified_curve,
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = LensingDataset(data_dir, split=vcfg["split"] or None, surveys=vcfg["surveys"] or None,
                              expected_bands=prep.get("n_bands"), expected_size=prep.get("image_size"),
                              clip_sigma=prep.get("clip_sigma", 250.0), stretch=prep.get("stretch", "linear"),
-                             log=run.log)
+                             size_policy=cfg["data"]["size_policy"], log=run.log)
     run.record_inputs_valid()
     loader = DataLoader(dataset, batch_size=vcfg["batch_size"], shuffle=False,
                         **dataloader_kwargs(device, cfg["runtime"]["num_workers"]))
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     overall = bologna_metrics(labels, scored["logit"])
     surveys = per_survey_metrics(labels, scored["logit"], cat["survey"].to_numpy(), run.log,
-                                 float(vcfg["domain_shift_auroc"]))
+                                 float(vcfg["domain_shift_auroc"]), trained_surveys=prep.get("surveys"))
     calib = calibration(labels, prob, int(vcfg["calibration_bins"]))
     curves = {}
     for quantity in vcfg["stratify"]:
@@ -142,9 +143,21 @@ def main(argv: list[str] | None = None) -> dict:
     headline = {"auroc": overall["auroc"], "tpr0": overall["tpr0"], "tpr10": overall["tpr10"],
                 "tpr_at_fpr_rate_0.01": overall["tpr_at_fpr_rate_0.01"], "ece": calib["ece"],
                 "n_test": len(labels)}
+    boot = None
     if baseline:
         headline["baseline_auroc"] = baseline["auroc"]
         headline["baseline_tpr10"] = baseline["tpr10"]
+        if int(vcfg["bootstrap"]) > 0:
+            boot = bootstrap_comparison(labels, scored["logit"], baseline_score, int(vcfg["bootstrap"]), cfg["seed"])
+            if boot.get("n_boot"):
+                for metric in ("auroc", "tpr10"):  # [low, high], rounded for the demo report
+                    for key, part in ((f"{metric}_ci95", "model"), (f"baseline_{metric}_ci95", "baseline"),
+                                      (f"{metric}_minus_baseline_ci95", "difference")):
+                        headline[key] = [round(v, 4) for v in boot[metric][part]]
+                run.log("[lensing] bootstrap (" + str(boot["n_boot"]) + " stratified paired resamples, 95 %): " + "; ".join(
+                    f"{m} model [{boot[m]['model'][0]:.3f}, {boot[m]['model'][1]:.3f}] baseline "
+                    f"[{boot[m]['baseline'][0]:.3f}, {boot[m]['baseline'][1]:.3f}] difference "
+                    f"[{boot[m]['difference'][0]:+.3f}, {boot[m]['difference'][1]:+.3f}]" for m in ("auroc", "tpr10")))
     for name, m in surveys.items():
         if len(surveys) > 1:
             headline[f"auroc_{name}"] = m["auroc"]
@@ -153,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                "n_members": scored["n_members"], "overall": overall, "per_survey": surveys,
                "domain_shift_warnings": [k for k, v in surveys.items() if v["domain_shift_warning"]],
                "calibration": calib, "stratified": curves, "baseline_azimuthal_residual": baseline,
+               "bootstrap_vs_baseline": boot,
                "headline": headline,
                "figures": [str(p.relative_to(out_dir).as_posix()) for p in figures if p.suffix == ".png"],
                "notes": "TPR0/TPR10: false-positive counts (Metcalf et al. 2019); tpr_at_fpr_rate_*: rates."}

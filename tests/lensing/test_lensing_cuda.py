@@ -47,6 +47,21 @@ def test_render_on_cuda_matches_cpu(conv_method):
         assert error < tolerance, (dtype, error)
 
 
+def test_batch_renderer_on_cuda_is_one_chunk_and_matches_cpu():
+    from lensing.batch_renderer import BatchRenderer
+
+    reference_params, reference_psf, scale = _scenes(torch.float64, "cpu")
+    reference = render(reference_params, 32, scale, reference_psf, supersampling=3)
+    params, _, _ = _scenes(torch.float64, "cuda")
+    psf = GaussianPSF(torch.tensor(get_survey("hsc").psf_fwhm_arcsec, dtype=torch.float64))
+    fast = BatchRenderer(32, scale, psf, 3, n_bands=reference.shape[1], dtype=torch.float64, device="cuda")
+    assert fast.chunk == 0  # the whole batch at once on a GPU
+    image = fast(params)
+    assert image.device.type == "cuda"
+    peak = reference.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
+    assert ((image.cpu() - reference).abs() / peak).max().item() < 1e-9
+
+
 def test_render_gradients_on_cuda_match_cpu():
     grads = {}
     for device in ("cpu", "cuda"):

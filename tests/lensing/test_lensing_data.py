@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lensing.catalog import CatalogError, empty_row, read_catalog, validate_catalog, write_catalog
-from lensing.data import LensingDataset, normalize
+from lensing.data import LensingDataset, fit_size, normalize
 from lensing.models import DeepLensResNet, LensParameterResNet, parameter_spec
 from lensing.physics_loss import PhysicsInformedLoss, params_from_prediction, reduced_chi2
 from lensing.storage import ImageFileError, read_array, write_array
@@ -95,12 +95,21 @@ def test_nan_pixels_and_bad_variance_are_masked_with_a_log_line(tmp_path):
     assert torch.isinf(ds[1]["variance"][0, 0]).all()
 
 
+def test_external_simulation_label_source_is_in_the_schema(tmp_path):
+    df = _write_dataset(tmp_path)
+    df["label_source"] = "sim:external"
+    df["simulator"] = "lenstronomy 1.14"  # optional free column naming the simulator
+    write_catalog(df, tmp_path)
+    ds = LensingDataset(tmp_path)
+    assert set(ds.catalog["label_source"]) == {"sim:external"} and len(ds) == 6
+
+
 def test_wrong_band_count_and_size_are_errors_naming_the_file(tmp_path):
     _write_dataset(tmp_path, n_bands=1)
     with pytest.raises(ImageFileError, match=r"0\.npy: 1 band\(s\), but the model expects 3"):
         LensingDataset(tmp_path, expected_bands=3)
     with pytest.raises(ImageFileError, match="expects 16x16"):
-        LensingDataset(tmp_path, expected_size=16)
+        LensingDataset(tmp_path, expected_size=16, size_policy="error")
     df = read_catalog(tmp_path)
     df.loc[0, "bands"] = "g;r"
     write_catalog(df, tmp_path)
@@ -109,6 +118,31 @@ def test_wrong_band_count_and_size_are_errors_naming_the_file(tmp_path):
     model = DeepLensResNet(in_bands=3, image_size=12, widths=[4], blocks_per_stage=[1])
     with pytest.raises(ValueError, match=r"expects input \[B, 3, H, W\]"):
         model(torch.zeros(2, 1, 12, 12))
+
+
+def test_size_policy_crop_pad_and_any_size_model(tmp_path):
+    """12x12 cutouts: padded to 16 (input 0, variance +inf in the border), cropped to 8 (the centre), or
+    passed as they are; the network itself takes any size."""
+    _write_dataset(tmp_path, n_bands=1, size=12)
+    lines = []
+    native = LensingDataset(tmp_path, size_policy="native", expected_size=16)
+    padded = LensingDataset(tmp_path, expected_size=16, log=lines.append)  # crop_pad is the default
+    cropped = LensingDataset(tmp_path, expected_size=8, size_policy="crop_pad")
+    assert native[0]["input"].shape == (1, 12, 12)
+    assert padded[0]["input"].shape == (1, 16, 16) and cropped[0]["input"].shape == (1, 8, 8)
+    torch.testing.assert_close(padded[0]["input"][:, 2:14, 2:14], native[0]["input"])
+    torch.testing.assert_close(cropped[0]["input"], native[0]["input"][:, 2:10, 2:10])
+    assert (padded[0]["input"][:, :2] == 0).all() and torch.isinf(padded[0]["variance"][:, :, :2]).all()
+    assert torch.isfinite(padded[0]["variance"][:, 2:14, 2:14]).all()
+    assert padded[0]["noise_sigma"] == native[0]["noise_sigma"]  # normalized with the full cutout's sigma
+    assert any("6 padded to 16x16" in line for line in lines)
+    with pytest.raises(ValueError, match="size_policy"):
+        LensingDataset(tmp_path, expected_size=16, size_policy="resize")
+    model = DeepLensResNet(in_bands=1, image_size=12, widths=[4, 8], blocks_per_stage=[1, 1]).eval()
+    for size in (9, 12, 33):
+        assert model(torch.zeros(2, 1, size, size))["logit"].shape == (2,)
+    np.testing.assert_array_equal(fit_size(np.arange(9.0).reshape(1, 3, 3), 1, -1.0), [[[4.0]]])
+    np.testing.assert_array_equal(fit_size(np.ones((1, 1, 1)), 2, 0.0), [[[1.0, 0.0], [0.0, 0.0]]])
 
 
 def test_normalization_divides_by_sigma_and_clips():

@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lensing.metrics import bologna_metrics, calibration, per_survey_metrics, rate_metric_name, stratified_curve
+from lensing.metrics import (
+    bologna_metrics,
+    bootstrap_comparison,
+    calibration,
+    per_survey_metrics,
+    rate_metric_name,
+    stratified_curve,
+)
 from lensing.splits import SplitError, balance_report, merged_strata, stratified_split
 
 # label, score: sorted by score the sequence is L L N L L L N ...
@@ -80,6 +87,18 @@ def test_per_survey_metrics_warn_on_domain_shift():
     assert len(lines) == 1 and "kids" in lines[0]
 
 
+def test_domain_shift_warning_only_for_surveys_not_trained_on():
+    """Both surveys score AUROC 0: the one trained on is flagged as weak, only the other as a domain shift."""
+    lines = []
+    labels = [1, 0, 1, 0] * 2
+    scores = [0.1, 0.9, 0.2, 0.8] * 2
+    surveys = ["euclid_vis"] * 4 + ["kids"] * 4
+    out = per_survey_metrics(labels, scores, surveys, lines.append, trained_surveys=["euclid_vis"])
+    assert not out["euclid_vis"]["domain_shift_warning"] and out["euclid_vis"]["low_auroc_in_training_survey"]
+    assert out["kids"]["domain_shift_warning"] and not out["kids"]["trained_on"]
+    assert [("WARNING" in line, "kids" in line) for line in lines] == [(False, False), (True, True)]
+
+
 def test_calibration_perfect_and_overconfident():
     assert calibration([1, 0, 1, 0], [1.0, 0.0, 1.0, 0.0])["ece"] == pytest.approx(0.0)
     assert calibration([1, 0], [0.0, 1.0])["ece"] == pytest.approx(1.0)
@@ -131,3 +150,19 @@ def test_split_errors_are_clear():
     with pytest.raises(KeyError, match="z_phot"):
         stratified_split(_catalog(10).drop(columns="z_phot"), {"train": 1.0})
     assert math.isnan(bologna_metrics([0, 0], [0.1, 0.2])["tpr0"])
+
+
+def test_bootstrap_comparison_perfect_model_vs_useless_baseline_and_identical_scores():
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 40 + [0] * 60)
+    perfect = labels + 0.01 * rng.random(100)  # every lens above every non-lens
+    useless = rng.random(100)
+    out = bootstrap_comparison(labels, perfect, useless, n_boot=100, seed=1)
+    assert out["n_boot"] == 100 and out["auroc"]["model"] == pytest.approx([1.0, 1.0])
+    assert out["tpr10"]["model"] == pytest.approx([1.0, 1.0])
+    assert out["auroc"]["difference"][0] > 0.3 and out["auroc"]["baseline"][0] < 0.5 < out["auroc"]["baseline"][1]
+    assert out["auroc"]["difference_point"] == pytest.approx(1 - bologna_metrics(labels, useless)["auroc"])
+    same = bootstrap_comparison(labels, useless, useless, n_boot=50, seed=1)
+    assert same["auroc"]["difference"] == pytest.approx([0.0, 0.0]) and same["tpr0"]["difference"] == pytest.approx([0.0, 0.0])
+    assert bootstrap_comparison(labels, useless, useless, n_boot=50, seed=1) == same  # seeded
+    assert bootstrap_comparison([0, 0], [0.1, 0.2], [0.3, 0.4])["n_boot"] == 0  # one class: no CI

@@ -68,10 +68,39 @@ def test_train_validate_benchmark_end_to_end(dataset, tmp_path):
         "--output-dir", str(tmp_path / "bench"), "--set", "benchmark.n_pix=[12]", "--set", "benchmark.torch_batch=4",
         "--set", "benchmark.lenstronomy_images=2", "--set", "benchmark.threads=[1]",
         "--set", "benchmark.train_image_size=16", "--set", "benchmark.train_batch=2", "--set", "benchmark.train_steps=1",
-        "--set", "benchmark.model_widths=[4]", "--set", "benchmark.torch_repeats=1",
+        "--set", "benchmark.model_widths=[4]", "--set", "benchmark.torch_repeats=1", "--set", "benchmark.rounds=1",
         "--set", f"benchmark.validate_summary={(tmp_path / 'val' / 'summary.json').as_posix()}"])
     assert bench["headline"]["max_abs_diff_over_peak_f64_12px_ss1"] < 1e-4
     assert _finite(bench["headline"]["speedup_f32_best_12px_ss1"]) and bench["validate"]["auroc"] is not None
+
+
+def test_training_beats_chance_and_the_baseline(tmp_path):
+    """Fixed seed: 800 bright-source 32-px cutouts (480 train, 240 test), 5 epochs of the smoke model (~10 s).
+
+    Chance: AUROC above 0.5 + 4 standard errors of the AUROC of a random score (Hanley & McNeil 1982:
+    SE² = (n₁ + n₀ + 1) / (12 n₁ n₀), ≈ 0.037 here). Baseline: the azimuthal-residual score on the same test
+    cutouts (measured: model 0.833 vs baseline 0.741 with seed 1; 0.871/0.826 and 0.846/0.760 with seeds 2, 3).
+    """
+    data = tmp_path / "data"
+    preprocess_lensing.main(["simulate", "--config", SMOKE, "--output-dir", str(data), "--seed", "1",
+                             "--set", "simulate.n_per_survey=[800]", "--set", "simulate.n_pix=32",
+                             "--set", "simulate.population.source_mag_range=[20.5,22.5]",
+                             "--set", "simulate.population.theta_E_range_arcsec=[0.6,1.4]",
+                             "--set", "split.fractions={train: 0.6, val: 0.1, test: 0.3}"])
+    run = tmp_path / "run"
+    train_lensing.main(["--config", SMOKE, "--data", str(data), "--output-dir", str(run), "--seed", "1",
+                        "--set", "train.epochs=5", "--set", "train.max_steps_per_epoch=0",
+                        "--set", "train.batch_size=32", "--set", "train.lr=3e-3", "--set", "runtime.torch_threads=1"])
+    val = validate_lensing.main(["--config", SMOKE, "--checkpoint", str(run), "--data", str(data),
+                                 "--output-dir", str(tmp_path / "val"), "--set", "validate.figures=false"])
+    n1, n0 = val["overall"]["n_lenses"], val["overall"]["n_nonlenses"]
+    assert n1 >= 100 and n0 >= 100
+    se_chance = math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
+    auroc, baseline = val["overall"]["auroc"], val["headline"]["baseline_auroc"]
+    assert auroc > 0.5 + 4 * se_chance, (auroc, se_chance)
+    assert auroc > baseline, (auroc, baseline)
+    lo, hi = val["headline"]["auroc_minus_baseline_ci95"]  # stratified paired bootstrap, reported not asserted
+    assert lo <= auroc - baseline <= hi and len(val["headline"]["tpr10_ci95"]) == 2
 
 
 def test_physics_informed_ensemble_resume_and_mc_dropout(dataset, tmp_path):
