@@ -287,7 +287,9 @@ class RunLogger:
 
         info = {"argv": list(argv) if argv is not None else sys.argv[1:], "device": str(device),
                 "versions": environment_versions(), "git_sha": git_sha(), "started": timestamp(),
-                "cwd": os.getcwd()}
+                "cwd": os.getcwd(), "cpu_count": os.cpu_count()}
+        if hasattr(os, "getloadavg"):  # machine load when the run started (benchmarks quote it; not on Windows)
+            info["load_average_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]
         try:
             import torch
             info["cuda_available"] = torch.cuda.is_available()
