@@ -1,5 +1,6 @@
 # VMAT dose prediction (vmat/README.md). Every recipe line is one python command (sh and cmd.exe).
-# Own data: make vmat-preprocess VMAT_RAW=data/vmat/raw, then make vmat-train CONFIG=configs/vmat/grad_loss.yaml.
+# Own data: make vmat-preprocess VMAT_RAW=data/vmat/raw [CONFIG=configs/vmat/site_lung.yaml], then
+# make vmat-train CONFIG=configs/vmat/grad_loss.yaml.
 # vmat-predict / vmat-validate default to the demo's model and test cases (run make vmat-demo first);
 # for your own: make vmat-predict VMAT_RUN=runs/vmat/<config>/<timestamp> VMAT_TEST_DATA=data/vmat/npz_test
 VMAT_RAW ?= data/vmat/raw
@@ -23,7 +24,7 @@ vmat-demo: setup
 	$(PYTHON) vmat/validate_vmat.py --config configs/vmat/validate_smoke.yaml --data $(VMAT_DEMO)/npz_test --predictions $(VMAT_DEMO)/predictions --atlas $(VMAT_DEMO)/train/atlas.json --output-dir $(VMAT_DEMO)/validate
 
 vmat-preprocess: setup
-	$(PYTHON) vmat/preprocess_vmat.py --config configs/vmat/preprocess.yaml --data $(VMAT_RAW) --output-dir $(VMAT_DATA) $(ARGS)
+	$(PYTHON) vmat/preprocess_vmat.py --config $(or $(CONFIG),configs/vmat/preprocess.yaml) --data $(VMAT_RAW) --output-dir $(VMAT_DATA) $(ARGS)
 
 vmat-train: setup
 	$(PYTHON) vmat/train_vmat.py --config $(or $(CONFIG),configs/vmat/baseline_unet.yaml) --data $(VMAT_DATA) $(ARGS)

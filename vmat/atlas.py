@@ -28,7 +28,8 @@ def _target_distances(masks: np.ndarray, names: Sequence[str], target_doses: Map
 
 
 def fit_atlas(cases: Iterable[Mapping], target_doses: Mapping[str, float]) -> dict:
-    """Fit g(d) on cases with ``dose``, ``masks``, ``structure_names``, ``spacing_mm``, ``possible_dose_mask``.
+    """Fit g(d) on cases with ``dose``, ``masks``, ``structure_names``, ``spacing_mm``, ``possible_dose_mask``
+    (and ``dose_valid_mask``: only voxels with a known reference dose count).
 
     ``cases`` may be a generator: one case is held at a time (169 OpenKBP cases do not fit in memory at once).
     """
@@ -42,6 +43,8 @@ def fit_atlas(cases: Iterable[Mapping], target_doses: Mapping[str, float]) -> di
         if not targets:
             continue
         body = np.asarray(case["possible_dose_mask"], bool)
+        if "dose_valid_mask" in case:  # voxels outside the RTDOSE grid have no dose to learn from
+            body = body & np.asarray(case["dose_valid_mask"], bool)
         stack = np.stack([t[2] for t in targets.values()])
         nearest = np.argmin(stack, axis=0)
         dist = np.min(stack, axis=0)

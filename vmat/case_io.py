@@ -13,6 +13,13 @@
     origin_mm           float64 (3,)          (z, y, x) patient coordinates of voxel (0, 0, 0), DICOM mm
     prescription_gy     float64 ()            prescription of the highest-dose target
     possible_dose_mask  uint8 (z, y, x)       body (where dose can be deposited)
+    dose_valid_mask     uint8 (z, y, x)       1 where the reference dose is known (CT voxel centre inside the
+                                              RTDOSE grid); 0 voxels hold 0 in ``dose`` but are NOT 0 Gy: the
+                                              loss, metrics and DVHs leave them out. Absent in files written
+                                              before it existed: load_case reads it as all 1
+    contour_points_zyx_mm float64 (N, 3)      optional: every RTSTRUCT polygon vertex, patient mm (z, y, x)
+    contour_index       int64 (M, 3)          optional: (channel, first point, end point) of each polygon;
+                                              the sub-voxel DVH (vmat.dvh.ContourSampler) samples them
     meta_json           <U ()                 JSON: case_id, uids, target doses, roi sources, warnings ...
 
 Axis convention: index increases toward patient superior (z), posterior (y) and LEFT (x).
@@ -39,8 +46,33 @@ class CaseFileError(InputError):
     """A case or prediction file that cannot be used; the message names the file and the key."""
 
 
+def pack_contours(contours: dict, names) -> tuple[np.ndarray, np.ndarray]:
+    """{name: [(z mm, (N, 2) xy mm)]} → (points (P, 3) zyx mm, index (M, 3) channel/start/stop)."""
+    points, index, start = [], [], 0
+    for c, name in enumerate(names):
+        for z, xy in contours.get(name, []):
+            xy = np.asarray(xy, np.float64)
+            points.append(np.c_[np.full(len(xy), float(z)), xy[:, 1], xy[:, 0]])
+            index.append((c, start, start + len(xy)))
+            start += len(xy)
+    if not points:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    return np.concatenate(points), np.asarray(index, np.int64)
+
+
+def unpack_contours(case: dict) -> dict:
+    """{channel: [(z mm, (N, 2) xy mm)]} from a loaded case (empty if it has no contours)."""
+    if "contour_index" not in case:
+        return {}
+    points, out = case["contour_points_zyx_mm"], {}
+    for c, a, b in np.asarray(case["contour_index"], np.int64):
+        p = points[a:b]
+        out.setdefault(int(c), []).append((float(p[0, 0]), np.c_[p[:, 2], p[:, 1]]))
+    return out
+
+
 def write_case(path: str | Path, *, ct, dose, masks, sdf, structure_names, spacing_mm, origin_mm,
-               prescription_gy, possible_dose_mask, meta: dict) -> Path:
+               prescription_gy, possible_dose_mask, meta: dict, dose_valid_mask=None, contours: dict | None = None) -> Path:
     arrays = {
         "ct": np.asarray(ct, dtype=np.float32),
         "masks": np.asarray(masks, dtype=np.uint8),
@@ -55,6 +87,10 @@ def write_case(path: str | Path, *, ct, dose, masks, sdf, structure_names, spaci
     }
     if dose is not None:
         arrays["dose"] = np.asarray(dose, dtype=np.float32)
+        valid = np.ones(arrays["ct"].shape, bool) if dose_valid_mask is None else np.asarray(dose_valid_mask, bool)
+        arrays["dose_valid_mask"] = valid.astype(np.uint8)
+    if contours:
+        arrays["contour_points_zyx_mm"], arrays["contour_index"] = pack_contours(contours, structure_names)
     return save_npz_atomic(path, **arrays)
 
 
@@ -78,7 +114,9 @@ def load_case(path: str | Path, require_dose: bool = True) -> dict:
     shape = out["ct"].shape
     if out["ct"].ndim != 3:
         raise CaseFileError(f"{path}: key 'ct' must be 3D (z, y, x), got shape {shape}")
-    for key in ("dose", "possible_dose_mask"):
+    if "dose" in out and "dose_valid_mask" not in out:
+        out["dose_valid_mask"] = np.ones(shape, np.uint8)  # written before the mask existed
+    for key in ("dose", "possible_dose_mask", "dose_valid_mask"):
         if key in out and out[key].shape != shape:
             raise CaseFileError(f"{path}: key '{key}' has shape {out[key].shape}, 'ct' has {shape}")
     for key in ("masks", "sdf"):

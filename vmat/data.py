@@ -151,8 +151,11 @@ class PatchDataset(Dataset):
         index_dtype = np.int16 if max(image.shape[1:]) < 2**15 else np.int64
         item = {"image": image, "cond": cond, "target": (np.asarray(case["dose"], np.float32) / rx)[None],
                 "masks": np.asarray(case["masks"], np.uint8), "rx": rx,
+                "valid": np.asarray(case["dose_valid_mask"], np.uint8)[None],
                 "high": np.argwhere(np.asarray(case["dose"]) >= self.high_dose_threshold * rx).astype(index_dtype),
-                "body": np.argwhere(np.asarray(case["possible_dose_mask"]) > 0).astype(index_dtype)}
+                # patch centres where the loss can see something: body voxels with a known reference dose
+                "body": np.argwhere((np.asarray(case["possible_dose_mask"]) > 0)
+                                    & (np.asarray(case["dose_valid_mask"]) > 0)).astype(index_dtype)}
         item["nbytes"] = sum(v.nbytes for v in item.values() if isinstance(v, np.ndarray))
         if item["nbytes"] <= self.cache_bytes:
             self._cases[i] = item
@@ -181,18 +184,20 @@ class PatchDataset(Dataset):
         image = _crop(case["image"], start, big, image_fill)
         target = _crop(case["target"], start, big, [0.0])
         masks = _crop(case["masks"], start, big, [0] * n_struct).astype(np.float32)
+        valid = _crop(case["valid"], start, big, [0]).astype(np.float32)  # dose known (inside the RTDOSE grid)
         if abs(angle) > 1e-3:
             def rot(a, order):
                 return ndimage.rotate(a, angle, axes=(2, 3), reshape=False, order=order, mode="nearest")
-            image, target, masks = rot(image, 1), rot(target, 1), rot(masks, 0)
+            image, target, masks, valid = rot(image, 1), rot(target, 1), rot(masks, 0), rot(valid, 0)
             sl = (slice(None), slice(None), slice(margin[1], margin[1] + size[1]), slice(margin[2], margin[2] + size[2]))
-            image, target, masks = image[sl], target[sl], masks[sl]
+            image, target, masks, valid = image[sl], target[sl], masks[sl], valid[sl]
         cond = case["cond"].copy()
         flipped = rng.uniform() < float(self.augment.get("flip_lr", 0.0))
         if flipped:
             image = flip_left_right(image, self.channel_perm)
             target = flip_left_right(target)
             masks = flip_left_right(masks, self.mask_perm)
+            valid = flip_left_right(valid)
             cond = cond[self.cond_perm]
         scale = float(self.augment.get("ct_scale", 0.0))
         offset = float(self.augment.get("ct_shift", 0.0))
@@ -205,5 +210,6 @@ class PatchDataset(Dataset):
                 "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
                 "body": torch.from_numpy(np.ascontiguousarray(body, dtype=np.float32)),
                 "masks": torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)),
+                "valid": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32)),
                 "rx_gy": torch.tensor(case["rx"], dtype=torch.float32),
                 "flipped": torch.tensor(flipped)}

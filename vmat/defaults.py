@@ -6,9 +6,10 @@ naming the valid keys. Each script reads only its sections:
 
 - ``python -m vmat.phantom``: ``phantom`` (synthetic DICOM-RT patients), ``seed``
 - ``preprocess_vmat.py``: ``preprocess``
-- ``train_vmat.py``: ``data input patch augment model loss constraints train val runtime``, ``seed``
+- ``train_vmat.py``: ``data input patch augment model loss constraints train val runtime``, ``seed``; its
+  validation also ``gamma dvh`` (the settings validate_vmat.py scores with)
 - ``predict_vmat.py``: ``inference``, ``seed``
-- ``validate_vmat.py``: ``gamma constraints figures`` (+ ``inference`` with ``--checkpoint``), ``seed``
+- ``validate_vmat.py``: ``gamma dvh constraints figures`` (+ ``inference`` with ``--checkpoint``), ``seed``
 - ``benchmark_vmat.py``: ``benchmark``, ``seed``
 """
 
@@ -18,7 +19,7 @@ import copy
 
 from common.runtime import RUNTIME_DEFAULTS
 from vmat.data import INPUT_DEFAULTS
-from vmat.dvh import DEFAULT_CONSTRAINTS
+from vmat.dvh import DEFAULT_CONSTRAINTS, DVH_DEFAULTS
 from vmat.evaluation import GAMMA_DEFAULTS
 from vmat.inference import INFERENCE_DEFAULTS
 from vmat.losses import LOSS_DEFAULTS
@@ -65,10 +66,19 @@ PREPROCESS_DEFAULTS = {
         "channels": None,  # mask/SDF channel order; null = the format's default list
         "required": ["PTV70", "PTV56", "Prostate", "Rectum", "Bladder", "Femur_L", "Femur_R"],  # else skipped
         "body": "Body",  # canonical ROI used as possible-dose mask (else a CT threshold)
+        "extra_names": {},  # free-form {canonical: [ROI spellings]} added to map_file (e.g. a clinic's TG-263 names)
     },
+    "site": "prostate",  # label of the structure template (configs/vmat/site_*.yaml set channels/required/targets)
     "target_doses_gy": {},  # {target: Gy}; targets not listed take their dose from the name (PTV56 -> 56 Gy)
     "prescription": {"fallback_gy": 70.0},  # used with a warning when no RTPLAN prescription is found
-    "dose": {"interpolation": "linear"},  # RTDOSE -> CT grid: linear | bspline
+    "dose": {
+        "interpolation": "linear",  # RTDOSE -> CT grid: linear | bspline
+        "min_coverage": 0.98,  # a structure with less of its volume inside the RTDOSE grid is flagged (manifest)
+    },
+    "ct": {
+        "slice_gaps": "error",  # missing / uneven CT slices: error (case skipped, gap named) | interpolate (recorded)
+        "gap_tolerance_mm": 0.1,  # a slice further than this from the uniform grid of the median spacing is a gap
+    },
     "body_threshold_hu": -500.0,  # possible-dose mask from the CT when no body ROI exists
     "sdf": {"clip_mm": 50.0},  # SDF = clip(signed distance, ±clip) / clip
     "grid": {
@@ -134,9 +144,8 @@ VMAT_DEFAULTS = {
     },
     "val": {
         "every_epochs": 1,
-        "gamma_subset": 5000,  # random voxels for the validation gamma (0 = skip gamma)
-        "gamma_criterion": [3.0, 3.0],  # dose %, distance mm (global, 10 % cutoff)
-        "best_metric": "val_mae_gy",  # val_mae_gy | val_gamma_pass_pct | train_loss
+        "gamma_subset": 5000,  # random voxels for the validation gamma (0 = skip gamma); settings: the gamma section
+        "best_metric": "val_mae_body_gy",  # val_ + a validate_vmat overall name (val_gamma_3_3_pass_pct ...) | train_loss
         "best_mode": "min",  # min | max
         "inference": {**INFERENCE_DEFAULTS, "tta_flip": False, "diffusion_samples": 1},
     },
@@ -145,6 +154,7 @@ VMAT_DEFAULTS = {
     "inference": dict(INFERENCE_DEFAULTS),  # see vmat/inference.py
     # ------------------------------------------------------------- scoring (validate_vmat.py)
     "gamma": dict(GAMMA_DEFAULTS),  # see vmat/evaluation.py
+    "dvh": copy.deepcopy(DVH_DEFAULTS),  # DVH sampling and reported V_xGy (vmat/dvh.py); also training validation
     "figures": {"n_cases": 3},  # cases that get dose/DVH/gamma figures
     # -------------------------------------------------------------------- data preparation
     "preprocess": copy.deepcopy(PREPROCESS_DEFAULTS),
@@ -153,7 +163,7 @@ VMAT_DEFAULTS = {
     "benchmark": {
         "gamma": {
             "enabled": True,
-            "criterion": [3.0, 3.0],  # dose %, distance mm
+            "criteria": [[3.0, 3.0, False], [2.0, 2.0, True]],  # [dose %, distance mm, local] each timed
             "lower_percent_cutoff": 10.0,
             "max_gamma": 2.0,
             "interp_fraction": 10,  # the same for both implementations

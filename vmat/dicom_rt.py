@@ -67,6 +67,7 @@ class Grid:
     origin_xyz: np.ndarray
     spacing_zyx: tuple[float, float, float]
     shape_zyx: tuple[int, int, int]
+    interpolated_k: tuple = ()  # slice indices made by interpolation (``ct_slice_gaps: interpolate``)
 
     def bounds(self):
         return grid_bounds_xyz(self.origin_xyz, self.spacing_zyx, self.shape_zyx)
@@ -90,6 +91,9 @@ class RTCase:
     target_doses_gy: dict
     uids: dict
     warnings: list = field(default_factory=list)
+    dose_valid: np.ndarray | None = None  # bool (z, y, x): CT voxels inside the RTDOSE grid
+    repairs: list = field(default_factory=list)  # geometry repairs that change numbers (manifest)
+    contours: dict = field(default_factory=dict)  # canonical name -> [(z mm, (N, 2) xy mm)] on the CT planes
 
 
 # ------------------------------------------------------------------------------------------ orientation
@@ -145,32 +149,105 @@ def _referenced_series_uid(struct_ds) -> str | None:
         return None
 
 
-def read_ct(entries: Sequence, preferred_series: str | None = None, warnings: list | None = None):
-    """CT entries [(path, header)] → (HU array (z, y, x), Grid, frame of reference UID, series UID)."""
+def check_slice_positions(along: np.ndarray, tolerance_mm: float = 0.1) -> list[tuple[float, float]]:
+    """Gaps of a sorted slice stack that break a uniform spacing: [(z_lo, z_hi)] (empty if uniform).
+
+    The spacing is the median gap; a slice further than ``tolerance_mm`` from its place on the uniform
+    grid (a missing slice, an uneven gap, a duplicated or shifted position) is a gap."""
+    along = np.asarray(along, float)
+    if len(along) < 3:
+        return []
+    gaps = np.diff(along)
+    step = float(np.median(gaps))
+    return [(float(along[k]), float(along[k + 1])) for k, g in enumerate(gaps) if abs(g - step) > tolerance_mm]
+
+
+def _interpolate_slices(array: np.ndarray, along: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Linear interpolation along axis 0 onto a uniform grid of ``step`` from the first slice.
+    Returns (array, new positions, indices of slices that are not an original slice)."""
+    n = int(round((along[-1] - along[0]) / step)) + 1
+    uniform = along[0] + np.arange(n) * step
+    idx = np.clip(np.searchsorted(along, uniform, side="right") - 1, 0, len(along) - 2)
+    w = np.clip((uniform - along[idx]) / (along[idx + 1] - along[idx]), 0.0, 1.0)
+    out = array[idx] * (1 - w)[:, None, None] + array[idx + 1] * w[:, None, None]
+    original = np.min(np.abs(uniform[:, None] - along[None, :]), axis=1) < 1e-3 * step
+    return out.astype(np.float32), uniform, [int(k) for k in np.flatnonzero(~original)]
+
+
+def read_ct(entries: Sequence, preferred_series: str | None = None, warnings: list | None = None,
+            slice_gaps: str = "error", gap_tolerance_mm: float = 0.1, repairs: list | None = None):
+    """CT entries [(path, header)] → (HU array (z, y, x), Grid, frame of reference UID, series UID).
+
+    Geometry is refused rather than guessed (CaseError): several CT series of which the RTSTRUCT
+    references none (``ambiguous_ct_series``), slices of different orientation or size in the series
+    (``mixed_ct_orientation``), a gantry tilt (``gantry_tilt``: GantryDetectorTilt ≠ 0 or slice positions
+    not along the slice normal), missing or uneven slices (``uneven_slices``, naming the series and the
+    gaps). ``slice_gaps="interpolate"`` instead interpolates the CT linearly onto the median spacing and
+    records the repair in ``repairs`` (the manifest)."""
     warnings = warnings if warnings is not None else []
+    repairs = repairs if repairs is not None else []
     if not entries:
         raise CaseError("no_ct", "no CT images found")
+    if slice_gaps not in ("error", "interpolate"):
+        raise ValueError(f"slice_gaps must be error or interpolate, got {slice_gaps!r}")
     series: dict[str, list] = {}
     for path, ds in entries:
         series.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((path, ds))
     if preferred_series in series:
         chosen = series[preferred_series]
-    else:
-        chosen = max(series.values(), key=len)
         if len(series) > 1:
-            warnings.append(f"{len(series)} CT series; using the largest ({len(chosen)} slices)")
+            warnings.append(f"{len(series)} CT series; using {preferred_series}, the one the RTSTRUCT references")
+    elif len(series) > 1:
+        raise CaseError("ambiguous_ct_series", f"{Path(entries[0][0]).parent}: {len(series)} CT series "
+                                               f"({', '.join(f'{uid} ({len(v)} slices)' for uid, v in series.items())}) "
+                                               "and the RTSTRUCT references none of them; keep one per case folder")
+    else:
+        chosen = next(iter(series.values()))
+    uid = str(getattr(chosen[0][1], "SeriesInstanceUID", ""))
+    label = f"CT series {uid} ({Path(chosen[0][0]).parent})"
     groups = group_slices([ds for _, ds in chosen])
     if len(groups) > 1:
-        warnings.append(f"CT series has {len(groups)} stacks of different orientation/size; using the largest")
+        raise CaseError("mixed_ct_orientation", f"{label}: slices of {len(groups)} different orientations or image "
+                                                f"sizes ({[len(g) for g in groups]} slices); a localizer or a second "
+                                                "stack in the series? keep one axial stack")
+    tilts = {float(getattr(ds, "GantryDetectorTilt", 0.0) or 0.0) for _, ds in chosen}
+    if any(abs(t) > 1e-3 for t in tilts):
+        raise CaseError("gantry_tilt", f"{label}: GantryDetectorTilt {sorted(tilts)} deg; tilted (sheared) CT "
+                                       "stacks are not supported: reconstruct without tilt")
     paths = [chosen[i][0] for i in groups[0]]
     try:
         volume = load_volume(paths)
     except DicomSeriesError as exc:
         raise CaseError("ct_unreadable", str(exc)) from exc
+    origins = volume.slice_origins_mm
+    if origins is not None and len(origins) > 1:
+        steps = np.diff(origins, axis=0)
+        sideways = steps - np.outer(steps @ volume.normal, volume.normal)
+        worst = float(np.linalg.norm(sideways, axis=1).max())
+        if worst > gap_tolerance_mm:
+            raise CaseError("gantry_tilt", f"{label}: slice positions move {worst:.2f} mm across the image plane "
+                                           "from slice to slice (gantry tilt or sheared stack); not supported")
     first = pydicom.dcmread(str(volume.sources[0]), stop_before_pixels=True)
-    hu, origin, spacing = canonicalize(volume.array, volume.origin_mm, volume.spacing_mm, volume.row_dir,
+    array, spacing_kji, interpolated = volume.array, volume.spacing_mm, []
+    gaps = check_slice_positions(volume.slice_positions_mm, gap_tolerance_mm)
+    if gaps:
+        step = float(np.median(np.diff(volume.slice_positions_mm)))
+        listed = ", ".join(f"{hi - lo:.2f} mm between {lo:.2f} and {hi:.2f}" for lo, hi in gaps[:5])
+        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+        if slice_gaps == "error":
+            raise CaseError("uneven_slices", f"{label}: slice spacing {step:.2f} mm but gap(s) of {listed}{more} "
+                                             "(positions along the slice normal, mm): missing or uneven slices; "
+                                             "set preprocess.ct.slice_gaps: interpolate to interpolate them")
+        array, _, interpolated = _interpolate_slices(volume.array, np.asarray(volume.slice_positions_mm), step)
+        spacing_kji = (step, *volume.spacing_mm[1:])
+        repairs.append(f"CT slices interpolated to {step:.3f} mm over gap(s) of {listed}{more} "
+                       f"({len(interpolated)} slice(s) made)")
+    hu, origin, spacing = canonicalize(array, volume.origin_mm, spacing_kji, volume.row_dir,
                                        volume.col_dir, volume.normal, str(volume.sources[0].parent))
-    grid = Grid(origin_xyz=np.asarray(origin, float), spacing_zyx=spacing, shape_zyx=tuple(hu.shape))
+    if interpolated and float(np.dot(volume.normal, [0, 0, 1])) < 0:  # the slice axis was flipped
+        interpolated = [hu.shape[0] - 1 - k for k in interpolated]
+    grid = Grid(origin_xyz=np.asarray(origin, float), spacing_zyx=spacing, shape_zyx=tuple(hu.shape),
+                interpolated_k=tuple(sorted(interpolated)))
     return hu.astype(np.float32), grid, str(getattr(first, "FrameOfReferenceUID", "")), str(first.SeriesInstanceUID)
 
 
@@ -187,8 +264,12 @@ def _frame_of_reference_of_struct(ds) -> set[str]:
 
 
 def rasterize_roi(contour_items, grid: Grid, roi_name: str, source: str, warnings: list,
-                  plane_tol_vox: float = 0.3) -> np.ndarray:
-    """All CLOSED_PLANAR contours of one ROI → bool mask on ``grid`` (XOR per slice)."""
+                  plane_tol_vox: float = 0.3, contours_out: list | None = None) -> np.ndarray:
+    """All CLOSED_PLANAR contours of one ROI → bool mask on ``grid`` (XOR per slice).
+
+    ``contours_out`` receives each polygon as (plane z mm, (N, 2) xy mm) for the sub-voxel DVH
+    (vmat.dvh.ContourSampler). Slices made by CT slice interpolation that carry no contour of the ROI
+    take the mask interpolated between the nearest original slices (threshold 0.5)."""
     nz, ny, nx = grid.shape_zyx
     per_slice: dict[int, list] = {}
     for item in contour_items:
@@ -220,9 +301,20 @@ def rasterize_roi(contour_items, grid: Grid, roi_name: str, source: str, warning
         if j.min() < -0.5 or j.max() > ny - 0.5 or i.min() < -0.5 or i.max() > nx - 0.5:
             warnings.append(f"ROI '{roi_name}': contour partly outside the CT image; clipped")
         per_slice.setdefault(k, []).append((i, j))
+        if contours_out is not None:
+            contours_out.append((float(points[:, 2].mean()), points[:, :2].copy()))
     mask = np.zeros(grid.shape_zyx, dtype=bool)
     for k, polygons in per_slice.items():
         mask[k] = rasterize_slice_polygons(polygons, (ny, nx))
+    made = set(grid.interpolated_k)
+    if made:
+        original = np.array([k for k in range(nz) if k not in made])
+        for k in sorted(made - set(per_slice)):
+            lo, hi = original[original < k], original[original > k]
+            if len(lo) and len(hi):
+                lo, hi = int(lo[-1]), int(hi[0])
+                w = (k - lo) / (hi - lo)
+                mask[k] = (mask[lo] * (1 - w) + mask[hi] * w) >= 0.5
     return mask
 
 
@@ -240,23 +332,26 @@ def read_rtstruct(path: Path, grid: Grid, structure_map: StructureMap, ct_frame_
     number_of = {}
     for number, name in names.items():
         number_of.setdefault(name, []).append(number)
-    masks, sources = {}, {}
+    masks, sources, contours = {}, {}, {}
     for canonical, roi_names in groups.items():
         union = np.zeros(grid.shape_zyx, dtype=bool)
+        polygons: list = []
         for roi_name in roi_names:
             for number in number_of[roi_name]:
                 items = contours_by_number.get(number, [])
-                roi_mask = rasterize_roi(items, grid, roi_name, str(path), warnings)
+                roi_mask = rasterize_roi(items, grid, roi_name, str(path), warnings, contours_out=polygons)
                 if not roi_mask.any():
                     warnings.append(f"ROI '{roi_name}' ({canonical}) is empty")
                 union |= roi_mask
         if union.any():
             masks[canonical] = union
             sources[canonical] = roi_names
+            if len(roi_names) == 1 and len(number_of[roi_names[0]]) == 1:
+                contours[canonical] = polygons  # (a union of several ROIs has no single contour set)
         else:
             sources[canonical] = roi_names
             warnings.append(f"structure {canonical} has no voxels (ROIs {roi_names})")
-    return masks, sources, unmatched
+    return masks, sources, unmatched, contours
 
 
 # ----------------------------------------------------------------------------------------------- RTDOSE
@@ -317,22 +412,103 @@ def read_rtdose(path: Path, warnings: list | None = None):
     return dose, origin_xyz, spacing, str(getattr(ds, "FrameOfReferenceUID", ""))
 
 
-def choose_dose_files(entries: Sequence) -> list:
-    """PLAN-summed doses win; several BEAM/FRACTION doses are summed; several PLAN doses are ambiguous."""
+def _summation_type(ds) -> str:
+    return str(getattr(ds, "DoseSummationType", "PLAN") or "PLAN").upper()
+
+
+def _referenced_beam(ds) -> tuple[str | None, int | None]:
+    """(referenced RTPLAN SOP UID, referenced beam number) of a BEAM dose, None where absent."""
+    try:
+        plan = ds.ReferencedRTPlanSequence[0]
+    except (AttributeError, IndexError):
+        return None, None
+    try:
+        beam = int(plan.ReferencedFractionGroupSequence[0].ReferencedBeamSequence[0].ReferencedBeamNumber)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        beam = None
+    return str(getattr(plan, "ReferencedSOPInstanceUID", "") or "") or None, beam
+
+
+def _plan_beams(plan_entries: Sequence) -> dict:
+    """{RTPLAN SOP UID: set of treatment beam numbers}."""
+    out = {}
+    for path, header in plan_entries:
+        ds = header if hasattr(header, "BeamSequence") else pydicom.dcmread(str(path), stop_before_pixels=True)
+        out[str(ds.SOPInstanceUID)] = {int(b.BeamNumber) for b in getattr(ds, "BeamSequence", [])
+                                       if str(getattr(b, "TreatmentDeliveryType", "TREATMENT")).upper() == "TREATMENT"}
+    return out
+
+
+def choose_dose_files(entries: Sequence, plan_entries: Sequence = (), warnings: list | None = None) -> list:
+    """The RTDOSE file(s) that make the planned total dose, by DoseSummationType (PS3.3 C.8.8.3).
+
+    - one PLAN (or MULTI_PLAN) dose: used; other RTDOSE files beside it are ignored with a warning;
+    - several PLAN doses: refused (``ambiguous_rtdose``);
+    - only BEAM doses: summed when each references its beam and together they are exactly the treatment
+      beams of the RTPLAN they reference (else refused: ``incomplete_beam_doses``); the sum is recorded;
+    - FRACTION (one fraction), BRACHY, CONTROL_POINT, RECORD or other types: refused
+      (``rtdose_summation``): the total planned dose cannot be read from them without guessing.
+    """
+    warnings = warnings if warnings is not None else []
     if not entries:
         return []
-    plan = [e for e in entries if str(getattr(e[1], "DoseSummationType", "PLAN")).upper() == "PLAN"]
-    if len(plan) == 1:
-        return plan
-    if len(plan) > 1:
-        raise CaseError("ambiguous_rtdose", f"{len(plan)} RTDOSE files of type PLAN: "
-                                            f"{[str(p.name) for p, _ in plan]}; keep one per case folder")
-    return list(entries)
+    by_type: dict[str, list] = {}
+    for entry in entries:
+        by_type.setdefault(_summation_type(entry[1]), []).append(entry)
+    for kind in ("PLAN", "MULTI_PLAN"):
+        chosen = by_type.get(kind, [])
+        if len(chosen) > 1:
+            raise CaseError("ambiguous_rtdose", f"{len(chosen)} RTDOSE files of type {kind}: "
+                                                f"{[str(p.name) for p, _ in chosen]}; keep one per case folder")
+        if chosen:
+            others = [f"{p.name} ({_summation_type(ds)})" for p, ds in entries if (p, ds) not in chosen]
+            if others:
+                warnings.append(f"using the {kind} RTDOSE {chosen[0][0].name}; ignored {others}")
+            if kind == "MULTI_PLAN":
+                warnings.append(f"{chosen[0][0].name}: DoseSummationType MULTI_PLAN (a sum of several plans) used "
+                                "as the reference dose")
+            return chosen
+    beams = by_type.get("BEAM", [])
+    if beams and set(by_type) == {"BEAM"}:
+        refs = [_referenced_beam(ds) for _, ds in beams]
+        names = [str(p.name) for p, _ in beams]
+        if any(plan is None or beam is None for plan, beam in refs):
+            raise CaseError("incomplete_beam_doses", f"{len(beams)} BEAM RTDOSE files {names}, not all naming their "
+                                                     "RTPLAN and beam number (ReferencedRTPlanSequence): cannot check "
+                                                     "that they sum to the plan")
+        plans = {plan for plan, _ in refs}
+        numbers = [beam for _, beam in refs]
+        if len(plans) > 1 or len(set(numbers)) != len(numbers):
+            raise CaseError("incomplete_beam_doses", f"BEAM RTDOSE files {names} reference plans {sorted(plans)} and "
+                                                     f"beams {numbers}: not one plan's beams, each once")
+        planned = _plan_beams(plan_entries).get(next(iter(plans)))
+        if planned is None:
+            raise CaseError("incomplete_beam_doses", f"BEAM RTDOSE files {names} reference RTPLAN {next(iter(plans))}, "
+                                                     "which is not in the case folder: cannot check that they are all "
+                                                     "its beams")
+        if set(numbers) != planned:
+            raise CaseError("incomplete_beam_doses", f"BEAM RTDOSE files cover beams {sorted(numbers)} of the plan's "
+                                                     f"treatment beams {sorted(planned)}: missing "
+                                                     f"{sorted(planned - set(numbers))}")
+        warnings.append(f"reference dose = sum of {len(beams)} BEAM RTDOSE files (beams {sorted(numbers)})")
+        return beams
+    kinds = {k: [str(p.name) for p, _ in v] for k, v in by_type.items()}
+    raise CaseError("rtdose_summation", f"RTDOSE DoseSummationType {kinds}: no PLAN dose and no complete set of BEAM "
+                                        "doses (a FRACTION dose is one fraction's dose); export the plan's total "
+                                        "(PLAN) dose")
 
 
-def dose_on_grid(dose_files: Sequence, grid: Grid, ct_frame_uid: str, interpolation: str, warnings: list) -> np.ndarray:
-    """Sum of the RTDOSE files resampled onto the CT grid (0 Gy outside the dose grid)."""
+def dose_and_coverage_on_grid(dose_files: Sequence, grid: Grid, ct_frame_uid: str, interpolation: str,
+                              warnings: list) -> tuple[np.ndarray, np.ndarray]:
+    """(dose Gy, valid) on the CT grid: the sum of the RTDOSE files, and where it is known.
+
+    A CT voxel is covered when its centre lies within the box of every RTDOSE grid's voxel centres (1 µm
+    tolerance), where the dose is interpolated; the half voxel beyond the outermost dose centres would be
+    extrapolation (SimpleITK repeats the edge value there) and counts as not covered. Outside, the dose is
+    unknown: the array holds 0 there but ``valid`` is False, and every consumer (training loss, metrics,
+    DVHs) leaves such voxels out."""
     total = np.zeros(grid.shape_zyx, dtype=np.float32)
+    valid = np.ones(grid.shape_zyx, dtype=bool)
     for path, _ in dose_files:
         dose, origin, spacing, frame_uid = read_rtdose(path, warnings)
         if ct_frame_uid and frame_uid and frame_uid != ct_frame_uid:
@@ -343,10 +519,22 @@ def dose_on_grid(dose_files: Sequence, grid: Grid, ct_frame_uid: str, interpolat
         if covered <= 0.0:
             raise CaseError("dose_outside_ct", f"{path}: the dose grid ({np.round(dose_bounds[0], 1).tolist()} .. "
                                                f"{np.round(dose_bounds[1], 1).tolist()} mm) does not overlap the CT")
-        resampled = resample_to_grid(dose, origin, spacing, grid.origin_xyz, grid.spacing_zyx, grid.shape_zyx,
-                                     interpolation=interpolation, default=0.0)
+        kw = {"src_origin_xyz": origin, "src_spacing_zyx": spacing, "dst_origin_xyz": grid.origin_xyz,
+              "dst_spacing_zyx": grid.spacing_zyx, "dst_shape_zyx": grid.shape_zyx}
+        resampled = resample_to_grid(dose, interpolation=interpolation, default=0.0, **kw)
         total += np.clip(resampled, 0.0, None)  # B-spline can undershoot below 0 Gy
-    return total
+        axes = []  # canonical axes z, y, x: CT centres within the dose centres' range
+        for c, xyz in enumerate((2, 1, 0)):
+            centres = grid.origin_xyz[xyz] + np.arange(grid.shape_zyx[c]) * grid.spacing_zyx[c]
+            axes.append((centres >= dose_bounds[0][xyz] - 1e-3) & (centres <= dose_bounds[1][xyz] + 1e-3))
+        valid &= axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]
+    total[~valid] = 0.0
+    return total, valid
+
+
+def dose_on_grid(dose_files: Sequence, grid: Grid, ct_frame_uid: str, interpolation: str, warnings: list) -> np.ndarray:
+    """Sum of the RTDOSE files resampled onto the CT grid (0 where unknown: see dose_and_coverage_on_grid)."""
+    return dose_and_coverage_on_grid(dose_files, grid, ct_frame_uid, interpolation, warnings)[0]
 
 
 # ----------------------------------------------------------------------------------------------- RTPLAN
@@ -377,10 +565,14 @@ def read_prescription(plan_entries: Sequence, fallback_gy: float | None, warning
 # ---------------------------------------------------------------------------------------------- a case
 def load_rt_case(folder: str | Path, structure_map: StructureMap, *, required: Sequence[str] = (),
                  fallback_prescription_gy: float | None = 70.0, dose_interpolation: str = "linear",
-                 require_dose: bool = True) -> RTCase:
-    """Read everything of one case folder onto the CT grid; raises CaseError with a reason code."""
+                 require_dose: bool = True, ct_slice_gaps: str = "error", gap_tolerance_mm: float = 0.1) -> RTCase:
+    """Read everything of one case folder onto the CT grid; raises CaseError with a reason code.
+
+    ``ct_slice_gaps``: "error" (default) refuses missing or uneven CT slices; "interpolate" interpolates
+    them and records the repair in ``RTCase.repairs``."""
     folder = Path(folder)
     warnings: list[str] = []
+    repairs: list[str] = []
     by_modality = find_case_files(folder)
     structs = by_modality.get("RTSTRUCT", [])
     if not structs:
@@ -388,8 +580,10 @@ def load_rt_case(folder: str | Path, structure_map: StructureMap, *, required: S
     if len(structs) > 1:
         warnings.append(f"{len(structs)} RTSTRUCT files; using {structs[0][0].name}")
     struct_path, struct_header = structs[0]
-    ct_hu, grid, ct_frame, ct_series = read_ct(by_modality.get("CT", []), _referenced_series_uid(struct_header), warnings)
-    masks, sources, unmatched = read_rtstruct(struct_path, grid, structure_map, ct_frame, warnings)
+    ct_hu, grid, ct_frame, ct_series = read_ct(by_modality.get("CT", []), _referenced_series_uid(struct_header), warnings,
+                                               slice_gaps=ct_slice_gaps, gap_tolerance_mm=gap_tolerance_mm,
+                                               repairs=repairs)
+    masks, sources, unmatched, contours = read_rtstruct(struct_path, grid, structure_map, ct_frame, warnings)
     missing = [name for name in required if name not in sources]
     if missing:
         hint = " (non-SIB case?)" if any(n.upper().startswith("PTV") for n in missing) else ""
@@ -399,10 +593,11 @@ def load_rt_case(folder: str | Path, structure_map: StructureMap, *, required: S
     if empty:
         raise CaseError("empty_contour", f"{folder}: required structure(s) {empty} have no contour voxels "
                                          f"(ROIs {[sources[n] for n in empty]})")
-    dose_files = choose_dose_files(by_modality.get("RTDOSE", []))
+    dose_files = choose_dose_files(by_modality.get("RTDOSE", []), by_modality.get("RTPLAN", []), warnings)
     if not dose_files and require_dose:
         raise CaseError("no_rtdose", f"{folder}: no RTDOSE file")
-    dose = dose_on_grid(dose_files, grid, ct_frame, dose_interpolation, warnings) if dose_files else None
+    dose, dose_valid = (dose_and_coverage_on_grid(dose_files, grid, ct_frame, dose_interpolation, warnings)
+                        if dose_files else (None, None))
     rx, rx_source, targets = read_prescription(by_modality.get("RTPLAN", []), fallback_prescription_gy, warnings)
     first_ct = by_modality["CT"][0][1]
     uids = {"frame_of_reference_uid": ct_frame, "study_instance_uid": str(getattr(first_ct, "StudyInstanceUID", "")),
@@ -414,4 +609,5 @@ def load_rt_case(folder: str | Path, structure_map: StructureMap, *, required: S
         log.info("%s: unmatched ROI names %s", folder.name, unmatched)
     return RTCase(case_id=folder.name, ct_hu=ct_hu, grid=grid, masks=masks, roi_sources=sources,
                   unmatched_rois=unmatched, dose_gy=dose, prescription_gy=rx, prescription_source=rx_source,
-                  target_doses_gy=targets, uids=uids, warnings=warnings)
+                  target_doses_gy=targets, uids=uids, warnings=warnings, dose_valid=dose_valid, repairs=repairs,
+                  contours=contours)

@@ -75,22 +75,27 @@ def dose_slices(path_stem: str | Path, reference: np.ndarray, prediction: np.nda
 
 
 def dvh_curves(path_stem: str | Path, reference: np.ndarray, prediction: np.ndarray, masks: np.ndarray,
-               names: Sequence[str], title: str = "", extra: dict | None = None) -> list[Path]:
-    """Cumulative DVHs: reference solid, prediction dashed (``extra``: {label: dose} dotted)."""
+               names: Sequence[str], title: str = "", extra: dict | None = None,
+               samples: dict | None = None) -> list[Path]:
+    """Cumulative DVHs: reference solid, prediction dashed (``extra``: {label: dose} dotted). With
+    ``samples`` ({name: vmat.dvh.StructureSamples}) the curves are those of the metrics (sub-voxel)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     top = float(max(reference.max(), prediction.max())) * 1.05
+    edges = np.arange(0.0, top + 0.25, 0.25)
     for c, name in enumerate(names):
         mask = np.asarray(masks[c], bool)
         if not mask.any():
             continue
         color = OKABE_ITO[c % len(OKABE_ITO)]
-        d, v = cumulative_dvh(reference[mask], 0.25, top)
-        ax.plot(d, v, color=color, label=name)
-        d, v = cumulative_dvh(prediction[mask], 0.25, top)
-        ax.plot(d, v, color=color, linestyle="--")
+
+        def curve(dose, mask=mask, name=name):
+            if samples is not None and name in samples and len(samples[name].weights):
+                return edges, samples[name].dvh(dose).curve(edges)
+            return cumulative_dvh(dose[mask], 0.25, top)
+        ax.plot(*curve(reference), color=color, label=name)
+        ax.plot(*curve(prediction), color=color, linestyle="--")
         for dose in (extra or {}).values():
-            d, v = cumulative_dvh(dose[mask], 0.25, top)
-            ax.plot(d, v, color=color, linestyle=":", linewidth=0.8)
+            ax.plot(*curve(dose), color=color, linestyle=":", linewidth=0.8)
     ax.set_xlabel("dose (Gy)")
     ax.set_ylabel("volume (%)")
     ax.set_ylim(0, 102)

@@ -13,6 +13,8 @@
   elsewhere in the body;
 - :class:`AsymmetricPTVLoss` — squared error in targets with underdose weighted more than overdose;
 - :class:`DoseLoss` — the configured sum, optionally with Kendall uncertainty weighting (common.losses).
+  Every term leaves out voxels where the reference dose is unknown (``batch["valid"]``, the NPZ's
+  ``dose_valid_mask``: outside the RTDOSE grid), so they never teach the model "0 Gy".
 """
 
 from __future__ import annotations
@@ -320,7 +322,12 @@ class DoseLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, batch: Mapping) -> tuple[torch.Tensor, dict]:
         target, body, masks = batch["target"], batch["body"], batch["masks"]
-        mask = body if self.cfg["in_possible_dose_mask"] else None
+        # Voxels outside the reference RTDOSE grid have no reference dose (NPZ dose_valid_mask): no term sees them.
+        known = batch.get("valid")
+        if known is not None:
+            body = body * known
+            masks = masks * known
+        mask = body if self.cfg["in_possible_dose_mask"] else known
         values = {}
         if self.cfg["structure_weighted"]:
             values["base"] = self.sw(pred, target, masks, batch["input"][:, 1:1 + self.n_struct], body)

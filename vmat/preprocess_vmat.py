@@ -54,6 +54,10 @@ def _resample_case(arrays: dict, spacing, origin_xyz, new_spacing) -> tuple[dict
         out["dose"] = None
     out["masks"] = np.stack([resample_to_grid(m.astype(np.float32), **kw) >= 0.5 for m in arrays["masks"]])
     out["body"] = resample_to_grid(arrays["body"].astype(np.float32), **kw) >= 0.5
+    # A resampled voxel is known only where every source voxel it interpolates from is.
+    known = arrays.get("valid")
+    known = np.ones(shape, bool) if known is None else np.asarray(known, bool)
+    out["valid"] = resample_to_grid(known.astype(np.float32), **kw) >= 1.0 - 1e-6
     return out, tuple(float(v) for v in new_spacing), origin_xyz
 
 
@@ -76,7 +80,8 @@ def _crop_case(arrays: dict, spacing, origin_xyz, crop_shape, center_mask) -> tu
         return out
 
     out = {"ct": take(arrays["ct"], -1000.0), "masks": take(arrays["masks"], 0), "body": take(arrays["body"], 0),
-           "dose": None if arrays.get("dose") is None else take(arrays["dose"], 0.0)}
+           "dose": None if arrays.get("dose") is None else take(arrays["dose"], 0.0),
+           "valid": take(np.asarray(arrays.get("valid", np.ones(tuple(shape), bool)), bool), False)}
     new_origin = np.asarray(origin_xyz, float) + start[::-1] * np.asarray(spacing, float)[::-1]
     return out, new_origin
 
@@ -95,18 +100,30 @@ def body_from_ct(ct_hu: np.ndarray, threshold_hu: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- sanity checks
-def sanity_checks(dose, masks, names, target_doses: dict, cfg: dict) -> tuple[list[str], dict]:
-    """Reasons this case's reference dose looks wrong (empty list if fine) and the numbers checked."""
+def dose_coverage(masks, names, valid, body=None) -> dict:
+    """{structure: fraction of its voxels inside the RTDOSE grid} for present structures (+ "body")."""
+    out = {n: float(np.mean(valid[m])) for n, m in zip(names, masks) if m.any()}
+    if body is not None and body.any():
+        out["body"] = float(np.mean(valid[body]))
+    return out
+
+
+def sanity_checks(dose, masks, names, target_doses: dict, cfg: dict, valid=None) -> tuple[list[str], dict]:
+    """Reasons this case's reference dose looks wrong (empty list if fine) and the numbers checked
+    (over the voxels where the dose is known: ``valid``)."""
     problems, numbers = [], {}
     if dose is None:
         return problems, numbers
+    valid = np.ones(dose.shape, bool) if valid is None else np.asarray(valid, bool)
     if float(dose.min()) < 0:
         problems.append(f"negative dose {float(dose.min()):.3g} Gy")
     present = [(n, d) for n, d in target_doses.items() if n in names and masks[names.index(n)].any()]
     if not present:
         return problems, numbers
     top, top_dose = max(present, key=lambda item: item[1])
-    inside = dose[masks[names.index(top)].astype(bool)]
+    inside = dose[masks[names.index(top)].astype(bool) & valid]
+    if inside.size == 0:
+        return problems + [f"{top} lies wholly outside the RTDOSE grid"], numbers
     mean, d95 = float(inside.mean()), float(dose_at_volume_percent(inside, 95.0))
     numbers = {"top_target": top, "top_target_mean_gy": mean, "top_target_d95_gy": d95}
     tol = float(cfg["ptv_mean_tolerance"])
@@ -129,10 +146,11 @@ def _target_doses(names, cfg) -> dict:
 
 
 def _read_dicom(case_dir: Path, cfg: dict, channels: list[str]) -> dict:
-    smap = load_structure_map(cfg["structures"]["map_file"])
+    smap = load_structure_map(cfg["structures"]["map_file"], cfg["structures"]["extra_names"])
     case = load_rt_case(case_dir, smap, required=cfg["structures"]["required"],
                         fallback_prescription_gy=cfg["prescription"]["fallback_gy"],
-                        dose_interpolation=cfg["dose"]["interpolation"])
+                        dose_interpolation=cfg["dose"]["interpolation"], ct_slice_gaps=cfg["ct"]["slice_gaps"],
+                        gap_tolerance_mm=float(cfg["ct"]["gap_tolerance_mm"]))
     shape = case.grid.shape_zyx
     masks = np.stack([case.masks.get(n, np.zeros(shape, bool)) for n in channels])
     body_name = cfg["structures"]["body"]
@@ -140,8 +158,9 @@ def _read_dicom(case_dir: Path, cfg: dict, channels: list[str]) -> dict:
     if body is None:
         case.warnings.append(f"no {body_name} ROI; possible-dose mask from CT > {cfg['body_threshold_hu']} HU")
         body = body_from_ct(case.ct_hu, float(cfg["body_threshold_hu"]))
+    valid = case.dose_valid if case.dose_valid is not None else np.ones(shape, bool)
     return {"case_id": case.case_id, "ct": case.ct_hu, "dose": case.dose_gy, "masks": masks, "body": body,
-            "spacing": case.grid.spacing_zyx, "origin_xyz": case.grid.origin_xyz, "prescription_gy": case.prescription_gy,
+            "valid": valid, "contours": case.contours, "repairs": case.repairs, "spacing": case.grid.spacing_zyx, "origin_xyz": case.grid.origin_xyz, "prescription_gy": case.prescription_gy,
             "meta": {"prescription_source": case.prescription_source, "plan_target_doses_gy": case.target_doses_gy,
                      "roi_sources": case.roi_sources, "unmatched_rois": case.unmatched_rois, "uids": case.uids,
                      "warnings": case.warnings, "source_format": "dicom"}}
@@ -155,7 +174,8 @@ def _read_openkbp(case_dir: Path, cfg: dict, channels: list[str]) -> dict:
     shape = patient["ct"].shape
     masks = np.stack([patient["masks"][index[n]] if n in index else np.zeros(shape, np.uint8) for n in channels])
     return {"case_id": patient["case_id"], "ct": patient["ct"], "dose": patient["dose"], "masks": masks.astype(bool),
-            "body": patient["possible_dose_mask"].astype(bool), "spacing": patient["spacing_zyx"],
+            "body": patient["possible_dose_mask"].astype(bool), "valid": np.ones(shape, bool), "contours": {},
+            "repairs": [], "spacing": patient["spacing_zyx"],
             "origin_xyz": np.zeros(3), "prescription_gy": patient["prescription_gy"],
             "meta": {"prescription_source": "OpenKBP target names", "warnings": [], "source_format": "openkbp",
                      "uids": {}}}
@@ -170,7 +190,7 @@ def process_case(case_dir: str, out_dir: str, cfg: dict, fmt: str) -> dict:
     try:
         data = _read_openkbp(case_dir, cfg, channels) if fmt == "openkbp" else _read_dicom(case_dir, cfg, channels)
         spacing, origin = data["spacing"], np.asarray(data["origin_xyz"], float)
-        arrays = {k: data[k] for k in ("ct", "dose", "masks", "body")}
+        arrays = {k: data[k] for k in ("ct", "dose", "masks", "body", "valid")}
         if cfg["grid"]["resample_spacing_mm"]:
             arrays, spacing, origin = _resample_case(arrays, spacing, origin, cfg["grid"]["resample_spacing_mm"])
         target_doses = _target_doses(channels, cfg)
@@ -179,7 +199,19 @@ def process_case(case_dir: str, out_dir: str, cfg: dict, fmt: str) -> dict:
             arrays, origin = _crop_case(arrays, spacing, origin, cfg["grid"]["crop_shape"],
                                         arrays["masks"][channels.index(top)])
         masks = arrays["masks"].astype(bool)
-        problems, numbers = sanity_checks(arrays["dose"], masks, channels, target_doses, cfg["sanity"])
+        valid = np.asarray(arrays["valid"], bool)
+        problems, numbers = sanity_checks(arrays["dose"], masks, channels, target_doses, cfg["sanity"], valid)
+        coverage = dose_coverage(masks, channels, valid, np.asarray(arrays["body"], bool)) \
+            if arrays["dose"] is not None else {}
+        min_cov = float(cfg["dose"]["min_coverage"])
+        flagged = [n for n, f in coverage.items() if n != "body" and f < min_cov]
+        row.update({f"dose_coverage_{n}": round(f, 4) for n, f in coverage.items()})
+        row["coverage_flags"] = "; ".join(f"{n} {coverage[n]:.1%} inside the RTDOSE grid (< {min_cov:.0%})"
+                                          for n in flagged)
+        row["repairs"] = " | ".join(data.get("repairs", []))
+        if flagged:
+            data["meta"]["warnings"].append("dose grid does not cover " + row["coverage_flags"]
+                                            + ": their DVHs use only the covered part")
         voxel_cc = float(np.prod(spacing)) / 1000.0
         row.update({f"volume_cc_{n}": round(float(m.sum()) * voxel_cc, 3) for n, m in zip(channels, masks)})
         row.update({"prescription_gy": data["prescription_gy"], "shape": "x".join(map(str, masks.shape[1:])),
@@ -191,10 +223,13 @@ def process_case(case_dir: str, out_dir: str, cfg: dict, fmt: str) -> dict:
         clip = float(cfg["sdf"]["clip_mm"])
         sdf = np.stack([scaled_sdf(m, spacing, clip) for m in masks])
         meta = {**data["meta"], "case_id": data["case_id"], "target_doses_gy": target_doses, "sdf_clip_mm": clip,
+                "dose_coverage": coverage, "coverage_flagged": flagged, "min_coverage": min_cov,
+                "repairs": data.get("repairs", []),
                 "axes": "z superior, y posterior, x patient left (DICOM LPS)", "origin_order": "zyx"}
         write_case(out_dir / f"{data['case_id']}.npz", ct=arrays["ct"], dose=arrays["dose"], masks=masks, sdf=sdf,
                    structure_names=channels, spacing_mm=spacing, origin_mm=origin[::-1],
-                   prescription_gy=data["prescription_gy"], possible_dose_mask=arrays["body"], meta=meta)
+                   prescription_gy=data["prescription_gy"], possible_dose_mask=arrays["body"], meta=meta,
+                   dose_valid_mask=valid, contours=data.get("contours"))
         row.update({"status": "ok", "reason": ""})
     except CaseError as exc:
         row["reason"] = str(exc)
@@ -246,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     if fmt == "openkbp" and cfg["structures"]["required"] == PREPROCESS_DEFAULTS["structures"]["required"]:
         cfg["structures"]["required"] = []  # OpenKBP patients have different ROI sets; targets are checked
     if fmt == "dicom":
-        load_structure_map(cfg["structures"]["map_file"])  # a broken map is one clear error, not N skips
+        # a broken map is one clear error, not N skips
+        load_structure_map(cfg["structures"]["map_file"], cfg["structures"]["extra_names"])
     case_dirs = list_case_dirs(args.data, fmt)
     if args.cases:
         case_dirs = [p for p in case_dirs if p.name in set(args.cases)]
@@ -272,13 +308,19 @@ def main(argv: list[str] | None = None) -> dict:
             run.log(f"[vmat] {row['status']} {row['case']}: {row['reason']}")
         elif row.get("unmatched_rois"):
             run.log(f"[vmat] {row['case']}: unmatched ROI names: {row['unmatched_rois']}")
+        if row.get("coverage_flags"):
+            run.log(f"[vmat] {row['case']}: dose grid does not cover {row['coverage_flags']}")
+        if row.get("repairs"):
+            run.log(f"[vmat] {row['case']}: repaired: {row['repairs']}")
     write_manifest(out_dir / "manifest.csv", rows)
     channels = list(cfg["structures"]["channels"] or (OPENKBP_STRUCTURES if fmt == "openkbp" else PROSTATE_STRUCTURES))
     summary = {"n_cases": len(rows), "n_ok": len(ok), "n_skipped": len(rows) - len(ok), "seconds": elapsed,
                "cases_per_minute": 60.0 * len(rows) / max(elapsed, 1e-9), "format": fmt,
                "structure_names": channels, "target_doses_gy": _target_doses(channels, cfg),
-               "sdf_clip_mm": float(cfg["sdf"]["clip_mm"]), "config": cfg,
-               "skipped": {r["case"]: r["reason"] for r in rows if r["status"] != "ok"}}
+               "sdf_clip_mm": float(cfg["sdf"]["clip_mm"]), "config": cfg, "site": cfg["site"],
+               "skipped": {r["case"]: r["reason"] for r in rows if r["status"] != "ok"},
+               "coverage_flagged": {r["case"]: r["coverage_flags"] for r in rows if r.get("coverage_flags")},
+               "repaired": {r["case"]: r["repairs"] for r in rows if r.get("repairs")}}
     write_json(out_dir / "preprocessing.json", summary)
     run.log(f"[vmat] preprocessed {len(ok)}/{len(rows)} cases into {out_dir} "
             f"({summary['cases_per_minute']:.1f} cases/min)")

@@ -119,8 +119,12 @@ def resolve_path(path: str | Path) -> Path:
     return candidate if candidate.exists() else path
 
 
-def load_structure_map(path: str | Path = DEFAULT_MAP_FILE) -> StructureMap:
-    """Read the JSON mapping (UTF-8); a clear error for a missing or malformed file."""
+def load_structure_map(path: str | Path = DEFAULT_MAP_FILE, extra: Mapping[str, Sequence[str]] | None = None) -> StructureMap:
+    """Read the JSON mapping (UTF-8); a clear error for a missing or malformed file.
+
+    ``extra`` ({canonical: [variants]}, e.g. ``preprocess.structures.extra_names`` of a YAML config) adds
+    spellings to existing canonical names or new canonical names; a variant already listed under another
+    canonical name is an error naming both."""
     path = resolve_path(path)
     if not path.is_file():
         raise StructureMapError(f"structure map not found: {path}")
@@ -129,7 +133,13 @@ def load_structure_map(path: str | Path = DEFAULT_MAP_FILE) -> StructureMap:
     except json.JSONDecodeError as exc:
         raise StructureMapError(f"{path}: not valid JSON ({exc})") from exc
     data = {k: v for k, v in data.items() if not str(k).startswith("_")}  # "_comment" keys
-    return StructureMap(data, source=str(path))
+    source = str(path)
+    for canonical, variants in (extra or {}).items():
+        if isinstance(variants, str) or not isinstance(variants, Sequence):
+            raise StructureMapError(f"preprocess.structures.extra_names: entry '{canonical}' must be a list of names")
+        data[canonical] = list(data.get(canonical, [])) + [str(v) for v in variants]
+        source = f"{path} + preprocess.structures.extra_names"
+    return StructureMap(data, source=source)
 
 
 # ------------------------------------------------------------------------------------------ left/right

@@ -7,8 +7,12 @@ Patches are sampled per case (a configured share centred in high dose), augmente
 the patient's left-right axis with left/right channel swaps, small axial rotations and shifts, CT
 intensity jitter. AdamW + cosine schedule, AMP on CUDA, gradient clipping, EMA weights. Every
 ``val.every_epochs`` the EMA model predicts the validation volumes whole (sliding window) and is scored
-by MAE (Gy, in the body) and a subsampled gamma pass rate; the best checkpoint follows
-``val.best_metric`` (val_mae_gy, val_gamma_pass_pct or train_loss). DDP (torchrun), GPU cooling pauses.
+by the same code and settings as validate_vmat.py (vmat.evaluation.evaluate_case with the ``gamma``,
+``dvh`` and ``constraints`` sections; gamma on a random subset of ``val.gamma_subset`` voxels): metrics.csv
+gets validate_vmat's overall names prefixed ``val_`` (val_mae_body_gy, val_gamma_3_3_pass_pct,
+val_openkbp_dvh_score ...); the best checkpoint follows ``val.best_metric``, one of those names or
+train_loss (another name is an error at start-up). Voxels outside the reference RTDOSE grid (the NPZ
+``dose_valid_mask``) never enter the loss or the metrics. DDP (torchrun), GPU cooling pauses.
 Ctrl+C, SIGTERM or ``--stop-after-steps N`` stop after the current optimizer step with checkpoint_last.pt
 recording the position inside the epoch; ``--resume`` then continues exactly where the run stopped (patch
 order from (seed, epoch), diffusion noise from (seed, rank, step), optimizer / scheduler / EMA / loss-weight
@@ -48,15 +52,22 @@ from vmat.atlas import fit_atlas, predict_atlas
 from vmat.case_io import list_cases, load_case
 from vmat.data import PatchDataset, make_input_spec
 from vmat.defaults import VMAT_DEFAULTS
-from vmat.gamma import gamma_index, pass_rate
+from vmat.dvh import case_samples
+from vmat.evaluation import VAL_METRIC_KEYS, evaluate_case, gamma_metric_keys, overall_metrics
 from vmat.inference import EnsemblePredictor
 from vmat.losses import DoseLoss
 
 MODEL_TARGETS = {"unet": "vmat.models.UNet3D", "cascade": "vmat.models.CascadeUNet3D",
                  "diffusion": "vmat.models.DiffusionDoseModel"}
 
-# Metrics ``val.best_metric`` may name: the whole-volume validation scores, or the training loss.
-BEST_METRICS = ("val_mae_gy", "val_gamma_pass_pct", "train_loss")
+# Old names of ``val.best_metric`` (before training validation used vmat.evaluation): accepted with a warning.
+DEPRECATED_BEST_METRICS = {"val_mae_gy": "val_mae_body_gy", "val_gamma_pass_pct": "val_gamma_3_3_pass_pct"}
+
+
+def best_metric_names(cfg: dict) -> list[str]:
+    """Metrics ``val.best_metric`` may name: the validation metrics this config logs, or the training loss."""
+    keys = list(VAL_METRIC_KEYS) + (gamma_metric_keys(cfg["gamma"]["criteria"]) if cfg["val"]["gamma_subset"] else [])
+    return [f"val_{k}" for k in keys] + ["train_loss"]
 
 
 def check_training_config(cfg: dict) -> None:
@@ -64,13 +75,18 @@ def check_training_config(cfg: dict) -> None:
     vcfg = cfg["val"]
     if cfg["model"]["type"] not in MODEL_TARGETS:
         raise ConfigError(f"config: 'model.type' must be one of {', '.join(MODEL_TARGETS)}, got {cfg['model']['type']!r}")
-    if vcfg["best_metric"] not in BEST_METRICS:
-        raise ConfigError(f"config: 'val.best_metric' must be one of {', '.join(BEST_METRICS)}, "
-                          f"got {vcfg['best_metric']!r}")
+    if vcfg["best_metric"] in DEPRECATED_BEST_METRICS:
+        new = DEPRECATED_BEST_METRICS[vcfg["best_metric"]]
+        print(f"[vmat] 'val.best_metric: {vcfg['best_metric']}' is deprecated: using {new} (the name validate_vmat "
+              "reports)")
+        vcfg["best_metric"] = new
+    allowed = best_metric_names(cfg)
+    if vcfg["best_metric"] not in allowed:
+        hint = " ('val.gamma_subset' is 0: no gamma)" if "gamma" in str(vcfg["best_metric"]) else ""
+        raise ConfigError(f"config: 'val.best_metric' must be one of {', '.join(allowed)}, "
+                          f"got {vcfg['best_metric']!r}{hint}")
     if vcfg["best_mode"] not in ("min", "max"):
         raise ConfigError(f"config: 'val.best_mode' must be min or max, got {vcfg['best_mode']!r}")
-    if vcfg["best_metric"] == "val_gamma_pass_pct" and not vcfg["gamma_subset"]:
-        raise ConfigError("config: 'val.best_metric' is val_gamma_pass_pct but 'val.gamma_subset' is 0 (no gamma)")
     if int(vcfg["every_epochs"]) < 1:
         raise ConfigError(f"config: 'val.every_epochs' must be >= 1, got {vcfg['every_epochs']!r}")
 
@@ -123,20 +139,34 @@ def dataset_info(train_paths: list[Path]) -> tuple[list[str], dict, float]:
     return case["structure_names"], case["meta"].get("target_doses_gy", {}), float(case["meta"].get("sdf_clip_mm", 50.0))
 
 
+def val_gamma_config(cfg: dict, device) -> dict:
+    """validate_vmat's gamma settings (the ``gamma`` section) on ``val.gamma_subset`` random voxels."""
+    gamma = dict(cfg["gamma"], random_subset=int(cfg["val"]["gamma_subset"]) or None)
+    if gamma["implementation"] == "torch":
+        gamma["device"] = str(device)  # the search runs where the model does (same result to float tolerance)
+    return gamma
+
+
+def score_cases(doses: list, cases: list[dict], cfg: dict, device, seed: int) -> dict:
+    """validate_vmat's overall metrics of ``doses`` on ``cases``, prefixed val_ (vmat.evaluation)."""
+    rows = []
+    for i, (dose, case) in enumerate(zip(doses, cases)):
+        if "_dvh_samples" not in case:  # DVH sample points depend on the case only: computed once per run
+            case["_dvh_samples"] = case_samples(case, cfg["dvh"])
+        row, _ = evaluate_case(case, dose, val_gamma_config(cfg, device), cfg["constraints"],
+                               compute_gamma_maps=bool(cfg["val"]["gamma_subset"]), seed=seed + i, dvh_cfg=cfg["dvh"],
+                               samples=case["_dvh_samples"])
+        rows.append(row)
+    overall = overall_metrics(rows)
+    keys = list(VAL_METRIC_KEYS) + (gamma_metric_keys(cfg["gamma"]["criteria"]) if cfg["val"]["gamma_subset"] else [])
+    return {f"val_{k}": overall.get(k, float("nan")) for k in keys}
+
+
 def validate(model, prep: dict, cases: list[dict], cfg: dict, device, seed: int) -> dict:
-    """Whole-volume predictions of the validation cases: MAE (Gy, body) and subsampled gamma."""
+    """Whole-volume predictions of the validation cases, scored as validate_vmat.py scores them."""
     predictor = EnsemblePredictor(cfg=cfg["val"]["inference"], device=device, members=[(model, prep)])
-    maes, gammas = [], []
-    for i, case in enumerate(cases):
-        dose = predictor.predict(case, seed=seed)["dose"]
-        body = np.asarray(case["possible_dose_mask"], bool)
-        maes.append(float(np.abs(dose - case["dose"])[body].mean()))
-        if cfg["val"]["gamma_subset"]:
-            pct, dist = cfg["val"]["gamma_criterion"]
-            g = gamma_index(case["dose"], dose, case["spacing_mm"], pct, dist, 10.0, max_gamma=1.5, interp_fraction=5,
-                            random_subset=int(cfg["val"]["gamma_subset"]), seed=seed + i, device=device)
-            gammas.append(pass_rate(g))
-    return {"val_mae_gy": float(np.mean(maes)), "val_gamma_pass_pct": float(np.mean(gammas)) if gammas else float("nan")}
+    doses = [predictor.predict(case, seed=seed)["dose"] for case in cases]
+    return score_cases(doses, cases, cfg, device, seed)
 
 
 def evaluate(model, ema: EMA | None, prep: dict, cases: list[dict], cfg: dict, device) -> dict:
@@ -151,7 +181,8 @@ def evaluate(model, ema: EMA | None, prep: dict, cases: list[dict], cfg: dict, d
 def training_loss(ddp_model, loss_fn: DoseLoss, batch: dict, kind: str, generator: torch.Generator):
     """(loss, {term: value}) of one batch for the configured model type."""
     if kind == "diffusion":  # the model returns its own denoising loss (DDP sees a forward call)
-        loss = ddp_model(batch["input"], batch["cond"], batch["target"], batch["body"], generator=generator)
+        known = batch["body"] * batch["valid"]  # no loss where the reference dose is unknown
+        loss = ddp_model(batch["input"], batch["cond"], batch["target"], known, generator=generator)
         return loss, {"diffusion": float(loss.detach())}
     if kind == "cascade":  # deep supervision: both stages against the reference
         parts = [loss_fn(stage.float(), batch) for stage in ddp_model(batch["input"], batch["cond"], return_stages=True)]
@@ -292,17 +323,20 @@ def final_evaluation(ckpt_path: Path, val_cases: list[dict], atlas: dict, cfg: d
         if cfg["val"]["inference"]["use_ema"]:
             apply_ema_weights(model, ckpt)
         metrics = validate(model.eval(), ckpt["preprocessing"], val_cases, cfg, device, cfg["seed"])
-        atlas_mae = []
-        for case in val_cases:
-            dose = predict_atlas(atlas, case["masks"], case["structure_names"], case["spacing_mm"], case["possible_dose_mask"])
-            body = np.asarray(case["possible_dose_mask"], bool)
-            atlas_mae.append(float(np.abs(dose - case["dose"])[body].mean()))
-        out.update({"checkpoint_epoch": ckpt["epoch"], "val": metrics, "atlas_val_mae_gy": float(np.mean(atlas_mae)),
-                    "headline": {"val_mae_gy": metrics["val_mae_gy"], "atlas_val_mae_gy": float(np.mean(atlas_mae)),
-                                 "val_gamma_pass_pct": metrics["val_gamma_pass_pct"]}})
+        atlas_doses = [predict_atlas(atlas, case["masks"], case["structure_names"], case["spacing_mm"],
+                                     case["possible_dose_mask"]) for case in val_cases]
+        atlas_metrics = {"atlas_" + k: v for k, v in score_cases(atlas_doses, val_cases, cfg, device, cfg["seed"]).items()}
+        gamma_key = "val_" + gamma_metric_keys(cfg["gamma"]["criteria"][:1])[0] if cfg["val"]["gamma_subset"] else None
+        headline = {"val_mae_body_gy": metrics["val_mae_body_gy"], "atlas_val_mae_body_gy": atlas_metrics["atlas_val_mae_body_gy"],
+                    "val_openkbp_dvh_score": metrics["val_openkbp_dvh_score"],
+                    "atlas_val_openkbp_dvh_score": atlas_metrics["atlas_val_openkbp_dvh_score"]}
+        if gamma_key:
+            headline.update({gamma_key: metrics[gamma_key], "atlas_" + gamma_key: atlas_metrics["atlas_" + gamma_key]})
+        out.update({"checkpoint_epoch": ckpt["epoch"], "val": metrics, "atlas_val": atlas_metrics, "headline": headline})
         run.log(f"[vmat] {ckpt_path.name} (epoch {ckpt['epoch']}) rebuilt from the checkpoint: val MAE "
-                f"{metrics['val_mae_gy']:.2f} Gy vs atlas {np.mean(atlas_mae):.2f} Gy; gamma "
-                f"{metrics['val_gamma_pass_pct']:.1f}%")
+                f"{metrics['val_mae_body_gy']:.2f} Gy vs atlas {atlas_metrics['atlas_val_mae_body_gy']:.2f} Gy; DVH score "
+                f"{metrics['val_openkbp_dvh_score']:.2f} vs atlas {atlas_metrics['atlas_val_openkbp_dvh_score']:.2f}"
+                + (f"; {gamma_key} {metrics[gamma_key]:.1f}%" if gamma_key else ""))
     out["figures"] = [str(p.relative_to(run.run_dir).as_posix()) for p in figures if p.suffix == ".png"]
     return out
 

@@ -11,15 +11,22 @@ window, optional flip TTA). Per case and overall: MAE (Gy) in the body, PTVs, OA
 pass rates (3%/3 mm and 2%/2 mm global, 10 % cutoff by default) over all voxels and restricted to
 PTV / OAR / rest; DVH metrics of reference and prediction and their differences; clinical constraint
 pass rates; OpenKBP dose and DVH scores. With ``--atlas`` the mean-dose-atlas baseline is scored the
-same way. Writes metrics.csv, summary.json, report.md and figures/ (dose slices with isodose lines and
-structure outlines, DVH curves, gamma maps; 300 DPI PNG + PDF); ``--export-rtdose`` writes each
-prediction as an RTDOSE on the CT's frame of reference into rtdose/.
+same way. Writes metrics.csv, summary.json, report.md, dvh/<case>.csv (cumulative DVHs of reference,
+prediction and atlas per structure) and figures/ (dose slices with isodose lines and structure outlines,
+DVH curves, gamma maps; 300 DPI PNG + PDF); ``--export-rtdose`` writes each prediction as an RTDOSE on
+the CT's frame of reference into rtdose/.
+
+DVHs (vmat/dvh.py, ``dvh`` section): sub-voxel samples of the RTSTRUCT contours where the case carries
+them (in-plane supersampling, trilinear dose, half-slice end caps), else voxel counting; only where the
+reference dose is known (``dose_valid_mask``); each structure's covered fraction is in metrics.csv
+(``dose_coverage_<name>``) and a structure below ``preprocess.dose.min_coverage`` is listed in
+``coverage_flagged`` (row, summary, log). Per structure: targets D99/D98/D95/D50/D2 %, Dmean, D0.03cc,
+Dmax_point, V95%Rx, HI, RTOG and Paddick CI; OARs Dmean, D95 %, D2 %, D0.03cc, Dmax_point, V_xGy.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +36,9 @@ from common.errors import InputError, run_cli
 from common.runlog import progress, write_text_atomic
 from vmat.case_io import CaseFileError, list_cases, load_case, load_prediction
 from vmat.defaults import VMAT_DEFAULTS
-from vmat.evaluation import evaluate_case
+from vmat.dvh import case_samples
+from vmat.evaluation import evaluate_case, overall_metrics
 from vmat.inference import add_checkpoint_argument, checkpoint_files
-
-def _mean(rows, key):
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _overall(rows: list[dict]) -> dict:
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys and not k.startswith("_") and k != "case"]
-    out = {k: _mean(rows, k) for k in keys}
-    diffs = [d for r in rows for d in r.get("_openkbp_dvh_diffs", [])]
-    out["openkbp_dvh_score"] = float(np.mean(diffs)) if diffs else float("nan")  # pooled, as OpenKBP does
-    return out
-
 
 def _report(path: Path, overall: dict, baseline: dict | None, rows: list[dict], figures: list[str], source: str) -> None:
     keys = ["mae_body_gy", "mae_ptv_gy", "mae_oar_gy", "mae_rest_gy", "gamma_3_3_pass_pct", "gamma_3_3_ptv_pass_pct",
@@ -64,6 +57,10 @@ def _report(path: Path, overall: dict, baseline: dict | None, rows: list[dict], 
         lines.append(f"| {r['case']} | {r.get('mae_body_gy', float('nan')):.2f} | {r.get('gamma_3_3_pass_pct', float('nan')):.1f} "
                      f"| {r.get('gamma_2_2_pass_pct', float('nan')):.1f} | {r.get('ref_PTV70_D95%', float('nan')):.1f} / "
                      f"{r.get('pred_PTV70_D95%', float('nan')):.1f} |")
+    flagged = [f"{r['case']}: {r['coverage_flagged']}" for r in rows if r.get("coverage_flagged")]
+    if flagged:
+        lines += ["", "## Structures partly outside the RTDOSE grid (metrics of the covered part)", ""]
+        lines += [f"- {line}" for line in flagged]
     lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -106,25 +103,33 @@ def main(argv: list[str] | None = None) -> dict:
             if not pred_path.is_file():
                 raise CaseFileError(f"no prediction for case {path.stem}: {pred_path} does not exist")
             prediction = load_prediction(pred_path, case["dose"].shape)["dose"]
-        row, maps = evaluate_case(case, prediction, cfg["gamma"], cfg["constraints"], seed=cfg["seed"] + index)
+        samples = case_samples(case, cfg["dvh"])  # once per case: the prediction and the atlas share them
+        row, maps = evaluate_case(case, prediction, cfg["gamma"], cfg["constraints"], seed=cfg["seed"] + index,
+                                  dvh_cfg=cfg["dvh"], samples=samples)
+        if row["coverage_flagged"]:
+            run.log(f"[vmat] {case['case_id']}: RTDOSE grid covers only {row['coverage_flagged']} of these "
+                    "structures; their metrics describe the covered part")
         base = None
         if atlas is not None:
             from vmat.atlas import predict_atlas
 
             base = predict_atlas(atlas, case["masks"], case["structure_names"], case["spacing_mm"],
                                  case["possible_dose_mask"])
-            base_row, _ = evaluate_case(case, base, cfg["gamma"], cfg["constraints"], seed=cfg["seed"] + index)
+            base_row, _ = evaluate_case(case, base, cfg["gamma"], cfg["constraints"], seed=cfg["seed"] + index,
+                                        dvh_cfg=cfg["dvh"], samples=samples)
             base_rows.append(base_row)
             row["atlas_mae_body_gy"] = base_row["mae_body_gy"]
         rows.append(row)
+        write_dvh_csv(run.run_dir / "dvh" / f"{case['case_id']}.csv", case, samples,
+                      {"reference": case["dose"], "prediction": prediction, **({"atlas": base} if base is not None else {})})
         if args.export_rtdose:
             from vmat.export import export_rtdose
 
             export_rtdose(run.run_dir / "rtdose" / f"{case['case_id']}_predicted_RD.dcm", prediction, case)
         if index < int(cfg["figures"]["n_cases"]):
-            figures += _case_figures(fig_dir, case, prediction, maps, base, cfg)
-    overall = _overall(rows)
-    baseline = _overall(base_rows) if base_rows else None
+            figures += _case_figures(fig_dir, case, prediction, maps, base, cfg, samples)
+    overall = overall_metrics(rows)
+    baseline = overall_metrics(base_rows) if base_rows else None
     for r in rows:
         run.logger.log_metrics({k: v for k, v in r.items() if not k.startswith("_")})
     from vmat.figures import metric_bars
@@ -145,8 +150,23 @@ def main(argv: list[str] | None = None) -> dict:
             f"{overall.get('gamma_3_3_pass_pct', float('nan')):.1f}%"
             + (f"; atlas MAE {baseline['mae_body_gy']:.2f} Gy" if baseline else ""))
     summary = {"n_cases": len(rows), "overall": overall, "atlas_baseline": baseline, "headline": headline,
+               "coverage_flagged": {r["case"]: r["coverage_flagged"] for r in rows if r["coverage_flagged"]},
+               "dvh": cfg["dvh"],
                "figures": figures, "source": source_label, "gamma": cfg["gamma"]}
     return run.finish(summary)
+
+
+def write_dvh_csv(path: Path, case: dict, samples: dict, doses: dict, bin_gy: float = 0.1) -> Path:
+    """Cumulative DVHs of one case (the same samples as its metrics): structure, dose_gy, then the volume %
+    receiving at least that dose for each of ``doses`` ({label: dose array})."""
+    top = max(float(np.max(d)) for d in doses.values())
+    edges = np.arange(0.0, top + bin_gy, bin_gy)
+    lines = ["structure,dose_gy," + ",".join(f"{label}_volume_pct" for label in doses)]
+    for name, smp in samples.items():
+        curves = [smp.dvh(dose).curve(edges) for dose in doses.values()]
+        lines += [f"{name},{e:.2f}," + ",".join(f"{c[i]:.4f}" for c in curves) for i, e in enumerate(edges)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _load_atlas(path: Path) -> dict:
@@ -161,7 +181,8 @@ def _load_atlas(path: Path) -> dict:
     return atlas
 
 
-def _case_figures(fig_dir: Path, case: dict, prediction: np.ndarray, maps: dict, base, cfg) -> list[str]:
+def _case_figures(fig_dir: Path, case: dict, prediction: np.ndarray, maps: dict, base, cfg,
+                  samples: dict | None = None) -> list[str]:
     from vmat.figures import dose_slices, dvh_curves, gamma_map
 
     cid = case["case_id"]
@@ -174,8 +195,9 @@ def _case_figures(fig_dir: Path, case: dict, prediction: np.ndarray, maps: dict,
     out = []
     out += dose_slices(fig_dir / f"{cid}_dose", case["dose"], prediction, masks, names, case["spacing_mm"],
                        case["prescription_gy"], title=f"{cid}: reference vs prediction", centre_mask=target)
-    out += dvh_curves(fig_dir / f"{cid}_dvh", case["dose"], prediction, masks, names, title=f"{cid}: DVH",
-                      extra={"atlas": base} if base is not None else None)
+    known = np.asarray(masks, bool) & np.asarray(case["dose_valid_mask"], bool)  # DVHs of the known dose only
+    out += dvh_curves(fig_dir / f"{cid}_dvh", case["dose"], prediction, known, names, title=f"{cid}: DVH",
+                      extra={"atlas": base} if base is not None else None, samples=samples)
     if maps:
         label, gamma = next(iter(maps.items()))
         out += gamma_map(fig_dir / f"{cid}_gamma", gamma, case["dose"], case["spacing_mm"],

@@ -46,7 +46,7 @@ def test_train_with_amp_stop_and_resume_on_cuda(kind, tiny_npz, tmp_path):
     assert not second["interrupted"] and second["epochs_completed"] == 2
     rows = read_csv_rows(tmp_path / "run" / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(finite(r["train_loss"]) for r in rows)
-    assert finite(second["val"]["val_mae_gy"]) and finite(second["val"]["val_gamma_pass_pct"])
+    assert finite(second["val"]["val_mae_body_gy"]) and finite(second["val"]["val_gamma_3_3_pass_pct"])
 
     # the GPU-trained checkpoint predicts on the GPU and on the CPU alike
     outs = {}

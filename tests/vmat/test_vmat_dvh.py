@@ -52,9 +52,16 @@ def test_cumulative_dvh_and_indices():
 
 
 @pytest.mark.parametrize("metric, expected", [("V5Gy", 60.0), ("D50%", 6.0), ("D0.2cc", 9.0), ("Dmean", 5.5),
-                                              ("Dmax", 10.0), ("Dmin", 1.0), ("Dmax_point", 10.0)])
+                                              ("D0.03cc", 10.0), ("Dmin", 1.0), ("Dmax_point", 10.0)])
 def test_metric_value(metric, expected):
     assert metric_value(DOSES, metric, voxel_cc=0.1) == pytest.approx(expected)
+    # the same with explicit equal weights (the sub-voxel path)
+    assert metric_value(DOSES, metric, voxel_cc=0.1, weights=np.full(10, 0.1)) == pytest.approx(expected)
+
+
+def test_bare_dmax_is_refused_with_the_icru83_names():
+    with pytest.raises(ValueError, match="D0.03cc.*Dmax_point"):
+        metric_value(DOSES, "Dmax", voxel_cc=0.1)
 
 
 def test_metric_value_rejects_unknown_metric():
@@ -87,7 +94,9 @@ def test_structure_metrics_targets_and_oars():
     masks = np.ones((2, 1, 1, 10), np.uint8)
     out = structure_metrics(dose, masks, ["PTV70", "Rectum"], {"PTV70": 10.0}, (10.0, 10.0, 1.0), body=np.ones((1, 1, 10)))
     assert out["PTV70"]["D95%"] == 1.0 and out["PTV70"]["D2%"] == 10.0 and out["PTV70"]["V95%Rx"] == 10.0
-    assert out["Rectum"]["Dmean"] == 5.5 and out["Rectum"]["Dmax"] == 10.0 and "D95%" not in out["Rectum"]
+    assert out["Rectum"]["Dmean"] == 5.5 and out["Rectum"]["D0.03cc"] == 10.0 and "Dmax" not in out["Rectum"]
+    assert out["Rectum"]["D95%"] == 1.0 and out["Rectum"]["D2%"] == 10.0 and "HI" not in out["Rectum"]
+    assert out["PTV70"]["D99%"] == 1.0 and out["PTV70"]["Dmax_point"] == 10.0
 
 
 def test_openkbp_scores_hand_made():

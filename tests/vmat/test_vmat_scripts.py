@@ -28,6 +28,8 @@ TINY_TRAIN = {
     "model": {"channels": [4, 8], "groups": 2},
     "train": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "ema_decay": 0.9},
     "val": {"gamma_subset": 200, "inference": {"window_zyx": [24, 32, 32], "tta_flip": False}},
+    "gamma": {"interp_fraction": 5},  # training validation uses the gamma section, as validate_vmat does
+    "dvh": {"sample_mm": 4.0},  # coarse sub-voxel DVH samples: the tiny patients have 10-12 mm voxels
 }
 
 
@@ -51,9 +53,12 @@ def test_train_writes_checkpoints_and_resumes(trained, tiny_npz):
 
     root, config, summary = trained
     run = root / "run"
-    assert summary["epochs_completed"] == 1 and _finite(summary["val"].values())
+    assert summary["epochs_completed"] == 1
+    assert _finite([summary["val"][k] for k in ("val_mae_body_gy", "val_gamma_3_3_pass_pct", "val_gamma_2_2_pass_pct",
+                                                "val_openkbp_dose_score", "val_openkbp_dvh_score")])
     assert {"checkpoint_last.pt", "checkpoint_best.pt", "atlas.json", "metrics.csv", "summary.json"} <= {p.name for p in run.iterdir()}
-    assert math.isfinite(summary["headline"]["atlas_val_mae_gy"])
+    assert math.isfinite(summary["headline"]["atlas_val_mae_body_gy"])
+    assert math.isfinite(summary["headline"]["atlas_val_openkbp_dvh_score"])
     resumed = main(["--config", str(config), "--data", str(tiny_npz), "--output-dir", str(run), "--resume",
                     "--set", "train.epochs=2"])
     assert resumed["epochs_completed"] == 2
@@ -75,7 +80,7 @@ def test_other_model_types_train(kind, extra, tiny_npz, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     summary = main(["--config", str(config), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "run")])
-    assert _finite([summary["val"]["val_mae_gy"], summary["val"]["val_gamma_pass_pct"]])
+    assert _finite([summary["val"]["val_mae_body_gy"], summary["val"]["val_gamma_3_3_pass_pct"]])
 
 
 def test_predict_validate_export(trained, tiny_npz, tmp_path):
@@ -88,7 +93,7 @@ def test_predict_validate_export(trained, tiny_npz, tmp_path):
                    "--set", "inference.window_zyx=[24,32,32]", "--export-rtdose"])
     assert out["n_cases"] == 3 and out["outputs_per_case"] == 2  # flip TTA on by default
     assert len(list((pred / "rtdose").glob("*_predicted_RD.dcm"))) == 3
-    summary = validate(["--config", "configs/vmat/validate_smoke.yaml", "--data", str(tiny_npz), "--predictions", str(pred),
+    summary = validate(["--config", "configs/vmat/validate_smoke.yaml", "--set", "dvh.sample_mm=4.0", "--data", str(tiny_npz), "--predictions", str(pred),
                         "--atlas", str(root / "run" / "atlas.json"), "--output-dir", str(tmp_path / "val")])
     headline = summary["headline"]
     assert _finite([headline["mae_body_gy"], headline["gamma_3%/3mm_pass_pct"], headline["atlas_mae_body_gy"],
@@ -96,7 +101,7 @@ def test_predict_validate_export(trained, tiny_npz, tmp_path):
     assert (tmp_path / "val" / "report.md").is_file() and (tmp_path / "val" / "metrics.csv").is_file()
     assert all((tmp_path / "val" / f).is_file() for f in summary["figures"])
     # the same model through --checkpoint (predicts on the fly), with RTDOSE export
-    direct = validate(["--config", "configs/vmat/validate_smoke.yaml", "--data", str(tiny_npz), "--checkpoint",
+    direct = validate(["--config", "configs/vmat/validate_smoke.yaml", "--set", "dvh.sample_mm=4.0", "--data", str(tiny_npz), "--checkpoint",
                        str(root / "run"), "--set", "inference.window_zyx=[24,32,32]", "--export-rtdose",
                        "--set", "figures.n_cases=0", "--cases", "synth_000", "--output-dir", str(tmp_path / "val2")])
     first = [r for r in _rows(tmp_path / "val" / "metrics.csv") if r["case"] == "synth_000"][0]
@@ -140,7 +145,9 @@ def test_phantom_and_benchmark_mains(tmp_path, tiny_npz):
                      "--set", "benchmark.throughput.steps=1"])
     head = summary["headline"]
     assert _finite([head["gamma_speedup_vs_pymedphys"], head["gamma_pass_pct_difference"]])
-    assert summary["gamma"]["n_points"] > 0
+    crit = summary["gamma"]["criteria"]
+    assert [c["criterion"] for c in crit] == ["3%/3mm global", "2%/2mm local"] and crit[1]["n_points"] > 0
+    assert len(summary["gamma"]["load_average_before"]) == 3
     assert summary["throughput"][0]["patches_per_s"] > 0
 
 
@@ -167,7 +174,7 @@ def test_ddp_two_processes_gloo(tiny_npz, tmp_path):
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["epochs_completed"] == 1 and math.isfinite(summary["val"]["val_mae_gy"])
+    assert summary["epochs_completed"] == 1 and math.isfinite(summary["val"]["val_mae_body_gy"])
 
 
 def test_unknown_best_metric_is_refused_before_training(tiny_npz, tmp_path, capsys):
@@ -177,7 +184,8 @@ def test_unknown_best_metric_is_refused_before_training(tiny_npz, tmp_path, caps
     code = run_cli(main, ["--data", str(tiny_npz), "--output-dir", str(tmp_path / "run"), "--set", "val.best_metric=val_mae"])
     assert code == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][0]
-    assert "'val.best_metric'" in line and "val_mae_gy, val_gamma_pass_pct, train_loss" in line and "'val_mae'" in line
+    assert "'val.best_metric'" in line and "val_mae_body_gy" in line and "val_gamma_3_3_pass_pct" in line
+    assert "train_loss" in line and "'val_mae'" in line
     assert not list((tmp_path / "run").glob("checkpoint_*.pt")) and not (tmp_path / "run" / "config.yaml").exists()
 
 
@@ -211,3 +219,26 @@ def test_a_typo_in_a_section_another_script_reads_is_an_error(tiny_npz, tmp_path
     config.write_text(yaml.safe_dump({"preprocess": {"sanity": {"enforced": False}}}), encoding="utf-8")
     with pytest.raises(SystemExit, match=r"unknown config key 'preprocess.sanity.enforced'.*enforce"):
         main(["--config", str(config), "--data", str(tiny_npz), "--output-dir", str(tmp_path / "run")])
+
+
+def test_training_validation_uses_validate_vmat_names(trained):
+    """metrics.csv of training carries validate_vmat's overall names prefixed val_; old best-metric names
+    are translated once, with a notice; a gamma best metric without gamma is refused."""
+    import csv
+
+    from common.config import ConfigError
+    from vmat.defaults import defaults
+    from vmat.evaluation import VAL_METRIC_KEYS, gamma_metric_keys
+    from vmat.train_vmat import check_training_config
+
+    root, _, _ = trained
+    header = next(csv.reader((root / "run" / "metrics.csv").open(encoding="utf-8")))
+    val_columns = {c for c in header if c.startswith("val_")}
+    cfg = defaults()
+    assert val_columns == {f"val_{k}" for k in [*VAL_METRIC_KEYS, *gamma_metric_keys(cfg["gamma"]["criteria"])]}
+    cfg["val"]["best_metric"] = "val_mae_gy"
+    check_training_config(cfg)
+    assert cfg["val"]["best_metric"] == "val_mae_body_gy"
+    cfg["val"].update({"gamma_subset": 0, "best_metric": "val_gamma_3_3_pass_pct"})
+    with pytest.raises(ConfigError, match="no gamma"):
+        check_training_config(cfg)
