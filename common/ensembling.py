@@ -231,4 +231,6 @@ class EMA:
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         for key, value in state["shadow"].items():
-            self.shadow[key] = value.clone()
+            # a checkpoint is read onto the CPU; the shadow stays where the model lives (a GPU on resume)
+            current = self.shadow.get(key)
+            self.shadow[key] = value.to(current.device).clone() if current is not None else value.clone()

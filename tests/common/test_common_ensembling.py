@@ -74,5 +74,14 @@ def test_ema_hand_computed_and_swap():
     assert restored.shadow["weight"].item() == pytest.approx(9 / 11)
 
 
+def test_ema_state_read_on_the_cpu_lands_where_the_model_lives():
+    """Resuming on a GPU: the checkpoint is read onto the CPU, the shadow must follow the model's device
+    (the meta device stands in for a GPU here), else the next update mixes devices."""
+    saved = EMA(nn.Linear(2, 2)).state_dict()
+    on_device = EMA(nn.Linear(2, 2).to("meta"))
+    on_device.load_state_dict(saved)
+    assert all(value.device.type == "meta" for value in on_device.shadow.values())
+
+
 def test_train_members_uses_consecutive_seeds():
     assert train_members(3, 10, lambda index, seed: (index, seed)) == [(0, 10), (1, 11), (2, 12)]
