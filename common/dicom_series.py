@@ -6,7 +6,9 @@ Shared by vmat (CT, RTDOSE) and rsna_spine (MR). What it gets right (notes/vmat.
   ImageOrientationPatient row and column cosines), not by InstanceNumber;
 - PixelSpacing is (row spacing, column spacing) = (Δy between rows, Δx between columns) and may differ;
 - stored values become real values through RescaleSlope / RescaleIntercept;
-- compressed pixel data without an installed decoder is a clear error naming the file and transfer syntax.
+- compressed pixel data without an installed decoder is a clear error naming the file and transfer syntax;
+- orientation is never guessed and missing or uneven slices are refused unless the caller asks to keep or
+  interpolate them (:mod:`common.slice_geometry`).
 
 Geometry convention: volumes are indexed (slice k, row j, column i). Patient coordinates (mm) of voxel
 (k, j, i) are ``origin + i·Δc·row_dir + j·Δr·col_dir + k·Δs·normal`` (DICOM PS3.3 C.7.6.2.1.1), where
@@ -24,13 +26,23 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from common.errors import InputError
+from common.slice_geometry import (  # noqa: F401  (re-exported: the names callers import from here)
+    DicomSeriesError,
+    UnevenSlicesError,
+    describe_gaps,
+    geometry_problem,
+    group_slices,
+    interpolate_slices,
+    orientation,
+    pixel_spacing,
+    position,
+    sideways_shift_mm,
+    slice_normal,
+    sort_slices,
+    uneven_gaps,
+)
 
 log = logging.getLogger(__name__)
-
-
-class DicomSeriesError(InputError):
-    """A series that cannot be turned into a volume; the message names the file(s) and the field."""
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -74,74 +86,6 @@ def index_by_modality(paths: Iterable[str | Path]) -> dict[str, list[tuple[Path,
     return out
 
 
-# --------------------------------------------------------------------------------------------- geometry
-def orientation(ds: pydicom.Dataset) -> np.ndarray:
-    """ImageOrientationPatient as a (2, 3) array (row cosine, column cosine); axial identity if absent."""
-    iop = getattr(ds, "ImageOrientationPatient", None)
-    if iop is None or len(iop) != 6:
-        return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    return np.asarray([float(v) for v in iop], dtype=np.float64).reshape(2, 3)
-
-
-def slice_normal(iop: np.ndarray) -> np.ndarray:
-    """Unit normal = row cosine × column cosine."""
-    normal = np.cross(iop[0], iop[1])
-    return normal / np.linalg.norm(normal)
-
-
-def position(ds: pydicom.Dataset) -> np.ndarray | None:
-    ipp = getattr(ds, "ImagePositionPatient", None)
-    return None if ipp is None or len(ipp) != 3 else np.asarray([float(v) for v in ipp], dtype=np.float64)
-
-
-def pixel_spacing(ds: pydicom.Dataset, source: str | Path = "") -> tuple[float, float]:
-    """(row spacing Δr, column spacing Δc) in mm."""
-    spacing = getattr(ds, "PixelSpacing", None)
-    if spacing is None or len(spacing) != 2:
-        raise DicomSeriesError(f"{source}: missing field PixelSpacing")
-    return float(spacing[0]), float(spacing[1])
-
-
-def sort_slices(datasets: Sequence[pydicom.Dataset], sources: Sequence[str | Path] | None = None) -> tuple[list[int], np.ndarray]:
-    """Order of ``datasets`` along the slice normal, and each slice's position on it (mm), ascending.
-
-    Falls back to SliceLocation, then InstanceNumber, with a logged warning, when ImagePositionPatient
-    is missing on any slice.
-    """
-    if not datasets:
-        return [], np.zeros(0)
-    sources = list(sources) if sources is not None else [""] * len(datasets)
-    normal = slice_normal(orientation(datasets[0]))
-    positions = [position(ds) for ds in datasets]
-    if all(p is not None for p in positions):
-        along = np.array([float(np.dot(p, normal)) for p in positions])
-    elif all(getattr(ds, "SliceLocation", None) is not None for ds in datasets):
-        log.warning("%s: ImagePositionPatient missing; sorting by SliceLocation", sources[0])
-        along = np.array([float(ds.SliceLocation) for ds in datasets])
-    else:
-        log.warning("%s: ImagePositionPatient and SliceLocation missing; sorting by InstanceNumber", sources[0])
-        along = np.array([float(getattr(ds, "InstanceNumber", i) or i) for i, ds in enumerate(datasets)])
-    order = [int(i) for i in np.argsort(along, kind="stable")]
-    return order, along[order]
-
-
-def group_slices(datasets: Sequence[pydicom.Dataset], angle_tol_deg: float = 1.0) -> list[list[int]]:
-    """Split a series into stacks of the same orientation and image size (several axial stacks, scouts,
-    mixed sizes). Returns lists of indices into ``datasets``, largest group first."""
-    groups: list[tuple[np.ndarray, tuple, list[int]]] = []
-    cos_tol = np.cos(np.deg2rad(angle_tol_deg))
-    for index, ds in enumerate(datasets):
-        normal = slice_normal(orientation(ds))
-        size = (int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0)))
-        for ref_normal, ref_size, members in groups:
-            if ref_size == size and abs(float(np.dot(ref_normal, normal))) >= cos_tol:
-                members.append(index)
-                break
-        else:
-            groups.append((normal, size, [index]))
-    return [members for _, _, members in sorted(groups, key=lambda g: -len(g[2]))]
-
-
 # ------------------------------------------------------------------------------------------------ pixels
 def pixel_data(ds: pydicom.Dataset, source: str | Path = "", rescale: bool = True) -> np.ndarray:
     """Pixel array as float32, with RescaleSlope/RescaleIntercept applied when ``rescale``.
@@ -176,6 +120,11 @@ class Volume:
         slice_positions_mm: each slice's position along ``normal``.
         sources: file of each slice, in slice order.
         slice_origins_mm: (K, 3) ImagePositionPatient of each slice (exact even with uneven gaps).
+        uneven_gaps_mm: [(position_lo, position_hi)] gaps that break the uniform spacing as read (kept or
+            interpolated on request; see :func:`load_volume`).
+        interpolated_k: indices of slices made by interpolation (empty unless asked for).
+        sideways_shift_mm: largest slice-to-slice move of the slices as read across the image plane
+            (0 for a straight stack, > 0 for a gantry-tilted or sheared one).
     """
 
     array: np.ndarray
@@ -187,6 +136,13 @@ class Volume:
     slice_positions_mm: np.ndarray
     sources: list[Path] = field(default_factory=list)
     slice_origins_mm: np.ndarray | None = None
+    uneven_gaps_mm: list[tuple[float, float]] = field(default_factory=list)
+    interpolated_k: list[int] = field(default_factory=list)
+    sideways_shift_mm: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.array.shape)
 
     @property
     def affine(self) -> np.ndarray:
@@ -212,16 +168,24 @@ class Volume:
         return ijk[:, ::-1]
 
 
-def load_volume(paths: Sequence[str | Path], rescale: bool = True, spacing_tol: float = 0.05,
-                skip_unreadable: bool = False) -> Volume:
+SLICE_GAP_POLICIES = ("error", "keep", "interpolate")
+
+
+def load_volume(paths: Sequence[str | Path], rescale: bool = True, skip_unreadable: bool = False,
+                slice_gaps: str = "error", gap_tolerance_mm: float = 0.1) -> Volume:
     """Read a homogeneous stack of single-frame slices (one orientation and size) into a Volume.
 
-    Slices are sorted along the normal; slice spacing is the median gap, and gaps that deviate by more
-    than ``spacing_tol`` (relative) are logged (the volume is still built on the median spacing; each
-    slice's own ImagePositionPatient stays in ``slice_origins_mm``). Duplicate positions raise an error
-    naming both files. With ``skip_unreadable``, files whose header or pixels cannot be read are left
-    out with a logged reason (file and transfer syntax) instead of failing the stack.
+    Slices are sorted along the normal and the slice spacing is the median gap. A gap differing from it
+    by more than ``gap_tolerance_mm`` (a missing slice, an uneven gap) is handled by ``slice_gaps``:
+    ``"error"`` (default) raises UnevenSlicesError naming the folder and the gaps; ``"keep"`` keeps the
+    slices as read (the median spacing in ``spacing_mm`` is then nominal: each slice's own position stays
+    in ``slice_origins_mm``; use it for anything metric); ``"interpolate"`` resamples linearly onto the
+    median spacing and lists the made slices in ``interpolated_k``. The gaps found are in
+    ``uneven_gaps_mm`` either way (``sources`` stays the files read). Duplicate positions raise an error naming both files. With
+    ``skip_unreadable``, files whose header or pixels cannot be read are left out with a logged reason.
     """
+    if slice_gaps not in SLICE_GAP_POLICIES:
+        raise ValueError(f"slice_gaps must be one of {SLICE_GAP_POLICIES}, got {slice_gaps!r}")
     if not paths:
         raise DicomSeriesError("no slices given")
     datasets, kept, pixels = [], [], []
@@ -239,14 +203,15 @@ def load_volume(paths: Sequence[str | Path], rescale: bool = True, spacing_tol: 
         kept.append(Path(path))
     if not datasets:
         raise DicomSeriesError(f"{Path(paths[0]).parent}: no readable slices among {len(paths)} files")
-    groups = group_slices(datasets)
+    groups = group_slices(datasets, sources=kept)
     if len(groups) > 1:
         raise DicomSeriesError(f"{kept[0].parent}: slices differ in orientation or size "
                                f"({len(groups)} groups); split them with group_slices first")
     order, along = sort_slices(datasets, kept)
     datasets = [datasets[i] for i in order]
     sources = [kept[i] for i in order]
-    pixels = [pixels[i] for i in order]
+    array = np.stack([pixels[i] for i in order]).astype(np.float32)
+    gaps_found: list[tuple[float, float]] = []
     if len(along) > 1:
         gaps = np.diff(along)
         if np.any(np.isclose(gaps, 0.0, atol=1e-4)):
@@ -254,18 +219,30 @@ def load_volume(paths: Sequence[str | Path], rescale: bool = True, spacing_tol: 
             raise DicomSeriesError(f"{sources[dup]} and {sources[dup + 1]}: same ImagePositionPatient "
                                    "(duplicate slice)")
         slice_spacing = float(np.median(gaps))
-        if np.any(np.abs(gaps - slice_spacing) > spacing_tol * abs(slice_spacing)):
-            log.warning("%s: uneven slice spacing (%.3f-%.3f mm); using the median %.3f mm",
-                        sources[0].parent, gaps.min(), gaps.max(), slice_spacing)
+        gaps_found = uneven_gaps(along, gap_tolerance_mm)
     else:
         slice_spacing = float(getattr(datasets[0], "SliceThickness", 1.0) or 1.0)
-    iop = orientation(datasets[0])
+    iop = orientation(datasets[0], sources[0])
     row_spacing, col_spacing = pixel_spacing(datasets[0], sources[0])
     origins = [position(ds) for ds in datasets]
     origin = origins[0] if origins[0] is not None else np.zeros(3)
     normal = slice_normal(iop)
     slice_origins = np.array([o if o is not None else origin + normal * (a - along[0])
                               for o, a in zip(origins, along)], dtype=np.float64)
-    return Volume(array=np.stack(pixels).astype(np.float32), origin_mm=origin,
-                  spacing_mm=(slice_spacing, row_spacing, col_spacing), row_dir=iop[0], col_dir=iop[1],
-                  normal=normal, slice_positions_mm=along, sources=sources, slice_origins_mm=slice_origins)
+    interpolated: list[int] = []
+    shift_mm = sideways_shift_mm(slice_origins, normal)  # of the slices as read, before any interpolation
+    if gaps_found:
+        described = (f"{sources[0].parent}: slice spacing {slice_spacing:.2f} mm but gap(s) of "
+                     f"{describe_gaps(gaps_found)} (positions along the slice normal, mm): missing or uneven slices")
+        if slice_gaps == "error":
+            raise UnevenSlicesError(described, gaps_found, slice_spacing)
+        if slice_gaps == "interpolate":
+            array, along, interpolated = interpolate_slices(array, along, slice_spacing)
+            slice_origins = origin + np.outer(along - along[0], normal)
+            log.warning("%s; %d slice(s) interpolated", described, len(interpolated))
+        else:
+            log.warning("%s; kept as read", described)
+    return Volume(array=array, origin_mm=origin, spacing_mm=(slice_spacing, row_spacing, col_spacing),
+                  row_dir=iop[0], col_dir=iop[1], normal=normal, slice_positions_mm=along, sources=sources,
+                  slice_origins_mm=slice_origins, uneven_gaps_mm=gaps_found, interpolated_k=interpolated,
+                  sideways_shift_mm=shift_mm)

@@ -39,6 +39,7 @@ from common.dicom_series import (
     slice_normal,
 )
 from common.errors import InputError
+from common.slice_geometry import UnevenSlicesError, describe_gaps
 from vmat.geometry import (
     grid_bounds_xyz,
     overlap_fraction,
@@ -149,31 +150,6 @@ def _referenced_series_uid(struct_ds) -> str | None:
         return None
 
 
-def check_slice_positions(along: np.ndarray, tolerance_mm: float = 0.1) -> list[tuple[float, float]]:
-    """Gaps of a sorted slice stack that break a uniform spacing: [(z_lo, z_hi)] (empty if uniform).
-
-    The spacing is the median gap; a slice further than ``tolerance_mm`` from its place on the uniform
-    grid (a missing slice, an uneven gap, a duplicated or shifted position) is a gap."""
-    along = np.asarray(along, float)
-    if len(along) < 3:
-        return []
-    gaps = np.diff(along)
-    step = float(np.median(gaps))
-    return [(float(along[k]), float(along[k + 1])) for k, g in enumerate(gaps) if abs(g - step) > tolerance_mm]
-
-
-def _interpolate_slices(array: np.ndarray, along: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Linear interpolation along axis 0 onto a uniform grid of ``step`` from the first slice.
-    Returns (array, new positions, indices of slices that are not an original slice)."""
-    n = int(round((along[-1] - along[0]) / step)) + 1
-    uniform = along[0] + np.arange(n) * step
-    idx = np.clip(np.searchsorted(along, uniform, side="right") - 1, 0, len(along) - 2)
-    w = np.clip((uniform - along[idx]) / (along[idx + 1] - along[idx]), 0.0, 1.0)
-    out = array[idx] * (1 - w)[:, None, None] + array[idx + 1] * w[:, None, None]
-    original = np.min(np.abs(uniform[:, None] - along[None, :]), axis=1) < 1e-3 * step
-    return out.astype(np.float32), uniform, [int(k) for k in np.flatnonzero(~original)]
-
-
 def read_ct(entries: Sequence, preferred_series: str | None = None, warnings: list | None = None,
             slice_gaps: str = "error", gap_tolerance_mm: float = 0.1, repairs: list | None = None):
     """CT entries [(path, header)] → (HU array (z, y, x), Grid, frame of reference UID, series UID).
@@ -216,32 +192,23 @@ def read_ct(entries: Sequence, preferred_series: str | None = None, warnings: li
                                        "stacks are not supported: reconstruct without tilt")
     paths = [chosen[i][0] for i in groups[0]]
     try:
-        volume = load_volume(paths)
+        volume = load_volume(paths, slice_gaps=slice_gaps, gap_tolerance_mm=gap_tolerance_mm)
+    except UnevenSlicesError as exc:
+        raise CaseError("uneven_slices", f"{label}: slice spacing {exc.step_mm:.2f} mm but gap(s) of "
+                                         f"{describe_gaps(exc.gaps_mm)} (positions along the slice normal, mm): "
+                                         "missing or uneven slices; set preprocess.ct.slice_gaps: interpolate "
+                                         "to interpolate them") from exc
     except DicomSeriesError as exc:
         raise CaseError("ct_unreadable", str(exc)) from exc
-    origins = volume.slice_origins_mm
-    if origins is not None and len(origins) > 1:
-        steps = np.diff(origins, axis=0)
-        sideways = steps - np.outer(steps @ volume.normal, volume.normal)
-        worst = float(np.linalg.norm(sideways, axis=1).max())
-        if worst > gap_tolerance_mm:
-            raise CaseError("gantry_tilt", f"{label}: slice positions move {worst:.2f} mm across the image plane "
-                                           "from slice to slice (gantry tilt or sheared stack); not supported")
+    worst = volume.sideways_shift_mm
+    if worst > gap_tolerance_mm:
+        raise CaseError("gantry_tilt", f"{label}: slice positions move {worst:.2f} mm across the image plane "
+                                       "from slice to slice (gantry tilt or sheared stack); not supported")
     first = pydicom.dcmread(str(volume.sources[0]), stop_before_pixels=True)
-    array, spacing_kji, interpolated = volume.array, volume.spacing_mm, []
-    gaps = check_slice_positions(volume.slice_positions_mm, gap_tolerance_mm)
-    if gaps:
-        step = float(np.median(np.diff(volume.slice_positions_mm)))
-        listed = ", ".join(f"{hi - lo:.2f} mm between {lo:.2f} and {hi:.2f}" for lo, hi in gaps[:5])
-        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
-        if slice_gaps == "error":
-            raise CaseError("uneven_slices", f"{label}: slice spacing {step:.2f} mm but gap(s) of {listed}{more} "
-                                             "(positions along the slice normal, mm): missing or uneven slices; "
-                                             "set preprocess.ct.slice_gaps: interpolate to interpolate them")
-        array, _, interpolated = _interpolate_slices(volume.array, np.asarray(volume.slice_positions_mm), step)
-        spacing_kji = (step, *volume.spacing_mm[1:])
-        repairs.append(f"CT slices interpolated to {step:.3f} mm over gap(s) of {listed}{more} "
-                       f"({len(interpolated)} slice(s) made)")
+    array, spacing_kji, interpolated = volume.array, volume.spacing_mm, list(volume.interpolated_k)
+    if interpolated:
+        repairs.append(f"CT slices interpolated to {volume.spacing_mm[0]:.3f} mm over gap(s) of "
+                       f"{describe_gaps(volume.uneven_gaps_mm)} ({len(interpolated)} slice(s) made)")
     hu, origin, spacing = canonicalize(array, volume.origin_mm, spacing_kji, volume.row_dir,
                                        volume.col_dir, volume.normal, str(volume.sources[0].parent))
     if interpolated and float(np.dot(volume.normal, [0, 0, 1])) < 0:  # the slice axis was flipped

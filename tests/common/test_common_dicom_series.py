@@ -6,6 +6,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from common.dicom_series import (DicomSeriesError, find_dicom_files, group_slices, index_by_modality, load_volume,
                                  pixel_data, read_header, slice_normal, sort_slices)
+from common.slice_geometry import UnevenSlicesError, geometry_problem, nearest_slice, orientation, split_stacks
 
 SAGITTAL_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # rows run anterior→posterior (+y), columns head→foot (−z)
 
@@ -105,6 +106,63 @@ def test_skip_unreadable_keeps_the_rest_and_per_slice_origins(tmp_path):
     paths[2].write_bytes(paths[2].read_bytes()[:-10])  # truncated pixel data
     with pytest.raises(DicomSeriesError, match="s2.dcm"):
         load_volume(paths)
-    volume = load_volume(paths, skip_unreadable=True)
+    # the skipped slice leaves a gap: refused by default, kept when asked (exact positions stay visible)
+    with pytest.raises(UnevenSlicesError, match="4.00 mm between 2.00 and 6.00"):
+        load_volume(paths, skip_unreadable=True)
+    volume = load_volume(paths, skip_unreadable=True, slice_gaps="keep")
     assert volume.array.shape[0] == 3 and [p.name for p in volume.sources] == ["s0.dcm", "s1.dcm", "s3.dcm"]
-    assert np.allclose(volume.slice_origins_mm[:, 2], [0.0, 2.0, 6.0])  # the gap stays visible
+    assert np.allclose(volume.slice_origins_mm[:, 2], [0.0, 2.0, 6.0])
+    assert volume.uneven_gaps_mm == [(0.0, 2.0), (2.0, 6.0)] and volume.interpolated_k == []
+
+
+def test_missing_slice_refused_or_interpolated_on_request(tmp_path):
+    """Slices at 0, 2, 4, 8 mm (6 missing): an error naming the gap by default; with "interpolate" the
+    made slice at 6 mm is the mean of its neighbours (linear), recorded in interpolated_k."""
+    paths = [write_slice(tmp_path / f"s{z}.dcm", (0, 0, float(z)), i + 1, 10 * z, iop=[1, 0, 0, 0, 1, 0])
+             for i, z in enumerate((0, 2, 4, 8))]
+    with pytest.raises(UnevenSlicesError, match="slice spacing 2.00 mm but gap.s. of 4.00 mm between 4.00 and 8.00") as info:
+        load_volume(paths)
+    assert info.value.gaps_mm == [(4.0, 8.0)] and str(tmp_path) in str(info.value)
+    volume = load_volume(paths, slice_gaps="interpolate")
+    assert volume.shape[0] == 5 and volume.interpolated_k == [3]
+    assert np.allclose(volume.array[:, 0, 0], [0, 20, 40, 60, 80])
+    assert np.allclose(volume.slice_origins_mm[:, 2], [0, 2, 4, 6, 8]) and volume.sideways_shift_mm == 0.0
+    # a slice 0.05 mm off is within the absolute tolerance (0.1 mm); 0.3 mm off is not
+    shifted = [write_slice(tmp_path / f"t{i}.dcm", (0, 0, 2.0 * i + (0.05 if i == 2 else 0)), i + 1, 1,
+                           iop=[1, 0, 0, 0, 1, 0]) for i in range(4)]
+    assert load_volume(shifted).uneven_gaps_mm == []
+    with pytest.raises(UnevenSlicesError):
+        load_volume(shifted, gap_tolerance_mm=0.01)
+
+
+def test_orientation_is_never_guessed(tmp_path):
+    path = write_slice(tmp_path / "a.dcm", (0, 0, 0), 1, 1)
+    ds = pydicom.dcmread(path)
+    del ds.ImageOrientationPatient
+    with pytest.raises(DicomSeriesError, match="a.dcm: missing field ImageOrientationPatient"):
+        orientation(ds, path)
+    assert geometry_problem(ds) == "missing field ImageOrientationPatient"
+    ds.ImageOrientationPatient = [1, 0, 0, 1, 0, 0]
+    with pytest.raises(DicomSeriesError, match="degenerate"):
+        orientation(ds, path)
+    ds.save_as(path)
+    with pytest.raises(DicomSeriesError, match="a.dcm: missing field|a.dcm: degenerate"):
+        load_volume([path])
+
+
+def test_sheared_stack_measured_and_split_stacks_with_nearest_slice(tmp_path):
+    """A tilted acquisition moves 1 mm sideways per slice; two axial blocks 30 mm apart become two stacks,
+    and a point between them is 15 mm from the nearest slice, not "inside"."""
+    sheared = [write_slice(tmp_path / f"sh{i}.dcm", (1.0 * i, 0, 3.0 * i), i + 1, 1, iop=[1, 0, 0, 0, 1, 0])
+               for i in range(4)]
+    assert load_volume(sheared).sideways_shift_mm == pytest.approx(1.0)
+    blocks = [write_slice(tmp_path / f"b{i}.dcm", (0, 0, z), i + 1, 1, iop=[1, 0, 0, 0, 1, 0])
+              for i, z in enumerate((0, 3, 6, 9, 39, 42, 45, 48))]
+    datasets = [pydicom.dcmread(p) for p in blocks]
+    stacks, counts = split_stacks(datasets, blocks, logger=lambda message: None)
+    assert counts == {"slices": 8, "skipped_geometry": 0, "gap_splits": 1}
+    assert [list(s.along_mm) for s in stacks] == [[0, 3, 6, 9], [39, 42, 45, 48]]
+    lower = load_volume([blocks[i] for i in stacks[0].indices])
+    assert nearest_slice(lower, [1.0, 1.0, 24.0])[:2] == (3, pytest.approx(15.0))
+    assert nearest_slice(lower, [1.0, 1.0, 5.0]) == (2, pytest.approx(1.0), True)
+    assert nearest_slice(lower, [100.0, 1.0, 5.0])[2] is False  # outside the image in-plane
