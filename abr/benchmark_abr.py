@@ -1,9 +1,10 @@
 """Check a trained ABR model against the issue's targets, beside the baselines measured in the same run.
 
-Targets (held-out synthetic patients, production config): threshold within ±10 dB ≥ 92 % and better than
-the classical baseline (92 % is borrowed as a bar from ABRpresto's real-mouse agreement with human
-readers; a synthetic score meeting it says nothing about real ears and is not compared with it); wave V latency MAE below 0.2 ms; macro F1 above the
-class-prior (majority-class) baseline by a clear margin (benchmark.macro_f1_margin). Also times
+Targets (held-out synthetic patients, production config): threshold within ±10 dB ≥ 90 %
+(benchmark.threshold_within_10db, the project's own bar, which issue 16 sets for real ears; on synthetic ears
+it only shows that the pipeline learns what the generator implies and is never compared with published
+real-ear results such as ABRpresto's) and better than the classical baseline; wave V latency MAE below
+0.2 ms; macro F1 above the class-prior (majority-class) baseline by a clear margin (benchmark.macro_f1_margin). Also times
 inference per ear for the model and the classical analysis in this process (best of
 benchmark.timing_repeats) and prints the ratio — a speed comparison on this machine, not a target.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from abr.dataset import ABRSeriesDataset, CacheError, load_cache, split_series
 from abr.defaults import abr_defaults
-from abr.evaluation import class_prior_baselines, evaluate_classical, evaluate_model, fit_classical, predict
+from abr.evaluation import class_prior_baselines, classical_criterion, evaluate_classical, evaluate_model, predict
 from abr.validate_abr import check_grid, model_checkpoint
 from common.cli import make_parser, start_run
 from common.errors import run_cli
@@ -40,7 +41,7 @@ def best_time(fn, repeats: int):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, data=True, checkpoint=True)
-    parser.add_argument("--split", default="test", help="train | val | test")
+    parser.add_argument("--split", default="test", help="train | val | test | all")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
     cfg, device = run.cfg, run.device
@@ -51,11 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
     check_grid(meta, ckpt["preprocessing"], data_dir)
     series = split_series(arrays, args.split)
     if series.size == 0:
-        raise CacheError(f"the '{args.split}' split has no ears", data_dir)
+        counts = {name: int(split_series(arrays, name).size) for name in ("train", "val", "test")}
+        raise CacheError(f"the '{args.split}' split has no ears (ears per split: {counts}); pass --split with "
+                         "one that has, or --split all", data_dir)
     run.record_inputs_valid()
     dataset = ABRSeriesDataset(arrays, ckpt["preprocessing"], series)
     pred, model_s = best_time(lambda: predict(model, dataset, device, cfg["validate"]["batch_size"]), bcfg["timing_repeats"])
-    criterion = fit_classical(arrays, meta, split_series(arrays, "val"), cfg["classical"])
+    criterion, criterion_source = classical_criterion(arrays, meta, cfg)
+    run.log(f"classical criterion {criterion:g}: {criterion_source}")
     classical, classical_s = best_time(lambda: evaluate_classical(arrays, meta, series, cfg["classical"], criterion),
                                        bcfg["timing_repeats"])
     metrics = evaluate_model(pred, arrays, meta)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     lat = metrics["waves"]["V"]["latency_ms"]["mae"]
     f1 = metrics["classification"]["macro_f1"]
     targets = [
-        {"target": f"threshold within ±10 dB >= {bcfg['threshold_within_10db']:.0%} (synthetic bar)", "value": thr,
+        {"target": f"threshold within ±10 dB >= {bcfg['threshold_within_10db']:.0%} (project bar, synthetic ears)", "value": thr,
          "reference": bcfg["threshold_within_10db"], "passed": bool(thr >= bcfg["threshold_within_10db"])},
         {"target": "threshold within ±10 dB better than the classical baseline", "value": thr, "reference": cthr,
          "passed": bool(thr > cthr)},
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "macro_f1": f1, "class_prior_macro_f1": prior["majority_macro_f1"],
                 "model_ms_per_ear": 1000 * model_s / n_ears, "classical_ms_per_ear": 1000 * classical_s / n_ears}
     return run.finish({"headline": headline, "targets": targets, "split": args.split, "n_ears": n_ears,
+                       "classical_criterion_source": criterion_source,
                        "checkpoint_epoch": ckpt["epoch"], "model": metrics, "classical_baseline": classical["metrics"],
                        "class_prior_baseline": prior, "device": str(device), "figures": []})
 

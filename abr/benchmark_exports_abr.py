@@ -29,7 +29,7 @@ from abr.data import read_table, write_table
 from abr.dataset import load_cache, split_series
 from abr.defaults import abr_defaults
 from abr.dsp import resample
-from abr.evaluation import fit_classical
+from abr.evaluation import classical_criterion
 from abr.validate_abr import model_checkpoint, write_csv
 from common.cli import make_parser, start_run
 from common.errors import InputError, run_cli
@@ -109,10 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     for (pid, ear), group in table.groupby(["Patient_ID", "Ear"]):
         value = str(group["Threshold"].iloc[0]).strip().upper()
         truth[(str(pid), str(ear))] = censor if value in ("NR", "INF") else min(float(value), censor)
-    criterion = cfg["classical"]["criterion"]
-    if criterion is None:
-        criterion = fit_classical(arrays, meta, split_series(arrays, "val"), cfg["classical"])
-    run.log(f"{len(truth)} test ears of {source}; classical criterion {criterion:g}")
+    criterion, criterion_source = classical_criterion(arrays, meta, cfg)
+    run.log(f"{len(truth)} test ears of {source}; classical criterion {criterion:g} ({criterion_source})")
     fs = float(meta["source_sampling_rate_hz"])
     samples = [c for c in table.columns if c.isdigit()]
     base = table.drop(columns=[c for c in LABELS if c in table.columns])

@@ -94,8 +94,11 @@ def load_cache(folder: str | Path) -> tuple[dict, dict]:
 
 
 def split_series(arrays: dict, split: str) -> np.ndarray:
+    """Indices of the ears of ``split`` (train, val, test, or all: every ear of the cache)."""
+    if split == "all":
+        return np.arange(arrays["series_split"].size)
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
     return np.flatnonzero(arrays["series_split"] == SPLITS.index(split))
 
 

@@ -24,8 +24,9 @@ ABR_DEFAULTS = {
         "units": "uV",  # V | mV | uV | nV: unit of the samples (and amplitude columns); converted to µV
         "amplitude_check": "error",  # error | convert | off: median RMS outside 0.003-30 µV = another unit
         "signal_polarity": "vertex_positive",  # vertex_negative: the export shows vertex-negative up (inverted)
-        "level_reference": "dB nHL",  # the input's level reference (a label; predictions are given back in it)
+        "level_reference": "dB nHL",  # dB nHL | SPL | peSPL | SL | HL of the input's levels; outputs are given in it
         "level_offset_db": 0.0,  # added to the input's levels to reach the model's reference (dB nHL click)
+        "converted_level_reference": None,  # the reference after level_offset_db (e.g. dB nHL); abr/levels.py
         "array_keys": dict(ARRAY_KEYS),  # .npz/.mat array names, e.g. {signals: abr, intensity_db: levels, sampling_rate_hz: fs}
         "array_levels_db": [],  # levels of a bare .npy (one ear, rows = levels)
         "abra_sampling_rate_hz": 24414.0625,  # ABRA/TDT CSV (RZ6: 244 samples ≈ 10 ms)
@@ -51,7 +52,8 @@ ABR_DEFAULTS = {
         "model_rate_hz": 10000.0,  # the model's grid (150 samples per 15 ms); ABR content is < 3 kHz
         "filter_hz": [100.0, 3000.0],  # analysis band-pass (null = none); both edges or null
         "filter_order": 2,  # Butterworth order (zero-phase: no latency shift)
-        "split": [0.7, 0.15, 0.15],  # train / val / test share of PATIENTS (stratified by class)
+        "split": [0.7, 0.15, 0.15],  # train / val / test share of PATIENTS (stratified by class); [0, 0, 1] = all test
+        "required_splits": [],  # splits that must get patients, e.g. [train, val] (abr/splits.py; else empty is logged)
         "threshold_censor_db": None,  # value for "no response"; null = highest level in the table + step
         "model_window_ms": None,  # model grid window; null = the data's own; other windows are cropped / zero-padded
         "unknown_metadata_fraction": 0.1,  # training ears whose age and rate are marked unknown (the "unknown" input)
@@ -161,11 +163,13 @@ ABR_DEFAULTS = {
         "classical_criterion": 0.5,  # used when classical.criterion is null (no validation split to fit it on)
         "unsure_sd_db": 10.0,  # flag an ear whose threshold σ exceeds this ...
         "unsure_outlier_prob": 0.5,  # ... or whose outlier probability exceeds this ...
-        "unsure_disagreement_db": 20.0,  # ... or where model and classical differ by more than this
+        "unsure_disagreement_db": 20.0,  # ... or where model and classical differ by more than this ...
+        "unsure_input_z": 3.0,  # ... or whose median recording RMS lies this many training SDs away (also: levels
+        # beyond the trained range, levels converted from another reference, a window not seen in training)
     },
     # --------------------------------------------------------------------------- targets (benchmark_abr.py)
     "benchmark": {
-        "threshold_within_10db": 0.92,  # a bar for SYNTHETIC test ears; ABRpresto's 92 % is real mice, not comparable
+        "threshold_within_10db": 0.90,  # the project's bar (issue 16 sets it for real ears); here on synthetic ears
         "latency_mae_ms": 0.2,
         "macro_f1_margin": 0.2,  # over the class-prior baseline
         "timing_repeats": 3,

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from abr.classical import analyse_series, fit_criterion, series_correlations
-from abr.dataset import ABRSeriesDataset
+from abr.dataset import ABRSeriesDataset, split_series
 from common.metrics import classification_metrics, regression_metrics, roc_auc
 
 
@@ -177,6 +177,16 @@ def class_metrics(labels: np.ndarray, probs: np.ndarray, names) -> dict:
             "confusion": [[0] * len(names) for _ in names]}
 
 
+def interval_coverage(abs_error_db: np.ndarray, sd_db: np.ndarray, z: float = 1.96) -> dict:
+    """Share of ears whose |error| lies inside the model's ±z·σ interval (0.95 expected for a calibrated
+    Gaussian at z = 1.96), the median σ (dB) and the number of ears."""
+    abs_error_db, sd_db = np.asarray(abs_error_db, np.float64), np.asarray(sd_db, np.float64)
+    if abs_error_db.size == 0:
+        return {"coverage_95": float("nan"), "median_sd_db": float("nan"), "n": 0}
+    return {"coverage_95": float(np.mean(abs_error_db <= z * sd_db)), "median_sd_db": float(np.median(sd_db)),
+            "n": int(abs_error_db.size)}
+
+
 def evaluate_model(pred: dict, arrays: dict, meta: dict) -> dict:
     """All model metrics from :func:`predict` output and the cache arrays."""
     rows, series = pred["rows"], pred["series"]
@@ -202,6 +212,7 @@ def evaluate_model(pred: dict, arrays: dict, meta: dict) -> dict:
     err = np.abs(pred["threshold_db"] - thr_true)
     ok = np.isfinite(err)
     out["threshold_outlier_auroc"] = roc_auc(err[ok] > 10.0, pred["outlier_prob"][ok])
+    out["threshold_interval"] = interval_coverage(err[ok], pred["threshold_sd"][ok])
     labels = arrays["series_class"][series]
     keep = labels >= 0
     out["classification"] = class_metrics(labels[keep], pred["class_probs"][keep], names)
@@ -246,6 +257,18 @@ def fit_classical(arrays: dict, meta: dict, series: np.ndarray, cfg: dict) -> fl
     keep = np.isfinite(truths)
     return fit_criterion([c for c, k in zip(corr, keep) if k], [i for (_, _, i), k in zip(inputs, keep) if k],
                          truths[keep], cfg["criterion_grid"], meta["threshold_censor_db"], meta["intensity_step_db"])
+
+
+def classical_criterion(arrays: dict, meta: dict, cfg: dict) -> tuple[float, str]:
+    """The classical baseline's correlation criterion and where it came from: ``classical.criterion`` when
+    set; else fitted on the val ears with a known threshold; else (none: a small cohort, or preprocess.split
+    without val) ``predict.classical_criterion``, the value used on unlabelled recordings."""
+    if cfg["classical"]["criterion"] is not None:
+        return float(cfg["classical"]["criterion"]), "classical.criterion"
+    val = split_series(arrays, "val")
+    if np.isfinite(arrays["series_threshold_db"][val]).any():
+        return fit_classical(arrays, meta, val, cfg["classical"]), f"fitted on {val.size} val ears"
+    return float(cfg["predict"]["classical_criterion"]), "predict.classical_criterion (no val ear with a threshold)"
 
 
 def evaluate_classical(arrays: dict, meta: dict, series: np.ndarray, cfg: dict, criterion: float) -> dict:

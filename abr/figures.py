@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from abr.labels import CLASS_ASCII
+from abr.levels import model_level_reference
 from common.plotting import OKABE_ITO, plt, save_figure
 
 
@@ -58,7 +59,7 @@ def waveform_stacks(arrays: dict, meta: dict, pred: dict, classical: dict, ears:
                      f"classical {classical['threshold_db'][ser_pos[s]]:.0f} dB", fontsize=7)
         ax.set_xlabel("time (ms)")
         ax.set_yticks([])
-    axes[0][0].set_ylabel("intensity (dB nHL), µV offsets")
+    axes[0][0].set_ylabel(f"intensity ({model_level_reference(meta)}), µV offsets")
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
@@ -83,14 +84,15 @@ def latency_intensity(arrays: dict, meta: dict, pred: dict, path_stem: Path, pro
         for lv in np.unique(level):
             ax.plot([lv - 2, lv + 2], [np.median(true[level == lv])] * 2, color="black", linewidth=1)
         ax.set_title(names[c])
-        ax.set_xlabel("intensity (dB nHL)")
+        ax.set_xlabel(f"intensity ({model_level_reference(meta)})")
     axes[0][0].set_ylabel("wave V latency (ms)")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     return save_figure(fig, path_stem)
 
 
-def threshold_agreement(true_db: np.ndarray, model_db: np.ndarray, classical_db: np.ndarray, path_stem: Path) -> list[Path]:
+def threshold_agreement(true_db: np.ndarray, model_db: np.ndarray, classical_db: np.ndarray, path_stem: Path,
+                        level_reference: str = "dB nHL") -> list[Path]:
     """Predicted against true threshold for the model and the classical baseline, ±10 dB band."""
     fig, ax = plt.subplots(figsize=(3.6, 3.4))
     lim = [min(-5, float(np.nanmin(true_db)) - 5), float(np.nanmax(np.r_[true_db, model_db, classical_db])) + 5]
@@ -98,8 +100,8 @@ def threshold_agreement(true_db: np.ndarray, model_db: np.ndarray, classical_db:
     ax.plot(lim, lim, color="0.5", linewidth=0.8)
     ax.scatter(true_db, classical_db, s=10, marker="x", color=OKABE_ITO[0], label="classical")
     ax.scatter(true_db, model_db, s=10, color=OKABE_ITO[1], label="model")
-    ax.set_xlabel("true threshold (dB nHL)")
-    ax.set_ylabel("estimated threshold (dB nHL)")
+    ax.set_xlabel(f"true threshold ({level_reference})")
+    ax.set_ylabel(f"estimated threshold ({level_reference})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path_stem)

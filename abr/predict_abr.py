@@ -9,7 +9,10 @@ Outputs (``--output-dir``):
 - ``ears.csv``: per ear (series of levels) the model threshold in the INPUT's level reference with its
   standard deviation and outlier probability, the classical estimate beside it (with its censoring "<=" /
   ">" when every / no level responded), an ``unsure`` flag with its reasons (large σ, likely outlier,
-  model outside the tested range, model and classical disagree), class probabilities, and the final
+  model outside the tested range, model and classical disagree, input outside what the model was trained on:
+  levels beyond the trained range or converted from another level reference (abr/levels.py; an input in
+  another reference without a declared conversion is refused), a recording RMS far from training, a window
+  not seen in training), class probabilities, and the final
   threshold after manual overrides with their provenance;
 - ``recordings.csv``: per recording, waves I / III / V: presence probability, latency (ms) with σ,
   amplitude (µV); the classical wave V pick; overrides applied;
@@ -43,7 +46,9 @@ from abr.dataset import ABRSeriesDataset
 from abr.defaults import abr_defaults
 from abr.evaluation import classical_inputs, predict
 from abr.labels import CLASS_ASCII, WAVES
+from abr.levels import check_input_reference, model_level_reference
 from abr.preprocess_abr import build_cache
+from abr.unsure import unsure_reasons
 from abr.validate_abr import model_checkpoint, write_csv
 from common.cli import make_parser, start_run
 from common.errors import InputError, NothingProcessedError, run_cli
@@ -197,17 +202,10 @@ def analyse_file(path: Path, cfg: dict, model, ckpt: dict, device, run) -> tuple
         sd = float(pred["threshold_sd"][i])
         outlier = float(pred["outlier_prob"][i])
         thr_cl = float(cl["threshold_db"]) - offset if cl["threshold_censoring"] != ">" else math.inf
-        reasons = []
-        if sd > pcut["unsure_sd_db"]:
-            reasons.append(f"sd>{pcut['unsure_sd_db']:g}dB")
-        if outlier > pcut["unsure_outlier_prob"]:
-            reasons.append("likely outlier")
-        if thr < tested[0] - meta["intensity_step_db"] or thr > tested[1] + meta["intensity_step_db"]:
-            reasons.append("outside tested levels")
-        if math.isfinite(thr_cl) and abs(thr - thr_cl) > pcut["unsure_disagreement_db"]:
-            reasons.append("model and classical disagree")
-        if cl["threshold_censoring"] == ">" and thr <= tested[1]:
-            reasons.append("classical finds no response")
+        reasons = unsure_reasons(float(pred["threshold_db"][i]), sd, outlier, float(cl["threshold_db"]),
+                                 cl["threshold_censoring"], levels, meta["intensity_step_db"],
+                                 arrays["static_raw"][rows], ckpt_meta, pcut,
+                                 converted_from=recs.level_reference if offset != 0 else None)
         if recorded_ms < min(model_ms - 0.5, shortest_trained_ms):
             reasons.append(f"short window ({recorded_ms:.1f} of {model_ms:.1f} ms, not seen in training)")
         probs = pred["class_probs"][i]
@@ -298,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, device = run.cfg, run.device
     files = input_files(Path(cfg["data"]["table"]) if cfg["data"]["table"] else None)
     model, ckpt = model_checkpoint(args.checkpoint, device)
+    conversion = check_input_reference(cfg["data"], ckpt["preprocessing"], args.checkpoint)  # refuse before reading
+    if conversion:
+        run.log(conversion)
     override_path = args.overrides or (Path(cfg["predict"]["overrides"]) if cfg["predict"]["overrides"] else None)
     if override_path is None and (run.run_dir / "overrides.csv").is_file():
         override_path = run.run_dir / "overrides.csv"
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "overrides_applied": applied, "overrides_unmatched": len(unmatched)}
     run.log(f"{headline['n_ears']} ears ({headline['n_unsure']} unsure), {headline['n_recordings']} recordings")
     return run.finish({"headline": headline, "checkpoint": Path(args.checkpoint).as_posix(),
+                       "level_reference": cfg["data"]["level_reference"],
+                       "model_level_reference": model_level_reference(ckpt["preprocessing"]),
                        "files": [p.as_posix() for p in files], "failed": failed, "unmatched_overrides": unmatched,
                        "overrides": override_path.as_posix() if override_path else None,
                        "figures": [p.relative_to(out).as_posix() for p in figures if p.suffix == ".png"],

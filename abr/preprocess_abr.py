@@ -5,8 +5,9 @@ with its units / polarity / level options) or, without one, first generates a sy
 clinical format (synthetic section), so the real-data path is the one exercised. Then: analysis band-pass,
 resampling to the model grid (cropped or zero-padded to preprocess.model_window_ms; training augmentations:
 ears with unknown age / rate, ears cut to a short window), per-recording RMS normalization (the RMS in µV
-is kept as an input feature), patient-level stratified train/val/test split, grouping into intensity
-series per patient-ear (threshold labels live on the series), and label-range statistics.
+is kept as an input feature), patient-level stratified train/val/test split (abr/splits.py: shares of 0,
+small cohorts), grouping into intensity series per patient-ear (threshold labels live on the series), and
+label-range statistics.
 
 The cache goes to ``--output-dir`` (default data.cache_dir, else data/abr/<config name>: data live under
 data/, which ``make clean`` keeps); training, validation and generation read it with ``--data DIR``. A table
@@ -32,9 +33,12 @@ from abr.dataset import CACHE_NAME, META_NAME, SPLITS, STATIC_FEATURES, cache_fo
 from abr.defaults import abr_defaults
 from abr.dsp import bandpass, normalize_recordings, resample, time_axis_ms
 from abr.labels import CLASS_NAMES, WAVES
+from abr.levels import canonical_level_reference, converted_reference
+from abr.species import SPECIES_LEVEL_REFERENCE, check_species
+from abr.splits import check_required, empty_splits, stratified_patient_split
 from abr.synthetic import clean_sidecar_path, write_synthetic_table
 from common.cli import make_parser, start_run
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.errors import run_cli
 from common.files import load_npz
 from common.runlog import write_json
@@ -51,31 +55,10 @@ def load_clean_sidecar(table_path: Path, recs: Recordings) -> np.ndarray | None:
     clean, pids, levels = data["clean_uv"], data["patient_id"], data["intensity_db"]
     rows = recs.row_number - 2
     if rows.max() >= clean.shape[0] or np.any(pids[rows] != recs.patient_id) or \
-            not np.allclose(levels[rows], recs.intensity_db):
+            not np.allclose(levels[rows], recs.intensity_db - recs.level_offset_db):  # the table's own levels
         raise TableError(f"{sidecar}: does not match the rows of {table_path} (table edited after generation?); "
                          "delete the sidecar to use the table without clean traces")
     return clean[rows].astype(np.float64)
-
-
-def stratified_patient_split(patient_class: dict, shares, seed: int) -> dict:
-    """Patient id -> split index. Patients of each class (their most common class) are shuffled and cut
-    by ``shares``; a class with ≥ 3 patients puts at least one in val and one in test."""
-    rng = np.random.default_rng(seed)
-    shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
-    out = {}
-    by_class: dict[int, list] = {}
-    for pid, cls in sorted(patient_class.items()):
-        by_class.setdefault(cls, []).append(pid)
-    for _, pids in sorted(by_class.items()):
-        pids = list(rng.permutation(pids))
-        n = len(pids)
-        n_val, n_test = int(round(shares[1] * n)), int(round(shares[2] * n))
-        if n >= 3:
-            n_val, n_test = max(n_val, 1), max(n_test, 1)
-        n_train = n - n_val - n_test
-        for i, pid in enumerate(pids):
-            out[pid] = 0 if i < n_train else 1 if i < n_train + n_val else 2
-    return out
 
 
 def majority_class(labels: np.ndarray) -> int:
@@ -111,6 +94,7 @@ def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict, grid: 
     default the config's rate over ``preprocess.model_window_ms`` (null: the recordings' own window).
     ``split=False`` (prediction): every ear in the first split, no metadata masking."""
     pcfg = cfg["preprocess"]
+    converted_to = cfg["data"].get("converted_level_reference")
     fs_in = recs.sampling_rate_hz
     source_window_ms = recs.signals_uv.shape[1] / fs_in * 1000.0
     if grid is None:
@@ -135,6 +119,11 @@ def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict, grid: 
                      for pid in np.unique(recs.patient_id)}
     split_of_patient = (stratified_patient_split(patient_class, pcfg["split"], int(cfg["seed"])) if split
                         else dict.fromkeys(patient_class, 0))
+    if split:
+        check_required(split_of_patient, pcfg.get("required_splits") or [], recs.source)
+        for name in empty_splits(split_of_patient, pcfg["split"]):
+            notes.append(f"the '{name}' split is empty: {len(patient_class)} patient(s) for preprocess.split "
+                         f"{list(pcfg['split'])} (see abr/splits.py)")
     row_train = np.array([split_of_patient[str(p)] == 0 for p in recs.patient_id], dtype=bool)
 
     signal_uv = to_grid(recs.signals_uv)
@@ -236,6 +225,9 @@ def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict, grid: 
         "source_pre_stimulus_ms": recs.pre_stimulus_ms,
         "level_reference": recs.level_reference,
         "level_offset_db": recs.level_offset_db,
+        "model_level_reference": converted_reference({"level_reference": recs.level_reference,
+                                                      "level_offset_db": recs.level_offset_db,
+                                                      "converted_level_reference": converted_to}),
         "notes": notes,
         "pre_stimulus_ms": pre_out,
         "model_rate_hz": fs_out,
@@ -303,12 +295,12 @@ def overview_figure(arrays: dict, meta: dict, path_stem: Path) -> list[Path]:
             axes[1].scatter(np.full(values.size, c) + np.random.default_rng(c).uniform(-0.2, 0.2, values.size),
                             values, s=6, color=OKABE_ITO[c % len(OKABE_ITO)], rasterized=True)
     axes[1].set_xticks(range(len(names)), names, rotation=30)
-    axes[1].set_ylabel("true threshold (dB nHL)")
+    axes[1].set_ylabel(f"true threshold ({meta['model_level_reference']})")
     v = meta["waves"].index("V")
     present = arrays["exist"][:, v]
     axes[2].scatter(arrays["intensity_db"][present], arrays["latency_ms"][present, v], s=3, alpha=0.4,
                     c=[OKABE_ITO[c % len(OKABE_ITO)] for c in arrays["class_idx"][present]], rasterized=True)
-    axes[2].set_xlabel("intensity (dB nHL)")
+    axes[2].set_xlabel(f"intensity ({meta['model_level_reference']})")
     axes[2].set_ylabel("wave V latency (ms)")
     fig.tight_layout()
     return save_figure(fig, path_stem)
@@ -325,18 +317,26 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = run.cfg
     table = args.table or (Path(cfg["data"]["table"]) if cfg["data"]["table"] else None)
     if table is None:
-        run.log(f"no table given: generating {cfg['synthetic']['n_patients']} synthetic patients")
+        species = check_species(cfg["synthetic"]["species"])
+        if canonical_level_reference(cfg["data"]["level_reference"]) != SPECIES_LEVEL_REFERENCE[species]:
+            raise ConfigError(f"synthetic.species {species} writes levels in {SPECIES_LEVEL_REFERENCE[species]} but "
+                              f"data.level_reference is {cfg['data']['level_reference']!r}: set it to "
+                              f"{SPECIES_LEVEL_REFERENCE[species]!r}")
+        run.log(f"no table given: generating {cfg['synthetic']['n_patients']} synthetic patients ({species}, "
+                f"{SPECIES_LEVEL_REFERENCE[species]})")
         table, sidecar = write_synthetic_table(cfg["synthetic"], run.run_dir / "synthetic_abr.csv",
                                                cfg["data"]["sampling_rate_hz"], cfg["data"]["window_ms"],
                                                seed=int(cfg["seed"]), columns=cfg["data"]["columns"])
         run.log(f"wrote {table} and {sidecar.name}")
     recs = load_recordings(table, cfg["data"])  # TableError / NoRecordingsError: one line naming the file
     clean = load_clean_sidecar(Path(table), recs)
-    run.record_inputs_valid()
     run.log(f"read {len(recs)} recordings from {table}" + (f" (dropped {recs.dropped})" if recs.dropped else ""))
     for note in recs.notes:
         run.log(f"  {note}")
-    arrays, meta = build_cache(recs, clean, cfg)
+    arrays, meta = build_cache(recs, clean, cfg)  # InputError: preprocess.required_splits left empty
+    run.record_inputs_valid()
+    for note in meta["notes"][len(recs.notes):]:
+        run.log(f"  {note}")
     write_cache(run.run_dir, arrays, meta)
     figures = overview_figure(arrays, meta, run.run_dir / "figures" / "dataset_overview")
     counts = meta["counts"]

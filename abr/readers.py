@@ -31,9 +31,9 @@ Applied to every layout, in this order (each visible in ``Recordings.notes``):
    noise). Otherwise the samples are in another unit (a table in volts read as µV is ~1e-7 µV, one in nV
    ~100 µV): ``error`` refuses naming ``data.units`` and the unit that fits; ``convert`` converts to that
    unit with a warning.
-4. ``data.level_reference`` (a label, default "dB nHL") and ``data.level_offset_db`` (added to the input's
-   levels to reach the model's reference, dB nHL for a human click; default 0): outputs are given back in
-   the input's reference.
+4. ``data.level_reference`` (dB nHL, the default, dB SPL, peSPL, SL or HL; abr/levels.py) and
+   ``data.level_offset_db`` (added to the input's levels to reach the model's reference, named by
+   ``data.converted_level_reference``; default 0): outputs are given back in the input's reference.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from abr.data import (
 )
 from abr.dsp import resample
 from abr.labels import UNKNOWN_CLASS, WAVES, class_index_or_unknown
+from abr.levels import canonical_level_reference
 
 UNITS_TO_UV = {"V": 1e6, "mV": 1e3, "uV": 1.0, "µV": 1.0, "nV": 1e-3}
 AMPLITUDE_RANGE_UV = (0.003, 30.0)  # median RMS of averaged ABR recordings, µV (response or residual noise)
@@ -428,7 +429,7 @@ def finish_recordings(recs: Recordings, data_cfg: dict) -> Recordings:
         recs.signals_uv = recs.signals_uv * rescale
         recs.amplitude_uv = recs.amplitude_uv * rescale
     offset = float(data_cfg.get("level_offset_db", 0.0) or 0.0)
-    recs.level_reference = str(data_cfg.get("level_reference", "dB nHL") or "dB nHL")
+    recs.level_reference = canonical_level_reference(data_cfg.get("level_reference", "dB nHL"), recs.source)
     recs.level_offset_db = offset
     if offset:
         recs.intensity_db = recs.intensity_db + offset

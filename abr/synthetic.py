@@ -26,7 +26,11 @@ Evoked Potentials*; values collected in the domain notes):
 What real recordings vary (issue 16), randomized per ear: the EEG spectrum's slope (1/f^a,
 ``noise_exponent_range``), mains hum at 50 or 60 Hz with harmonics in ``mains_fraction`` of ears, myogenic
 (muscle) noise above ~300 Hz in ``myogenic_fraction``, all inside the same residual RMS; and the response
-size across subjects (electrode placement, skull: a log-normal gain, ``subject_gain_sd``).
+size across subjects (electrode placement, skull: a log-normal gain, ``subject_gain_sd``). Optional (off by
+default, so the tables stay those of before): the level step per ear (``intensity_steps_db``, e.g. 5 and
+10 dB) and the accepted sweep count per recording (``sweeps_accepted_range``), with the residual noise scaled
+by √(``noise_reference_sweeps`` / sweeps), since averaging N sweeps divides the EEG's standard deviation by
+√N. ``species: mouse_tonepip`` draws mouse ears in dB SPL instead (abr/species.py).
 
 Ground-truth peaks are measured on the noise-free trace after the device filter (what a perfect reader
 would mark on that trace): the local maximum nearest each wave's component latency.
@@ -43,6 +47,7 @@ import pandas as pd
 
 from abr.dsp import bandpass, local_maxima, parabolic_peak, time_axis_ms
 from abr.labels import CLASS_NAMES, WAVES, canonical_class
+from abr.species import check_species, sample_mouse_age_years, sample_mouse_ear
 from common.config import ConfigError
 
 # Default generator settings (the ``synthetic`` config section; documented there in abr/defaults.py).
@@ -70,6 +75,10 @@ SYNTHETIC_DEFAULTS = {
     "myogenic_fraction": 0.15,  # ears with muscle noise (white, high-passed at 300 Hz) ...
     "myogenic_rel": [0.5, 1.5],  # ... of this RMS relative to the EEG noise
     "subject_gain_sd": 0.25,  # log-normal σ of a per-ear response amplitude scale (0 = none)
+    "species": "human_click",  # human_click (dB nHL) | mouse_tonepip (dB SPL): abr/species.py
+    "intensity_steps_db": [],  # per-ear level step drawn from this list (e.g. [5, 10]); empty = intensity_step_db
+    "sweeps_accepted_range": None,  # [lo, hi]: accepted sweeps per recording, log-uniform; residual ∝ 1/√sweeps
+    "noise_reference_sweeps": 2000,  # the sweep count at which noise_rms_nv / noisy_rms_nv hold
     "output_format": "csv",
 }
 
@@ -81,7 +90,8 @@ NO_RESPONSE_DB = math.inf
 
 @dataclass
 class Ear:
-    """One ear's physiology (all latencies in ms, amplitudes in µV, levels in dB nHL)."""
+    """One ear's physiology (latencies in ms, amplitudes in µV, levels in the species' reference: dB nHL for
+    the human click, dB SPL for the mouse preset of abr/species.py)."""
 
     patient_id: str
     ear: str
@@ -271,7 +281,9 @@ def measure_peak(trace: np.ndarray, t_ms: np.ndarray, latency_ms: float, search_
 
 def intensity_series(cfg: dict, rng: np.random.Generator) -> list[float]:
     """The levels recorded for one ear: the configured grid, optionally with random gaps (never the top)."""
-    levels = np.arange(cfg["intensity_min_db"], cfg["intensity_max_db"] + 1e-9, cfg["intensity_step_db"])
+    steps = cfg.get("intensity_steps_db") or []
+    step = float(rng.choice(steps)) if steps else float(cfg["intensity_step_db"])  # no draw when off
+    levels = np.arange(cfg["intensity_min_db"], cfg["intensity_max_db"] + 1e-9, step)
     keep = rng.random(levels.size) >= cfg["drop_level_prob"]
     keep[-1] = True
     return [float(v) for v in levels[keep]]
@@ -306,14 +318,17 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
     group_names = list(cfg["age_group_probs"])
     group_p = np.array([cfg["age_group_probs"][g] for g in group_names], dtype=float)
     group_p /= group_p.sum()
+    mouse = check_species(cfg.get("species", "human_click")) == "mouse_tonepip"
     rows, clean_rows = [], []
     for p in range(int(cfg["n_patients"])):
         patient_id = f"P{p + 1:05d}"
-        age = sample_age_years(group_names[rng.choice(len(group_names), p=group_p)], rng)
+        age = (sample_mouse_age_years(rng) if mouse
+               else sample_age_years(group_names[rng.choice(len(group_names), p=group_p)], rng))
         cls = CLASS_NAMES[rng.choice(len(CLASS_NAMES), p=class_p)]
         ears = ["R", "L"] if rng.random() < cfg["both_ears_prob"] else [str(rng.choice(["R", "L"]))]
         for side in ears:
-            ear = sample_ear(patient_id, side, age, cls, float(rng.choice(cfg["rates_per_s"])), rng)
+            ear = (sample_mouse_ear if mouse else sample_ear)(patient_id, side, age, cls,
+                                                              float(rng.choice(cfg["rates_per_s"])), rng)
             levels = intensity_series(cfg, rng)
             clean = np.zeros((len(levels), t_pad.size))
             waves_per_level = []
@@ -326,6 +341,11 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
             noisy = rng.random(len(levels)) < cfg["noisy_fraction"]
             rms_nv = np.where(noisy, rng.uniform(*cfg["noisy_rms_nv"], len(levels)),
                               rng.uniform(*cfg["noise_rms_nv"], len(levels)))
+            sweeps = np.full(len(levels), int(cfg.get("noise_reference_sweeps", 2000)))
+            if cfg.get("sweeps_accepted_range"):  # averaging N sweeps leaves the single-sweep EEG / √N
+                lo, hi = np.log(np.asarray(cfg["sweeps_accepted_range"], dtype=np.float64))
+                sweeps = np.round(np.exp(rng.uniform(lo, hi, len(levels)))).astype(int)
+                rms_nv = rms_nv * np.sqrt(float(cfg["noise_reference_sweeps"]) / sweeps)
             if cfg.get("subject_gain_sd", 0.0):
                 clean *= float(np.exp(rng.normal(0.0, cfg["subject_gain_sd"])))
             noise = ear_noise(clean.shape, t_pad, sampling_rate_hz, cfg, rng)
@@ -342,7 +362,7 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
                 row[cols["fmp"]] = round(float(ratio * rng.chisquare(15) / 15.0), 2)
                 row[cols["sweeps_rejected"]] = int(rng.poisson(40 if noisy[k] else 12))
                 if cols.get("sweeps_accepted"):
-                    row[cols["sweeps_accepted"]] = 2000  # averaging stops at 2,000 accepted sweeps
+                    row[cols["sweeps_accepted"]] = int(sweeps[k])  # 2,000 unless sweeps_accepted_range
                 row[cols["polarity"]] = "Alternating"
                 row[cols["hearing_loss"]] = cls
                 row[cols["threshold"]] = "NR" if not math.isfinite(ear.threshold_db) else round(ear.threshold_db, 2)

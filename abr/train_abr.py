@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_series, val_series = split_series(arrays, "train"), split_series(arrays, "val")
     if len(val_series) < dist.world_size or len(train_series) == 0:
         raise CacheError(f"{len(train_series)} train / {len(val_series)} val ears; training needs train ears and "
-                         f"at least one val ear per process ({dist.world_size})", data_dir)
+                         f"at least one val ear per process ({dist.world_size}): preprocess more patients, or with "
+                         "preprocess.split giving val a share (and preprocess.required_splits: [train, val] to "
+                         "catch this at preprocessing)", data_dir)
     train_set = ABRSeriesDataset(arrays, meta, train_series)
     val_set = ABRSeriesDataset(arrays, meta, val_series)
     n_classes = len(meta["class_names"])

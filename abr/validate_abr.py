@@ -5,10 +5,14 @@ the whole split: wave V existence F1 / AUROC / false- and missed-peak rates, lat
 amplitude MAE (µV) and R²; threshold MAE (dB), share within ±5 / ±10 dB, over/under-estimation rates;
 macro F1, balanced accuracy, per-class F1, confusion matrix, calibration (ECE, reliability diagram);
 correlation of the denoised trace with the clean one (against the noisy input's). The classical
-baseline's criterion is fitted on the validation split.
+baseline's criterion is fitted on the validation split (without val ears that have a threshold: classical.criterion,
+else predict.classical_criterion; logged). ``--split all`` scores every ear of the cache (a small labelled
+cohort preprocessed with ``--set "preprocess.split=[0,0,1]"`` is all test).
 
 Outputs: summary.json (headline + everything), metrics.csv (metric, model, classical, class prior),
-predictions_ears.csv and predictions_recordings.csv (per-ear and per-recording estimates for review),
+predictions_ears.csv and predictions_recordings.csv (per-ear and per-recording estimates for review; each ear
+with predict_abr's ``unsure`` flag and reasons, abr/unsure.py, and the headline counts how many ears more than
+10 dB off it catches),
 figures/.
 
 Config sections used: validate, classical (plus the checkpoint's preprocessing metadata).
@@ -29,9 +33,9 @@ from abr.dataset import ABRSeriesDataset, CacheError, load_cache, split_series
 from abr.defaults import abr_defaults
 from abr.evaluation import (
     class_prior_baselines,
+    classical_criterion,
     evaluate_classical,
     evaluate_model,
-    fit_classical,
     predict,
     softmax,
 )
@@ -43,6 +47,8 @@ from abr.figures import (
     threshold_agreement,
     waveform_stacks,
 )
+from abr.levels import model_level_reference
+from abr.unsure import unsure_reasons
 from common.checkpoint import CheckpointError, load_model, resolve_checkpoints
 from common.cli import make_parser, start_run
 from common.errors import InputError, run_cli
@@ -54,6 +60,11 @@ MULTITASK_TARGET = "abr.models.ABRMultiTaskNet"
 
 
 def check_grid(meta: dict, ckpt_meta: dict, data_dir: Path) -> None:
+    """The cache fits the checkpoint: grid, classes, waves, static inputs and the level reference."""
+    if model_level_reference(meta) != model_level_reference(ckpt_meta):
+        raise CacheError(f"levels in {model_level_reference(meta)} but the checkpoint was trained on "
+                         f"{model_level_reference(ckpt_meta)}; preprocess with data.level_offset_db converting "
+                         "to the model's reference", data_dir)
     for key in ("n_samples", "model_rate_hz", "class_names", "waves", "static_features"):
         if meta.get(key) != ckpt_meta.get(key):
             hint = ""
@@ -81,6 +92,23 @@ def model_checkpoint(path: Path | None, device) -> tuple:
     return model, ckpt
 
 
+def ear_unsure(arrays: dict, meta: dict, ckpt_meta: dict, pred: dict, picks: dict, predict_cfg: dict) -> list:
+    """predict_abr's ``unsure`` reasons (abr/unsure.py) for every evaluated ear, in the order of pred["series"]."""
+    index = {int(s): j for j, s in enumerate(picks["series"])}
+    converted = meta.get("level_reference") if float(meta.get("level_offset_db", 0.0) or 0.0) != 0 else None
+    out = []
+    for i, s in enumerate(pred["series"]):
+        rows = arrays["series_rows"][s]
+        rows = rows[rows >= 0]
+        j = index[int(s)]
+        out.append(unsure_reasons(float(pred["threshold_db"][i]), float(pred["threshold_sd"][i]),
+                                  float(pred["outlier_prob"][i]), float(picks["threshold_db"][j]),
+                                  picks["threshold_censoring"][j], arrays["intensity_db"][rows].astype(np.float64),
+                                  float(meta["intensity_step_db"]), arrays["static_raw"][rows], ckpt_meta,
+                                  predict_cfg, converted_from=converted))
+    return out
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     tmp = path.with_name(path.name + ".partial")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -102,7 +130,7 @@ def flat_metrics(prefix: str, value, out: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, data=True, checkpoint=True)
-    parser.add_argument("--split", default=None, help="train | val | test (default validate.split)")
+    parser.add_argument("--split", default=None, help="train | val | test | all (default validate.split)")
     args = parser.parse_args(argv)
     run = start_run(args, domain="abr", defaults=DEFAULTS, argv=argv)
     cfg, device = run.cfg, run.device
@@ -114,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     split = args.split or cfg["validate"]["split"]
     series = split_series(arrays, split)
     if series.size == 0:
-        raise CacheError(f"the '{split}' split has no ears", data_dir)
+        counts = {name: int(split_series(arrays, name).size) for name in ("train", "val", "test")}
+        raise CacheError(f"the '{split}' split has no ears (ears per split: {counts}); pass --split with one "
+                         "that has, or --split all", data_dir)
     run.record_inputs_valid()
     dataset = ABRSeriesDataset(arrays, ckpt_meta, series)  # the training statistics standardize the inputs
     run.log(f"{ckpt['model']['target']} (epoch {ckpt['epoch']}) on {len(dataset)} {split} ears of {data_dir}")
@@ -131,11 +161,19 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["calibration"] = {"temperature": float(model.classifier.temperature.item()),
                               "ece_raw": expected_calibration_error(softmax(pred["class_logits_raw"])[keep], labels[keep]),
                               "ece_calibrated": metrics["classification"]["ece"]}
-    criterion = fit_classical(arrays, meta, split_series(arrays, "val"), cfg["classical"])
+    criterion, criterion_source = classical_criterion(arrays, meta, cfg)
+    run.log(f"classical criterion {criterion:g}: {criterion_source}"
+            + (" (the evaluated ears themselves)" if split in ("val", "all") and "fitted" in criterion_source else ""))
     classical = evaluate_classical(arrays, meta, series, cfg["classical"], criterion)
     prior = class_prior_baselines(arrays["series_class"][split_series(arrays, "train")], labels, len(names), names,
                                   seed=int(cfg["seed"]))
 
+    reasons = ear_unsure(arrays, meta, ckpt_meta, pred, classical["picks"], cfg["predict"])
+    unsure = np.array([bool(r) for r in reasons], dtype=bool)
+    error = np.abs(pred["threshold_db"] - arrays["series_threshold_db"][pred["series"]])
+    off = np.isfinite(error) & (error > 10.0)
+    sure_known = ~unsure & np.isfinite(error)
+    within_sure = float(np.mean(error[sure_known] <= 10.0)) if sure_known.any() else float("nan")  # NaN: all unsure
     v = metrics["waves"]["V"]
     cv = classical["metrics"]["wave_v"]
     headline = {
@@ -153,6 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
         "balanced_accuracy": metrics["classification"]["balanced_accuracy"],
         "denoised_vs_clean_r": metrics.get("signal", {}).get("denoised_vs_clean_r"),
         "noisy_input_vs_clean_r": metrics.get("signal", {}).get("noisy_input_vs_clean_r"),
+        "threshold_interval_coverage_95": metrics["threshold_interval"]["coverage_95"],
+        "threshold_median_sd_db": metrics["threshold_interval"]["median_sd_db"],
+        "n_unsure": int(unsure.sum()),
+        "n_off_by_10db": int(off.sum()),
+        "n_off_by_10db_flagged_unsure": int((off & unsure).sum()),
         "n_ears": int(series.size),
     }
     run.log("          model   classical / prior")
@@ -160,6 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     run.log(f"thr MAE    {headline['threshold_mae_db']:.2f}   {headline['classical_threshold_mae_db']:.2f} dB")
     run.log(f"V lat MAE  {headline['wave_v_latency_mae_ms']:.3f}   {headline['classical_wave_v_latency_mae_ms']:.3f} ms")
     run.log(f"V F1       {headline['wave_v_existence_f1']:.3f}   {headline['classical_wave_v_existence_f1']:.3f}")
+    run.log(f"thr ±1.96σ {headline['threshold_interval_coverage_95']:.3f} of ears (median σ "
+            f"{headline['threshold_median_sd_db']:.1f} dB)")
+    run.log(f"unsure     {headline['n_unsure']} ears, {headline['n_off_by_10db_flagged_unsure']} of the "
+            f"{headline['n_off_by_10db']} more than 10 dB off; ±10 dB among the others "
+            f"{within_sure:.3f}")
     run.log(f"macro F1   {headline['macro_f1']:.3f}   {headline['class_prior_macro_f1']:.3f} (majority class)")
 
     # ---- tables for review
@@ -187,11 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
                          arrays["series_threshold_db"][s], round(float(pred["threshold_db"][i]), 2),
                          round(float(pred["threshold_sd"][i]), 2), round(float(pred["outlier_prob"][i]), 3),
                          classical["picks"]["threshold_db"][ser_index[int(s)]],
-                         classical["picks"]["threshold_censoring"][ser_index[int(s)]]])
+                         classical["picks"]["threshold_censoring"][ser_index[int(s)]], bool(unsure[i]),
+                         "; ".join(reasons[i])])
     write_csv(out_dir / "predictions_ears.csv", ["patient_id", "ear", "class_true", "class_model", "class_prob",
                                                   "threshold_true_db", "threshold_model_db", "threshold_model_sd_db",
                                                   "threshold_outlier_prob", "threshold_classical_db",
-                                                  "threshold_classical_censoring"], ear_rows)
+                                                  "threshold_classical_censoring", "unsure", "unsure_reasons"],
+              ear_rows)
     wv = meta["waves"].index("V")
     cpos = {int(r): i for i, r in enumerate(classical["picks"]["rows"])}
     rec_rows = []
@@ -218,17 +268,20 @@ def main(argv: list[str] | None = None) -> dict:
     figures += latency_intensity(arrays, meta, pred, fig_dir / "latency_intensity")
     thr_true = arrays["series_threshold_db"][pred["series"]]
     cls_thr = np.array([classical["picks"]["threshold_db"][ser_index[int(s)]] for s in pred["series"]])
-    figures += threshold_agreement(thr_true, pred["threshold_db"], cls_thr, fig_dir / "threshold_agreement")
+    figures += threshold_agreement(thr_true, pred["threshold_db"], cls_thr, fig_dir / "threshold_agreement",
+                                   model_level_reference(meta))
     figures += confusion_matrix(metrics["classification"]["confusion"], names, fig_dir / "confusion_matrix")
     figures += reliability_diagram(before, after, fig_dir / "reliability")
     write_text_atomic(out_dir / "README.txt", "ABR validation outputs: summary.json (headline first), metrics.csv, "
                       "predictions_ears.csv, predictions_recordings.csv, figures/ (PNG 300 DPI + PDF).\n")
-    summary = {"headline": headline, "split": split, "checkpoint": Path(args.checkpoint).as_posix(),
+    summary = {"headline": headline, "split": split, "classical_criterion_source": criterion_source,
+               "threshold_within_10db_not_unsure": within_sure,
+               "checkpoint": Path(args.checkpoint).as_posix(),
                "checkpoint_epoch": ckpt["epoch"], "model": metrics, "classical_baseline": classical["metrics"],
                "class_prior_baseline": prior, "reliability": {"raw": before, "calibrated": after},
                "figures": [p.relative_to(out_dir).as_posix() for p in figures if p.suffix == ".png"],
                "notes": "Synthetic held-out patients. Classical: correlation with the next-higher level "
-                        "(criterion fitted on val) and wave V peak search in a latency window. Class prior: "
+                        "(criterion: classical_criterion_source) and wave V peak search in a latency window. Class prior: "
                         "always the training majority class."}
     return run.finish(summary)
 

@@ -83,11 +83,12 @@ def test_predict_tdt_export_in_volts_inverted(trained, tiny_config, exports, tmp
         predict_abr.main(common + ["--output-dir", str(tmp_path / "refused")])
     summary = predict_abr.main(common + ["--output-dir", str(tmp_path / "ok"), "--set", "data.units=V",
                                          "--set", "data.signal_polarity=vertex_negative",
-                                         "--set", "data.level_reference=dB SPL", "--set", "data.level_offset_db=-20"])
+                                         "--set", "data.level_reference=dB SPL", "--set", "data.level_offset_db=-20",
+                                         "--set", "data.converted_level_reference=dB nHL"])
     ears = rows(tmp_path / "ok" / "ears.csv")
     assert summary["headline"]["n_ears"] == 1 and ears[0]["patient_id"] == "mouse1"
     assert float(ears[0]["source_window_ms"]) == pytest.approx(10.0, abs=0.01)
-    assert ears[0]["level_reference"] == "dB SPL"
+    assert ears[0]["level_reference"] == "dB SPL" and "levels converted from dB SPL" in ears[0]["unsure_reasons"]
     levels = [float(r["intensity_db"]) for r in rows(tmp_path / "ok" / "recordings.csv")]
     assert min(levels) >= 0.0  # given back in the input's reference (the offset is undone)
     lo, hi = (float(v) for v in ears[0]["levels_tested"].split("-"))
