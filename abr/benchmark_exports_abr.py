@@ -4,7 +4,9 @@ Takes the test-split ears of a preprocessed SYNTHETIC cache (their source table,
 them again as real exports come (volts, nV, inverted polarity, a 10 ms window, a TDT/ABRA CSV at
 24414 Hz, no age / rate), runs ``predict_abr`` on each variant and scores the model and the classical
 thresholds against the table's true thresholds (within ±10 dB, MAE), with the number of ears flagged
-``unsure`` and the share within ±10 dB among the others. A variant the readers refuse (an undeclared
+``unsure``, the share within ±10 dB among the others, and how far each variant moves the model's threshold of
+an ear from its threshold on the plain clinical µV table (median and largest |Δ| in dB, ears moved > 10 dB):
+with ``inverted_undeclared`` that is the model's sensitivity to the display polarity. A variant the readers refuse (an undeclared
 unit) is reported with its error message: refusing is the expected outcome there.
 
 Synthetic ears only: these numbers say what the readers and the model do with a change of format, not how
@@ -68,13 +70,15 @@ def variants(base: pd.DataFrame, samples: list[str], fs: float) -> list[tuple[st
     ]
 
 
-def score(ears_csv: Path, truth: dict, censor_db: float, abra: bool) -> dict:
+def score(ears_csv: Path, truth: dict, censor_db: float, abra: bool) -> tuple[dict, dict]:
+    """(scores, the model's threshold in dB per (patient, ear)) of one variant's predict_abr ``ears.csv``."""
     with ears_csv.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    model, classical, unsure = [], [], []
+    model, classical, unsure, thresholds = [], [], [], {}
     for row in rows:
         key = tuple(Path(row["file"]).stem.rsplit("_", 1)) if abra else (row["patient_id"], row["ear"])
         true = truth[key]
+        thresholds[key] = float(row["threshold_model"])
         model.append(abs(float(row["threshold_model"]) - true))
         value = row["threshold_classical"]
         classical.append(abs((censor_db if value.startswith(">") else float(value)) - true))
@@ -83,7 +87,17 @@ def score(ears_csv: Path, truth: dict, censor_db: float, abra: bool) -> dict:
     return {"ears": len(rows), "model_within_10db": float(np.mean(model <= 10)), "model_mae_db": float(model.mean()),
             "classical_within_10db": float(np.mean(classical <= 10)), "classical_mae_db": float(classical.mean()),
             "unsure": int(unsure.sum()),
-            "model_within_10db_not_unsure": float(np.mean(model[~unsure] <= 10)) if (~unsure).any() else math.nan}
+            "model_within_10db_not_unsure": float(np.mean(model[~unsure] <= 10)) if (~unsure).any() else math.nan
+            }, thresholds
+
+
+def threshold_shift(thresholds_db: dict, reference_db: dict) -> dict:
+    """|model threshold − its threshold on the reference variant| over the ears both have (dB)."""
+    shift = np.array([abs(thresholds_db[key] - reference_db[key]) for key in thresholds_db if key in reference_db])
+    if shift.size == 0:
+        return {"shift_median_db": math.nan, "shift_max_db": math.nan, "ears_shifted_over_10db": 0}
+    return {"shift_median_db": float(np.median(shift)), "shift_max_db": float(shift.max()),
+            "ears_shifted_over_10db": int((shift > 10).sum())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     fs = float(meta["source_sampling_rate_hz"])
     samples = [c for c in table.columns if c.isdigit()]
     base = table.drop(columns=[c for c in LABELS if c in table.columns])
-    results = []
+    results, reference_thresholds = [], None
     for name, export, options in variants(base, samples, fs):
         folder = run.run_dir / "exports" / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,13 +151,18 @@ def main(argv: list[str] | None = None) -> dict:
             results.append({"variant": name, "options": " ".join(options), "refused": str(exc)})
             run.log(f"{name}: refused ({str(exc)[-120:]})")
             continue
-        row = {"variant": name, "options": " ".join(options), "refused": "",
-               **score(run.run_dir / "predictions" / name / "ears.csv", truth, censor, abra)}
+        scores, thresholds = score(run.run_dir / "predictions" / name / "ears.csv", truth, censor, abra)
+        reference_thresholds = thresholds if reference_thresholds is None else reference_thresholds  # clinical µV
+        row = {"variant": name, "options": " ".join(options), "refused": "", **scores,
+               **threshold_shift(thresholds, reference_thresholds)}
         results.append(row)
         run.log(f"{name}: model ±10 dB {row['model_within_10db']:.3f} (MAE {row['model_mae_db']:.2f}), classical "
-                f"{row['classical_within_10db']:.3f} ({row['classical_mae_db']:.2f}), unsure {row['unsure']}")
+                f"{row['classical_within_10db']:.3f} ({row['classical_mae_db']:.2f}), unsure {row['unsure']}; "
+                f"model threshold moved {row['shift_median_db']:.1f} dB median, {row['shift_max_db']:.1f} dB at most "
+                f"({row['ears_shifted_over_10db']} ears > 10 dB) from clinical µV")
     header = ["variant", "options", "refused", "ears", "model_within_10db", "model_mae_db", "classical_within_10db",
-              "classical_mae_db", "unsure", "model_within_10db_not_unsure"]
+              "classical_mae_db", "unsure", "model_within_10db_not_unsure", "shift_median_db", "shift_max_db",
+              "ears_shifted_over_10db"]
     write_csv(run.run_dir / "variants.csv", header, [[r.get(k, "") for k in header] for r in results])
     headline = {r["variant"]: (r.get("model_within_10db") if not r["refused"] else "refused") for r in results}
     return run.finish({"headline": headline, "variants": results, "criterion": criterion,

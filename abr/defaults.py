@@ -70,7 +70,7 @@ ABR_DEFAULTS = {
         "dropout": 0.1,
         "scales": [1, 3, 5, 7],  # multi-scale kernel sizes of the peak head (seed 003)
         "latency_range_ms": {"I": [0.5, 6.0], "III": [2.0, 9.5], "V": [3.5, 14.0]},  # must cover the data
-        "amplitude_range_rel": [-1.0, 6.0],  # amplitude / recording RMS; must cover the data
+        "amplitude_range_rel": [-1.0, 9.0],  # amplitude / recording RMS; must cover the data (many sweeps: low RMS)
         "threshold_range_db": [0.0, 120.0],  # bounded threshold output
         "weights": None,  # optional project checkpoint (file or run folder) to warm-start from (no downloads)
         "weights_min_fraction": 0.9,  # refuse model.weights when fewer of the model's tensors fit (another model)
@@ -105,6 +105,8 @@ ABR_DEFAULTS = {
         "balanced_sampling": False,  # draw ears with probability ∝ 1 / class frequency
         "temperature_scaling": True,  # fit the class temperature on validation after training
         "max_steps_per_epoch": 0,  # 0 = full epoch (smoke runs cap it)
+        "polarity_inversion_prob": 0.5,  # share of training ears shown inverted each step (labels unchanged): the
+        # display sign differs between labs and is not in the file, so the model should not depend on it
     },
     "runtime": dict(RUNTIME_DEFAULTS),  # num_workers, amp, torch_threads (1 on a shared CPU), cooling pauses
     # ----------------------------------------------------------------------- validation (validate_abr.py)

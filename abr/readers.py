@@ -13,8 +13,9 @@ Layouts (``data.format``; ``auto`` picks by suffix and header, and says which it
   per row; rows at another rate are resampled to the first row's rate (noted).
 - ``arrays``: NumPy ``.npz`` or MATLAB ``.mat`` (scipy.io.loadmat) with the arrays named by ``data.array_keys``
   (signals (N, S) and intensity_db (N,) required; sampling_rate_hz, pre_stimulus_ms, patient_id, ear,
-  age_years, rate_per_s, hearing_loss, threshold_db optional); a bare ``.npy`` (L, S) is one ear, its levels
-  from ``data.array_levels_db``.
+  age_years, rate_per_s, hearing_loss, threshold_db optional); signals stored one recording per column
+  (S, N), as MATLAB users often do, are transposed when the level count says so; a bare ``.npy`` (L, S) is one
+  ear, its levels from ``data.array_levels_db``.
 - ``abra``: the CSV the ABRA tool reads from Tucker-Davis BioSigRZ: columns ``Freq(Hz)`` and ``Level(dB)``,
   then the waveform samples ending each row; one file per subject (the file stem is the subject id),
   the stimulus frequency separates the series (0 or "click" = click). Sampling rate
@@ -23,9 +24,14 @@ Layouts (``data.format``; ``auto`` picks by suffix and header, and says which it
 Applied to every layout, in this order (each visible in ``Recordings.notes``):
 
 1. ``data.units`` (V, mV, uV, nV; default uV): samples and amplitude columns are converted to µV.
-2. ``data.signal_polarity`` (vertex_positive, the default and the convention the model and the
-   classical wave V search assume; vertex_negative = the lab displays vertex-negative up: samples are
-   multiplied by −1). This is the recording montage, not the click polarity column.
+2. ``data.signal_polarity`` (vertex_positive, the default and the convention the classical wave V search,
+   the figures and the denoised traces assume; vertex_negative = the lab displays vertex-negative up:
+   samples are multiplied by −1). Nothing is detected: the option alone decides what the model sees. The
+   model is trained with random inversion (``train.polarity_inversion_prob``), so a wrong setting moves its
+   thresholds little (abr/README.md measures how little), but peaks drawn and the classical wave V are only
+   right when it is declared. This is the display sign of the recording, not the click: the ``Stimulus
+   Polarity`` column (Alternating, Rarefaction, Condensation) is read for ``data.keep_polarities`` only; a
+   single-polarity average also holds the cochlear microphonic, which alternating averages cancel.
 3. The amplitude-scale check (``data.amplitude_check``: error, the default | convert | off): the median
    RMS of the recordings must lie within ``AMPLITUDE_RANGE_UV`` (an averaged ABR, response or residual
    noise). Otherwise the samples are in another unit (a table in volts read as µV is ~1e-7 µV, one in nV
@@ -289,10 +295,6 @@ def read_arrays(path: Path, data_cfg: dict) -> Recordings:
         signals = signals[None]
     if signals.ndim != 2:
         raise TableError(f"{source}: array '{keys['signals']}' has shape {signals.shape}; expected (recordings, samples)")
-    if signals.shape[0] > signals.shape[1] and signals.shape[1] <= 64:
-        notes.append(f"array '{keys['signals']}' {signals.shape} read as (samples, recordings) and transposed")
-        signals = signals.T
-    n = signals.shape[0]
     if not np.all(np.isfinite(signals)):
         raise TableError(f"{source}: array '{keys['signals']}' holds NaN or infinite samples")
     if keys["intensity_db"] in data:
@@ -302,6 +304,10 @@ def read_arrays(path: Path, data_cfg: dict) -> Recordings:
     else:
         raise TableError(f"{source}: no array '{keys['intensity_db']}' (data.array_keys.intensity_db) and no "
                          "data.array_levels_db: the stimulus level of each recording is required")
+    if signals.shape[0] != intensity.size and signals.shape[1] == intensity.size:  # one level per column
+        notes.append(f"array '{keys['signals']}' {signals.shape} read as (samples, recordings) and transposed")
+        signals = signals.T
+    n = signals.shape[0]
     if intensity.size != n:
         raise TableError(f"{source}: {intensity.size} levels (intensity_db / data.array_levels_db) for {n} recordings")
     if keys["sampling_rate_hz"] in data:
@@ -422,6 +428,9 @@ def finish_recordings(recs: Recordings, data_cfg: dict) -> Recordings:
     if polarity == "vertex_negative":
         recs.signals_uv = -recs.signals_uv
         recs.notes.append("data.signal_polarity = vertex_negative: traces inverted (vertex positive up)")
+    else:
+        recs.notes.append("data.signal_polarity = vertex_positive: traces used as exported (set vertex_negative "
+                          "if the lab displays vertex-negative up)")
     rescale, note = check_amplitude_scale(recs.signals_uv, units, data_cfg.get("amplitude_check", "error") or "error",
                                           recs.source)
     if note:

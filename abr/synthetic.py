@@ -26,11 +26,27 @@ Evoked Potentials*; values collected in the domain notes):
 What real recordings vary (issue 16), randomized per ear: the EEG spectrum's slope (1/f^a,
 ``noise_exponent_range``), mains hum at 50 or 60 Hz with harmonics in ``mains_fraction`` of ears, myogenic
 (muscle) noise above ~300 Hz in ``myogenic_fraction``, all inside the same residual RMS; and the response
-size across subjects (electrode placement, skull: a log-normal gain, ``subject_gain_sd``). Optional (off by
-default, so the tables stay those of before): the level step per ear (``intensity_steps_db``, e.g. 5 and
-10 dB) and the accepted sweep count per recording (``sweeps_accepted_range``), with the residual noise scaled
-by √(``noise_reference_sweeps`` / sweeps), since averaging N sweeps divides the EEG's standard deviation by
-√N. ``species: mouse_tonepip`` draws mouse ears in dB SPL instead (abr/species.py).
+size across subjects (electrode placement, skull: a log-normal gain, ``subject_gain_sd``); the level step
+per ear (``intensity_steps_db``: 5 or 10 dB, both protocols are in use); the accepted sweep count per
+recording (``sweeps_accepted_range``, log-uniform), with the residual noise scaled by
+√(``noise_reference_sweeps`` / sweeps), since averaging N sweeps divides the EEG's standard deviation by √N;
+and polarity, in two senses:
+
+- the click polarity per ear (``stimulus_polarity_probs``: Alternating, Rarefaction, Condensation; written to
+  the ``Stimulus Polarity`` column). The cochlear microphonic (CM) follows the stimulus waveform, so it
+  reverses with click polarity and cancels in an alternating average, while the neural waves do not reverse
+  (Hall 2007; the CM reversal is the clinical sign of auditory neuropathy, Starr et al. 1996, Brain
+  119:741-753; Berlin et al. 1998, Ear Hear 19:37-47). A single-polarity average therefore keeps a CM
+  (``cochlear_microphonic_uv`` at 100 dB, four times larger in neuropathy) and the uncancelled stimulus
+  artifact, with the sign of the click; an alternating one keeps only the small residuals of before;
+- the display sign of the whole ear (``inverted_fraction``): labs export vertex-positive up or
+  vertex-negative up, and the table does not say which (abr/readers.py, ``data.signal_polarity``). An
+  inverted ear's samples and clean traces are multiplied by −1; its peak labels stay the latencies and
+  vertex-positive amplitudes of the waves.
+
+Setting a list to empty, a range to null, a fraction to 0 or the Rarefaction and Condensation shares to 0
+turns that variation off without drawing a random number, so the tables are then those of the generator
+without it. ``species: mouse_tonepip`` draws mouse ears in dB SPL instead (abr/species.py).
 
 Ground-truth peaks are measured on the noise-free trace after the device filter (what a perfect reader
 would mark on that trace): the local maximum nearest each wave's component latency.
@@ -58,7 +74,7 @@ SYNTHETIC_DEFAULTS = {
     "both_ears_prob": 0.85,
     "intensity_min_db": 0.0,
     "intensity_max_db": 100.0,
-    "intensity_step_db": 10.0,
+    "intensity_step_db": 10.0,  # the fixed step when intensity_steps_db is empty
     "drop_level_prob": 0.0,
     "rates_per_s": [11.1, 19.1, 21.1, 27.7, 33.3, 37.1, 45.1, 49.1],
     "noise_rms_nv": [20.0, 40.0],
@@ -76,9 +92,13 @@ SYNTHETIC_DEFAULTS = {
     "myogenic_rel": [0.5, 1.5],  # ... of this RMS relative to the EEG noise
     "subject_gain_sd": 0.25,  # log-normal σ of a per-ear response amplitude scale (0 = none)
     "species": "human_click",  # human_click (dB nHL) | mouse_tonepip (dB SPL): abr/species.py
-    "intensity_steps_db": [],  # per-ear level step drawn from this list (e.g. [5, 10]); empty = intensity_step_db
-    "sweeps_accepted_range": None,  # [lo, hi]: accepted sweeps per recording, log-uniform; residual ∝ 1/√sweeps
+    "intensity_steps_db": [5.0, 10.0],  # per-ear level step drawn from this list; empty = intensity_step_db
+    "sweeps_accepted_range": [250, 4000],  # accepted sweeps per recording, log-uniform; residual ∝ 1/√sweeps; null = all at the reference
     "noise_reference_sweeps": 2000,  # the sweep count at which noise_rms_nv / noisy_rms_nv hold
+    # click polarity per ear (assumed shares); Rarefaction and Condensation at 0 = all Alternating, no draw
+    "stimulus_polarity_probs": {"Alternating": 0.5, "Rarefaction": 0.3, "Condensation": 0.2},
+    "cochlear_microphonic_uv": [0.05, 0.2],  # CM amplitude at 100 dB in a single-polarity average, normal ear (assumed)
+    "inverted_fraction": 0.2,  # ears written vertex-negative up (the display sign labs differ in; assumed share)
     "output_format": "csv",
 }
 
@@ -86,6 +106,8 @@ SYNTHETIC_DEFAULTS = {
 _SHAPE = {"I": (0.17, 0.55, 0.20, 0.5), "II": (0.17, 0.5, 0.2, 0.3), "III": (0.21, 0.6, 0.25, 0.5),
           "IV": (0.22, 0.0, 0.0, 0.0), "V": (0.30, 1.0, 0.45, 0.8)}
 NO_RESPONSE_DB = math.inf
+STIMULUS_POLARITIES = ("Alternating", "Rarefaction", "Condensation")
+NEUROPATHY_CM_FACTOR = 4.0  # CM in auditory neuropathy relative to a normal ear's (assumed; large in ANSD)
 
 
 @dataclass
@@ -229,9 +251,45 @@ def clean_response(t_ms: np.ndarray, waves: dict, ear: Ear, intensity_db: float)
     y += 0.02 * (intensity_db / 100.0) * onset * np.exp(-np.clip(t_ms, 0, None) / 0.15) * np.cos(2 * np.pi * 3.0 * t_ms)
     if ear.hearing_loss == "NÖROPATİ" and intensity_db >= 60:
         # Cochlear microphonic, large in neuropathy, imperfectly cancelled by alternating polarity.
-        cm = 0.05 * (intensity_db / 100.0) * np.sin(2 * np.pi * 1.2 * t_ms) * np.exp(-np.clip(t_ms - 0.5, 0, None) / 1.5)
-        y += cm * ((t_ms > 0.5) & (t_ms < 5.0))
+        y += 0.05 * (intensity_db / 100.0) * microphonic_shape(t_ms)
     return y
+
+
+def microphonic_shape(t_ms: np.ndarray) -> np.ndarray:
+    """Unit-amplitude cochlear microphonic after a click: 1.2 kHz ringing from 0.5 ms, decaying with 1.5 ms."""
+    ringing = np.sin(2 * np.pi * 1.2 * t_ms) * np.exp(-np.clip(t_ms - 0.5, 0, None) / 1.5)
+    return ringing * ((t_ms > 0.5) & (t_ms < 5.0))
+
+
+def single_polarity_components(t_ms: np.ndarray, intensity_db: float, polarity: str, microphonic_uv: float,
+                               neuropathy: bool) -> np.ndarray:
+    """What a single-polarity average (Rarefaction or Condensation) adds to the alternating one (µV, before
+    filtering): the cochlear microphonic (``microphonic_uv`` at 100 dB, scaled linearly with the level;
+    ×``NEUROPATHY_CM_FACTOR`` in neuropathy) and the stimulus artifact five times the alternating residual, both
+    with the sign of the click (condensation +, rarefaction −). Zero for Alternating: both cancel there."""
+    if polarity == "Alternating":
+        return np.zeros_like(t_ms)
+    sign = 1.0 if polarity == "Condensation" else -1.0
+    level = intensity_db / 100.0
+    cm_uv = microphonic_uv * (NEUROPATHY_CM_FACTOR if neuropathy else 1.0) * level
+    artifact = 0.1 * level * (t_ms >= 0) * np.exp(-np.clip(t_ms, 0, None) / 0.15) * np.cos(2 * np.pi * 3.0 * t_ms)
+    return sign * (cm_uv * microphonic_shape(t_ms) + artifact)
+
+
+def draw_stimulus_polarity(cfg: dict, rng: np.random.Generator) -> str:
+    """One ear's click polarity from ``stimulus_polarity_probs``; no random draw when it is empty (Alternating)
+    or gives a share to one polarity only (that one)."""
+    probs = cfg.get("stimulus_polarity_probs") or {}
+    if not probs:
+        return "Alternating"
+    unknown = sorted(set(probs) - set(STIMULUS_POLARITIES))
+    weights = np.array([float(probs.get(name, 0.0)) for name in STIMULUS_POLARITIES])
+    if unknown or weights.sum() <= 0 or (weights < 0).any():
+        raise ConfigError(f"synthetic.stimulus_polarity_probs: keys from {STIMULUS_POLARITIES} with non-negative "
+                          f"shares, not all zero; got {probs}")
+    if (weights > 0).sum() == 1:
+        return STIMULUS_POLARITIES[int(np.argmax(weights))]
+    return STIMULUS_POLARITIES[int(rng.choice(len(STIMULUS_POLARITIES), p=weights / weights.sum()))]
 
 
 def coloured_noise(shape: tuple, sampling_rate_hz: float, rng: np.random.Generator, exponent: float = 1.0) -> np.ndarray:
@@ -302,7 +360,8 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
                         columns: dict | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Simulate ``cfg['n_patients']`` patients. Returns (table, clean) where ``table`` has one row per
     recording in the clinical format (metadata + sample columns "1".."N", µV) and ``clean`` holds the
-    noise-free filtered traces (rows aligned with the table)."""
+    noise-free filtered traces in the recording's display sign (rows aligned with the table);
+    ``table.attrs["display_inverted"]`` says which rows were written vertex-negative up."""
     from abr.data import DEFAULT_COLUMNS
 
     cols = dict(DEFAULT_COLUMNS if columns is None else columns)
@@ -319,7 +378,7 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
     group_p = np.array([cfg["age_group_probs"][g] for g in group_names], dtype=float)
     group_p /= group_p.sum()
     mouse = check_species(cfg.get("species", "human_click")) == "mouse_tonepip"
-    rows, clean_rows = [], []
+    rows, clean_rows, inverted_rows = [], [], []
     for p in range(int(cfg["n_patients"])):
         patient_id = f"P{p + 1:05d}"
         age = (sample_mouse_age_years(rng) if mouse
@@ -352,18 +411,28 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
             noise = bandpass(noise, sampling_rate_hz, low, high, cfg["device_filter_order"], cfg["device_zero_phase"])
             noise *= (rms_nv / 1000.0 / noise[:, pad_before:pad_before + n_samples].std(axis=1))[:, None]
             clean_f = bandpass(clean, sampling_rate_hz, low, high, cfg["device_filter_order"], cfg["device_zero_phase"])
-            clean_f = clean_f[:, pad_before:pad_before + n_samples]
-            recorded = clean_f + noise[:, pad_before:pad_before + n_samples]
+            clean_f = clean_f[:, pad_before:pad_before + n_samples]  # the alternating average: peak labels
+            polarity = draw_stimulus_polarity(cfg, rng)
+            stimulus_locked = clean_f  # the noise-free recording, with what single polarity does not cancel
+            if polarity != "Alternating":
+                cm_uv = float(rng.uniform(*cfg["cochlear_microphonic_uv"]))
+                extra = np.stack([single_polarity_components(t_pad, level, polarity, cm_uv, cls == "NÖROPATİ")
+                                  for level in levels])
+                extra = bandpass(extra, sampling_rate_hz, low, high, cfg["device_filter_order"], cfg["device_zero_phase"])
+                stimulus_locked = clean_f + extra[:, pad_before:pad_before + n_samples]
+            inverted = bool(cfg.get("inverted_fraction", 0.0) > 0 and rng.random() < cfg["inverted_fraction"])
+            display_sign = -1.0 if inverted else 1.0
+            recorded = display_sign * (stimulus_locked + noise[:, pad_before:pad_before + n_samples])
             for k, level in enumerate(levels):
                 row = {cols["patient_id"]: patient_id, cols["ear"]: side, cols["age"]: round(age, 3),
                        cols["intensity"]: level, cols["rate"]: ear.rate_per_s}
                 window = (t_ms >= 1.0) & (t_ms <= 12.0)
-                ratio = 1.0 + clean_f[k, window].var() / (rms_nv[k] / 1000.0) ** 2
+                ratio = 1.0 + stimulus_locked[k, window].var() / (rms_nv[k] / 1000.0) ** 2
                 row[cols["fmp"]] = round(float(ratio * rng.chisquare(15) / 15.0), 2)
                 row[cols["sweeps_rejected"]] = int(rng.poisson(40 if noisy[k] else 12))
                 if cols.get("sweeps_accepted"):
                     row[cols["sweeps_accepted"]] = int(sweeps[k])  # 2,000 unless sweeps_accepted_range
-                row[cols["polarity"]] = "Alternating"
+                row[cols["polarity"]] = polarity
                 row[cols["hearing_loss"]] = cls
                 row[cols["threshold"]] = "NR" if not math.isfinite(ear.threshold_db) else round(ear.threshold_db, 2)
                 for name in WAVES:
@@ -373,11 +442,13 @@ def generate_recordings(cfg: dict, sampling_rate_hz: float, window_ms: float, se
                     row[cols[f"latency_{name}"]] = round(latency, 4) if wave["present"] else math.nan
                     row[cols[f"amplitude_{name}"]] = round(amplitude, 5) if wave["present"] else math.nan
                 rows.append((row, recorded[k]))
-                clean_rows.append(clean_f[k])
+                clean_rows.append(display_sign * stimulus_locked[k])
+                inverted_rows.append(inverted)
     sample_names = [f"{cols['sample_prefix']}{i + 1}" for i in range(n_samples)]
     meta = pd.DataFrame([r for r, _ in rows])
     samples = pd.DataFrame(np.round(np.stack([s for _, s in rows]), 5), columns=sample_names)
     table = pd.concat([meta, samples], axis=1)
+    table.attrs["display_inverted"] = inverted_rows  # the truth no export carries (a list: pandas compares attrs)
     return table, np.stack(clean_rows).astype(np.float32)
 
 
@@ -396,7 +467,8 @@ def write_synthetic_table(cfg: dict, path: str | Path, sampling_rate_hz: float, 
     write_table(table, path)
     sidecar = clean_sidecar_path(path)
     np.savez_compressed(sidecar, clean_uv=clean, patient_id=table[cols["patient_id"]].astype(str).to_numpy().astype(str),
-                        intensity_db=table[cols["intensity"]].to_numpy(dtype=np.float64))
+                        intensity_db=table[cols["intensity"]].to_numpy(dtype=np.float64),
+                        display_inverted=np.asarray(table.attrs["display_inverted"], dtype=bool))
     return path, sidecar
 
 

@@ -2,7 +2,8 @@
 
 Seed 003's loss weights and curriculum (config loss.weights / loss.curriculum), masked Gaussian NLL or
 Huber for peaks, Huber for the threshold, focal loss or weighted CE for the class, optional learned
-uncertainty weighting and class-balanced sampling; AdamW with warm restarts, gradient clipping, AMP on
+uncertainty weighting and class-balanced sampling; random polarity inversion of training ears
+(``train.polarity_inversion_prob``, :func:`invert_polarity`); AdamW with warm restarts, gradient clipping, AMP on
 CUDA, DDP (torchrun), progress bars. Ctrl+C (or --stop-after-steps N) saves checkpoint_last.pt mid-epoch and
 ``--resume`` continues exactly where it stopped. ``model.weights`` warm-starts from another checkpoint and is
 refused when fewer than ``model.weights_min_fraction`` of the tensors fit. After training the best checkpoint
@@ -115,16 +116,38 @@ def validation_pass(model, dataset, series_all, device, cfg, cw, final_weights, 
     return float(reduced[0]), dict(zip(losses, reduced[1:])), pred
 
 
+def invert_polarity(batch: dict, probability: float, seed: int, rank: int, step: int) -> dict:
+    """Training augmentation: each ear's recordings and clean traces multiplied by −1 with ``probability``.
+
+    Labs export vertex-positive up or vertex-negative up and the file does not say which (abr/readers.py,
+    ``data.signal_polarity``); an ear seen both ways teaches the model a threshold, class and peak latencies
+    that do not depend on the display sign. Labels are unchanged (latencies do not depend on the sign; the
+    amplitude labels are the vertex-positive wave amplitudes); the denoising target flips with its input.
+    The draw comes from a generator seeded by (seed, rank, step), so a resumed run repeats it. Returns a new
+    dict with the flipped ``signal`` and ``clean`` and ``inverted`` (ears,) bool.
+    """
+    n_ears = batch["signal"].shape[0]
+    if probability <= 0:
+        return {**batch, "inverted": torch.zeros(n_ears, dtype=torch.bool)}
+    draws = np.random.default_rng([int(seed), int(rank), int(step)]).random(n_ears)
+    inverted = torch.from_numpy(draws < probability)
+    sign = torch.where(inverted, -1.0, 1.0).to(batch["signal"].dtype)[:, None, None]
+    return {**batch, "signal": batch["signal"] * sign, "clean": batch["clean"] * sign, "inverted": inverted}
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, stop: StopRequest, cooling,
                     device, n_batches: int, epoch: int, lcfg: dict, grad_clip: float, params, cw, uncertainty,
-                    is_main: bool) -> None:
+                    is_main: bool, augment=None) -> None:
     """The remaining batches of ``epoch`` (all of them unless resumed mid-epoch); loss sums go to
-    ``state.partial`` so a stop and resume inside the epoch gives the same epoch means."""
+    ``state.partial`` so a stop and resume inside the epoch gives the same epoch means. ``augment(batch, step)``
+    (e.g. :func:`invert_polarity` with its probability and seed bound) is applied to each batch first."""
     model.train()
     remaining = n_batches - state.batches_done
     for batch in progress(itertools.islice(loader, remaining), desc=f"epoch {epoch}", total=remaining, is_main=is_main):
         index = state.batches_done  # batch position in the epoch, also after a resume
         weights = loss_weights(lcfg, epoch - 1 + index / n_batches)  # curriculum clock: fractional epochs
+        if augment is not None:
+            batch = augment(batch, state.step)
         batch = to_device(batch, device)
         with amp.autocast():
             out = model(batch["signal"], batch["static"], batch["intensity_db"], batch["level_mask"])
@@ -232,13 +255,21 @@ def main(argv: list[str] | None = None) -> dict:
     ddp_model = wrap_model(model, dist, device)
     cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
     final_weights = loss_weights(lcfg, 1e9)
+    inversion_prob = float(tcfg["polarity_inversion_prob"])
+    if not 0.0 <= inversion_prob <= 1.0:
+        raise ConfigError(f"train.polarity_inversion_prob must lie in [0, 1], got {inversion_prob}")
+
+    def augment(batch, step):
+        return invert_polarity(batch, inversion_prob, int(cfg["seed"]), dist.rank, step)
+
+    run.log(f"polarity augmentation: {inversion_prob:.0%} of training ears inverted per step")
     run.record_inputs_valid()
 
     with StopRequest(run) as stop:
         for epoch in range(state.epoch + 1, tcfg["epochs"] + 1):
             sampler.set_epoch(epoch, skip_samples=state.batches_done * tcfg["batch_size"])
             train_one_epoch(ddp_model, loader, optimizer, scheduler, amp, state, stop, cooling, device, n_batches,
-                            epoch, lcfg, tcfg["grad_clip"], params, cw, uncertainty, run.is_main)
+                            epoch, lcfg, tcfg["grad_clip"], params, cw, uncertainty, run.is_main, augment)
             if stop.stopped:  # epoch unfinished: checkpoint_last.pt records where to pick up
                 saver.save_partial(state)
                 break

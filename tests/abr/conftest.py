@@ -10,7 +10,7 @@ import yaml
 TINY = {
     "seed": 3,
     "runtime": {"torch_threads": 1},
-    "synthetic": {"n_patients": 16, "intensity_step_db": 20.0,
+    "synthetic": {"n_patients": 16, "intensity_steps_db": [], "intensity_step_db": 20.0,  # 6 levels: fast
                   "class_probs": {"NORMAL": 0.5, "SNIK": 0.2, "ITIK": 0.15, "TOTAL": 0.1, "NOROPATI": 0.05}},
     "preprocess": {"model_rate_hz": 5000.0},
     "model": {"channels": 8, "width": 16, "transformer_layers": 1, "heads": 2, "series_layers": 1},

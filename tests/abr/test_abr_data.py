@@ -144,6 +144,7 @@ def test_unreadable_table_kinds(tmp_path):
 
 def test_filters_drop_rejected_recordings(table):
     frame = table.copy()
+    frame["Stimulus Polarity"] = "Alternating"
     frame.loc[0, "Sweeps Rejected"] = 250
     frame.loc[1, "Stimulus Polarity"] = "Rarefaction"
     recs = parse_recordings(frame, {**DATA_CFG, "max_sweeps_rejected": 100, "keep_polarities": ["Alternating"]})

@@ -74,7 +74,7 @@ def test_a_table_with_no_usable_recording_exits_non_zero(tiny_config, tiny_cache
     table = tiny_cache / "synthetic_abr.csv"
     n_rows = len(pd.read_csv(table, usecols=[0]))
     line = error_line(preprocess_abr, ["--config", str(tiny_config), "--table", str(table), "--output-dir",
-                                       str(tmp_path / "out"), "--set", "data.keep_polarities=[Condensation]"], capsys)
+                                       str(tmp_path / "out"), "--set", "data.max_sweeps_rejected=0"], capsys)
     assert line.startswith(f"error: {table}:") and f"0 of {n_rows} recordings left" in line
     assert not (tmp_path / "out" / CACHE_NAME).exists()
 

@@ -43,7 +43,8 @@ def test_mouse_preset_steps_and_sweeps():
     assert table["Age"].max() < 0.6  # adult mice, not human ages
     assert table["Threshold"].astype(float).between(5.0, 50.0).all()
     v = table["V Latency"].dropna()
-    assert v.between(3.3, 7.5).all() and table["I Latency"].dropna().between(1.0, 4.0).all()
+    # wave I at 90 dB SPL: 1.4 ms at 80 dB - 0.2 ms, sd 0.09 ms over ears and recordings: above 0.8 ms
+    assert v.between(3.3, 7.5).all() and table["I Latency"].dropna().between(0.8, 4.0).all()
     samples = table[[str(i + 1) for i in range(clean.shape[1])]].to_numpy()
     residual_nv = 1000.0 * (samples - clean).std(axis=1)
     expected_nv = 100.0 * np.sqrt(512.0 / table["Sweeps Accepted"].to_numpy())

@@ -1,5 +1,6 @@
 """Generator physiology: latency-intensity, conductive shift, rate effect, maturation, no response
-below threshold, thresholds drawn per class (not from the class label), noise level."""
+below threshold, thresholds drawn per class (not from the class label), noise level, and the default
+variation of real recordings (5 and 10 dB steps, sweep counts, click polarity and display sign)."""
 
 import math
 
@@ -14,6 +15,7 @@ from abr.synthetic import (
     generate_recordings,
     intensity_shift_ms,
     sample_ear,
+    single_polarity_components,
     wave_parameters,
 )
 
@@ -101,7 +103,8 @@ def test_total_loss_has_no_response_at_100_db():
 
 
 def test_generated_table_labels_and_noise_level():
-    cfg = dict(SYNTHETIC_DEFAULTS, n_patients=6, intensity_step_db=20.0, noisy_fraction=0.0,
+    cfg = dict(SYNTHETIC_DEFAULTS, n_patients=6, intensity_steps_db=[], intensity_step_db=20.0, noisy_fraction=0.0,
+               sweeps_accepted_range=None,  # every recording at the 2,000-sweep reference noise
                class_probs={"NORMAL": 1.0, "SNIK": 0, "ITIK": 0, "TOTAL": 0, "NOROPATI": 0})
     table, clean = generate_recordings(cfg, 30000.0, 15.0, seed=4)
     samples = table[[str(i + 1) for i in range(450)]].to_numpy()
@@ -128,3 +131,29 @@ def test_ear_noise_carries_mains_hum_and_muscle_noise_when_drawn():
     emg = np.abs(np.fft.rfft(ear_noise((4, t.size), t, fs, cfg, np.random.default_rng(0)), axis=1)).mean(0)
     high = (freqs > 1000) & (freqs < 3000)
     assert emg[high].mean() > 3 * spectrum[high].mean()  # muscle noise lifts the high frequencies
+
+
+def test_default_generator_mixes_steps_sweep_counts_and_both_polarities():
+    table, clean = generate_recordings(dict(SYNTHETIC_DEFAULTS, n_patients=10), 30000.0, 15.0, seed=5)
+    ears = table.groupby(["Patient_ID", "Ear"])
+    assert {round(float(np.diff(np.sort(g["Intensity"].to_numpy())).min())) for _, g in ears} == {5, 10}
+    sweeps = table["Sweeps Accepted"]
+    assert sweeps.nunique() > 20 and sweeps.between(250, 4000).all()
+    assert set(ears["Stimulus Polarity"].nunique()) == {1}  # one click polarity per ear ...
+    assert set(ears["Stimulus Polarity"].first()) == {"Alternating", "Rarefaction", "Condensation"}  # ... all three
+    inverted = np.asarray(table.attrs["display_inverted"])
+    assert inverted.any() and not inverted.all()
+    # the noise-free trace carries the display sign: wave V is a trough in an inverted ear
+    strong = (table["V Amplitude"] > 0.1).to_numpy()
+    at_v = clean[np.flatnonzero(strong), np.round(table["V Latency"][strong].to_numpy() * 30.0).astype(int)]
+    np.testing.assert_array_equal(at_v < 0, inverted[strong])
+
+
+def test_cochlear_microphonic_reverses_with_click_polarity_and_cancels_in_alternating_averages():
+    t = time_axis_ms(450, 30000.0)
+    condensation = single_polarity_components(t, 100.0, "Condensation", 0.2, neuropathy=False)
+    np.testing.assert_allclose(single_polarity_components(t, 100.0, "Rarefaction", 0.2, neuropathy=False), -condensation)
+    assert not single_polarity_components(t, 100.0, "Alternating", 0.2, neuropathy=False).any()
+    neuropathy = single_polarity_components(t, 100.0, "Condensation", 0.2, neuropathy=True)
+    late = t > 1.0  # after the stimulus artifact: the microphonic alone, larger in neuropathy
+    assert np.abs(neuropathy[late]).max() > 3 * np.abs(condensation[late]).max()
