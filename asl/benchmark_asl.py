@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(int(bcfg["threads"]))  # same thread budget as the single-threaded scipy fit
     models, ckpts = load_ensemble(checkpoints, device)
     prep = ckpts[0]["preprocessing"]
+    if "protocol_range" in prep:
+        from common.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{checkpoints[0]}: a protocol-conditioned network (train_protocol_asl.py); this benchmark "
+                              "times fixed-protocol networks on phantom sets (predict_asl.py reports the network's "
+                              "seconds for a subject)")
     physics, fit_cfg = prep["physics"], prep.get("fit", cfg["fit"])
     data_path = test_file or Path(cfg["data"]["dir"]) / "test.npz"
     data, meta = load_fixed_set(data_path)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import copy
 
+from asl.brain_volume import BRAIN_DEFAULTS
 from asl.fitting import FIT_DEFAULTS
 from asl.physics import PHYSICS_DEFAULTS
+from asl.protocol import PROTOCOL_DEFAULTS
+from asl.protocol_data import PROTOCOL_NET_DEFAULTS
 from asl.simulate import PHANTOM_DEFAULTS, RANDOMIZATION_DEFAULTS
 from common.runtime import RUNTIME_DEFAULTS
 
@@ -87,6 +90,22 @@ DEFAULTS = {
         "anchor_weight": 1.0,  # keeps predictions near the pre-fine-tuning model (z units, L1)
     },
     "fit": dict(FIT_DEFAULTS),  # least-squares baseline
+    # Protocol-conditioned networks (train_protocol_asl.py; asl/protocol_net.py): 3D brain subjects
+    # (asl/brain_volume.py), randomized protocols (asl/protocol.py), model and data settings (asl/protocol_data.py).
+    "brain": dict(BRAIN_DEFAULTS),
+    "protocol": dict(PROTOCOL_DEFAULTS),
+    "protocol_net": dict(PROTOCOL_NET_DEFAULTS),
+    "brain_test": {  # held-out evaluation of protocol-conditioned networks by validate_asl.py
+        "seed": 7_000_007,  # subject seeds of a family the training stream (seed, index) never produces
+        "n_subjects": 4,  # whole subjects (brain.shape)
+        "snrs": [3.0, 5.0, 10.0],
+        "protocols": [  # fixed protocols (nominal = true physics: the reference LS is correctly configured)
+            {"name": "pcasl_5pld", "modes": ["pcasl"], "plds_ms": [500.0, 1000.0, 1500.0, 2000.0, 2500.0],
+             "tau_ms": 1800.0, "t1_blood_ms": 1650.0, "alpha_pcasl": 0.85, "alpha_vsasl": 0.56,
+             "n_bs_pcasl": 0, "n_bs_vsasl": 0, "alpha_bs1": 0.95, "lambda_blood": 0.9},
+        ],
+        "n_bootstrap": 2000,  # resamples of subjects for the 95 % confidence intervals
+    },
     "validate": {
         "max_phantoms": 0,  # 0 = all test phantoms
         "mc_dropout_samples": 0,  # > 0: MC-dropout uncertainty (exp 17)
@@ -104,6 +123,9 @@ DEFAULTS = {
         "m0_value": 0.0,  # M0 for data with M0Type Absent (> 0: used as a uniform M0; 0: refuse such data)
         "fix_label_control_swap": False,  # a detected label/control swap: false = refuse, true = flip and record
         "fit_model": "buxton_full",  # PCASL model LS fits to data (buxton_full as FSL BASIL; blood_t1 as MULTIVERSE)
+        "pvc": False,  # two-compartment GM/WM partial-volume correction (asl/pvc.py; needs GM/WM maps): ls_pvc_* maps
+        "pvc_kernel": 5,  # in-plane kernel (voxels) of the local linear regression
+        "tissue_t1_from_pv": True,  # LS with GM/WM maps: tissue T1 per voxel from them (buxton_full; else one T1)
         "crlb": True,  # CRLB uncertainty maps of the fit (ls_cbf_std, ls_att_std; σ from the fit residuals)
         "qc_figure": True,  # figures/qc.png: M0, ΔM/M0, maps, uncertainty, mean curve and fit
     },

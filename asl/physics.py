@@ -48,7 +48,8 @@ PHYSICS_DEFAULTS = {
     "lambda_blood": 0.9,  # blood-brain partition coefficient (ml/g)
 }
 # Parameters that may vary per voxel/phantom (domain randomization, oracle fits).
-VARIABLE_PARAMS = ("t1_blood_ms", "tau_ms", "alpha_pcasl", "alpha_vsasl", "alpha_bs1", "m0_scale", "pld_offset_ms")
+VARIABLE_PARAMS = ("t1_blood_ms", "tau_ms", "alpha_pcasl", "alpha_vsasl", "alpha_bs1", "m0_scale", "pld_offset_ms",
+                   "t1_tissue_ms")  # t1_tissue_ms per voxel: a T1 map from GM/WM partial volumes (buxton_full)
 MODES = ("pcasl", "vsasl")
 PCASL_MODELS = ("blood_t1", "buxton_full")
 
@@ -213,7 +214,8 @@ def _curves(cbf, att_ms, physics: Mapping, params: Mapping | None, d_att: bool =
             if physics["pcasl_model"] == "buxton_full":
                 if d_att:
                     raise ValueError("no closed-form ATT derivative for buxton_full (use finite differences)")
-                out.append(pcasl_buxton_full(cbf, att_ms, plds, t1b, tau, alpha, lam, float(physics["t1_tissue_ms"])))
+                out.append(pcasl_buxton_full(cbf, att_ms, plds, t1b, tau, alpha, lam,
+                                             _param("t1_tissue_ms", physics, params, cbf)))
             else:
                 fn = pcasl_blood_t1_datt if d_att else pcasl_blood_t1
                 out.append(fn(cbf, att_ms, plds, t1b, tau, alpha, lam))
@@ -241,7 +243,8 @@ def signal_curves(cbf, att_ms, physics: Mapping, params: Mapping | None = None):
         physics: the ``physics`` config section (nominal values, modes, PLDs, PCASL model).
         params: optional per-voxel/per-phantom overrides (arrays broadcastable to ``cbf``) of
             t1_blood_ms, tau_ms, alpha_pcasl, alpha_vsasl, alpha_bs1, plus m0_scale (multiplies the
-            signal: M0 calibration error) and pld_offset_ms (added to every PLD: slice timing).
+            signal: M0 calibration error), pld_offset_ms (added to every PLD: slice timing) and t1_tissue_ms
+            (a per-voxel tissue T1 map for buxton_full, e.g. from GM/WM partial volumes).
     Returns:
         ``(..., n_modes·n_plds)``.
     """
@@ -273,7 +276,7 @@ def signal_jacobian(cbf, att_ms, physics: Mapping, params: Mapping | None = None
                     physics["n_bs_pcasl"])
                 s_, dc_, da_ = pcasl_buxton_full_jac(
                     cbf, att_ms, plds, _param("t1_blood_ms", physics, params, cbf), _param("tau_ms", physics, params, cbf),
-                    alpha, float(physics["lambda_blood"]), float(physics["t1_tissue_ms"]))
+                    alpha, float(physics["lambda_blood"]), _param("t1_tissue_ms", physics, params, cbf))
                 scale = _param("m0_scale", physics, params, cbf)
                 sigs.append(s_ * scale)
                 d_cbfs.append(dc_ * scale)

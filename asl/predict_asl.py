@@ -11,7 +11,9 @@ and where each value came from, are printed and written to ``maps.json``.
 Methods (``--method``): ``ls`` (no checkpoint needed; the default without --checkpoint), ``nn`` (--checkpoint:
 a checkpoint file, a training run folder or an ensemble folder) and ``both`` (the default with --checkpoint).
 LS always fits the data's physics; a network whose training physics cannot cover the data is refused, naming
-the mismatch.
+the mismatch (protocol-conditioned networks: their recorded ``protocol_range``). With GM/WM maps the LS fit uses a
+tissue T1 per voxel (``predict.tissue_t1_from_pv``), and ``predict.pvc`` adds a two-compartment partial-volume
+correction (asl/pvc.py).
 
 Writes in the input's geometry: ls_cbf.nii.gz (ml/100g/min), ls_att.nii.gz (ms), ls_failed.nii.gz,
 ls_cbf_std.nii.gz / ls_att_std.nii.gz (√CRLB with σ from the fit residuals), cbf / att / cbf_std / att_std
@@ -45,7 +47,9 @@ from common.runlog import atomic_path, write_text_atomic
 DEFAULTS = defaults()
 MAP_UNITS = {"cbf": "ml/100g/min", "att": "ms", "cbf_std": "ml/100g/min", "att_std": "ms", "ls_cbf": "ml/100g/min",
              "ls_att": "ms", "ls_failed": "1 = not converged / non-finite / on a bound", "ls_cbf_std": "ml/100g/min",
-             "ls_att_std": "ms", "mask": "1 = brain (M0 threshold) with finite data"}
+             "ls_att_std": "ms", "mask": "1 = brain (M0 threshold) with finite data",
+             "ls_pvc_cbf_gm": "ml/100g/min (GM compartment)", "ls_pvc_att_gm": "ms (GM compartment)",
+             "ls_pvc_cbf_wm": "ml/100g/min (WM compartment)", "ls_pvc_att_wm": "ms (WM compartment)"}
 
 
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> str:
@@ -109,12 +113,13 @@ def _sigma_from_residuals(cost: np.ndarray, ok: np.ndarray, m0: np.ndarray, n_ch
 
 
 def fit_maps(signals_vox: np.ndarray, m0_vox: np.ndarray, physics: dict, fit_cfg: dict, device,
-             with_crlb: bool = True) -> dict:
-    """What predict runs for LS: the batched fit plus the √CRLB maps (timed together: ``seconds``)."""
+             with_crlb: bool = True, params: dict | None = None) -> dict:
+    """What predict runs for LS: the batched fit plus the √CRLB maps (timed together: ``seconds``).
+    ``params``: per-voxel physics (e.g. ``t1_tissue_ms`` from GM/WM maps)."""
     import time
 
     start = time.perf_counter()
-    res = fit_batched(signals_vox, physics, None, fit_cfg, device=device)
+    res = fit_batched(signals_vox, physics, params, fit_cfg, device=device)
     out = {"cbf": res["cbf"], "att": res["att"], "failed": res["failed"].astype(np.float64), "fit": res}
     sigma = None
     if with_crlb:
@@ -122,7 +127,7 @@ def fit_maps(signals_vox: np.ndarray, m0_vox: np.ndarray, physics: dict, fit_cfg
     if sigma is not None:
         sig_v = sigma / np.where(m0_vox > 0, m0_vox, np.inf)
         var_c, var_a = crlb(torch.from_numpy(res["cbf"]), torch.from_numpy(res["att"]), physics,
-                            torch.from_numpy(sig_v))
+                            torch.from_numpy(sig_v), params)
         out["cbf_std"] = np.sqrt(var_c.numpy())
         out["att_std"] = np.sqrt(var_a.numpy())
     out["sigma_abs"] = sigma
@@ -130,11 +135,58 @@ def fit_maps(signals_vox: np.ndarray, m0_vox: np.ndarray, physics: dict, fit_cfg
     return out
 
 
-def nn_predict(models, prep: dict, cfg: dict, signals: np.ndarray) -> tuple[dict, float]:
+def tissue_t1_map(gm: np.ndarray, wm: np.ndarray, physics: dict) -> np.ndarray:
+    """Voxel tissue T1 (ms) from GM/WM partial volumes: (GM·T1_GM + WM·T1_WM)/(GM + WM) with the 3 T values of
+    Wansapura et al. 1999 (asl.brain_volume), both scaled by physics.t1_tissue_ms / T1_GM (so an override of the
+    GM T1 scales the map); physics.t1_tissue_ms where GM + WM < 0.05."""
+    from asl.brain_volume import T1_GM_MS, T1_WM_MS
+
+    tissue = gm + wm
+    ratio = float(physics["t1_tissue_ms"]) / T1_GM_MS
+    t1 = (gm * T1_GM_MS + wm * T1_WM_MS) / np.maximum(tissue, 1e-6) * ratio
+    return np.where(tissue >= 0.05, t1, float(physics["t1_tissue_ms"]))
+
+
+def partial_volume_correction(signals: np.ndarray, gm: np.ndarray, wm: np.ndarray, mask: np.ndarray, physics: dict,
+                              fit_cfg: dict, device, kernel: int) -> tuple[dict, dict]:
+    """GM and WM compartment signals by local linear regression (asl.pvc, Asllani et al. 2008), each fitted with its
+    tissue T1 (asl.brain_volume values × physics.t1_tissue_ms / T1_GM): maps cbf_gm, att_gm, cbf_wm, att_wm (0 where
+    the kernel holds too little of that tissue) and a description."""
+    from asl.brain_volume import T1_GM_MS, T1_WM_MS
+    from asl.pvc import PVC_DEFAULTS, linear_regression_pvc
+
+    pvc = linear_regression_pvc(signals, gm, wm, mask, kernel, PVC_DEFAULTS["ridge"], PVC_DEFAULTS["min_fraction"])
+    ratio = float(physics["t1_tissue_ms"]) / T1_GM_MS
+    maps, info = {}, {"method": "linear regression (Asllani et al. MRM 2008)", "kernel": kernel}
+    for tissue, t1 in (("gm", T1_GM_MS), ("wm", T1_WM_MS)):
+        ok = pvc[f"{tissue}_ok"]
+        res = fit_batched(pvc[f"{tissue}_signals"][ok], physics, {"t1_tissue_ms": np.full(int(ok.sum()), t1 * ratio)},
+                          fit_cfg, device=device)
+        for key in ("cbf", "att"):
+            full = np.zeros(mask.shape)
+            full[ok] = np.where(np.isfinite(res[key]), res[key], 0.0)
+            maps[f"{key}_{tissue}"] = full
+        info[f"{tissue}_cbf_mean"] = float(np.nanmean(res["cbf"])) if ok.any() else float("nan")
+    return maps, info
+
+
+def nn_predict(models, prep: dict, cfg: dict, signals: np.ndarray, physics: dict | None = None,
+               gm_weight: np.ndarray | None = None) -> tuple[dict, float]:
     """What predict runs for the network (including its uncertainty passes); signals (X, Y, Z, C).
-    Returns maps (X, Y, Z) and seconds."""
+    Protocol-conditioned networks (checkpoints with ``protocol_range``) take the data's ``physics`` and the GM
+    weight GM/(GM+WM) (None: no partial-volume maps). Returns maps (X, Y, Z) and seconds."""
     import time
 
+    if "protocol_range" in prep:
+        from asl.protocol import protocol_from_physics
+        from asl.protocol_data import predict_volume
+
+        start = time.perf_counter()
+        maps = predict_volume(models, signals.astype(np.float32), protocol_from_physics(physics), gm_weight,
+                              prep["target_stats"], device=next(models[0].parameters()).device)
+        seconds = time.perf_counter() - start
+        return {"cbf": maps["cbf"], "att": maps["att"], "cbf_std": np.sqrt(maps["cbf_var"]),
+                "att_std": np.sqrt(maps["att_var"])}, seconds
     x = torch.from_numpy(np.transpose(signals, (2, 3, 0, 1)) / prep["input_scale"]).float()
     start = time.perf_counter()
     mc = int(cfg["validate"]["mc_dropout_samples"])
@@ -201,15 +253,29 @@ def main(argv: list[str] | None = None) -> dict:
     # Everything that can refuse the input runs before the run folder exists: a refused input writes nothing.
     subject, physics, provenance, warnings = prepare_subject(args, cfg0)
     mask_threshold = float(cfg0["predict"]["mask_threshold"])
+    gm = read_nifti(args.gm)[0] if args.gm else subject.get("gm")
+    wm = read_nifti(args.wm)[0] if args.wm else subject.get("wm")
+    if gm is not None and wm is not None and (gm.shape != subject["m0"].shape or wm.shape != subject["m0"].shape):
+        raise InvivoError(f"GM/WM maps have shape {gm.shape}/{wm.shape}, the ASL data {subject['m0'].shape}")
+    pv_maps = gm is not None and wm is not None
+    if cfg0["predict"]["pvc"] and not pv_maps:
+        raise InvivoError(f"{args.input}: predict.pvc needs GM and WM probability maps (--gm/--wm, or "
+                          "*label-GM_probseg / *label-WM_probseg beside the data)")
     models, prep = [], None
     if method in ("nn", "both"):
         models, ckpts = load_ensemble([args.checkpoint], "cpu")
         prep = ckpts[0]["preprocessing"]
-        problems = network_coverage(physics, prep["physics"], (ckpts[0].get("config") or {}).get("randomization"))
+        if "protocol_range" in prep:  # protocol-conditioned network: the data's own protocol within its range
+            from asl.protocol import protocol_coverage
+
+            problems = protocol_coverage(physics, prep["protocol_range"])
+        else:
+            problems = network_coverage(physics, prep["physics"], (ckpts[0].get("config") or {}).get("randomization"))
         if problems:
             raise InvivoError(f"{args.checkpoint}: the network's training physics does not cover {args.input}: "
                               + "; ".join(problems) + " (use --method ls, or a network trained for this protocol)")
-        nn_signals, nn_mask = assemble(subject, prep["physics"], mask_threshold)
+        nn_signals, nn_mask = assemble(subject, physics if "protocol_range" in prep else prep["physics"],
+                                       mask_threshold)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv)
     cfg, device, pcfg = run.cfg, run.device, run.cfg["predict"]
     run.record_inputs_valid()
@@ -229,13 +295,18 @@ def main(argv: list[str] | None = None) -> dict:
     nn, ls, timings = {}, {}, {}
     if models:
         models = [m.to(device) for m in models]
-        nn_maps, timings["nn_s"] = nn_predict(models, prep, cfg, nn_signals / m0_scale)
+        gm_weight = np.where(gm + wm > 1e-6, gm / np.maximum(gm + wm, 1e-6), 1.0) if pv_maps else None
+        nn_maps, timings["nn_s"] = nn_predict(models, prep, cfg, nn_signals / m0_scale, physics, gm_weight)
         nn = {k: np.where(mask, v, 0.0) for k, v in nn_maps.items()}
         files += [_save_nifti(v, affine, out_dir / f"{k}.nii.gz") for k, v in nn.items()]
-    crlb_info = None
+    crlb_info, vox_params, pvc_info = None, None, None
     if method in ("ls", "both"):
         m0_vox = subject["m0"][mask] * m0_scale
-        res = fit_maps(signals[mask].astype(np.float64), m0_vox, physics, cfg["fit"], device, bool(pcfg["crlb"]))
+        if pv_maps and pcfg["tissue_t1_from_pv"] and "pcasl" in physics["modes"] and physics["pcasl_model"] == "buxton_full":
+            vox_params = {"t1_tissue_ms": tissue_t1_map(gm, wm, physics)[mask].astype(np.float64)}
+            run.log("LS: tissue T1 per voxel from the GM/WM maps (predict.tissue_t1_from_pv)")
+        res = fit_maps(signals[mask].astype(np.float64), m0_vox, physics, cfg["fit"], device, bool(pcfg["crlb"]),
+                       vox_params)
         timings["ls_s"] = res["seconds"]
         for key in ("cbf", "att", "failed", "cbf_std", "att_std"):
             if key in res:
@@ -251,15 +322,23 @@ def main(argv: list[str] | None = None) -> dict:
                          "unidentifiable_voxels": int((~np.isfinite(res["att_std"])).sum())}
         elif pcfg["crlb"]:
             warnings.append("no CRLB maps: fewer than 3 channels, or no converged voxel, to estimate σ from")
+        if pcfg["pvc"]:
+            pvc_maps, pvc_info = partial_volume_correction(signals, gm, wm, mask, physics, cfg["fit"], device,
+                                                          int(pcfg["pvc_kernel"]))
+            files += [_save_nifti(v, affine, out_dir / f"ls_pvc_{k}.nii.gz") for k, v in pvc_maps.items()]
+            run.log(f"partial-volume correction ({pvc_info['method']}, {pvc_info['kernel']}×{pvc_info['kernel']} kernel): "
+                    f"GM CBF mean {pvc_info['gm_cbf_mean']:.1f}, WM CBF mean {pvc_info['wm_cbf_mean']:.1f}")
     sidecar = {"method": method, "software": software_version(), "input": str(args.input),
                "physics": physics, "physics_source": provenance, "m0": subject["meta"].get("m0"),
                "m0_scale": m0_scale, "warnings": warnings, "repairs": subject["meta"].get("repairs", []),
                "nonfinite": nf, "runs": [{k: r.get(k) for k in ("mode", "source", "quality")}
                                          for r in subject["meta"].get("runs", [])],
-               "crlb": crlb_info, "maps": {f: MAP_UNITS.get(f.split(".")[0]) for f in files}}
+               "crlb": crlb_info, "maps": {f: MAP_UNITS.get(f.split(".")[0]) for f in files},
+               "pvc": pvc_info, "tissue_t1": "per voxel from GM/WM maps" if ls and vox_params else
+               f"{physics['t1_tissue_ms']:g} ms everywhere"}
     if models:
         sidecar["network"] = {"checkpoint": str(args.checkpoint), "n_models": len(models),
-                              "physics": prep["physics"],
+                              "physics": prep["physics"], "protocol_range": prep.get("protocol_range"),
                               "uncertainty": f"MC dropout {int(cfg['validate']['mc_dropout_samples'])} passes "
                                              f"+ log-variance heads"}
     write_text_atomic(out_dir / "maps.json", json.dumps(sidecar, indent=2, default=str))
@@ -267,8 +346,6 @@ def main(argv: list[str] | None = None) -> dict:
     if pcfg["qc_figure"]:
         figures = [p.relative_to(out_dir).as_posix() for p in
                    qc_figure(out_dir / "figures" / "qc", subject, mask, ls, nn, signals, physics)]
-    gm = read_nifti(args.gm)[0] if args.gm else subject.get("gm")
-    wm = read_nifti(args.wm)[0] if args.wm else subject.get("wm")
     summary: dict = {"input": str(args.input), "method": method, "files": files + ["maps.json"],
                      "mask_voxels": int(mask.sum()), "n_models": len(models), "physics": physics,
                      "warnings": warnings, "repairs": sidecar["repairs"], "seconds": timings, "brain_mean": {}}
@@ -277,9 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["brain_mean"][name] = _tissue_means({k: est[k] for k in ("cbf", "att")}, mask)
     if ls:
         summary["ls_failure_rate"] = float(ls["failed"][mask].mean())
-    if gm is not None and wm is not None:
-        if gm.shape != mask.shape or wm.shape != mask.shape:
-            raise InvivoError(f"GM/WM maps have shape {gm.shape}/{wm.shape}, the ASL data {mask.shape}")
+    if pv_maps:
         gm_region, wm_region = mask & (gm > 0.5), mask & (wm > 0.5)
         parts = []
         for name, est in estimates.items():

@@ -9,6 +9,10 @@ GM, WM, pathology): MAE, RMSE, bias, R², ICC(2,1), failure rate, CRLB ratio, wi
 and AUROC; amplitude linearity (signals × k → CBF × k, ATT unchanged). Writes metrics.csv, summary.json,
 report.md and figures/.
 
+A protocol-conditioned checkpoint (train_protocol_asl.py) is validated instead on held-out 3D brain subjects with the
+``brain_test`` protocols against correctly configured least squares, with 95 % bootstrap intervals over subjects
+(asl/protocol_eval.py); no --data is needed.
+
     python asl/validate_asl.py --checkpoint runs/asl/smoke --config configs/asl/smoke.yaml --data data/asl/smoke
 """
 
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     if (run.run_dir / "metrics.csv").is_file():
         (run.run_dir / "metrics.csv").unlink()  # rows of an earlier validation in this folder
     prep = ckpts[0]["preprocessing"]
+    if "protocol_range" in prep:  # a protocol-conditioned network: held-out 3D brain subjects (asl/protocol_eval.py)
+        return validate_protocol_network(run, models, prep)
     physics, stats, s_ref = prep["physics"], prep["target_stats"], prep["input_scale"]
     run.log(f"{len(models)} model(s): {sorted({c['model']['target'] for c in ckpts})}")
     data_path = test_file or Path(cfg["data"]["dir"]) / "test.npz"
@@ -197,6 +203,21 @@ def main(argv: list[str] | None = None) -> dict:
                "figures": [p.relative_to(run.run_dir).as_posix() for p in figures if p.suffix == ".png"]}
     write_text_atomic(run.run_dir / "report.md", render_report(summary, cfg))
     return run.finish(summary)
+
+
+def validate_protocol_network(run, models, prep: dict) -> dict:
+    """Held-out brain subjects with the ``brain_test`` protocols: network vs correctly configured LS (with 95 %
+    bootstrap intervals over subjects); rows to metrics.csv, report.md, summary.json."""
+    from asl.protocol_eval import evaluate_protocol_model, render_protocol_report
+
+    run.record_inputs_valid()
+    result = evaluate_protocol_model(models, prep, run.cfg, run.log)
+    for row in result["rows"]:
+        append_csv_row(run.run_dir / "metrics.csv", {k: v for k, v in row.items() if k != "minus_ls_ci95"}
+                       | ({"minus_ls_ci95_lo": row["minus_ls_ci95"][0], "minus_ls_ci95_hi": row["minus_ls_ci95"][1]}
+                          if "minus_ls_ci95" in row else {}))
+    write_text_atomic(run.run_dir / "report.md", render_protocol_report(result))
+    return run.finish({"n_models": len(models), "protocol_range": prep["protocol_range"], **result})
 
 
 def render_report(summary: dict, cfg: dict) -> str:

@@ -1,0 +1,157 @@
+"""Data for protocol-conditioned networks: training slabs of 3D brain subjects with random protocols, the
+batch simulation on the device, held-out test subjects with fixed protocols, and whole-volume inference.
+
+A training item is a slab of K adjacent slices (asl.brain_volume.generate_brain with ``z_slices``) cropped
+in-plane, a protocol (asl.protocol.draw_protocol: the nominal values a sidecar would state and the subject's
+true ones), an SNR, and whether GM/WM partial-volume maps are "available" (else the GM weight input is 1, as
+for data without a segmentation). Everything depends on (base seed, index) only, so resumed runs repeat.
+Noise: σ = S_ref / SNR on every valid measurement (the project's SNR definition with the protocol's S_ref).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from asl.brain_volume import generate_brain
+from asl.protocol import M_MAX, draw_protocol, protocol_arrays, protocol_signals, reference_scale
+from asl.simulate import item_seed
+
+PROTOCOL_NET_DEFAULTS = {
+    "context_slices": 3,  # K adjacent slices in (2.5D); the centre slice is predicted
+    "set_features": 16,  # width of the per-measurement set encoder
+    "features": [16, 32, 64],  # U-Net widths per level
+    "n_groups": 8,
+    "dropout": 0.0,
+    "cbf_kernel_size": 5,  # CBF = learned k×k filter of the grid CBF estimate × gain + offset
+    "crop_px": 32,  # in-plane training crop (the network is fully convolutional; inference uses the full slice)
+    "p_pv_maps": 0.5,  # share of training items whose GM weight input is the true GM/(GM+WM) (else 1)
+    "snr_range": [2.0, 20.0],  # log-uniform training SNR
+    "n_val": 12,  # validation slabs (model selection), from val_seed
+    "val_seed": 3_000_003,
+    "val_snrs": [3.0, 10.0],
+}
+
+
+def _snr(u: float, lo_hi) -> float:
+    lo, hi = math.log(float(lo_hi[0])), math.log(float(lo_hi[1]))
+    return float(math.exp(lo + u * (hi - lo)))
+
+
+def make_item(seed: int, brain_cfg: Mapping, phantom_cfg: Mapping, proto_cfg: Mapping, train_cfg: Mapping) -> dict:
+    """One training/validation slab (numpy), deterministic from ``seed``."""
+    rng = np.random.default_rng([seed, 11])
+    k, crop = int(train_cfg["context_slices"]), int(train_cfg["crop_px"])
+    nx, ny, nz = (int(s) for s in brain_cfg["shape"])
+    z0 = int(rng.integers(nz // 6, nz - nz // 6 - k + 1))
+    cx = int(rng.integers(0, nx - crop + 1))
+    cy = int(rng.integers(0, ny - crop + 1))
+    vol = generate_brain(seed, brain_cfg, phantom_cfg, (z0, z0 + k), (cx, cy, crop))
+    to_kxy = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, 0))  # noqa: E731 (X, Y, K) → (K, X, Y)
+    item = {key: to_kxy(vol[key]) for key in ("cbf", "att", "t1_tissue_ms", "gm", "wm", "abv", "aatt_ms", "mask",
+                                             "label")}
+    tissue = item["gm"] + item["wm"]
+    gm_weight = np.where(tissue > 1e-6, item["gm"] / np.maximum(tissue, 1e-6), 1.0).astype(np.float32)
+    item["gm_weight"] = gm_weight if rng.uniform() < float(train_cfg["p_pv_maps"]) else np.ones_like(gm_weight)
+    protocol = draw_protocol(rng, proto_cfg)
+    item.update({f"nominal_{k_}": v for k_, v in protocol_arrays(protocol).items()})
+    item.update({f"true_{k_}": v for k_, v in protocol_arrays(protocol, true=True).items()})
+    item["snr"] = np.float32(_snr(rng.uniform(), train_cfg["snr_range"]))
+    return item
+
+
+class BrainSlabDataset(Dataset):
+    """Item ``i`` = :func:`make_item` of seed(base_seed, i); indices beyond ``len`` give new slabs
+    (asl.simulate.EpochSampler hands out epoch·n + i)."""
+
+    def __init__(self, n_per_epoch: int, base_seed: int, brain_cfg: Mapping, phantom_cfg: Mapping,
+                 proto_cfg: Mapping, train_cfg: Mapping):
+        self.n, self.base_seed = int(n_per_epoch), int(base_seed)
+        self.cfgs = (dict(brain_cfg), dict(phantom_cfg), dict(proto_cfg), dict(train_cfg))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        item = make_item(item_seed(self.base_seed, index), *self.cfgs)
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in item.items()}
+
+
+def _proto(batch: Mapping, prefix: str, device) -> dict:
+    return {k[len(prefix):]: v.to(device) for k, v in batch.items() if k.startswith(prefix)}
+
+
+def simulate_batch(batch: Mapping, device, generator: torch.Generator | None = None, snr=None) -> dict:
+    """Network inputs and targets of a collated batch: clean signals under the true protocol physics
+    (macrovascular term included), noise σ = S_ref/SNR on valid measurements, inputs ÷ S_ref of the nominal
+    protocol. ``snr`` overrides the items' SNRs. Returns the model's input dict plus cbf/att/mask (B,1,H,W)
+    of the centre slice and label (B,H,W)."""
+    f32 = lambda key: batch[key].to(device, torch.float32)  # noqa: E731
+    true, nominal = _proto(batch, "true_", device), _proto(batch, "nominal_", device)
+    clean = protocol_signals(f32("cbf"), f32("att"), f32("t1_tissue_ms"), true, f32("abv"), f32("aatt_ms"))
+    clean = clean.movedim(1, 2)  # (B, K, M, H, W)
+    s_ref = reference_scale(nominal)
+    snr = f32("snr") if snr is None else torch.full_like(s_ref, float(snr))
+    sigma = (s_ref / snr)[:, None, None, None, None]
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    valid = nominal["valid"][:, None, :, None, None]
+    x = (clean + sigma * noise * valid) / s_ref[:, None, None, None, None]
+    c = batch["cbf"].shape[1] // 2
+    return {"x": x, **nominal, "s_ref": s_ref, "gm_weight": f32("gm_weight"),
+            "cbf": f32("cbf")[:, c:c + 1], "att": f32("att")[:, c:c + 1],
+            "mask": batch["mask"][:, c:c + 1].to(device), "label": batch["label"][:, c].to(device)}
+
+
+def validation_items(brain_cfg, phantom_cfg, proto_cfg, train_cfg) -> dict:
+    """The fixed validation slabs (seeds of ``val_seed``, disjoint from the training stream), collated."""
+    items = [make_item(item_seed(int(train_cfg["val_seed"]), i), brain_cfg, phantom_cfg, proto_cfg, train_cfg)
+             for i in range(int(train_cfg["n_val"]))]
+    return {k: torch.from_numpy(np.stack([np.asarray(it[k]) for it in items])) for k in items[0]}
+
+
+@torch.no_grad()
+def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np.ndarray | None, stats: Mapping,
+                   device="cpu", batch_slices: int = 8) -> dict:
+    """CBF/ATT maps (X, Y, Z) of ΔM/M0 signals (X, Y, Z, M) acquired with ``protocol`` (nominal values:
+    asl.protocol.protocol_from_physics), mean over the ensemble; ``gm_weight`` GM/(GM+WM) (X, Y, Z) or None.
+    Each slice sees its K neighbours (edge slices repeated). Returns cbf, att, cbf_var, att_var (log-variance
+    heads averaged plus member disagreement)."""
+    arrays = {k: torch.from_numpy(np.asarray(v))[None].to(device) for k, v in protocol_arrays(protocol).items()}
+    s_ref = reference_scale(arrays)
+    nx, ny, nz, m = signals.shape
+    x_full = np.zeros((nz, M_MAX, nx, ny), np.float32)
+    x_full[:, :m] = np.moveaxis(signals, (2, 3), (0, 1)) / float(s_ref)
+    w_full = np.ones((nz, nx, ny), np.float32) if gm_weight is None else np.moveaxis(gm_weight, 2, 0).astype(np.float32)
+    k = models[0].k
+    mult = 2 ** (len(models[0].features) - 1)
+    ph, pw = (-nx) % mult, (-ny) % mult
+    out = {key: np.zeros((nz, nx, ny)) for key in ("cbf", "att", "cbf_var", "att_var")}
+    for start in range(0, nz, batch_slices):
+        zs = list(range(start, min(nz, start + batch_slices)))
+        idx = np.clip(np.array(zs)[:, None] + np.arange(k)[None] - k // 2, 0, nz - 1)
+        x = torch.from_numpy(x_full[idx]).to(device)
+        w = torch.from_numpy(w_full[idx]).to(device)
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+        w = torch.nn.functional.pad(w, (0, pw, 0, ph), value=1.0)
+        n = len(zs)
+        inputs = {"x": x, "gm_weight": w, "s_ref": s_ref.expand(n).to(device),
+                  **{key: v.expand(n, *v.shape[1:]) for key, v in arrays.items()}}
+        preds = []
+        for model in models:
+            model.eval()
+            o = model(inputs)
+            cbf = o["cbf"][:, 0, :nx, :ny] * stats["cbf_std"] + stats["cbf_mean"]
+            att = o["att"][:, 0, :nx, :ny] * stats["att_std"] + stats["att_mean"]
+            var_c = torch.exp(o["log_var_cbf"][:, 0, :nx, :ny].clamp(-20, 20)) * stats["cbf_std"] ** 2
+            var_a = torch.exp(o["log_var_att"][:, 0, :nx, :ny].clamp(-20, 20)) * stats["att_std"] ** 2
+            preds.append((cbf, att, var_c, var_a))
+        stack = [torch.stack(p) for p in zip(*preds)]
+        out["cbf"][zs] = stack[0].mean(0).cpu().numpy()
+        out["att"][zs] = stack[1].mean(0).cpu().numpy()
+        out["cbf_var"][zs] = (stack[2].mean(0) + stack[0].var(0, unbiased=False)).cpu().numpy()
+        out["att_var"][zs] = (stack[3].mean(0) + stack[1].var(0, unbiased=False)).cpu().numpy()
+    return {key: np.moveaxis(v, 0, 2) for key, v in out.items()}

@@ -1,0 +1,136 @@
+"""ProtocolASLNet: a CBF/ATT network that takes the acquisition protocol as input (any PCASL / VSASL / both
+protocol with 1-8 PLDs), with 2.5D context (K adjacent slices).
+
+Input: a dict (see asl.protocol) with ``x`` (B, K, M, H, W) = ΔM/M0 ÷ S_ref of the protocol (padded
+measurements are 0), the protocol tensors (``pld_ms``, ``is_vsasl``, ``valid`` (B, M); ``tau_ms``,
+``t1_blood_ms``, ``alpha_eff_*``, ``lambda_blood`` (B,); nominal values, as a sidecar states them), ``s_ref``
+(B,) and ``gm_weight`` (B, K, H, W) = GM / (GM + WM) from partial-volume maps (1 where none are given).
+
+Per slice and voxel:
+1. a set encoder (Deep Sets, Zaheer et al. NeurIPS 2017): each measurement → [signal, PLD, τ, mode, expected
+   GM signal at that measurement] → shared MLP → mean over the valid measurements (order- and
+   count-independent);
+2. the closed-form grid estimate under the protocol's nominal physics (the least-squares initialization of
+   asl.fitting.grid_init): for each ATT on a grid, CBF = ⟨u, y⟩/⟨u, u⟩ with u the unit-CBF signal, whose
+   tissue T1 is interpolated between GM and WM by ``gm_weight``, then the grid point of least cost;
+3. the K slices' features are stacked and a 2D U-Net maps them to the centre slice's CBF and ATT; CBF is a
+   learned per-pixel k×k filter of the grid CBF estimate times a gain plus an offset (as the kernel CBF head of
+   asl.models), so it stays proportional to the signal amplitude; ATT is regressed (z-scored); both with
+   log-variance heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from asl.brain_volume import T1_GM_MS, T1_WM_MS
+from asl.models import Decoder, Encoder
+from asl.protocol import protocol_signals
+from common.checkpoint import register_model
+
+PROTOCOL_KEYS = ("pld_ms", "is_vsasl", "valid", "tau_ms", "t1_blood_ms", "alpha_eff_pcasl", "alpha_eff_vsasl",
+                 "lambda_blood")
+N_MEASUREMENT_FEATURES = 5
+
+
+@register_model
+class ProtocolASLNet(nn.Module):
+    def __init__(self, context_slices: int = 3, set_features: int = 16, features=(16, 32, 64), n_groups: int = 8,
+                 dropout: float = 0.0, use_log_var: bool = True, cbf_kernel_size: int = 5, att_grid_points: int = 40,
+                 att_grid_ms=(100.0, 4000.0), cbf_mean: float = 0.0, cbf_std: float = 1.0):
+        super().__init__()
+        if context_slices < 1 or context_slices % 2 == 0:
+            raise ValueError(f"context_slices must be odd and ≥ 1, got {context_slices}")
+        if cbf_kernel_size < 1 or cbf_kernel_size % 2 == 0:
+            raise ValueError(f"cbf_kernel_size must be odd and ≥ 1, got {cbf_kernel_size}")
+        self.k, self.features = int(context_slices), [int(f) for f in features]
+        self.use_log_var, self.kernel = bool(use_log_var), int(cbf_kernel_size)
+        self.cbf_mean, self.cbf_std = float(cbf_mean), float(cbf_std)
+        self.register_buffer("att_grid", torch.linspace(float(att_grid_ms[0]), float(att_grid_ms[1]),
+                                                        int(att_grid_points)), persistent=False)
+        self.set_in = nn.Linear(N_MEASUREMENT_FEATURES, set_features)
+        self.set_hidden = nn.Linear(set_features, set_features)
+        per_slice = set_features + 3  # set features, grid CBF/ATT, GM weight
+        self.encoder = Encoder(per_slice * self.k, self.features, n_groups, dropout)
+        self.decoder = Decoder(self.features, n_groups, dropout)
+        f0 = self.features[0]
+        n_kernel = self.kernel**2
+        self.cbf_head = nn.Conv2d(f0, n_kernel + 2 + (1 if self.use_log_var else 0), 1)
+        nn.init.zeros_(self.cbf_head.weight)  # start at the voxel's own grid estimate (centre weight ≈ 0.7)
+        nn.init.zeros_(self.cbf_head.bias)
+        with torch.no_grad():
+            self.cbf_head.bias[n_kernel // 2] = math.log(2.3 * max(n_kernel - 1, 1))
+        self.att_head = nn.Conv2d(f0, 2 if self.use_log_var else 1, 1)
+
+    # ------------------------------------------------------------------------------------ features
+    def unit_tables(self, proto: dict, s_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-CBF signals ÷ S_ref on the ATT grid for GM and WM tissue T1: two (B, G, M) tables."""
+        b, g = s_ref.shape[0], self.att_grid.numel()
+        p64 = {k: v.double() for k, v in proto.items()}
+        ones = torch.ones((b, g), dtype=torch.float64, device=s_ref.device)
+        grid = self.att_grid.double()[None].expand(b, g)
+        tables = [protocol_signals(ones, grid, t1, p64).transpose(1, 2) / s_ref.double()[:, None, None]
+                  for t1 in (T1_GM_MS, T1_WM_MS)]
+        return tables[0].float(), tables[1].float()
+
+    @torch.no_grad()
+    def grid_estimates(self, x: torch.Tensor, w: torch.Tensor, u_gm: torch.Tensor, u_wm: torch.Tensor) -> torch.Tensor:
+        """x (B, M, H, W), w (B, H, W) GM weight → (B, 2, H, W): grid CBF/50 and (ATT − 1500)/1000.
+        The voxel's unit signal is w·u_GM + (1 − w)·u_WM, so ⟨u, y⟩ and ⟨u, u⟩ are mixtures of table products."""
+        n_gm = torch.einsum("bmhw,bgm->bghw", x, u_gm)
+        n_wm = torch.einsum("bmhw,bgm->bghw", x, u_wm)
+        d_gg, d_gw, d_ww = ((a * c).sum(-1)[..., None, None] for a, c in ((u_gm, u_gm), (u_gm, u_wm), (u_wm, u_wm)))
+        wv = w[:, None]
+        num = wv * n_gm + (1 - wv) * n_wm
+        den = (wv**2 * d_gg + 2 * wv * (1 - wv) * d_gw + (1 - wv) ** 2 * d_ww).clamp_min(1e-12)
+        cbf = (num / den).clamp(0.0, 200.0)
+        best = (cbf * cbf * den - 2 * cbf * num).argmin(dim=1, keepdim=True)
+        return torch.cat([cbf.gather(1, best) / 50.0, (self.att_grid[best] - 1500.0) / 1000.0], dim=1)
+
+    def measurement_features(self, x: torch.Tensor, proto: dict, ref: torch.Tensor) -> torch.Tensor:
+        """x (B, M, H, W) → (B, set_features, H, W): mean of the shared MLP over valid measurements. The first
+        layer splits into the signal term and a per-measurement protocol term computed once per measurement."""
+        b, m = x.shape[:2]
+        per_m = torch.stack([proto["pld_ms"] / 1000.0, proto["tau_ms"][:, None].expand(b, m) / 1000.0
+                             * (1 - proto["is_vsasl"]), proto["is_vsasl"], ref], dim=-1)  # (B, M, 4)
+        weight = self.set_in.weight  # (F, 5): column 0 multiplies the signal
+        protocol_term = per_m @ weight[:, 1:].T + self.set_in.bias  # (B, M, F)
+        h = F.silu(x[..., None] * weight[:, 0] + protocol_term[:, :, None, None, :])  # (B, M, H, W, F)
+        h = F.silu(self.set_hidden(h))
+        valid = proto["valid"][:, :, None, None, None]
+        pooled = (h * valid).sum(1) / valid.sum(1).clamp_min(1.0)  # (B, H, W, F)
+        return pooled.permute(0, 3, 1, 2)
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, inputs: dict) -> dict:
+        x = inputs["x"].float()  # (B, K, M, H, W)
+        b, k, m, h, w = x.shape
+        if k != self.k:
+            raise ValueError(f"the network takes {self.k} context slices, got {k}")
+        proto = {key: inputs[key].float() for key in PROTOCOL_KEYS}
+        s_ref = inputs["s_ref"].float()
+        u_gm, u_wm = self.unit_tables(proto, s_ref)
+        # Expected GM signal per measurement (÷ S_ref): the reference voxel's curve, a shape cue for the encoder.
+        ref = protocol_signals(torch.full((b,), 60.0, device=x.device), torch.full((b,), 1300.0, device=x.device),
+                               T1_GM_MS, proto) / s_ref[:, None]
+        xs, ws = x.reshape(b * k, m, h, w), inputs["gm_weight"].float().reshape(b * k, h, w)
+        rep = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 (per-sample → per-slice)
+        grid = self.grid_estimates(xs, ws, rep(u_gm), rep(u_wm))
+        sets = self.measurement_features(xs, {key: rep(v) for key, v in proto.items()}, rep(ref))
+        per_slice = torch.cat([sets, grid, ws[:, None]], dim=1).reshape(b, -1, h, w)
+        feat = self.decoder(self.encoder(per_slice))
+        cbf_out, att_out = self.cbf_head(feat), self.att_head(feat)
+        n = self.kernel**2
+        weights = torch.softmax(cbf_out[:, :n], dim=1)
+        grid_cbf = grid.reshape(b, k, 2, h, w)[:, k // 2, :1] * 50.0  # centre slice, ml/100g/min
+        patches = F.unfold(grid_cbf, self.kernel, padding=self.kernel // 2).view(b, n, h, w)
+        cbf_phys = (weights * patches).sum(1, keepdim=True) * (1 + cbf_out[:, n:n + 1]) + 10.0 * cbf_out[:, n + 1:n + 2]
+        out = {"cbf": (cbf_phys - self.cbf_mean) / self.cbf_std, "att": att_out[:, :1]}
+        if self.use_log_var:
+            out["log_var_cbf"] = cbf_out[:, n + 2:n + 3]
+            out["log_var_att"] = att_out[:, 1:2]
+        return out

@@ -1,0 +1,190 @@
+"""Protocol-conditioned networks: 3D brain subjects with a T1 per tissue, protocols as data, the set-based network,
+training with exact resume, held-out validation against least squares, and predict's protocol-range check."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from asl import benchmark_asl, predict_asl, train_protocol_asl, validate_asl
+from asl.brain_volume import T1_GM_MS, T1_WM_MS, generate_brain
+from asl.defaults import defaults
+from asl.fitting import fit_batched
+from asl.invivo import InvivoError
+from asl.physics import signal_curves
+from asl.protocol import (
+    PROTOCOL_DEFAULTS,
+    protocol_arrays,
+    protocol_coverage,
+    protocol_from_physics,
+    protocol_range,
+    protocol_signals,
+)
+from asl.protocol_eval import METHODS, _fit, protocol_physics
+from asl.protocol_net import ProtocolASLNet
+from asl.pvc import linear_regression_pvc
+from asl.synthetic_subject import write_synthetic_subject
+from common.checkpoint import CheckpointError
+from common.config import load_config
+
+SMOKE = ["--config", "configs/asl/protocol_smoke.yaml", "--device", "cpu"]
+CFG = load_config("configs/asl/protocol_smoke.yaml", defaults=defaults())
+PCASL_5PLD = protocol_physics(CFG["brain_test"]["protocols"][0], CFG["physics"])
+
+
+def _torch(protocol: dict) -> dict:
+    return {k: torch.from_numpy(np.asarray(v))[None].double() for k, v in protocol_arrays(protocol).items()}
+
+
+def _clean(subject: dict, physics: dict) -> np.ndarray:
+    t = lambda key: torch.from_numpy(subject[key]).double()[None]  # noqa: E731
+    n = len(physics["plds_ms"]) * len(physics["modes"])
+    sig = protocol_signals(t("cbf"), t("att"), t("t1_tissue_ms"), _torch(protocol_from_physics(physics)))
+    return np.moveaxis(sig[0, :n].numpy(), 0, -1)
+
+
+def test_brain_subject_has_partial_volumes_and_a_t1_per_tissue():
+    subject = generate_brain(5, CFG["brain"], CFG["phantom"])
+    mask = subject["mask"]
+    assert subject["cbf"].shape == tuple(CFG["brain"]["shape"])
+    assert np.allclose((subject["gm"] + subject["wm"] + subject["csf"])[mask], 1.0, atol=1e-5)
+    mixed = mask & (subject["gm"] > 0.1) & (subject["wm"] > 0.1)
+    assert mixed.sum() > 0.1 * mask.sum()  # real partial-volume voxels, not hard labels
+    t1 = subject["t1_tissue_ms"][mask & (subject["gm"] + subject["wm"] > 0.5)]
+    jitter = CFG["brain"]["t1_tissue_jitter_rel"]
+    assert t1.min() >= T1_WM_MS * (1 - jitter) - 1e-3 and t1.max() <= T1_GM_MS * (1 + jitter) + 1e-3
+    gm_dominant, wm_dominant = subject["label"] == 1, subject["label"] == 2
+    assert subject["t1_tissue_ms"][gm_dominant].mean() > subject["t1_tissue_ms"][wm_dominant].mean() + 150
+
+
+def test_fit_with_the_tissue_t1_map_is_exact_and_one_t1_biases_white_matter():
+    subject = generate_brain(6, CFG["brain"], CFG["phantom"])
+    clean = _clean(subject, PCASL_5PLD)
+    exact = _fit(clean, subject["mask"], PCASL_5PLD, subject["t1_tissue_ms"].astype(np.float64), CFG["fit"])
+    one_t1 = _fit(clean, subject["mask"], PCASL_5PLD, None, CFG["fit"])
+    mask, wm = subject["mask"], subject["label"] == 2
+    assert np.nanmax(np.abs(exact[0] - subject["cbf"])[mask]) < 1e-2
+    perfused = mask & (subject["cbf"] > 5.0)  # ATT is unidentifiable without flow (CSF)
+    assert np.nanmax(np.abs(exact[1] - subject["att"])[perfused]) < 1e-1
+    assert np.nanmean((one_t1[0] - subject["cbf"])[wm]) < -1.0  # WM T1 832 ms fitted with 1331 ms
+
+
+def test_protocol_signals_match_the_physics_module():
+    physics = {**PCASL_5PLD, "modes": ["pcasl", "vsasl"], "n_bs_pcasl": 4, "n_bs_vsasl": 3}
+    cbf, att, t1 = torch.tensor([[55.0, 20.0]]), torch.tensor([[900.0, 2100.0]]), torch.tensor([[1300.0, 900.0]])
+    sig = protocol_signals(cbf.double(), att.double(), t1.double(), _torch(protocol_from_physics(physics)))
+    n = 2 * len(physics["plds_ms"])
+    reference = signal_curves(cbf[0].double(), att[0].double(), physics, {"t1_tissue_ms": t1[0].double()})
+    assert torch.allclose(sig[0, :n].T, reference, rtol=1e-6, atol=1e-12)  # protocol arrays are float32
+    assert torch.all(sig[0, n:] == 0)  # padded measurements
+
+
+def test_network_output_does_not_depend_on_measurement_order_or_padding():
+    torch.manual_seed(0)
+    net = ProtocolASLNet(context_slices=3, set_features=8, features=[8, 16], n_groups=4, cbf_mean=40, cbf_std=20).eval()
+    protocol = protocol_from_physics(PCASL_5PLD)
+    arrays = {k: torch.from_numpy(np.asarray(v))[None] for k, v in protocol_arrays(protocol).items()}
+    x = torch.zeros(1, 3, arrays["valid"].shape[1], 8, 8)
+    x[:, :, :5] = torch.rand(1, 3, 5, 8, 8)
+    inputs = {"x": x, "s_ref": torch.tensor([0.005]), "gm_weight": torch.rand(1, 3, 8, 8), **arrays}
+    order = torch.tensor([3, 0, 4, 2, 1, *range(5, x.shape[2])])
+    permuted = {**inputs, "x": x[:, :, order], **{k: arrays[k][:, order] for k in ("pld_ms", "is_vsasl", "valid")}}
+    with torch.no_grad():
+        a, b = net(inputs), net(permuted)
+    for key in ("cbf", "att", "log_var_cbf", "log_var_att"):
+        assert torch.allclose(a[key], b[key], atol=1e-5)
+
+
+def test_protocol_coverage_names_each_mismatch():
+    covered = protocol_range({**PROTOCOL_DEFAULTS, "mode_sets": [["pcasl"]]})
+    assert protocol_coverage(PCASL_5PLD, covered) == []
+    assert "labeling modes ['VSASL']" in protocol_coverage({**PCASL_5PLD, "modes": ["vsasl"]}, covered)[0]
+    assert "9 PLDs outside the trained 1-8" in protocol_coverage(
+        {**PCASL_5PLD, "plds_ms": [300.0 * i for i in range(1, 10)]}, covered)[0]
+    assert "PLDs [4000.0] ms outside" in protocol_coverage({**PCASL_5PLD, "plds_ms": [1000.0, 4000.0]}, covered)[0]
+    assert "labeling duration 3000 ms" in protocol_coverage({**PCASL_5PLD, "tau_ms": 3000.0}, covered)[0]
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("protocol_train")
+    return out, train_protocol_asl.main([*SMOKE, "--output-dir", str(out)])
+
+
+def test_checkpoint_records_its_protocol_range_and_resume_is_exact(protocol_run, tmp_path):
+    out, summary = protocol_run
+    assert summary["epochs_completed"] == CFG["train"]["epochs"] and not summary["interrupted"]
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    assert ckpt["preprocessing"]["protocol_range"] == protocol_range(CFG["protocol"])
+    stopped = tmp_path / "stopped"
+    first = train_protocol_asl.main([*SMOKE, "--output-dir", str(stopped), "--stop-after-steps", "4"])
+    assert first["interrupted"]
+    assert json.loads((stopped / "run_state.json").read_text(encoding="utf-8"))["status"] == "interrupted"
+    train_protocol_asl.main([*SMOKE, "--output-dir", str(stopped), "--resume"])
+    a = torch.load(out / "checkpoint_last.pt", weights_only=True)["state_dict"]
+    b = torch.load(stopped / "checkpoint_last.pt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_validate_compares_with_correctly_configured_ls_with_intervals(protocol_run, tmp_path):
+    out, _ = protocol_run
+    summary = validate_asl.main(["--checkpoint", str(out), *SMOKE, "--output-dir", str(tmp_path / "v")])
+    assert {r["method"] for r in summary["rows"]} == set(METHODS)
+    for row in summary["rows"]:
+        assert row["mae_ci95_lo"] <= row["mae"] <= row["mae_ci95_hi"]
+    nn_gm = [r for r in summary["rows"] if r["method"] == "nn" and r["tissue"] == "gm"]
+    assert nn_gm and all(len(r["minus_ls_ci95"]) == 2 for r in nn_gm)
+    assert (tmp_path / "v" / "report.md").read_text(encoding="utf-8").count("| pcasl_5pld |") == len(summary["rows"])
+
+
+def test_predict_reads_the_data_protocol_and_refuses_one_outside_the_range(protocol_run, tmp_path):
+    out, _ = protocol_run
+    physics = {**CFG["physics"], "modes": ["pcasl"], "plds_ms": [700.0, 1400.0, 2100.0], "pcasl_model": "buxton_full",
+               "tau_ms": 1600.0}
+    phantom = {**CFG["phantom"], "size": 16}
+    write_synthetic_subject(tmp_path / "s3", phantom, physics, n_slices=2, seed=3, snr=8.0)
+    summary = predict_asl.main([str(tmp_path / "s3" / "bids"), "--checkpoint", str(out), *SMOKE,
+                                "--output-dir", str(tmp_path / "p")])
+    assert summary["method"] == "both" and summary["physics"]["tau_ms"] == 1600.0
+    assert "cbf.nii.gz" in " ".join(summary["files"]) and np.isfinite(summary["brain_mean"]["nn"]["cbf"])
+    maps = json.loads((tmp_path / "p" / "maps.json").read_text(encoding="utf-8"))
+    assert maps["tissue_t1"] == "per voxel from GM/WM maps" and maps["network"]["protocol_range"]
+    pvc = predict_asl.main([str(tmp_path / "s3" / "bids"), "--method", "ls", *SMOKE, "--set", "predict.pvc=true",
+                            "--output-dir", str(tmp_path / "pvc")])
+    assert {f"ls_pvc_{k}_{t}.nii.gz" for k in ("cbf", "att") for t in ("gm", "wm")} <= set(pvc["files"])
+    write_synthetic_subject(tmp_path / "s9", phantom, {**physics, "plds_ms": [300.0 * i for i in range(1, 10)]},
+                            n_slices=1, seed=4, snr=8.0)
+    with pytest.raises(InvivoError, match="9 PLDs outside the trained 1-8"):
+        predict_asl.main([str(tmp_path / "s9" / "bids"), "--checkpoint", str(out), *SMOKE,
+                          "--output-dir", str(tmp_path / "p9")])
+    assert not (tmp_path / "p9").exists()
+
+
+def test_benchmark_refuses_a_protocol_network(protocol_run, tmp_path):
+    out, _ = protocol_run
+    with pytest.raises(CheckpointError, match="protocol-conditioned network"):
+        benchmark_asl.main(["--checkpoint", str(out), *SMOKE, "--output-dir", str(tmp_path / "b")])
+
+
+def test_linear_regression_pvc_recovers_two_compartments():
+    """Two-compartment data (GM CBF 60 / ATT 1200 ms / T1 1331 ms, WM 20 / 1600 / 832) with random GM/WM fractions:
+    the regression returns each compartment's signal and its fit the compartment's CBF and ATT."""
+    rng = np.random.default_rng(0)
+    shape = (12, 12, 2)
+    gm = np.clip(rng.uniform(-0.2, 1.2, shape), 0, 1)
+    curve = lambda cbf, att, t1: signal_curves(  # noqa: E731
+        np.full(shape, cbf), np.full(shape, att), {**PCASL_5PLD, "t1_tissue_ms": t1})
+    s_gm, s_wm = curve(60.0, 1200.0, T1_GM_MS), curve(20.0, 1600.0, T1_WM_MS)
+    signals = gm[..., None] * s_gm + (1 - gm)[..., None] * s_wm
+    res = linear_regression_pvc(signals, gm, 1 - gm, np.ones(shape, bool), kernel=5, ridge=1e-6)
+    assert np.abs(res["gm_signals"] - s_gm).max() < 1e-4 * s_gm.max()
+    fit = fit_batched(res["gm_signals"][res["gm_ok"]], {**PCASL_5PLD, "t1_tissue_ms": T1_GM_MS})
+    assert np.abs(fit["cbf"] - 60.0).max() < 0.01 and np.abs(fit["att"] - 1200.0).max() < 0.1
+
+
+def test_every_protocol_config_builds_its_network():
+    for name in ("protocol_smoke", "protocol_pcasl", "protocol_general"):
+        cfg = load_config(f"configs/asl/{name}.yaml", defaults=defaults())
+        target, kwargs = train_protocol_asl.model_kwargs(cfg, {"cbf_mean": 40.0, "cbf_std": 20.0})
+        assert target == "asl.protocol_net.ProtocolASLNet" and ProtocolASLNet(**kwargs).k == 3
