@@ -1,21 +1,29 @@
-"""Temperature scaling of out-of-fold predictions, fitted on the official metric (issue 14, item 6, part).
+"""Temperature scaling of out-of-fold predictions, fitted on the official metric (issue 14, item 6).
 
 One temperature per condition group, q ∝ p^(1/T) (the logits divided by T, for probabilities already
 re-weighted to the metric), chosen on a grid to minimize the official score of the whole table, so the
 spinal temperature also sees the any-severe term it drives. Coordinate descent over the groups (the
 any-severe term couples only the spinal rows; two sweeps suffice). :func:`cross_fitted` measures the gain
 honestly: studies split in two halves, temperatures fitted on one half are scored on the other.
+validate_rsna.py writes the result to ``temperatures.json``; the prediction scripts read it back with
+:func:`load_temperatures` and apply it to the model's rows with :func:`temper_probabilities`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from common.errors import InputError
 from rsna_spine.constants import GROUP_OF_CONDITION, GROUPS, METRIC_CLASS_WEIGHTS, SUBMISSION_COLUMNS
 from rsna_spine.metric import score_details, solution_from_labels, submission_frame
 
 TEMPERATURE_GRID = np.exp(np.linspace(np.log(0.4), np.log(4.0), 47))
+TEMPERATURES_FILE = "temperatures.json"  # written by validate_rsna.py; read by the prediction scripts
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -115,3 +123,44 @@ def cross_fitted(table: pd.DataFrame, seed: int = 0) -> dict:
     tempered = pd.concat([apply_temperatures(table[in_a], t_b), apply_temperatures(table[~in_a], t_a)])
     return {"uncalibrated": table_score(table), "cross_fitted": table_score(tempered),
             "temperatures_fold_a": t_a, "temperatures_fold_b": t_b, "temperatures_all": fit_temperatures(table)}
+
+
+def load_temperatures(path: str | Path) -> dict:
+    """{group: T} of a ``temperatures.json`` written by validate_rsna.py (its ``temperatures_all``: fitted on
+    every out-of-fold row), or of a plain {group: T} file. Every T must be a finite number > 0 and every
+    group one of the metric's; anything else is an InputError naming the file and the field."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg}, line {exc.lineno})", path) from exc
+    if not isinstance(content, dict):
+        raise InputError("expected a JSON object {group: temperature}", path)
+    field = "temperatures_all" if "temperatures_all" in content else None
+    temperatures = content[field] if field else content
+    where = f"field '{field}'" if field else "the top level"
+    prefix = f"{field}." if field else ""
+    if not isinstance(temperatures, dict) or not temperatures:
+        raise InputError(f"{where}: expected a non-empty object {{group: temperature}}", path)
+    out = {}
+    for group, value in temperatures.items():
+        if group not in GROUPS:
+            raise InputError(f"field '{prefix}{group}': unknown condition group (expected one of {list(GROUPS)})",
+                             path)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+            raise InputError(f"field '{prefix}{group}': temperature must be a finite number > 0, got {value!r}", path)
+        out[group] = float(value)
+    return out
+
+
+def temper_probabilities(probs: np.ndarray, conditions: Sequence[str], temperatures: dict) -> np.ndarray:
+    """Rows of ``probs`` (n, 3) tempered by the temperature of their condition's group (q ∝ p^(1/T));
+    groups without a temperature and rows that are not finite (no model output) are left as they are."""
+    out = np.array(probs, dtype=np.float64, copy=True)
+    groups = np.array([GROUP_OF_CONDITION[c] for c in conditions])
+    finite = np.isfinite(out).all(axis=1)
+    for group, temperature in temperatures.items():
+        sel = (groups == group) & finite
+        if sel.any():
+            out[sel] = apply_temperature(out[sel], temperature)
+    return out

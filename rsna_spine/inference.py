@@ -16,6 +16,7 @@ with others → averaged.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from common.errors import InputError
 from rsna_spine.constants import CONDITIONS, GROUP_OF_CONDITION, LEVELS
 from rsna_spine.crops import resample_slice, resample_volume
 from rsna_spine.data import Stack, StackStore
+from rsna_spine.fusion import attach_for_ensemble, attach_second_views, uses_second_view
 from rsna_spine.stage_datasets import POINTS, CropDataset, output_to_voxel
 from rsna_spine.metric import reweight_probabilities
 from rsna_spine.models import decode_heatmaps
@@ -245,38 +247,68 @@ def localize_studies(study_ids, store: StackStore, localizers: Mapping, device, 
 
 # ---------------------------------------------------------------------------------------- stage 2
 def _collate(batch: list[dict]) -> dict:
-    return {"image": torch.stack([b["image"] for b in batch]),
-            "level": torch.tensor([b["level"] for b in batch], dtype=torch.long),
-            "condition": torch.tensor([b["condition"] for b in batch], dtype=torch.long),
-            "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
-            "index": torch.tensor([b["index"] for b in batch], dtype=torch.long)}
+    out = {"image": torch.stack([b["image"] for b in batch]),
+           "level": torch.tensor([b["level"] for b in batch], dtype=torch.long),
+           "condition": torch.tensor([b["condition"] for b in batch], dtype=torch.long),
+           "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
+           "index": torch.tensor([b["index"] for b in batch], dtype=torch.long)}
+    if "second_image" in batch[0]:
+        out["second_image"] = torch.stack([b["second_image"] for b in batch])
+        out["second_present"] = torch.tensor([b["second_present"] for b in batch], dtype=torch.float32)
+    return out
 
 
 @torch.no_grad()
 def run_classifier(model, items: list[dict], store: StackStore, ckpt: Mapping, device, batch_size: int,
-                   flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (n, 3) and attention (n, N) of one model, in the order of ``items``."""
+                   flip: bool = False, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (n, 3) and attention (n, N) of one model, in the order of ``items``.
+
+    A model trained with the second view (:mod:`rsna_spine.fusion`) gets it for the items of the fused
+    groups (attached here when the caller has not). ``timings`` (optional) accumulates the seconds spent
+    making crops (``crops_s``) and in the model (``model_s``)."""
     pre = ckpt["preprocessing"]
-    dataset = CropDataset(items, store, pre["crop"], pre["intensity"], augment=None, flip=flip)
+    second_view = uses_second_view(ckpt)
+    if second_view and any("second_view" not in it for it in items):
+        items = [dict(it) for it in items]
+        attach_second_views(items, store, float(pre.get("second_view_max_distance_mm", 0.0)))
+    dataset = CropDataset(items, store, pre["crop"], pre["intensity"], augment=None, flip=flip,
+                          second_view=second_view)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
     model.eval()
     probs, attention = [], []
-    for batch in loader:
-        out = model(batch["image"].to(device), batch["level"].to(device), batch["condition"].to(device))
+    timings = {} if timings is None else timings
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        made = time.perf_counter()
+        timings["crops_s"] = timings.get("crops_s", 0.0) + made - start
+        if batch is None:
+            break
+        second = {}
+        if second_view:
+            second = {"second_images": batch["second_image"].to(device), "second_present": batch["second_present"]}
+        out = model(batch["image"].to(device), batch["level"].to(device), batch["condition"].to(device), **second)
         probs.append(torch.softmax(out["logits"].float(), dim=1).cpu().numpy())
         attention.append(out["attention"].float().cpu().numpy())
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        timings["model_s"] = timings.get("model_s", 0.0) + time.perf_counter() - made
     if not probs:
         return np.zeros((0, 3)), np.zeros((0, int(pre["crop"]["num_slices"])))
     return np.concatenate(probs), np.concatenate(attention)
 
 
 def classify(items: list[dict], store: StackStore, classifiers: list, device, batch_size: int = 16,
-             tta_flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+             tta_flip: bool = True, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble (+ flip TTA) probabilities re-weighted for the metric, and mean attention weights.
 
     Each model only answers for the conditions it was trained on (``preprocessing.conditions``).
-    Items no model covers get NaN rows.
+    Items no model covers get NaN rows. ``timings``: see :func:`run_classifier`.
     """
+    if any("second_view" not in it for it in items):  # once for the ensemble, not per model and flip
+        items = [dict(it) for it in items]
+        attach_for_ensemble(items, store, classifiers)
     n = len(items)
     total, count = np.zeros((n, 3)), np.zeros(n)
     att_total, att_count = None, np.zeros(n)
@@ -287,7 +319,7 @@ def classify(items: list[dict], store: StackStore, classifiers: list, device, ba
         if not subset:
             continue
         for flip in ([False, True] if tta_flip else [False]):
-            p, a = run_classifier(model, subset, store, ckpt, device, batch_size, flip=flip)
+            p, a = run_classifier(model, subset, store, ckpt, device, batch_size, flip=flip, timings=timings)
             total[covered] += reweight_probabilities(p, pre["class_weights"])
             count[covered] += 1
             if not flip:  # attention of the unflipped view (slice order as stored)

@@ -115,14 +115,21 @@ class SpineClassifier(nn.Module):
     """v9: per-slice CNN → BiGRU → attention-MIL → [level, condition] embeddings → MLP → 3 logits.
 
     forward(images (B, N, 3, H, W), level (B,), condition (B,)) → {"logits": (B, 3), "attention": (B, N)}.
+
+    ``second_view=True`` (sagittal + axial fusion, :mod:`rsna_spine.fusion`): forward also takes
+    ``second_images`` (B, N, 3, H, W) and ``second_present`` (B,) in {0, 1}; the second crop goes through the
+    same encoder (CNN → GRU → attention-MIL) and its pooled features, zeroed where absent, are concatenated
+    with the primary ones and the present flag before the head. The attention returned is the primary view's.
     """
 
     def __init__(self, backbone: str = "efficientnet_v2_s", backbone_weights: str | None = None,
                  tiny_channels: Sequence[int] = (8, 16, 32, 64), gru_hidden: int = 512, gru_layers: int = 2,
                  gru_dropout: float = 0.3, attention_hidden: int = 256, level_dim: int = 256,
                  condition_dim: int = 64, n_levels: int = 5, n_conditions: int = 5, head_hidden: int = 512,
-                 dropout: float = 0.35, n_classes: int = 3, bias_init: Sequence[float] | None = None):
+                 dropout: float = 0.35, n_classes: int = 3, bias_init: Sequence[float] | None = None,
+                 second_view: bool = False):
         super().__init__()
+        self.second_view = bool(second_view)
         self.backbone, feat_dim = build_backbone(backbone, backbone_weights, tiny_channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.gru = nn.GRU(feat_dim, gru_hidden, num_layers=gru_layers, batch_first=True, bidirectional=True,
@@ -131,6 +138,8 @@ class SpineClassifier(nn.Module):
         self.level_embedding = nn.Embedding(n_levels, level_dim)
         self.condition_embedding = nn.Embedding(n_conditions, condition_dim)
         width = 2 * gru_hidden + level_dim + condition_dim
+        if self.second_view:  # the second view's pooled features and its present flag
+            width += 2 * gru_hidden + 1
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout), nn.Linear(width, head_hidden),
                                   nn.GELU(), nn.Linear(head_hidden, n_classes))
         if bias_init is not None:
@@ -146,12 +155,27 @@ class SpineClassifier(nn.Module):
         ids = {id(p) for p in self.backbone.parameters()}
         return [p for p in self.parameters() if id(p) not in ids]
 
-    def forward(self, images: torch.Tensor, level: torch.Tensor, condition: torch.Tensor) -> dict:
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, 3, H, W) → pooled features (B, 2·gru_hidden), attention over the N slices (B, N)."""
         b, n = images.shape[:2]
         feats = self.pool(self.backbone(images.flatten(0, 1))).flatten(1).view(b, n, -1)
         seq, _ = self.gru(feats)
-        pooled, attention = self.mil(seq)
-        x = torch.cat([pooled, self.level_embedding(level).to(pooled.dtype),
+        return self.mil(seq)
+
+    def forward(self, images: torch.Tensor, level: torch.Tensor, condition: torch.Tensor,
+                second_images: torch.Tensor | None = None, second_present: torch.Tensor | None = None) -> dict:
+        pooled, attention = self.encode(images)
+        parts = [pooled]
+        if self.second_view:
+            present = (torch.zeros(len(pooled), device=pooled.device) if second_present is None or
+                       second_images is None else second_present.to(pooled.device).float())
+            second = torch.zeros_like(pooled)
+            chosen = present > 0.5
+            if bool(chosen.any()):  # encode only the samples that have a second view
+                second_pooled, _ = self.encode(second_images[chosen])
+                second = second.index_put((chosen.nonzero(as_tuple=True)[0],), second_pooled.to(second.dtype))
+            parts += [second, present[:, None].to(pooled.dtype)]
+        x = torch.cat([*parts, self.level_embedding(level).to(pooled.dtype),
                        self.condition_embedding(condition).to(pooled.dtype)], dim=1)
         return {"logits": self.head(x), "attention": attention}
 

@@ -4,8 +4,12 @@ Every study of test_series_descriptions.csv (and of sample_submission.csv, when 
 ``{study}_{condition}_{level}`` with normal_mild, moderate, severe summing to 1. The test series are
 decoded once (parallel), stage 1 of every trained fold locates the levels (heatmaps averaged over folds),
 stage 2 grades the crops with every fold's classifier and left-right flip TTA (the flipped crop is fed
-with the mirrored condition, so a left output is read back as the right one and vice versa), and the
-probabilities are re-weighted to the metric's class weights when a model was trained with other ones.
+with the mirrored condition, so a left output is read back as the right one and vice versa), the
+probabilities are re-weighted to the metric's class weights when a model was trained with other ones, and
+tempered per condition group with the temperatures fitted by validate_rsna.py (``predict.temperatures``:
+``temperatures.json`` of the model folder when present, recorded in the summary and the log). A classifier
+trained with the second view (sagittal + axial fusion) gets it for the spinal and subarticular targets;
+how many had both views and how many fell back to the primary one is logged and in the summary.
 Whatever could not be read or located (missing or unreadable series, no axial stack at a level) gets the
 training class priors (metric-optimal), with a log line: the submission is always complete. No network.
 If not one listed series decodes, nothing is written and the script exits with code 2.
@@ -24,39 +28,25 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from common.cli import add_deprecated_alias, make_parser, start_run
 from common.errors import InputError, NothingProcessedError, run_cli
 from common.runlog import write_text_atomic
 from rsna_spine.cache import decode_all, series_tasks
-from rsna_spine.constants import CONDITIONS, LEVELS, SUBMISSION_COLUMNS, row_id
 from rsna_spine.data import StackStore
-from rsna_spine.inference import (
-    center_items,
-    classify,
-    ensemble_members,
-    find_train_dir,
-    load_ensemble,
-    localize_studies,
-)
-from rsna_spine.metric import (
-    ParticipantVisibleError,
-    prior_probabilities,
-    prior_submission,
-    score_details,
-    submission_frame,
-)
+from rsna_spine.fusion import attach_for_ensemble
+from rsna_spine.inference import center_items, classify, ensemble_members, find_train_dir, load_ensemble, localize_studies
 from rsna_spine.settings import DEFAULTS
+from rsna_spine.submission import (
+    build_submission,
+    mean_priors,
+    resolve_temperatures,
+    rows_sum_to_one,
+    score_submission,
+)
 
 DOMAIN = "rsna_spine"
-
-
-def mean_priors(classifiers: list) -> dict:
-    """Class priors averaged over the ensemble's training folds (stored in each classifier checkpoint)."""
-    keys = classifiers[0][1]["preprocessing"]["priors"].keys()
-    return {k: np.mean([ckpt["preprocessing"]["priors"][k] for _, ckpt in classifiers], axis=0).tolist() for k in keys}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,22 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
                                logger=run.log, max_distance_mm=cfg["localizer"]["axial_max_distance_mm"],
                                misses=misses)
     items = center_items(centers)
+    second_view = attach_for_ensemble(items, store, models["classifier"], logger=run.log)
     probs, _ = classify(items, store, models["classifier"], run.device, cfg["predict"]["batch_size"],
                         cfg["predict"]["tta_flip"])
-    predicted = {row_id(it["study_id"], it["condition"], it["level"]): p for it, p in zip(items, probs)
-                 if np.all(np.isfinite(p))}
     priors = mean_priors(models["classifier"])
-    row_ids, rows, n_prior = [], [], 0
-    for study in studies:
-        for condition in CONDITIONS:
-            for level in LEVELS:
-                rid = row_id(study, condition, level)
-                p = predicted.get(rid)
-                if p is None:
-                    p, n_prior = prior_probabilities(condition, level, priors), n_prior + 1
-                row_ids.append(rid)
-                rows.append(p)
-    submission = submission_frame(row_ids, np.asarray(rows))
+    temperatures, temperatures_file = resolve_temperatures(cfg["predict"]["temperatures"], train_dir, run.log)
+    submission, n_prior = build_submission(studies, items, probs, priors, temperatures)
     out_path = run.run_dir / "submission.csv"
     write_text_atomic(out_path, submission.to_csv(index=False))
     run.log(f"wrote {out_path}: {len(submission)} rows ({len(studies)} studies x 25), {len(submission) - n_prior} "
@@ -126,24 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary: dict = {"submission": out_path.name, "n_rows": len(submission), "n_studies": len(studies),
                      "n_model_rows": len(submission) - n_prior, "n_prior_rows": n_prior, "train_dir": str(train_dir),
-                     "levels_without_axial_slice": len(misses)}
+                     "levels_without_axial_slice": len(misses), "second_view": second_view,
+                     "temperatures": temperatures,
+                     "temperatures_file": temperatures_file}
     if args.solution is not None:
-        solution = pd.read_csv(args.solution)
-        scored = score_details(solution.copy(), submission.copy(), "row_id", 1.0, mode="normalized")
-        baseline = score_details(solution.copy(), prior_submission(submission["row_id"], priors), "row_id", 1.0,
-                                 mode="normalized")
-        try:  # the published code's own behaviour (raises on a set without any severe spinal study)
-            summary["official_mode_score"] = score_details(solution.copy(), submission.copy(), "row_id", 1.0)["score"]
-        except ParticipantVisibleError as exc:
-            summary["official_mode_score"] = None
-            run.log(f"official-mode score not defined: {exc}")
-        run.log(f"official score on {args.solution}: {scored['score']:.4f} vs class-prior baseline "
-                f"{baseline['score']:.4f} (margin {baseline['score'] - scored['score']:+.4f})")
-        summary.update({"official": scored, "prior_baseline": baseline, "headline": {
-            "test_official_score": scored["score"], "test_class_prior_baseline": baseline["score"],
-            "test_margin_vs_prior": baseline["score"] - scored["score"], "n_test_studies": len(studies),
-            "rows_from_priors": n_prior}})
-    summary["probability_rows_sum_to_1"] = bool(np.allclose(submission[list(SUBMISSION_COLUMNS)].sum(axis=1), 1.0))
+        untempered = build_submission(studies, items, probs, priors)[0] if temperatures else None
+        scored = score_submission(args.solution, submission, priors, run.log, untempered)
+        scored["headline"].update({"n_test_studies": len(studies), "rows_from_priors": n_prior})
+        summary.update(scored)
+    summary["probability_rows_sum_to_1"] = rows_sum_to_one(submission)
     return run.finish(summary)
 
 

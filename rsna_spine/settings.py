@@ -76,6 +76,10 @@ DEFAULTS = {
         "head_hidden": 512,
         "dropout": 0.35,
         "bias_init": None,  # null: log of the loss-optimal constant (w·prior); or a list of 3 logits
+        # sagittal + axial fusion for the spinal and subarticular grades (rsna_spine/fusion.py): each such
+        # target also gets the crop of the other series at the same patient point, encoded by the same
+        # encoder and concatenated before the head; falls back to the primary view where there is none
+        "second_view": False,
     },
     "crop": {
         "num_slices": 7,  # N slices around the slice of interest
@@ -103,6 +107,7 @@ DEFAULTS = {
         "jitter_mm": 3.0,  # ... and of the in-plane centre (Gaussian sd per axis, mm)
         "rotation_deg": 10.0,  # random in-plane rotation (uniform ± degrees)
         "flip_prob": 0.5,  # left-right flip with the condition mirrored
+        "second_view_dropout": 0.2,  # model.second_view: share of training samples whose second view is hidden
         "val_centers": "stage1",  # validation crops centred by stage 1 (as at test time) | gt
         "max_steps_per_epoch": 0,  # 0 = whole epoch (tests use a few steps)
     },
@@ -112,6 +117,13 @@ DEFAULTS = {
         "batch_size": 16,
         "workers": 0,  # processes decoding the test series (0 = automatic)
         "keep_cache": False,  # keep the decoded test stacks (<run>/test_cache) after writing the submission
+        # per-group temperatures (validate_rsna.py's temperatures.json) applied to the model's probabilities:
+        # auto = <model folder>/temperatures.json when that file exists | none | a path to such a file
+        "temperatures": "auto",
+    },
+    "kaggle": {  # predict_kaggle_rsna.py: the offline notebook entry
+        "n_studies_estimate": 1500,  # test studies the run time is extrapolated to (per-study times measured)
+        "time_limit_h": 9.0,  # the competition's notebook run-time limit, for the within / over line
     },
     "validate": {
         "n_example_studies": 3,  # studies shown in the attention / crop figures

@@ -204,11 +204,17 @@ class CropDataset(Dataset):
 
     ``flip`` forces the left-right flip (TTA); in training the flip is random (``flip_prob``) and the
     condition is mirrored with it, so the sample stays correctly labelled.
+
+    ``second_view=True`` (:mod:`rsna_spine.fusion`) adds "second_image" (N, 3, H, W) cropped around
+    ``item["second_view"]`` (same size, same flip; in training it follows the primary centre's jitter) and
+    "second_present" (1.0, or 0.0 with zeros when the item has none or, in training, with probability
+    ``augment["second_view_dropout"]``).
     """
 
     def __init__(self, items: list[dict], store: StackStore, crop_cfg: Mapping, intensity: Mapping,
-                 augment: Mapping | None = None, flip: bool = False):
+                 augment: Mapping | None = None, flip: bool = False, second_view: bool = False):
         self.items, self.store = items, store
+        self.second_view = second_view
         self.num_slices = int(crop_cfg["num_slices"])
         self.img_size = int(crop_cfg["img_size"])
         self.crop_mm = dict(crop_cfg["crop_mm"])
@@ -238,9 +244,39 @@ class CropDataset(Dataset):
         if self.augment:
             image = np.clip(image, 0, 1) ** rng.uniform(0.8, 1.25)
         condition = MIRROR_CONDITION[item["condition"]] if flip else item["condition"]
-        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                "level": LEVELS.index(item["level"]), "condition": CONDITIONS.index(condition),
-                "label": int(item["label"]), "index": index}
+        sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                  "level": LEVELS.index(item["level"]), "condition": CONDITIONS.index(condition),
+                  "label": int(item["label"]), "index": index}
+        if self.second_view:  # drawn after the primary view's augmentation: its random stream is unchanged
+            jittered = stack.voxel_to_patient(np.array([k, j, i]))[0] if self.augment else None
+            sample.update(self._second_crop(item, group, flip, rng if self.augment else None, jittered))
+        return sample
+
+    def _second_crop(self, item: dict, group: str, flip: bool, rng: np.random.Generator | None,
+                     jittered_mm: np.ndarray | None = None) -> dict:
+        """{"second_image", "second_present"} of one item (zeros and 0.0 when it has no second view).
+
+        In training the second view follows the primary view's jitter: its centre is the jittered primary
+        centre (``jittered_mm``, patient mm) projected into the second view's stack, as at test time, where
+        the second view inherits the stage-1 point's error."""
+        center = item.get("second_view")
+        if center is not None and rng is not None and rng.uniform() < self.augment["second_view_dropout"]:
+            center = None
+        if center is None:
+            blank = np.zeros((self.num_slices, 3, self.img_size, self.img_size), dtype=np.float32)
+            return {"second_image": torch.from_numpy(blank), "second_present": 0.0}
+        stack = self.store.get(item["study_id"], center["series_id"], center["stack_index"])
+        k, j, i = (float(v) for v in center["kji"])
+        rotation = 0.0
+        if rng is not None:
+            k, j, i = (float(v) for v in stack.patient_to_voxel(jittered_mm)[0])
+            rotation = float(rng.uniform(-self.augment["rotation_deg"], self.augment["rotation_deg"]))
+        image = crop_stack(stack, (k, j, i), self.num_slices, self.crop_mm[group], self.img_size, self.intensity,
+                           flip_lr=flip, rotation_deg=rotation)
+        if rng is not None:
+            image = np.clip(image, 0, 1) ** rng.uniform(0.8, 1.25)
+        return {"second_image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                "second_present": 1.0}
 
 
 def series_key_of(condition: str) -> str:

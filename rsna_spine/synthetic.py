@@ -365,7 +365,9 @@ def generate_dataset(root: str | Path, cfg: dict | None = None, log=print) -> di
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg["seed"])
     n_train, n_test = int(cfg["n_train_studies"]), int(cfg["n_test_studies"])
-    ids = rng.choice(np.arange(10**6, 10**9), size=n_train + n_test + 1, replace=False)
+    # study ids: 7- to 9-digit numbers as in the competition, drawn without materializing the range (an
+    # np.arange(10**6, 10**9) population is an 8 GB array; an integer population gives the same draw)
+    ids = 10**6 + rng.choice(10**9 - 10**6, size=n_train + n_test + 1, replace=False)
     tasks = [{"cfg": cfg, "study_id": int(ids[i]), "split": "train" if i < n_train else "test",
               "seed": int(cfg["seed"]) * 100003 + i, "root": str(root)} for i in range(n_train + n_test)]
     workers = max(1, int(cfg["workers"]))

@@ -7,7 +7,9 @@ For each fold of train.train_folds (StratifiedGroupKFold by study, folds.csv fro
            embeddings → MLP) for all 25 targets, or one per condition group; competition-weighted
            cross-entropy, two learning-rate groups (backbone / rest), warmup + cosine, AMP on CUDA,
            gradient clipping, stage-1-like jitter of slice and centre, SWA that is BN-updated, evaluated
-           and saved, dead-class monitoring with the minimum-minority-recall gate on the best checkpoint.
+           and saved, dead-class monitoring with the minimum-minority-recall gate on the best checkpoint;
+           with ``model.second_view`` the spinal and subarticular targets also see the other series' crop
+           at the same patient point (sagittal + axial fusion, rsna_spine/fusion.py).
 Validation each epoch uses the held-out fold with crops centred by this fold's stage 1 (as at test time).
 
 Each model is one job, trained in its folder <run>/fold{f}/{localizer_<series>, classifier_<group>}/:
@@ -54,6 +56,7 @@ from common.runtime import (
 )
 from common.training import CheckpointSaver, StopRequest, TrainState, resume_training
 from rsna_spine.data import StackStore
+from rsna_spine.fusion import attach_second_views
 from rsna_spine.stage_datasets import (
     POINTS,
     AxialPointDataset,
@@ -223,7 +226,12 @@ def _schedule(tcfg, steps_per_epoch: int):
 
 
 def _forward(model, batch, device):
-    return model(batch["image"].to(device, non_blocking=True), batch["level"].to(device), batch["condition"].to(device))
+    second = {}
+    if "second_image" in batch:  # sagittal + axial fusion (rsna_spine/fusion.py)
+        second = {"second_images": batch["second_image"].to(device, non_blocking=True),
+                  "second_present": batch["second_present"].to(device)}
+    return model(batch["image"].to(device, non_blocking=True), batch["level"].to(device),
+                 batch["condition"].to(device), **second)
 
 
 @torch.no_grad()
@@ -282,6 +290,13 @@ def train_classifier(run, cfg, job: str, fold: int, group: str, store, labels, t
     if not train_items:
         run.log(f"{job}: no training sample; classifier skipped")
         return None
+    second_view = bool(mcfg["second_view"])
+    if second_view:  # the other series' crop for the spinal and subarticular targets
+        tolerance = float(cfg["localizer"]["axial_max_distance_mm"])
+        for name, part in (("train", train_items), ("val", val_items)):
+            counts = attach_second_views(part, store, tolerance)
+            run.log(f"{job}: second view for {counts['fused']} {name} targets; {counts['primary_only']} graded from "
+                    f"the primary view alone {counts['reasons']}")
     weights = [float(w) for w in tcfg["class_weights"]]
     freq = np.bincount([it["label"] for it in train_items], minlength=3) + 1.0
     bias = mcfg["bias_init"]
@@ -296,11 +311,12 @@ def train_classifier(run, cfg, job: str, fold: int, group: str, store, labels, t
             if mcfg["backbone_weights"] else "random init (no pretrained weights configured)")
             + f"; {len(train_items)} train / {len(val_items)} val samples; class weights {weights}; "
             f"bias init {np.round(bias, 3).tolist()}")
-    augment = {k: tcfg[k] for k in ("jitter_slices", "jitter_mm", "rotation_deg", "flip_prob")}
-    train_set = CropDataset(train_items, store, cfg["crop"], cfg["intensity"], augment=augment)
+    augment = {k: tcfg[k] for k in ("jitter_slices", "jitter_mm", "rotation_deg", "flip_prob", "second_view_dropout")}
+    train_set = CropDataset(train_items, store, cfg["crop"], cfg["intensity"], augment=augment,
+                            second_view=second_view)
     train_loader, sampler = _loader(train_set, cfg, run, tcfg["batch_size"], True, cfg["seed"])
-    val_loader, _ = _loader(CropDataset(val_items, store, cfg["crop"], cfg["intensity"]), cfg, run,
-                            tcfg["batch_size"], False, cfg["seed"])
+    val_loader, _ = _loader(CropDataset(val_items, store, cfg["crop"], cfg["intensity"], second_view=second_view),
+                            cfg, run, tcfg["batch_size"], False, cfg["seed"])
     core = unwrap_model(model)
     optimizer = torch.optim.AdamW([
         {"params": list(core.backbone_parameters()), "lr": tcfg["backbone_lr"], "weight_decay": tcfg["weight_decay"]},
@@ -312,7 +328,8 @@ def train_classifier(run, cfg, job: str, fold: int, group: str, store, labels, t
     priors = class_priors(labels[labels["study_id"].isin(train_studies)])
     preprocessing = {"conditions": conditions, "group": group, "fold": int(fold), "class_weights": weights,
                      "priors": priors, "crop": json.loads(json.dumps(cfg["crop"])), "intensity": dict(cfg["intensity"]),
-                     "val_studies": [int(s) for s in val_studies]}
+                     "val_studies": [int(s) for s in val_studies],
+                     "second_view_max_distance_mm": float(cfg["localizer"]["axial_max_distance_mm"])}
     swa_cfg = tcfg["swa"]
     swa = None
     resumed = (resume or {}).get("extra", {})
@@ -384,7 +401,7 @@ def train_classifier(run, cfg, job: str, fold: int, group: str, store, labels, t
             saver.save("checkpoint_best.pt", state, gate_passed=False)
         saver.save_in_job("checkpoint_last.pt", state)
     if swa is not None and swa.n_averaged > 0:
-        bn_loader = DataLoader(CropDataset(train_items, store, cfg["crop"], cfg["intensity"]),
+        bn_loader = DataLoader(CropDataset(train_items, store, cfg["crop"], cfg["intensity"], second_view=second_view),
                                batch_size=tcfg["batch_size"], shuffle=False)
         swa_model = swa.finalize(bn_loader, device, batch_input=lambda b: b,
                                  forward=lambda m, b: _forward(m, b, device))

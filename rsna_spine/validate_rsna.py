@@ -9,7 +9,10 @@ target of the held-out studies is scored, as the metric would. Reported:
   ("oracle" stage 1) to separate localization from grading errors;
 - per-class recall, balanced accuracy, confusion matrices, calibration (ECE, reliability diagram);
 - temperature scaling per condition group fitted on the official metric (any-severe term included),
-  measured cross-fitted on two halves of the studies (``temperatures.json``; not applied by predict);
+  measured cross-fitted on two halves of the studies (``temperatures.json``; the prediction scripts apply
+  it when it is in the model folder, or named by ``predict.temperatures``);
+- with a classifier trained with the second view (``model.second_view``), how many spinal / subarticular
+  targets were fused and how many graded from the primary view alone, with the reasons;
 - stage-1 localization error (3D mm and slices) per condition group;
 - figures: training curves, confusion matrices, reliability, localization errors, attention weights per
   slice and crops with predicted vs true grades for sample studies.
@@ -41,6 +44,7 @@ from rsna_spine.evaluation import (
     prediction_table,
     summarize_localization,
 )
+from rsna_spine.fusion import attach_for_ensemble
 from rsna_spine.figures import attention_figure, crops_figure, evaluation_figure, training_figure
 from rsna_spine.inference import classify, ensemble_members, find_train_dir, load_ensemble, localize_studies
 from rsna_spine.metric import class_priors, prior_probabilities, score_details, solution_from_labels, submission_frame
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     oof, oracle, baseline, loc, examples_src = [], [], [], [], []
     misses: list = []  # levels with no axial slice within tolerance (subarticular rows from priors)
+    second_view: dict = {"fused": 0, "primary_only": 0, "reasons": {}}  # sagittal + axial fusion counts
     crop_cfg, intensity_cfg = cfg["crop"], cfg["intensity"]
     for fold in model_folds:
         models = load_ensemble(members, [fold], run.device, cfg["predict"]["checkpoint"], logger=run.log)
@@ -103,6 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
             run.log(f"fold {fold}: no localizer in the run; crops are centred on the label points")
             centers = labels[labels["study_id"].isin(imaged) & labels["k"].notna()]
         items = crop_items(labels, centers, val_studies)
+        fused = attach_for_ensemble(items, store, models["classifier"], logger=run.log)
+        if fused is not None:
+            second_view["fused"] += fused["fused"]
+            second_view["primary_only"] += fused["primary_only"]
+            for reason, n in fused["reasons"].items():
+                second_view["reasons"][reason] = second_view["reasons"].get(reason, 0) + n
         probs, attention = classify(items, store, models["classifier"], run.device, cfg["predict"]["batch_size"],
                                     cfg["predict"]["tta_flip"])
         table = prediction_table(items, probs).assign(fold=fold, source="two_stage")
@@ -155,8 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "balanced_accuracy": report["balanced_accuracy"],
                 "stage1_median_error_mm": {g: round(s["median_mm"], 2) for g, s in loc_summary.items()},
                 "levels_without_axial_slice": len(misses),
+                "second_view_fused_targets": second_view["fused"],
+                "second_view_primary_only_targets": second_view["primary_only"],
                 "n_targets": report["n"], "oof_official_temperature_cross_fitted": calibration["cross_fitted"]}
-    return run.finish({"headline": headline, "official": official, "prior_baseline": base,
+    return run.finish({"headline": headline, "second_view": second_view, "official": official, "prior_baseline": base,
                        "label_point_crops": oracle_report["official"], "report": report, "calibration": calibration,
                        "oracle_report": oracle_report, "localization": loc_summary, "train_dir": str(train_dir),
                        "figures": figures})

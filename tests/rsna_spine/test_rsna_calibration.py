@@ -46,3 +46,43 @@ def test_cross_fitted_temperature_fixes_overconfidence():
     assert all(1.8 < t < 3.5 for t in result["temperatures_all"].values()), result["temperatures_all"]
     tiny = cross_fitted(overconfident_table(n_studies=2))
     assert np.isnan(tiny["cross_fitted"]) and np.isfinite(tiny["uncalibrated"])
+
+
+def test_temperatures_file_read_back_and_applied_to_model_rows_only(tmp_path):
+    from rsna_spine.calibration import load_temperatures, temper_probabilities
+    from rsna_spine.submission import find_temperatures_file
+
+    path = tmp_path / "temperatures.json"
+    path.write_text('{"uncalibrated": 0.4, "temperatures_all": {"spinal": 2.0, "foraminal": 1.0}}')
+    assert find_temperatures_file("auto", tmp_path) == path
+    assert find_temperatures_file("auto", tmp_path / "checkpoint_best.pt") == path  # a file in the model folder
+    (tmp_path / "other_model").mkdir()
+    assert find_temperatures_file("none", tmp_path) is None
+    assert find_temperatures_file("auto", tmp_path / "other_model") is None
+    temperatures = load_temperatures(path)
+    assert temperatures == {"spinal": 2.0, "foraminal": 1.0}
+    probs = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [np.nan] * 3])
+    out = temper_probabilities(probs, ["spinal_canal_stenosis", "left_subarticular_stenosis",
+                                       "spinal_canal_stenosis"], temperatures)
+    np.testing.assert_allclose(out[0], apply_temperature(probs[:1], 2.0)[0], rtol=1e-12)
+    np.testing.assert_array_equal(out[1], probs[1])  # no temperature for the group: unchanged
+    assert np.isnan(out[2]).all()  # no model output: left for the class prior
+
+
+@pytest.mark.parametrize("content, field", [("{not json", "not valid JSON"),
+                                            ('{"temperatures_all": {"lumbar": 1.0}}', "field 'temperatures_all.lumbar'"),
+                                            ('{"temperatures_all": {"spinal": -1}}', "field 'temperatures_all.spinal'"),
+                                            ('{"spinal": "hot"}', "field 'spinal'"),
+                                            ('{"temperatures_all": {}}', "non-empty")])
+def test_bad_temperatures_file_names_file_and_field(tmp_path, content, field):
+    from common.errors import InputError
+    from rsna_spine.calibration import load_temperatures
+    from rsna_spine.submission import find_temperatures_file
+
+    path = tmp_path / "temperatures.json"
+    path.write_text(content)
+    with pytest.raises(InputError) as exc:
+        load_temperatures(path)
+    assert field in str(exc.value) and "temperatures.json" in str(exc.value)
+    with pytest.raises(InputError, match="predict.temperatures"):
+        find_temperatures_file(str(tmp_path / "missing.json"), tmp_path)

@@ -68,3 +68,25 @@ def test_headers_carry_no_grade_and_layout_rows(tmp_path):
     # every label point names an instance file that exists in its series folder
     for row in coords.itertuples():
         assert (tmp_path / "train_images" / "123" / str(row.series_id) / f"{row.instance_number}.dcm").is_file()
+
+
+def test_existing_synthetic_dataset_is_not_rewritten(tiny_dataset):
+    """A second preprocess over a root that already holds the dataset reuses it (and the cache's series)."""
+    from rsna_spine.preprocess_rsna import main as preprocess
+
+    root, cache = tiny_dataset["root"], tiny_dataset["cache"]
+    before = {p: p.stat().st_mtime_ns for p in (root / "train.csv", root / "train_series_descriptions.csv")}
+    summary = preprocess(["--config", "configs/rsna_spine/smoke.yaml", "--output-dir",
+                          str(tiny_dataset["work"] / "preprocess_again"), "--set", f"paths.data_root={root.as_posix()}",
+                          "--set", f"paths.cache_dir={cache.as_posix()}", "--set", "preprocess.n_folds=2"])
+    assert "synthetic" not in summary  # nothing generated; only the series without a folder is looked at again
+    assert summary["n_series_decoded"] <= summary["n_series_failed"] < summary["n_series_usable"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_study_ids_are_drawn_without_materializing_the_range():
+    """generate_dataset draws 7-9 digit study ids from an integer population (an arange of 10**9 would be 8 GB);
+    the draw equals the one from the explicit array (checked on a smaller range)."""
+    explicit = np.random.default_rng(5).choice(np.arange(10**6, 10**7), size=9, replace=False)
+    implicit = 10**6 + np.random.default_rng(5).choice(10**7 - 10**6, size=9, replace=False)
+    np.testing.assert_array_equal(explicit, implicit)
