@@ -34,13 +34,23 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return q / q.sum(axis=1, keepdims=True)
 
 
+def model_rows(table: pd.DataFrame) -> np.ndarray:
+    """Rows the model graded: those a ``source`` column does not mark "prior". Only these are tempered, in
+    the fit as at prediction (class-prior rows stand for a missing model output and stay as they are)."""
+    if "source" not in table.columns:
+        return np.ones(len(table), dtype=bool)
+    return (table["source"] != "prior").to_numpy()
+
+
 def apply_temperatures(table: pd.DataFrame, temperatures: dict) -> pd.DataFrame:
-    """A copy of a prediction table (condition + the three probability columns) with each group tempered."""
+    """A copy of a prediction table (condition + the three probability columns) with each group's model
+    rows tempered (see :func:`model_rows`)."""
     out = table.copy()
     cols = list(SUBMISSION_COLUMNS)
     groups = out["condition"].map(GROUP_OF_CONDITION).to_numpy()
+    graded = model_rows(out)
     for group, temperature in temperatures.items():
-        sel = groups == group
+        sel = (groups == group) & graded
         if sel.any():
             out.loc[sel, cols] = apply_temperature(out.loc[sel, cols].to_numpy(), temperature)
     return out
@@ -64,6 +74,7 @@ class _Scorer:
         self.label = table["label"].to_numpy().astype(int)
         self.weight = np.asarray(METRIC_CLASS_WEIGHTS, dtype=np.float64)[self.label]
         self.group = table["condition"].map(GROUP_OF_CONDITION).to_numpy()
+        self.graded = model_rows(table)
         spinal = self.group == "spinal"
         self.spinal = np.flatnonzero(spinal)
         self.study_codes, studies = pd.factorize(table.loc[spinal, "study_id"])
@@ -72,7 +83,7 @@ class _Scorer:
     def __call__(self, temperatures: dict) -> float:
         probs = self.probs.copy()
         for group, temperature in temperatures.items():
-            sel = self.group == group
+            sel = (self.group == group) & self.graded
             if sel.any() and temperature != 1.0:
                 probs[sel] = apply_temperature(probs[sel], temperature)
         eps = np.finfo(np.float64).eps

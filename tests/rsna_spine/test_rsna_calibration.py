@@ -38,6 +38,14 @@ def test_fast_scorer_equals_the_official_metric():
     table = overconfident_table(n_studies=6)
     temps = {"spinal": 0.7, "foraminal": 1.8, "subarticular": 1.0}
     assert _Scorer(table)(temps) == pytest.approx(table_score(apply_temperatures(table, temps)), rel=1e-12)
+    # class-prior rows are not tempered, in the fit as at prediction
+    table["source"] = np.where(np.arange(len(table)) % 3 == 0, "prior", "two_stage")
+    tempered = apply_temperatures(table, temps)
+    prior = (table["source"] == "prior").to_numpy()
+    cols = ["normal_mild", "moderate", "severe"]
+    np.testing.assert_array_equal(tempered.loc[prior, cols].to_numpy(), table.loc[prior, cols].to_numpy())
+    assert not np.allclose(tempered.loc[~prior, cols].to_numpy(), table.loc[~prior, cols].to_numpy())
+    assert _Scorer(table)(temps) == pytest.approx(table_score(tempered), rel=1e-12)
 
 
 def test_cross_fitted_temperature_fixes_overconfidence():
