@@ -5,8 +5,15 @@ Input channels (``input_spec``, stored in every checkpoint so inference rebuilds
   1 .. S       signed distance fields of the S structures (scaled, negative inside)
   S + 1        prescription map: in each target its dose / Rx (PTV70 → 1.0, PTV56 → 0.8), max-combined
   S + 2        possible-dose (body) mask
+  S + 3        only with ``input.atlas_channel``: the mean-dose atlas of the case (vmat/atlas.py) / Rx; the
+               atlas fitted on the training cases travels in the input spec, so inference rebuilds it
 Conditioning vector (FiLM): [Rx / rx_reference_gy, presence flag of each structure, dose / Rx of each
 target]. Target: dose / Rx (the models predict a dose relative to the prescription).
+
+Coarse grid (``input.grid_factor`` f > 1): the model works on the case averaged over f×f×f voxel blocks
+(:func:`coarsen`; a 128³ OpenKBP patient becomes 64³ at f = 2, so one window holds the whole patient);
+inference upsamples its output trilinearly back to the case grid (vmat/inference.py). A model predicting
+the residual over the atlas gets the atlas back at full resolution: only its correction is upsampled.
 
 Left-right flip: axis −1 of every array is the patient's left-right axis (x increases toward the
 patient's left, see vmat/geometry.py), so the flip is ``[..., ::-1]``; channels of lateral pairs
@@ -25,23 +32,57 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from vmat.atlas import predict_atlas
 from vmat.case_io import load_case
 from vmat.structures import left_right_permutation
 
 INPUT_DEFAULTS = {
     "ct_clip_hu": [-1000.0, 1500.0],  # CT window before scaling by 1/1000
     "rx_reference_gy": 70.0,  # conditioning scale of the prescription
+    "atlas_channel": False,  # add the mean-dose atlas / Rx as the last input channel (needed by model.residual_over_atlas)
+    "grid_factor": 1,  # the model sees the case averaged over f^3 voxel blocks (2: 128^3 -> 64^3); output upsampled
 }
 
 
 def make_input_spec(structure_names: Sequence[str], target_doses_gy: Mapping[str, float], cfg: Mapping,
-                    sdf_clip_mm: float) -> dict:
-    """Everything inference needs to rebuild the inputs (plain types, saved in checkpoints)."""
+                    sdf_clip_mm: float, atlas: Mapping | None = None) -> dict:
+    """Everything inference needs to rebuild the inputs (plain types, saved in checkpoints).
+
+    ``atlas`` (the dict of vmat.atlas.fit_atlas) is required when ``cfg["atlas_channel"]`` is on."""
     names = list(structure_names)
     targets = {n: float(d) for n, d in target_doses_gy.items() if n in names}
-    return {"structure_names": names, "target_doses_gy": targets, "ct_clip_hu": [float(v) for v in cfg["ct_clip_hu"]],
+    spec = {"structure_names": names, "target_doses_gy": targets, "ct_clip_hu": [float(v) for v in cfg["ct_clip_hu"]],
             "rx_reference_gy": float(cfg["rx_reference_gy"]), "sdf_clip_mm": float(sdf_clip_mm),
             "n_channels": 1 + len(names) + 2, "cond_dim": 1 + len(names) + len(targets)}
+    if cfg.get("atlas_channel"):
+        if atlas is None:
+            raise ValueError("input.atlas_channel needs a fitted atlas (vmat.atlas.fit_atlas)")
+        spec["atlas"] = dict(atlas)
+        spec["n_channels"] += 1
+    factor = int(cfg.get("grid_factor", 1))
+    if factor < 1:
+        raise ValueError(f"input.grid_factor must be a positive integer, got {cfg.get('grid_factor')!r}")
+    if factor > 1:  # absent for 1, so specs (and checkpoints) of full-resolution models are unchanged
+        spec["grid_factor"] = factor
+    return spec
+
+
+def coarsen(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor``³ blocks of the last three axes; axes not divisible by ``factor`` are zero-padded
+    at their high end first. ``factor`` 1 returns the input."""
+    if factor == 1:
+        return volume
+    volume = np.asarray(volume, np.float32)
+    pad = [(0, 0)] * (volume.ndim - 3) + [(0, (-n) % factor) for n in volume.shape[-3:]]
+    padded = np.pad(volume, pad)
+    z, y, x = (n // factor for n in padded.shape[-3:])
+    blocks = padded.reshape(*padded.shape[:-3], z, factor, y, factor, x, factor)
+    return blocks.mean(axis=(-5, -3, -1))
+
+
+def body_channel(spec: Mapping) -> int:
+    """Index of the possible-dose (body) mask among the input channels."""
+    return 1 + len(spec["structure_names"]) + 1
 
 
 def check_case_matches(case: Mapping, spec: Mapping, source: str = "") -> None:
@@ -61,7 +102,11 @@ def build_inputs(case: Mapping, spec: Mapping) -> tuple[np.ndarray, np.ndarray]:
     for name, dose in spec["target_doses_gy"].items():
         rx_map = np.maximum(rx_map, np.asarray(case["masks"][names.index(name)], np.float32) * (dose / rx))
     body = np.asarray(case["possible_dose_mask"], np.float32)[None]
-    image = np.concatenate([ct, np.asarray(case["sdf"], np.float32), rx_map[None], body], axis=0)
+    channels = [ct, np.asarray(case["sdf"], np.float32), rx_map[None], body]
+    if spec.get("atlas"):
+        atlas_gy = predict_atlas(spec["atlas"], case["masks"], names, case["spacing_mm"], case["possible_dose_mask"])
+        channels.append(atlas_gy[None] / rx)
+    image = np.concatenate(channels, axis=0)
     present = [float(np.asarray(m).any()) for m in case["masks"]]
     ratios = [(dose / rx) if present[names.index(name)] else 0.0 for name, dose in spec["target_doses_gy"].items()]
     cond = np.asarray([rx / spec["rx_reference_gy"], *present, *ratios], np.float32)
@@ -72,7 +117,7 @@ def input_channel_permutation(spec: Mapping) -> list[int]:
     """Channel order after a left-right flip (SDF channels of lateral pairs swapped)."""
     perm = left_right_permutation(spec["structure_names"])
     n = len(perm)
-    return [0] + [1 + p for p in perm] + [n + 1, n + 2]
+    return [0] + [1 + p for p in perm] + [n + 1, n + 2] + ([n + 3] if spec.get("atlas") else [])
 
 
 def cond_permutation(spec: Mapping) -> list[int]:
@@ -148,14 +193,20 @@ class PatchDataset(Dataset):
         case = load_case(self.paths[i])
         image, cond = build_inputs(case, self.spec)
         rx = float(case["prescription_gy"])
+        f = int(self.spec.get("grid_factor", 1))
+        image = coarsen(image, f)
+        dose_gy = coarsen(np.asarray(case["dose"]), f)
+        target = (np.asarray(dose_gy, np.float32) / rx)[None]
+        body = image[body_channel(self.spec)] > 0  # any body voxel in the block (its fraction is the input)
+        # a coarse voxel's reference dose is known only if it is known in every voxel of its block
+        valid = coarsen(np.asarray(case["dose_valid_mask"], np.float32), f) > 1 - 1e-6
         index_dtype = np.int16 if max(image.shape[1:]) < 2**15 else np.int64
-        item = {"image": image, "cond": cond, "target": (np.asarray(case["dose"], np.float32) / rx)[None],
-                "masks": np.asarray(case["masks"], np.uint8), "rx": rx,
-                "valid": np.asarray(case["dose_valid_mask"], np.uint8)[None],
-                "high": np.argwhere(np.asarray(case["dose"]) >= self.high_dose_threshold * rx).astype(index_dtype),
+        item = {"image": image, "cond": cond, "target": target,
+                "masks": (coarsen(np.asarray(case["masks"], np.uint8), f) >= 0.5).astype(np.uint8), "rx": rx,
+                "valid": valid.astype(np.uint8)[None],
+                "high": np.argwhere(dose_gy >= self.high_dose_threshold * rx).astype(index_dtype),
                 # patch centres where the loss can see something: body voxels with a known reference dose
-                "body": np.argwhere((np.asarray(case["possible_dose_mask"]) > 0)
-                                    & (np.asarray(case["dose_valid_mask"]) > 0)).astype(index_dtype)}
+                "body": np.argwhere(body & valid).astype(index_dtype)}
         item["nbytes"] = sum(v.nbytes for v in item.values() if isinstance(v, np.ndarray))
         if item["nbytes"] <= self.cache_bytes:
             self._cases[i] = item
@@ -168,6 +219,9 @@ class PatchDataset(Dataset):
         case = self._case(index % len(self.paths))
         pool = case["high"] if (len(case["high"]) and rng.uniform() < self.high_dose_fraction) else case["body"]
         centre = pool[rng.integers(len(pool))].astype(np.int64) if len(pool) else np.array(case["image"].shape[1:]) // 2
+        # along an axis the patch covers whole, it is centred on the volume (so it holds all of it, up to the shift)
+        whole = np.asarray(self.patch_size) >= np.asarray(case["image"].shape[1:])
+        centre = np.where(whole, np.asarray(case["image"].shape[1:]) // 2, centre)
         shift = int(self.augment.get("shift_vox", 0))
         if shift:
             centre = centre + rng.integers(-shift, shift + 1, size=3)
@@ -180,7 +234,8 @@ class PatchDataset(Dataset):
         big = size + 2 * margin
         start = centre - big // 2
         n_struct = len(self.spec["structure_names"])
-        image_fill = [self.spec["ct_clip_hu"][0] / 1000.0] + [1.0] * n_struct + [0.0, 0.0]
+        image_fill = [self.spec["ct_clip_hu"][0] / 1000.0] + [1.0] * n_struct + [0.0, 0.0] \
+            + ([0.0] if self.spec.get("atlas") else [])
         image = _crop(case["image"], start, big, image_fill)
         target = _crop(case["target"], start, big, [0.0])
         masks = _crop(case["masks"], start, big, [0] * n_struct).astype(np.float32)
@@ -204,7 +259,7 @@ class PatchDataset(Dataset):
         if scale or offset:
             image = image.copy()
             image[0] = image[0] * (1 + rng.uniform(-scale, scale)) + rng.uniform(-offset, offset)
-        body = image[-1:].copy()
+        body = image[body_channel(self.spec)][None].copy()
         return {"input": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 "cond": torch.from_numpy(cond.astype(np.float32)),
                 "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),

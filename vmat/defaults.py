@@ -125,6 +125,7 @@ VMAT_DEFAULTS = {
         "blocks_per_level": 1,
         "dropout": 0.0,
         "film": True,  # FiLM conditioning on prescription / structure presence / target ratios
+        "residual_over_atlas": False,  # unet: output = atlas input channel + correction (needs input.atlas_channel)
         "diffusion_steps": 1000,  # diffusion: training timesteps T
         "prediction": "v",  # diffusion: eps | v | x0
         "schedule": "cosine",

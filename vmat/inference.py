@@ -1,6 +1,7 @@
 """Whole-volume dose prediction from checkpoints: sliding window with Gaussian blending
-(common.sliding_window), left-right flip test-time augmentation, checkpoint ensembles (mean and
-voxel-wise spread, common.ensembling), diffusion sampling with several samples.
+(common.sliding_window), left-right flip test-time augmentation, models trained on a coarser grid
+(``input.grid_factor``: output upsampled trilinearly, see :meth:`EnsemblePredictor._to_case_grid`),
+checkpoint ensembles (mean and voxel-wise spread, common.ensembling), diffusion sampling with several samples.
 
 A checkpoint rebuilds its model alone (common.checkpoint.load_model) and carries the input spec and the
 training patch size in ``preprocessing``; EMA weights, when training kept them, are in ``extra.ema``.
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.checkpoint import CheckpointError, apply_ema_weights, load_model, resolve_checkpoints
 from common.sliding_window import sliding_window_inference
-from vmat.data import build_inputs, cond_permutation, input_channel_permutation
+from vmat.data import build_inputs, coarsen, cond_permutation, input_channel_permutation
 
 INFERENCE_DEFAULTS = {
     "window_zyx": None,  # sliding-window size; null = the training patch size
@@ -112,15 +114,37 @@ class EnsemblePredictor:
             outputs += [out[:, i:i + 1] for i in range(out.shape[1])]
         return outputs
 
+    def _to_case_grid(self, outputs: list[torch.Tensor], image_np: np.ndarray, factor: int, residual: bool):
+        """Coarse-grid outputs (``input.grid_factor``) → the case grid: trilinear upsampling (coarse voxel
+        centres at the centres of their blocks, as :func:`vmat.data.coarsen` averages them). For a model
+        predicting the residual over the atlas (last input channel) only the correction is upsampled and
+        added to the full-resolution atlas, so the target edges of the atlas stay sharp."""
+        shape = image_np.shape[1:]
+        atlas_coarse = torch.from_numpy(coarsen(image_np[-1:], factor))[None] if residual else None
+        atlas_full = torch.from_numpy(np.ascontiguousarray(image_np[-1:]))[None] if residual else None
+        out = []
+        for coarse in outputs:
+            if residual:
+                coarse = coarse - atlas_coarse
+            fine = F.interpolate(coarse.float(), scale_factor=factor, mode="trilinear", align_corners=False)
+            fine = fine[..., :shape[0], :shape[1], :shape[2]]
+            out.append(fine + atlas_full if residual else fine)
+        return out
+
     @torch.no_grad()
     def predict(self, case: Mapping, seed: int = 0) -> dict:
         """{"dose": Gy (z, y, x), "dose_std": voxel-wise spread over members, flips and samples (Gy)}."""
         image_np, cond_np = build_inputs(case, self.spec)
-        image = torch.from_numpy(image_np)[None].to(self.device)
+        factor = int(self.spec.get("grid_factor", 1))
+        image = torch.from_numpy(coarsen(image_np, factor))[None].to(self.device)
         cond = torch.from_numpy(cond_np)[None].to(self.device)
         outputs = []
         for index, (model, prep) in enumerate(self.members):
-            outputs += self._member_outputs(model, prep, image, cond, seed + index)
+            member = self._member_outputs(model, prep, image, cond, seed + index)
+            if factor > 1:
+                residual = getattr(model, "residual_input_channel", None) is not None
+                member = self._to_case_grid(member, image_np, factor, residual)
+            outputs += member
         stacked = torch.stack(outputs).float()  # (n, 1, 1, z, y, x)
         rx = float(case["prescription_gy"])
         body = torch.as_tensor(np.asarray(case["possible_dose_mask"], np.float32))

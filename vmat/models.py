@@ -60,13 +60,21 @@ class UNet3D(nn.Module):
         cond_dim: length of the FiLM conditioning vector (0: no FiLM).
         time_embedding: add a sinusoidal timestep embedding to the FiLM input (diffusion).
         blocks_per_level: residual blocks per level in encoder and decoder.
+        residual_input_channel: if given, the output is that input channel plus the network's correction
+            (a prediction of the residual over a baseline fed as input, e.g. the mean-dose atlas; the head
+            starts at zero, so the untrained model reproduces the baseline exactly).
     """
 
     def __init__(self, in_channels: int, out_channels: int = 1, channels: Sequence[int] = (48, 96, 192, 384, 384),
                  cond_dim: int = 0, groups: int = 8, blocks_per_level: int = 1, dropout: float = 0.0,
-                 time_embedding: bool = False, emb_dim: int = 128):
+                 time_embedding: bool = False, emb_dim: int = 128, residual_input_channel: int | None = None):
         super().__init__()
         channels = [int(c) for c in channels]
+        if residual_input_channel is not None and not (0 <= int(residual_input_channel) < in_channels
+                                                       and out_channels == 1):
+            raise ValueError(f"residual_input_channel {residual_input_channel} must index one of the {in_channels} "
+                             "input channels, with out_channels 1")
+        self.residual_input_channel = None if residual_input_channel is None else int(residual_input_channel)
         self.n_pool = len(channels) - 1
         self.time_embedding = bool(time_embedding)
         self.emb_dim = emb_dim if (cond_dim or time_embedding) else 0
@@ -91,6 +99,9 @@ class UNet3D(nn.Module):
             self.up.append(blocks)
             width = c
         self.head = nn.Conv3d(width, out_channels, 1)
+        if self.residual_input_channel is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def embed(self, cond: torch.Tensor | None, t: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         if not self.emb_dim:
@@ -125,7 +136,11 @@ class UNet3D(nn.Module):
             h = torch.cat([h, skip], dim=1)
             for block in blocks:
                 h = block(h, emb)
-        return self.head(h)
+        out = self.head(h)
+        if self.residual_input_channel is not None:
+            c = self.residual_input_channel
+            out = out + x[:, c:c + 1]
+        return out
 
 
 @register_model

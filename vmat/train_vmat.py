@@ -17,8 +17,9 @@ Ctrl+C, SIGTERM or ``--stop-after-steps N`` stop after the current optimizer ste
 recording the position inside the epoch; ``--resume`` then continues exactly where the run stopped (patch
 order from (seed, epoch), diffusion noise from (seed, rank, step), optimizer / scheduler / EMA / loss-weight
 / RNG state from the checkpoint). The mean-dose atlas baseline is fitted on the training cases (atlas.json)
-and scored on the validation cases for comparison. Checkpoints carry the input spec, patch size and atlas
-in ``preprocessing``. Config sections (vmat/defaults.py): data input patch augment model loss constraints
+and scored on the validation cases for comparison; with ``input.atlas_channel`` it is also an input channel
+(fitted on every rank) and, with ``model.residual_over_atlas``, the U-Net's additive base. Checkpoints carry
+the input spec (with the atlas and ``grid_factor`` when used), patch size and atlas in ``preprocessing``. Config sections (vmat/defaults.py): data input patch augment model loss constraints
 train val runtime.
 """
 
@@ -85,6 +86,11 @@ def check_training_config(cfg: dict) -> None:
         hint = " ('val.gamma_subset' is 0: no gamma)" if "gamma" in str(vcfg["best_metric"]) else ""
         raise ConfigError(f"config: 'val.best_metric' must be one of {', '.join(allowed)}, "
                           f"got {vcfg['best_metric']!r}{hint}")
+    if cfg["model"]["residual_over_atlas"] and not (cfg["model"]["type"] == "unet" and cfg["input"]["atlas_channel"]):
+        raise ConfigError("config: 'model.residual_over_atlas' needs 'model.type: unet' and 'input.atlas_channel: true' "
+                          f"(got type {cfg['model']['type']!r}, atlas_channel {cfg['input']['atlas_channel']!r})")
+    if not isinstance(cfg["input"]["grid_factor"], int) or cfg["input"]["grid_factor"] < 1:
+        raise ConfigError(f"config: 'input.grid_factor' must be a positive integer, got {cfg['input']['grid_factor']!r}")
     if vcfg["best_mode"] not in ("min", "max"):
         raise ConfigError(f"config: 'val.best_mode' must be min or max, got {vcfg['best_mode']!r}")
     if int(vcfg["every_epochs"]) < 1:
@@ -116,6 +122,8 @@ def model_spec_from_config(mcfg: dict, spec: dict) -> tuple[str, dict]:
                  "blocks_per_level": int(mcfg["blocks_per_level"])}
     kind = mcfg["type"]
     if kind == "unet":
+        if mcfg["residual_over_atlas"]:  # the atlas is the last input channel (vmat.data.build_inputs)
+            common_kw["residual_input_channel"] = spec["n_channels"] - 1
         return MODEL_TARGETS[kind], {"in_channels": spec["n_channels"], "out_channels": 1, "dropout": float(mcfg["dropout"]),
                                      **common_kw}
     if kind == "cascade":
@@ -236,8 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
     check_training_config(cfg)
     train_paths, val_paths = split_cases(cfg, cfg["seed"])
     names, target_doses, sdf_clip = dataset_info(train_paths)
-    spec = make_input_spec(names, target_doses, cfg["input"], sdf_clip)
-    atlas = fit_atlas((load_case(p) for p in train_paths), spec["target_doses_gy"]) if run.is_main else None
+    targets_present = {n: float(d) for n, d in target_doses.items() if n in names}
+    # Every rank needs the atlas when it is an input channel; otherwise only rank 0 scores it.
+    atlas = fit_atlas((load_case(p) for p in train_paths), targets_present) \
+        if (run.is_main or cfg["input"]["atlas_channel"]) else None
+    spec = make_input_spec(names, target_doses, cfg["input"], sdf_clip, atlas=atlas)
     val_cases = [load_case(p) for p in val_paths] if run.is_main else []
     run.log(f"[vmat] {len(train_paths)} training / {len(val_paths)} validation cases; channels {names}")
 
