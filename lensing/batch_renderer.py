@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from lensing.psf import FWHM_TO_SIGMA, GaussianPSF, gaussian_kernel_1d
 from lensing.simulator import deflection, neighbour_bands, pixel_grid, sersic_bands
 
-GROUPS = ("lens", "shear", "source", "lens_light", "neighbours")
+GROUPS = ("lens", "shear", "source", "source_knots", "lens_light", "neighbours")
 DEFAULT_CHUNK_ELEMENTS = 1 << 17  # sub-pixels per chunk on CPU, eager: 512 KB per float32 intermediate (L2)
 COMPILED_CHUNK_ELEMENTS = 1 << 17  # compiled (measured best of 2^15, 2^17, 2^19 at 64 px, ss 1 and 3)
 RECOMPILE_LIMIT = 64
@@ -80,6 +80,8 @@ def _surface_chunk(packed: torch.Tensor, layout: tuple, x: torch.Tensor, y: torc
     if params.get("source") is not None:
         ax, ay = deflection(x, y, params)
         total = sersic_bands(x - ax, y - ay, params["source"], "source")
+        if params.get("source_knots") is not None:
+            total = total + neighbour_bands(x - ax, y - ay, params["source_knots"])
     if params.get("lens_light") is not None:
         light = sersic_bands(x, y, params["lens_light"], "lens_light")
         total = light if total is None else total + light

@@ -1,7 +1,8 @@
 """Loading a data set folder (catalog.csv + images) for training and evaluation.
 
 Each item is a dict of tensors:
-    input       [C, H, W]  per-band noise-normalized image, clipped at ±clip_sigma (network input)
+    input       [C, H, W]  per-band noise-normalized image, clipped at ±clip_sigma (network input); with
+                           ``residual_channel`` [2C, H, W]: then each band minus its azimuthal-median model
     image       [C, H, W]  physical units (counts/s per pixel), for the physics loss
     variance    [C, H, W]  variance map; +inf where a pixel is masked (NaN pixel, variance <= 0)
     label       []         1 lens, 0 non-lens, -1 unknown
@@ -10,7 +11,9 @@ Each item is a dict of tensors:
 
 Per-band noise normalization (Lanusse et al. 2018, CMU DeepLens, Bologna challenge): each band is divided
 by its background σ — √median(variance) when a variance map exists, else the ``background_rms`` column,
-else 1.4826·MAD of the cutout border — and clipped at ±250σ; optionally followed by an asinh stretch.
+else 1.4826·MAD of the cutout border — and clipped at ±250σ; optionally followed by an asinh stretch. ``residual_channel`` appends, per band, that input
+minus its round model (lensing.baseline.azimuthal_median_model: the median of each 1-pixel annulus around
+the centre), the non-axisymmetric light the baseline sums, so the network sees arcs with the galaxy removed.
 
 Bad input: NaN pixels and variance values <= 0 are masked (input 0, variance +inf, i.e. zero weight in
 χ²) and counted in one log line per data set; a wrong number of bands or image size is an error naming the
@@ -25,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
 from torch.utils.data import Dataset
 
+from lensing.baseline import azimuthal_median_model
 from lensing.catalog import CatalogError, band_floats, read_catalog, split_bands
 from lensing.storage import ImageFileError, read_array
 
@@ -99,7 +104,7 @@ class LensingDataset(Dataset):
     def __init__(self, folder: str | Path, split: str | None = None, surveys: list[str] | None = None,
                  labels: tuple[int, ...] | None = None, expected_bands: int | None = None,
                  expected_size: int | None = None, clip_sigma: float = 250.0, stretch: str = "linear",
-                 preload: bool = True, size_policy: str = "crop_pad",
+                 preload: bool = True, size_policy: str = "crop_pad", residual_channel: bool = False,
                  on_missing_files: str = "error", log: Callable[[str], None] | None = None,
                  catalog: pd.DataFrame | None = None):
         self.folder = Path(folder)
@@ -125,6 +130,7 @@ class LensingDataset(Dataset):
         self.resized = {"cropped": 0, "padded": 0}
         self.clip_sigma = float(clip_sigma)
         self.stretch = stretch
+        self.residual_channel = bool(residual_channel)
         self.log = log or (lambda message: None)
         self.has_true_params = all(c in self.catalog.columns for c in TRUE_PARAM_COLUMNS)
         self.masked_counts = {"nan_pixels": 0, "nonpositive_variance": 0, "images_with_masks": 0}
@@ -192,8 +198,11 @@ class LensingDataset(Dataset):
         fwhm = band_floats(row.get("band_psf_fwhm"))
         if fwhm.size != image.shape[0]:
             fwhm = np.full(image.shape[0], float(row["psf_fwhm"]))
+        network_input = normalize(image, sigma, self.clip_sigma, self.stretch)
+        if self.residual_channel:  # + per band, the input minus its round (azimuthal-median) model
+            network_input = np.concatenate([network_input, network_input - azimuthal_median_model(network_input)])
         item = {
-            "input": torch.from_numpy(normalize(image, sigma, self.clip_sigma, self.stretch)),
+            "input": torch.from_numpy(np.ascontiguousarray(network_input, dtype=np.float32)),
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "variance": torch.from_numpy(np.ascontiguousarray(variance, dtype=np.float32)),
             "label": torch.tensor(float(row["label"]), dtype=torch.float32),

@@ -26,9 +26,13 @@ LENSING_DEFAULTS = {
         "band_mode": "all",  # all | reference (each survey's reference band only, to mix band sets)
         "storage": "npy",  # npy | fits | tiff16
         "dtype": "float32",  # float32 | float64 rendering precision
+        "renderer": "torch",  # torch | lenstronomy (held-out sets by an independent simulator: sim:external)
         "compile": False,  # torch.compile the renderer (faster for large data sets; ~1 min to compile)
         "batch_size": 256,  # scenes rendered per batch
         "truth_grid": 160,  # grid points per axis for Einstein area / image counting
+        "seeing_scatter": 0.0,  # per-image PSF FWHM = preset x exp(N(0, this)) (0 = the preset's FWHM)
+        "depth_scatter_mag": 0.0,  # per-image depth shift ~ U(-this, +this) mag (exposure x 10^(0.8 dm))
+        "artefact_fraction": 0.0,  # share of all images with cosmic rays / a satellite trail (artefacts.py)
         "population": {  # scene distribution (lensing/population.py)
             "lens_fraction": 0.5,
             "nonlens_neighbour_fraction": 0.5,
@@ -43,6 +47,8 @@ LENSING_DEFAULTS = {
             "shear_sigma": 0.03,
             "confuser_fraction": 0.0,  # of non-lenses, the share with a ring / spiral arms / close pair / edge-on
             # disc (population.py); 0 draws nothing extra, so earlier data sets are reproduced
+            "source_knots_max": 0,  # extra lensed components per source: star-forming knots, a second disc
+            "los_companions_max": 0,  # unlensed line-of-sight galaxies anywhere in the cutout
         },
     },
     # ------------------------------------------------------ real cutouts (preprocess_lensing.py convert)
@@ -75,6 +81,7 @@ LENSING_DEFAULTS = {
         "surveys": [],  # train/validate on these surveys only (empty = all)
         "clip_sigma": 250.0,  # noise-normalized inputs clipped at ±this (DeepLens)
         "stretch": "linear",  # linear (DeepLens) | asinh (compresses the bright lens galaxy)
+        "residual_channel": False,  # + per band the input minus its azimuthal-median (round) model (data.py)
         "preload": True,  # read all cutouts into memory once
         "image_size": 0,  # model input size in px (0 = the first training cutout's); validation uses the model's
         "size_policy": "crop_pad",  # cutouts of another size: crop_pad (centre crop / pad, zero-weight pad) | error
@@ -126,6 +133,12 @@ LENSING_DEFAULTS = {
         "baseline": True,  # also score the non-learned azimuthal-residual baseline
         "bootstrap": 200,  # stratified paired bootstrap resamples for 95 % CIs of model, baseline and difference (0 = off)
         "figures": True,  # ROC, stratified curves, cutout grids, reliability diagram
+    },
+    # ------------------------------------- large validation sets rendered on the fly (validate_stream_lensing.py)
+    "stream": {  # scenes drawn from the simulate section, per survey; only the scores are kept
+        "n_nonlenses": 100000,  # non-lenses per survey (TPR0/TPR10 are false-positive counts: many negatives)
+        "n_lenses": 2000,  # lenses per survey
+        "chunk": 1000,  # scenes rendered and scored at a time (memory: chunk x bands x n_pix^2 floats, a few)
     },
     # -------------------------------------------------------------------- benchmarks (benchmark_lensing.py)
     "benchmark": {

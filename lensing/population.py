@@ -19,6 +19,17 @@ CONFUSER_KINDS, built from the same Sérsic components (``CONFUSER_KNOTS`` extra
   colour.
 Their ``sim_kind`` is ``galaxy+<kind>``.
 
+Optional realism (each off at 0, and then, like the confusers, draws nothing, so earlier data sets are
+reproduced; drawn after the confusers, in this order):
+- ``source_knots_max`` > 0: every lensed source gets 0-``source_knots_max`` extra lensed components
+  (``source_knots`` [B, K]): compact star-forming knots (R 0.02-0.12", Sérsic n 0.5-1.5, bluer than the
+  disc by 0-0.3 mag per band step) scattered within 2 R_sersic of the source centre, holding 10-60 % of the
+  source flux, and with probability 1/2 slot 0 is a second, broader offset disc (R 0.5-1.5 × the source's),
+  so sources are clumpy, multi-component and irregular rather than one smooth Sérsic.
+- ``los_companions_max`` > 0: 0-``los_companions_max`` line-of-sight galaxies anywhere in the cutout, in
+  front of or behind the lens (unlensed, in ``neighbours``), any colour (early-type or star-forming with
+  scatter), magnitudes from ``neighbour_mag_range``, sizes 0.1-0.8"; lenses and non-lenses alike.
+
 Magnitudes are converted to Sérsic ``amp`` through the total flux (lensing.profiles.sersic_total_flux) and
 the survey zero point. Redshifts are nuisance metadata for stratification (θ_E is drawn directly; no
 cosmology): z_lens ~ U(0.2, 0.9), photometric error 0.05(1 + z).
@@ -56,6 +67,8 @@ class PopulationConfig:
     source_offset_max: float = 0.9  # source centre within this × θ_E of the lens centre
     shear_sigma: float = 0.03
     confuser_fraction: float = 0.0  # of non-lenses, the share with a ring / spiral / pair / edge-on confuser
+    source_knots_max: int = 0  # extra lensed components per source (star-forming knots, a second disc)
+    los_companions_max: int = 0  # unlensed line-of-sight galaxies anywhere in the cutout
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -185,6 +198,10 @@ def sample_scenes(n: int, survey: Survey, n_pix: int, cfg: PopulationConfig, rng
     sim_kind = np.array(KINDS)[kind]
     if cfg.confuser_fraction > 0:  # drawn after everything else: without confusers the stream is unchanged
         params, sim_kind = _add_confusers(params, sim_kind, is_lens, survey, cfg, rng, dtype, half_fov)
+    if cfg.source_knots_max > 0:
+        params = dict(params, source_knots=_source_knots(params["source"], is_lens, survey, cfg, rng, dtype))
+    if cfg.los_companions_max > 0:
+        params = _add_los_companions(params, survey, cfg, rng, dtype, half_fov)
     z_lens = rng.uniform(0.2, 0.9, n)
     z_err = 0.05 * (1 + z_lens)
     meta = {
@@ -286,6 +303,68 @@ def _add_confusers(params: dict, sim_kind: np.ndarray, is_lens: np.ndarray, surv
                   neighbours={key: torch.cat([nb[key], t_(extra[key])], dim=1) for key in nb})
     kinds = np.where(chosen, np.char.add("galaxy+", np.array(CONFUSER_KINDS)[which]), sim_kind)
     return params, kinds
+
+
+def _tensor(a, dtype) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=dtype)
+
+
+def _source_knots(source: dict, is_lens: np.ndarray, survey: Survey, cfg: PopulationConfig,
+                  rng: np.random.Generator, dtype) -> dict:
+    """Extra lensed components [B, K = source_knots_max] of each lensed source (module docstring)."""
+    n, k, n_bands = len(is_lens), int(cfg.source_knots_max), len(survey.bands)
+    ref = survey.band_index(survey.reference_band)
+    src = {key: value.double().numpy() for key, value in source.items()}
+    n_knots = np.where(is_lens, rng.integers(0, k + 1, n), 0)
+    present = np.arange(k)[None, :] < n_knots[:, None]
+    src_r = src["R_sersic"][:, None]
+    dist = 2.0 * src_r * np.sqrt(rng.uniform(0, 1, (n, k)))
+    angle = rng.uniform(0, 2 * math.pi, (n, k))
+    knot_x = src["center_x"][:, None] + dist * np.cos(angle)
+    knot_y = src["center_y"][:, None] + dist * np.sin(angle)
+    knot_r = rng.uniform(0.02, 0.12, (n, k))
+    knot_n = rng.uniform(0.5, 1.5, (n, k))
+    ke1, ke2 = phi_q_to_ellipticity(rng.uniform(0, math.pi, (n, k)), rng.uniform(0.5, 1.0, (n, k)))
+    # slot 0: half of the time a second, broader disc offset from the first (an irregular / merging source)
+    second_disc = rng.uniform(0, 1, n) < 0.5
+    knot_r[:, 0] = np.where(second_disc, src["R_sersic"] * rng.uniform(0.5, 1.5, n), knot_r[:, 0])
+    knot_n[:, 0] = np.where(second_disc, rng.uniform(0.7, 1.5, n), knot_n[:, 0])
+    # flux: the knots together hold a fraction f of the disc's reference-band flux, split at random
+    disc_flux = sersic_total_flux(src["amp"], src["R_sersic"][:, None], src["n_sersic"][:, None])  # [B, C]
+    fraction = rng.uniform(0.1, 0.6, n)
+    share = rng.dirichlet(np.ones(k), n) * present
+    share = share / np.maximum(share.sum(axis=1, keepdims=True), 1e-12)
+    # star-forming knots are bluer than the disc: Δmag = −b·(band offset from the reference band), b ∈ [0, 0.3]
+    band_step = np.arange(n_bands)[None, None, :] - ref
+    bluer = 10 ** (0.4 * rng.uniform(0, 0.3, (n, k, 1)) * (-band_step))
+    flux = (fraction[:, None, None] * share[..., None]) * disc_flux[:, None, :] * bluer
+    amp = flux / sersic_total_flux(1.0, knot_r[..., None], knot_n[..., None]) * present[..., None]
+    return {"amp": _tensor(amp, dtype), "R_sersic": _tensor(knot_r, dtype), "n_sersic": _tensor(knot_n, dtype),
+            "e1": _tensor(ke1, dtype), "e2": _tensor(ke2, dtype), "center_x": _tensor(knot_x, dtype),
+            "center_y": _tensor(knot_y, dtype)}
+
+
+def _add_los_companions(params: dict, survey: Survey, cfg: PopulationConfig, rng: np.random.Generator, dtype,
+                        half_fov: float) -> dict:
+    """Append ``los_companions_max`` unlensed neighbour slots: galaxies anywhere in the cutout (docstring)."""
+    nb = params["neighbours"]
+    n, n_bands, k = nb["amp"].shape[0], len(survey.bands), int(cfg.los_companions_max)
+    zp = np.array(survey.zero_point_mag)
+    ref = survey.band_index(survey.reference_band)
+    present = np.arange(k)[None, :] < rng.integers(0, k + 1, n)[:, None]
+    x, y = rng.uniform(-half_fov, half_fov, (n, k)), rng.uniform(-half_fov, half_fov, (n, k))
+    r = rng.uniform(0.1, 0.8, (n, k))
+    sersic_n = rng.uniform(0.7, 4.0, (n, k))
+    e1, e2 = phi_q_to_ellipticity(rng.uniform(0, math.pi, (n, k)), rng.uniform(0.3, 1.0, (n, k)))
+    mag = rng.uniform(*cfg.neighbour_mag_range, (n, k))
+    blue = rng.uniform(0, 1, (n, k)) < 0.5
+    base = np.where(blue[..., None], np.array([SOURCE_COLOURS.get(b, 0.0) for b in survey.bands]),
+                    np.array([LENS_COLOURS.get(b, 0.0) for b in survey.bands]))
+    colour = base + rng.normal(0, 0.2, (n, k, n_bands))
+    colour[..., ref] = 0.0
+    amp = _amp(mag[..., None] + colour, zp, r[..., None], sersic_n[..., None]) * present[..., None]
+    extra = {"amp": amp, "R_sersic": r, "n_sersic": sersic_n, "e1": e1, "e2": e2, "center_x": x, "center_y": y}
+    return dict(params, neighbours={key: torch.cat([nb[key], _tensor(extra[key], dtype)], dim=1) for key in nb})
 
 
 def params_to_columns(params: dict, prefix: str = "true_") -> dict:

@@ -12,20 +12,49 @@ import torch
 from common.config import ConfigError
 from common.errors import NothingProcessedError
 from common.runlog import progress
+from lensing.artefacts import add_artefacts
 from lensing.catalog import SCHEMA_VERSION, join_bands
 from lensing.population import PopulationConfig, params_to_columns, sample_scenes, theta_e_range
 from lensing.psf import GaussianPSF
-from lensing.simulator import add_noise, renderer
+from lensing.simulator import add_noise, renderer, variance_map
 from lensing.storage import FORMATS, write_array
-from lensing.surveys import get_survey
+from lensing.surveys import Survey, get_survey
 from lensing.truth import lens_truth
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# torch: this package's simulator; lenstronomy: the same scenes rendered and noised by lenstronomy alone
+# (ImageModel per image, Util/image_util noise), written with label_source sim:external, for held-out sets
+RENDERERS = ("torch", "lenstronomy")
+
+
+def observing_conditions(survey: Survey, n: int, seeing_scatter: float, depth_scatter_mag: float,
+                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image PSF FWHM (arcsec), background σ (counts/s per pixel) and total exposure (s), each [n, C].
+
+    Seeing: the preset's FWHM of every band times one factor exp(N(0, ``seeing_scatter``)) per image (the
+    atmosphere broadens all bands together). Depth: the 5σ depth of the image shifts by Δm ~
+    U(−``depth_scatter_mag``, +``depth_scatter_mag``), as if the number of exposures were scaled by
+    f = 10^(0.8 Δm) (σ_bkg ∝ T^−1/2, so Δm = 1.25 log10 f; Util/data_util.bkg_noise of lenstronomy with n_exp·f
+    exposures): total exposure × f, background σ / √f. Both off at 0: the preset's values, no random draw.
+    """
+    n_bands = len(survey.bands)
+    fwhm = np.tile(np.asarray(survey.psf_fwhm_arcsec, dtype=np.float64), (n, 1))
+    bkg = np.tile([survey.background_rms(b) for b in range(n_bands)], (n, 1))
+    t_exp = np.tile([survey.total_exposure_s(b) for b in range(n_bands)], (n, 1))
+    if seeing_scatter > 0:
+        fwhm = fwhm * np.exp(rng.normal(0.0, seeing_scatter, n))[:, None]
+    if depth_scatter_mag > 0:
+        factor = 10 ** (0.8 * rng.uniform(-depth_scatter_mag, depth_scatter_mag, n))[:, None]
+        t_exp, bkg = t_exp * factor, bkg / np.sqrt(factor)
+    return fwhm, bkg, t_exp
 
 
 def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[str], None] = print,
                      device: torch.device | str = "cpu", is_main: bool = True) -> pd.DataFrame:
     """Simulate ``cfg['n_per_survey']`` cutouts for each of ``cfg['surveys']`` into ``out_dir``.
+
+    ``cfg['renderer']`` lenstronomy renders (and noises) each image with lenstronomy instead (RENDERERS); the
+    truth columns then still come from this package's rendering of the same scenes.
 
     Returns the catalogue rows (not yet split). Images and variance maps are written as ``cfg['storage']``.
     """
@@ -38,6 +67,9 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
     if len(set(band_counts.values())) > 1:
         raise ConfigError(f"simulate.surveys {band_counts} have different numbers of bands: one data set needs one band "
                          "count (set simulate.band_mode: reference to keep each survey's reference band)")
+    for key in ("seeing_scatter", "depth_scatter_mag", "artefact_fraction"):
+        if not float(cfg[key]) >= 0:
+            raise ConfigError(f"simulate.{key} must be >= 0, got {cfg[key]}")
     if cfg["storage"] not in FORMATS:
         raise ConfigError(f"simulate.storage must be one of {sorted(FORMATS)}, got {cfg['storage']!r}")
     dtype = DTYPES[cfg["dtype"]]
@@ -54,6 +86,17 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
                          f"({len(surveys)})")
     if sum(counts) <= 0:
         raise NothingProcessedError(f"simulate.n_per_survey {cfg['n_per_survey']}: 0 cutouts to simulate")
+    if cfg["renderer"] not in RENDERERS:
+        raise ConfigError(f"simulate.renderer must be one of {list(RENDERERS)}, got {cfg['renderer']!r}")
+    external = cfg["renderer"] == "lenstronomy"
+    label_source = "sim:external" if external else "sim:torch"
+    if external:
+        from lensing.lenstronomy_bridge import lenstronomy_noise, lenstronomy_version, render_scene_lenstronomy
+
+        simulator = lenstronomy_version()
+        np.random.seed(seed % 2**32)  # lenstronomy's noise draws from numpy's global generator
+    else:
+        simulator = "lensing.simulator (torch)"
     rows: list[dict] = []
     for survey, total in zip(surveys, counts):
         te_lo, te_hi, capped = theta_e_range(population, survey, n_pix)
@@ -62,22 +105,38 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
                 f"configured {list(population.theta_E_range_arcsec)} (simulate.population.theta_E_max_fov_fraction "
                 f"{population.theta_E_max_fov_fraction} of the {n_pix}-px half width)")
         bkg = np.array([survey.background_rms(b) for b in range(len(survey.bands))])
-        t_exp = np.array([survey.total_exposure_s(b) for b in range(len(survey.bands))])
-        psf = GaussianPSF(torch.tensor(survey.psf_fwhm_arcsec, dtype=dtype, device=device))
-        ref_fwhm = survey.psf_fwhm_arcsec[survey.band_index(survey.reference_band)]
+        ref_band = survey.band_index(survey.reference_band)
         bar = progress(total=total, desc=f"simulate {survey.name}", is_main=is_main)
         for start in range(0, total, batch_size):
             n = min(batch_size, total - start)
             params, meta = sample_scenes(n, survey, n_pix, population, rng, dtype)
             params = {g: {k: v.to(device) for k, v in d.items()} for g, d in params.items()}
+            fwhm, bkg_i, t_exp_i = observing_conditions(survey, n, float(cfg["seeing_scatter"]),
+                                                        float(cfg["depth_scatter_mag"]), rng)
+            psf = GaussianPSF(torch.as_tensor(fwhm, dtype=dtype, device=device))
             with torch.no_grad():
                 comps = renderer(bool(cfg["compile"]))(params, n_pix, survey.pixel_scale_arcsec, psf, int(cfg["supersampling"]),
                                return_components=True)
                 is_lens = torch.as_tensor(meta["label"] == 1, device=device)
-                truth = lens_truth(params, comps, torch.as_tensor(bkg, dtype=dtype, device=device)[None].expand(n, -1),
+                truth = lens_truth(params, comps, torch.as_tensor(bkg_i, dtype=dtype, device=device),
                                    survey.pixel_scale_arcsec, is_lens, int(cfg["truth_grid"]))
-                noisy, var = add_noise(comps["total"], bkg, t_exp, generator=generator)
-                snr = torch.sqrt((comps["total"].clamp(min=0) ** 2 / var).sum(dim=(1, 2, 3)))
+                if external:  # the image from lenstronomy alone; truth above still from the scene parameters
+                    cpu_params = {g: {k: v.cpu() for k, v in d.items()} for g, d in params.items()}
+                    model = torch.as_tensor(np.stack([render_scene_lenstronomy(
+                        cpu_params, i, n_pix, survey.pixel_scale_arcsec, fwhm[i], int(cfg["supersampling"]))
+                        for i in range(n)]), dtype=dtype, device=device)
+                else:
+                    model = comps["total"]
+                model, artefacts = add_artefacts(model, bkg_i, fwhm, survey.pixel_scale_arcsec,
+                                                 float(cfg["artefact_fraction"]), rng)
+                if external:
+                    noisy = torch.as_tensor(np.stack([lenstronomy_noise(model[i].double().cpu().numpy(), bkg_i[i],
+                                                                        t_exp_i[i]) for i in range(n)]), dtype=dtype,
+                                            device=device)
+                    var = variance_map(model, bkg_i, t_exp_i)
+                else:
+                    noisy, var = add_noise(model, bkg_i, t_exp_i, generator=generator)
+                snr = torch.sqrt((model.clamp(min=0) ** 2 / var).sum(dim=(1, 2, 3)))
             truth = {k: v.cpu().numpy() for k, v in truth.items()}
             true_cols = params_to_columns(params)
             noisy, var = noisy.cpu().numpy(), var.cpu().numpy()
@@ -93,11 +152,11 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
                     "image_scale": img_scale if tiff else np.nan, "image_offset": img_offset if tiff else np.nan,
                     "variance_scale": var_scale if tiff else np.nan,
                     "variance_offset": var_offset if tiff else np.nan,
-                    "bands": ";".join(survey.bands), "band_psf_fwhm": join_bands(survey.psf_fwhm_arcsec),
-                    "background_rms": join_bands(bkg), "exposure_time_s": join_bands(t_exp),
-                    "label": int(meta["label"][i]), "label_source": "sim:torch", "label_confidence": 1.0,
+                    "bands": ";".join(survey.bands), "band_psf_fwhm": join_bands(fwhm[i]),
+                    "background_rms": join_bands(bkg_i[i]), "exposure_time_s": join_bands(t_exp_i[i]),
+                    "label": int(meta["label"][i]), "label_source": label_source, "label_confidence": 1.0,
                     "z_phot": meta["z_phot"][i], "z_spec": meta["z_spec"][i], "z_err": meta["z_err"][i],
-                    "seeing": ref_fwhm, "psf_fwhm": ref_fwhm,
+                    "seeing": fwhm[i, ref_band], "psf_fwhm": fwhm[i, ref_band],
                     "pixel_scale": survey.pixel_scale_arcsec, "instrument": survey.instrument,
                     "survey": survey.name, "magnitude": meta["magnitude"][i], "snr": float(snr[i]),
                     "sersic_index": meta["sersic_index"][i], "half_light_radius": meta["half_light_radius"][i],
@@ -105,6 +164,7 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
                     "target_psf_fwhm": np.nan, "schema_version": SCHEMA_VERSION,
                     "sim_kind": meta["sim_kind"][i], "n_neighbours": int(meta["n_neighbours"][i]),
                     "z_source": meta["z_source"][i], "source_magnitude": meta["source_magnitude"][i],
+                    "simulator": simulator, "artefacts": bool(artefacts[i]),
                 }
                 row.update({k: float(v[i]) for k, v in truth.items()})
                 row.update({k: float(v[i]) for k, v in true_cols.items()})
@@ -112,7 +172,8 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
             bar.update(n)
         bar.close()
         log(f"[lensing] simulated {total} {survey.name} cutouts ({n_pix}x{n_pix}, bands {','.join(survey.bands)}, "
-            f"background sigma {', '.join(f'{b:.3g}' for b in bkg)} counts/s)")
+            f"background sigma {', '.join(f'{b:.3g}' for b in bkg)} counts/s at nominal depth; per-image seeing "
+            f"scatter {cfg['seeing_scatter']}, depth scatter +-{cfg['depth_scatter_mag']} mag)")
     df = pd.DataFrame(rows)
     df["n_images"] = df["n_images"].astype(int)
     df["lensed_pixels_above_1sigma"] = df["lensed_pixels_above_1sigma"].astype(int)

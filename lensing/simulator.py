@@ -3,6 +3,7 @@
     params = {"lens": {theta_E, e1, e2, center_x, center_y},          # SIE, [B] each
               "shear": {gamma1, gamma2},                              # SHEAR, [B]
               "source": {amp [B, C], R_sersic, n_sersic, e1, e2, center_x, center_y},   # SERSIC_ELLIPSE
+              "source_knots": {amp [B, K, C], R_sersic [B, K], ...},  # optional extra lensed Sérsics
               "lens_light": {...same as source...},                  # SERSIC_ELLIPSE, unlensed
               "neighbours": {amp [B, K, C], R_sersic [B, K], ...}}   # optional unlensed Sérsics
     model = render(params, n_pix=64, pixel_scale_arcsec=0.101, psf=GaussianPSF([0.16]))  # [B, C, H, W]
@@ -101,7 +102,8 @@ def render(params: Mapping, n_pix: int, pixel_scale_arcsec, psf=None, supersampl
            n_bands: int | None = None, return_components: bool = False, conv_method: str = "auto"):
     """Noiseless images [B, C, N, N] in counts/s per pixel (gradients flow to every tensor parameter).
 
-    Components present in ``params`` are added: lensed ``source`` (needs ``lens``), ``lens_light``,
+    Components present in ``params`` are added: lensed ``source`` (needs ``lens``; plus ``source_knots``,
+    lensed the same way and counted as part of the source), ``lens_light``,
     ``neighbours``. With ``return_components`` returns a dict with ``total`` and the PSF-convolved
     ``source``, ``lens_light``, ``neighbours`` images and the deflection ``alpha_x``, ``alpha_y`` [B, N, N].
     """
@@ -118,6 +120,8 @@ def render(params: Mapping, n_pix: int, pixel_scale_arcsec, psf=None, supersampl
         ax, ay = deflection(x, y, params)
         alpha = (ax, ay)
         surface["source"] = sersic_bands(x - ax, y - ay, params["source"], "source")
+        if params.get("source_knots") is not None:  # further lensed components (clumps, a second disc)
+            surface["source"] = surface["source"] + neighbour_bands(x - ax, y - ay, params["source_knots"])
     if params.get("lens_light") is not None:
         surface["lens_light"] = sersic_bands(x, y, params["lens_light"], "lens_light")
     if params.get("neighbours") is not None:

@@ -133,9 +133,10 @@ def train_member(run, member: int, seed: int, member_dir: Path, train_set, val_s
     tcfg, rcfg = cfg["train"], cfg["runtime"]
     ensemble = int(cfg["ensemble"]["n_members"]) > 1
     seed_everything(seed, dist.rank)
-    n_bands, image_size = train_set[0]["input"].shape[0], train_set[0]["input"].shape[-1]
+    n_bands, image_size = train_set[0]["image"].shape[0], train_set[0]["input"].shape[-1]
+    input_channels = train_set[0]["input"].shape[0]  # 2 × bands with data.residual_channel
     physics = PhysicsInformedLoss(**cfg["physics"])
-    model = build_model(MODEL_TARGETS[cfg["model"]["name"]], model_kwargs(cfg, n_bands, image_size)).to(device)
+    model = build_model(MODEL_TARGETS[cfg["model"]["name"]], model_kwargs(cfg, input_channels, image_size)).to(device)
     # DistributedSampler also in one process: the order depends only on (seed, epoch), and ResumableSampler
     # skips the batches a stopped epoch already trained on.
     sampler = ResumableSampler(DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
@@ -158,6 +159,7 @@ def train_member(run, member: int, seed: int, member_dir: Path, train_set, val_s
         state = TrainState(step=first_step)
     preprocessing = {"n_bands": int(n_bands), "image_size": int(image_size), "clip_sigma": cfg["data"]["clip_sigma"],
                      "stretch": cfg["data"]["stretch"], "size_policy": cfg["data"]["size_policy"],
+                     "residual_channel": bool(cfg["data"]["residual_channel"]), "input_channels": int(input_channels),
                      "normalization": "per-band background sigma (sqrt median variance), clipped",
                      "surveys": sorted(train_set.catalog["survey"].unique().tolist()),
                      "bands": str(train_set.catalog["bands"].iloc[0]), "data_dir": str(cfg["data"]["dir"])}
@@ -211,6 +213,9 @@ def _check_config(cfg: dict) -> None:
         physics = PhysicsInformedLoss(**cfg["physics"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if name == "deeplens_params" and cfg["data"]["residual_channel"]:
+        raise ConfigError("data.residual_channel doubles the input channels; the lens-parameter head of "
+                          "model.name: deeplens_params predicts one amplitude per input channel: use model.name: deeplens")
     if physics.active and name != "deeplens_params":
         raise ConfigError("physics.weight / physics.param_supervision_weight > 0 need model.name: deeplens_params "
                           "(a model with a lens-parameter head)")
@@ -249,13 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
     _check_config(cfg)
     common_kw = {"surveys": dcfg["surveys"] or None, "clip_sigma": dcfg["clip_sigma"], "stretch": dcfg["stretch"],
                  "preload": dcfg["preload"], "on_missing_files": dcfg["on_missing_files"],
-                 "size_policy": dcfg["size_policy"], "log": run.log}
+                 "size_policy": dcfg["size_policy"], "residual_channel": dcfg["residual_channel"], "log": run.log}
     size = int(dcfg["image_size"]) or None
     if size is None:  # the first training cutout's size, then every cutout follows data.size_policy
         size = LensingDataset(dcfg["dir"], split=dcfg["train_split"],
                               **{**common_kw, "preload": False, "log": None})[0]["input"].shape[-1]
     train_set = LensingDataset(dcfg["dir"], split=dcfg["train_split"], expected_size=size, **common_kw)
-    n_bands = train_set[0]["input"].shape[0]
+    n_bands = train_set[0]["image"].shape[0]
     val_set = LensingDataset(dcfg["dir"], split=dcfg["val_split"], expected_bands=n_bands, expected_size=size,
                              **common_kw)
     if len(train_set) // run.dist.world_size < cfg["train"]["batch_size"]:

@@ -25,7 +25,7 @@ from common.runlog import write_text_atomic
 from common.runtime import amp_policy, dataloader_kwargs
 from lensing.baseline import azimuthal_residual_score
 from lensing.catalog import TRUTH_COLUMNS
-from lensing.data import LensingDataset
+from lensing.data import LensingDataset, normalize
 from lensing.defaults import lensing_defaults
 from lensing.inference import score_run
 from lensing.metrics import (
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = LensingDataset(data_dir, split=vcfg["split"] or None, surveys=vcfg["surveys"] or None,
                              expected_bands=prep.get("n_bands"), expected_size=prep.get("image_size"),
                              clip_sigma=prep.get("clip_sigma", 250.0), stretch=prep.get("stretch", "linear"),
+                             residual_channel=prep.get("residual_channel", False),
                              size_policy=cfg["data"]["size_policy"], log=run.log)
     run.record_inputs_valid()
     loader = DataLoader(dataset, batch_size=vcfg["batch_size"], shuffle=False,
@@ -89,10 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
             if lens_q.size else []
         curves[quantity] = stratified_curve(labels, scored["logit"], pd.to_numeric(cat[quantity], errors="coerce"),
                                             thresholds)
-    inputs = np.stack([dataset[int(i)]["input"].numpy() for i in scored["index"]])
+    n_image_bands = dataset[0]["image"].shape[0]  # the figures show the model's bands, not residual channels
+    inputs = np.stack([dataset[int(i)]["input"].numpy()[:n_image_bands] for i in scored["index"]])
     baseline = None
-    if vcfg["baseline"]:
-        baseline_score = azimuthal_residual_score(inputs)
+    if vcfg["baseline"]:  # always on the linear noise-normalized image it was designed for, whatever the stretch
+        linear = np.stack([normalize(item["image"].numpy(), item["noise_sigma"].numpy(), dataset.clip_sigma, "linear")
+                           for item in (dataset[int(i)] for i in scored["index"])])
+        baseline_score = azimuthal_residual_score(linear)
         baseline = bologna_metrics(labels, baseline_score)
 
     out_dir = run.run_dir

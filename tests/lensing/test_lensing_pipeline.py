@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from common.errors import run_cli
-from lensing import benchmark_lensing, preprocess_lensing, train_lensing, validate_lensing
+from lensing import benchmark_lensing, preprocess_lensing, train_lensing, validate_lensing, validate_stream_lensing
 
 SMOKE = "configs/lensing/smoke.yaml"
-SCRIPTS = [preprocess_lensing, train_lensing, validate_lensing, benchmark_lensing]
+SCRIPTS = [preprocess_lensing, train_lensing, validate_lensing, validate_stream_lensing, benchmark_lensing]
 
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
