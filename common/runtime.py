@@ -140,19 +140,29 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     The wrapped order depends only on (seed, epoch), so the resumed run sees exactly the batches the
     uninterrupted run would have (exact with num_workers=0; with workers, augmentation randomness differs).
+    With ``tag_epoch`` it yields ``(epoch, index)`` pairs: a dataset that seeds its randomness by epoch then
+    reads the epoch from the index itself, so its DataLoader workers can be persistent (and keep their
+    caches across epochs) instead of being restarted each epoch to see a ``set_epoch`` on the dataset.
     """
 
-    def __init__(self, sampler):
+    def __init__(self, sampler, tag_epoch: bool = False):
         self.sampler = sampler
         self.skip = 0
+        self.epoch = 0
+        self.tag_epoch = bool(tag_epoch)
 
     def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
         self.sampler.set_epoch(epoch)
+        self.epoch = int(epoch)
         self.skip = int(skip_samples)
 
     def __iter__(self):
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.sampler), skip, None)
+        indices = itertools.islice(iter(self.sampler), skip, None)
+        if self.tag_epoch:
+            epoch = self.epoch
+            return ((epoch, int(i)) for i in indices)
+        return indices
 
     def __len__(self) -> int:
         return max(len(self.sampler) - self.skip, 0)

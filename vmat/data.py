@@ -155,7 +155,8 @@ class PatchDataset(Dataset):
     """Random training patches, ``patches_per_case`` per case and epoch.
 
     Each item is drawn from an RNG seeded by (seed, epoch, index), so a resumed run (DistributedSampler
-    with set_epoch) sees the same patches as an uninterrupted one. ``high_dose_fraction`` of the patches
+    with set_epoch) sees the same patches as an uninterrupted one; the epoch comes with the index when the
+    sampler tags it (``(epoch, index)``), else from :meth:`set_epoch`. ``high_dose_fraction`` of the patches
     are centred on a voxel with dose ≥ ``high_dose_threshold`` × Rx (the rest anywhere in the body).
     Module-level and picklable (spawn workers); cases are loaded lazily and kept in a least-recently-used
     cache of at most ``cache_mb`` MiB per process (each worker has its own; 0 = no cache). A decoded
@@ -214,8 +215,10 @@ class PatchDataset(Dataset):
                 self._cases.popitem(last=False)
         return item
 
-    def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        # (epoch, index) from common.runtime.ResumableSampler(tag_epoch=True): persistent workers need no set_epoch
+        epoch, index = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (self.epoch, int(index))
+        rng = np.random.default_rng([self.seed, epoch, index])
         case = self._case(index % len(self.paths))
         pool = case["high"] if (len(case["high"]) and rng.uniform() < self.high_dose_fraction) else case["body"]
         centre = pool[rng.integers(len(pool))].astype(np.int64) if len(pool) else np.array(case["image"].shape[1:]) // 2

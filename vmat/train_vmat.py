@@ -256,12 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
                            pcfg["high_dose_fraction"], pcfg["high_dose_threshold"], cfg["augment"], seed=cfg["seed"],
                            cache_mb=float(cfg["data"]["cache_mb"]))
     # Patch order from (seed, epoch) only; a resumed run skips the batches it already trained on.
-    sampler = ResumableSampler(DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                                  seed=cfg["seed"]))
-    # Not persistent: workers must see the dataset's epoch (patches are seeded by seed, epoch, index). The
+    # The sampler hands each worker (epoch, index): patches are seeded by (seed, epoch, index) and the workers
+    # stay alive across epochs, so their decoded-case caches (data.cache_mb) are reused instead of rebuilt. The
     # loader's own generator keeps iterator creation off the global RNG that the checkpoint restores.
-    loader_kw = dataloader_kwargs(device, rcfg["num_workers"], seed=cfg["seed"] + dist.rank, start_method="spawn",
-                                  persistent_workers=False)
+    sampler = ResumableSampler(DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                                  seed=cfg["seed"]), tag_epoch=True)
+    loader_kw = dataloader_kwargs(device, rcfg["num_workers"], seed=cfg["seed"] + dist.rank, start_method="spawn")
     loader = DataLoader(dataset, batch_size=tcfg["batch_size"], sampler=sampler, drop_last=True, **loader_kw)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:

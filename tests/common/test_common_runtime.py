@@ -71,6 +71,9 @@ def test_resumable_sampler_skips_once():
     sampler.set_epoch(1, skip_samples=4)
     assert len(sampler) == 6 and list(sampler) == [4, 5, 6, 7, 8, 9]
     assert list(sampler) == list(range(10))  # the skip applies to the resumed epoch only
+    tagged = ResumableSampler(Fixed(), tag_epoch=True)  # the epoch travels with each index to the workers
+    tagged.set_epoch(3, skip_samples=8)
+    assert len(tagged) == 2 and list(tagged) == [(3, 8), (3, 9)]
 
 
 def test_amp_is_off_on_cpu_and_optimizer_step_clips():

@@ -81,6 +81,9 @@ def test_patch_dataset_flip_and_determinism(case_and_spec, tiny_npz):
     torch.testing.assert_close(again["input"], a["input"])  # seeded by (seed, epoch, index)
     plain.set_epoch(1)
     assert not torch.equal(plain[0]["input"], a["input"])
+    # an (epoch, index) from the tagging sampler gives the patch of that epoch whatever set_epoch said
+    torch.testing.assert_close(plain[(0, 0)]["input"], a["input"])
+    torch.testing.assert_close(plain[(1, 0)]["input"], plain[0]["input"])
 
 
 def test_patch_cache_is_bounded_and_changes_nothing(case_and_spec, tiny_npz):
