@@ -171,7 +171,7 @@ def partial_volume_correction(signals: np.ndarray, gm: np.ndarray, wm: np.ndarra
 
 
 def nn_predict(models, prep: dict, cfg: dict, signals: np.ndarray, physics: dict | None = None,
-               gm_weight: np.ndarray | None = None) -> tuple[dict, float]:
+               gm_weight: np.ndarray | None = None, mask: np.ndarray | None = None) -> tuple[dict, float]:
     """What predict runs for the network (including its uncertainty passes); signals (X, Y, Z, C).
     Protocol-conditioned networks (checkpoints with ``protocol_range``) take the data's ``physics`` and the GM
     weight GM/(GM+WM) (None: no partial-volume maps). Returns maps (X, Y, Z) and seconds."""
@@ -183,7 +183,8 @@ def nn_predict(models, prep: dict, cfg: dict, signals: np.ndarray, physics: dict
 
         start = time.perf_counter()
         maps = predict_volume(models, signals.astype(np.float32), protocol_from_physics(physics), gm_weight,
-                              prep["target_stats"], device=next(models[0].parameters()).device)
+                              prep["target_stats"], device=next(models[0].parameters()).device, mask=mask,
+                              fit_cfg=prep.get("fit"))
         seconds = time.perf_counter() - start
         return {"cbf": maps["cbf"], "att": maps["att"], "cbf_std": np.sqrt(maps["cbf_var"]),
                 "att_std": np.sqrt(maps["att_var"])}, seconds
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     if models:
         models = [m.to(device) for m in models]
         gm_weight = np.where(gm + wm > 1e-6, gm / np.maximum(gm + wm, 1e-6), 1.0) if pv_maps else None
-        nn_maps, timings["nn_s"] = nn_predict(models, prep, cfg, nn_signals / m0_scale, physics, gm_weight)
+        nn_maps, timings["nn_s"] = nn_predict(models, prep, cfg, nn_signals / m0_scale, physics, gm_weight,
+                                                mask=mask)
         nn = {k: np.where(mask, v, 0.0) for k, v in nn_maps.items()}
         files += [_save_nifti(v, affine, out_dir / f"{k}.nii.gz") for k, v in nn.items()]
     crlb_info, vox_params, pvc_info = None, None, None

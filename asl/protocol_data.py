@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from asl.brain_volume import generate_brain
+from asl.ls_inputs import LN_VAR_INVALID, LS_CHANNELS, ls_input_channels, nominal_physics
 from asl.protocol import M_MAX, draw_protocol, protocol_arrays, protocol_signals, reference_scale
 from asl.simulate import item_seed
 
@@ -34,6 +35,9 @@ PROTOCOL_NET_DEFAULTS = {
     "n_val": 12,  # validation slabs (model selection), from val_seed
     "val_seed": 3_000_003,
     "val_snrs": [3.0, 10.0],
+    "ls_inputs": False,  # blend with the voxel-wise LS estimate and its CRLB (asl/ls_inputs.py, asl/protocol_net.py)
+    "init_weights": "",  # checkpoint to warm-start from (common.checkpoint.warm_start: matching tensors only)
+    "init_min_fraction": 0.9,  # refuse the warm start when fewer of the model's tensors match
 }
 
 
@@ -85,11 +89,13 @@ def _proto(batch: Mapping, prefix: str, device) -> dict:
     return {k[len(prefix):]: v.to(device) for k, v in batch.items() if k.startswith(prefix)}
 
 
-def simulate_batch(batch: Mapping, device, generator: torch.Generator | None = None, snr=None) -> dict:
+def simulate_batch(batch: Mapping, device, generator: torch.Generator | None = None, snr=None,
+                   ls_fit_cfg: Mapping | None = None) -> dict:
     """Network inputs and targets of a collated batch: clean signals under the true protocol physics
     (macrovascular term included), noise σ = S_ref/SNR on valid measurements, inputs ÷ S_ref of the nominal
     protocol. ``snr`` overrides the items' SNRs. Returns the model's input dict plus cbf/att/mask (B,1,H,W)
-    of the centre slice and label (B,H,W)."""
+    of the centre slice and label (B,H,W). With ``ls_fit_cfg`` (asl.fitting settings) also ``ls`` (B, K, 5, H, W):
+    :func:`ls_slab_inputs`."""
     f32 = lambda key: batch[key].to(device, torch.float32)  # noqa: E731
     true, nominal = _proto(batch, "true_", device), _proto(batch, "nominal_", device)
     clean = protocol_signals(f32("cbf"), f32("att"), f32("t1_tissue_ms"), true, f32("abv"), f32("aatt_ms"))
@@ -101,9 +107,35 @@ def simulate_batch(batch: Mapping, device, generator: torch.Generator | None = N
     valid = nominal["valid"][:, None, :, None, None]
     x = (clean + sigma * noise * valid) / s_ref[:, None, None, None, None]
     c = batch["cbf"].shape[1] // 2
-    return {"x": x, **nominal, "s_ref": s_ref, "gm_weight": f32("gm_weight"),
+    extra = {}
+    if ls_fit_cfg is not None:
+        extra["ls"] = ls_slab_inputs(x, s_ref, nominal, f32("gm_weight"), batch["mask"].to(device), ls_fit_cfg)
+    return {"x": x, **extra, **nominal, "s_ref": s_ref, "gm_weight": f32("gm_weight"),
             "cbf": f32("cbf")[:, c:c + 1], "att": f32("att")[:, c:c + 1],
             "mask": batch["mask"][:, c:c + 1].to(device), "label": batch["label"][:, c].to(device)}
+
+
+def _empty_ls(shape, device) -> torch.Tensor:
+    ls = torch.zeros(*shape, LS_CHANNELS, dtype=torch.float32, device=device)
+    ls[..., 2:4] = LN_VAR_INVALID
+    return ls
+
+
+def ls_slab_inputs(x: torch.Tensor, s_ref: torch.Tensor, nominal: Mapping, gm_weight: torch.Tensor,
+                   mask: torch.Tensor, fit_cfg: Mapping) -> torch.Tensor:
+    """LS channels (asl.ls_inputs) of each item's brain voxels (all K slices; σ pooled over the item's slab):
+    x (B, K, M, H, W) ÷ S_ref, gm_weight and mask (B, K, H, W) → (B, K, LS_CHANNELS, H, W)."""
+    b, k, _, h, w = x.shape
+    out = _empty_ls((b, k, h, w), x.device)
+    for i in range(b):
+        arrays = {key: v[i] for key, v in nominal.items()}
+        valid = arrays["valid"] > 0.5
+        sel = mask[i].bool()
+        signals = (x[i].movedim(1, -1)[sel][:, valid] * s_ref[i]).double().cpu().numpy()  # (N, C) ΔM/M0
+        channels, _ = ls_input_channels(signals, gm_weight[i][sel].double().cpu().numpy(), nominal_physics(arrays),
+                                        fit_cfg, device=x.device)
+        out[i][sel] = torch.from_numpy(channels).to(x.device)
+    return out.permute(0, 1, 4, 2, 3).contiguous()
 
 
 def validation_items(brain_cfg, phantom_cfg, proto_cfg, train_cfg) -> dict:
@@ -115,17 +147,32 @@ def validation_items(brain_cfg, phantom_cfg, proto_cfg, train_cfg) -> dict:
 
 @torch.no_grad()
 def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np.ndarray | None, stats: Mapping,
-                   device="cpu", batch_slices: int = 8) -> dict:
+                   device="cpu", batch_slices: int = 8, mask: np.ndarray | None = None,
+                   fit_cfg: Mapping | None = None) -> dict:
     """CBF/ATT maps (X, Y, Z) of ΔM/M0 signals (X, Y, Z, M) acquired with ``protocol`` (nominal values:
     asl.protocol.protocol_from_physics), mean over the ensemble; ``gm_weight`` GM/(GM+WM) (X, Y, Z) or None.
     Each slice sees its K neighbours (edge slices repeated). Returns cbf, att, cbf_var, att_var (log-variance
-    heads averaged plus member disagreement)."""
+    heads averaged plus member disagreement). Models with ``ls_inputs`` get the LS channels of
+    asl.ls_inputs over ``mask`` (X, Y, Z; None: every voxel with a nonzero signal), fitted with ``fit_cfg`` (the
+    checkpoint's ``preprocessing.fit``), σ pooled over the whole volume."""
     arrays = {k: torch.from_numpy(np.asarray(v))[None].to(device) for k, v in protocol_arrays(protocol).items()}
     s_ref = reference_scale(arrays)
     nx, ny, nz, m = signals.shape
     x_full = np.zeros((nz, M_MAX, nx, ny), np.float32)
     x_full[:, :m] = np.moveaxis(signals, (2, 3), (0, 1)) / float(s_ref)
     w_full = np.ones((nz, nx, ny), np.float32) if gm_weight is None else np.moveaxis(gm_weight, 2, 0).astype(np.float32)
+    ls_full = None
+    if any(getattr(mdl, "ls_inputs", False) for mdl in models):
+        if fit_cfg is None:
+            raise ValueError("a network with ls_inputs needs fit_cfg (its checkpoint's preprocessing.fit)")
+        vox = np.any(signals != 0, axis=-1) if mask is None else np.asarray(mask, bool)
+        w_vox = np.ones(vox.sum()) if gm_weight is None else np.asarray(gm_weight, np.float64)[vox]
+        physics = nominal_physics(protocol_arrays(protocol))
+        channels, _ = ls_input_channels(np.asarray(signals, np.float64)[vox][:, :m], w_vox, physics, fit_cfg,
+                                        device=device)
+        ls_xyz = _empty_ls((nx, ny, nz), "cpu").numpy()
+        ls_xyz[vox] = channels
+        ls_full = np.ascontiguousarray(np.moveaxis(ls_xyz, (2, 3), (0, 1)))  # (Z, 5, X, Y)
     k = models[0].k
     mult = 2 ** (len(models[0].features) - 1)
     ph, pw = (-nx) % mult, (-ny) % mult
@@ -138,7 +185,13 @@ def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np
         x = torch.nn.functional.pad(x, (0, pw, 0, ph))
         w = torch.nn.functional.pad(w, (0, pw, 0, ph), value=1.0)
         n = len(zs)
-        inputs = {"x": x, "gm_weight": w, "s_ref": s_ref.expand(n).to(device),
+        extra = {}
+        if ls_full is not None:
+            ls = torch.nn.functional.pad(torch.from_numpy(ls_full[idx]).to(device), (0, pw, 0, ph))
+            ls[..., nx:, :][:, :, 2:4] = LN_VAR_INVALID
+            ls[..., :, ny:][:, :, 2:4] = LN_VAR_INVALID
+            extra["ls"] = ls
+        inputs = {"x": x, "gm_weight": w, "s_ref": s_ref.expand(n).to(device), **extra,
                   **{key: v.expand(n, *v.shape[1:]) for key, v in arrays.items()}}
         preds = []
         for model in models:

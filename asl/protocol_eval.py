@@ -36,8 +36,10 @@ def protocol_physics(entry: dict, base_physics: dict) -> dict:
     return {**base_physics, **{k: entry[k] for k in keys}, "pcasl_model": "buxton_full", "t1_tissue_ms": T1_GM_MS}
 
 
-def _fit(signals: np.ndarray, mask: np.ndarray, physics: dict, t1: np.ndarray | None, fit_cfg: dict) -> np.ndarray:
-    res = fit_batched(signals[mask], physics, None if t1 is None else {"t1_tissue_ms": t1[mask]}, fit_cfg)
+def _fit(signals: np.ndarray, mask: np.ndarray, physics: dict, t1: np.ndarray | None, fit_cfg: dict,
+         device="cpu") -> np.ndarray:
+    res = fit_batched(signals[mask], physics, None if t1 is None else {"t1_tissue_ms": t1[mask]}, fit_cfg,
+                      device=device)
     out = np.full((2, *mask.shape), np.nan)
     out[0][mask], out[1][mask] = res["cbf"], res["att"]
     return out
@@ -64,6 +66,7 @@ def evaluate_protocol_model(models, prep: dict, cfg: dict, log) -> dict:
     tissues = lambda s: {"gm": s["label"] == LABELS["gm"], "wm": s["label"] == LABELS["wm"], "brain": s["mask"]}  # noqa: E731
     rows, headline = [], {}
     fit_cfg = prep.get("fit", cfg["fit"])
+    device = next(models[0].parameters()).device
     for entry in tcfg["protocols"]:
         physics = protocol_physics(entry, prep["physics"])
         protocol = protocol_from_physics(physics)
@@ -85,10 +88,11 @@ def evaluate_protocol_model(models, prep: dict, cfg: dict, log) -> dict:
                 gm_w = np.where(tissue > 1e-6, subj["gm"] / np.maximum(tissue, 1e-6), 1.0)
                 est = {}
                 for name, weight in (("nn", gm_w), ("nn_no_pv", None)):
-                    maps = predict_volume(models, noisy.astype(np.float32), protocol, weight, stats)
+                    maps = predict_volume(models, noisy.astype(np.float32), protocol, weight, stats, device=device,
+                                          mask=subj["mask"], fit_cfg=fit_cfg)
                     est[name] = np.stack([maps["cbf"], maps["att"]])
-                est["ls"] = _fit(noisy, subj["mask"], physics, subj["t1_tissue_ms"].astype(np.float64), fit_cfg)
-                est["ls_one_t1"] = _fit(noisy, subj["mask"], physics, None, fit_cfg)
+                est["ls"] = _fit(noisy, subj["mask"], physics, subj["t1_tissue_ms"].astype(np.float64), fit_cfg, device)
+                est["ls_one_t1"] = _fit(noisy, subj["mask"], physics, None, fit_cfg, device)
                 for method, e in est.items():
                     for pi, param in enumerate(("cbf", "att")):
                         err = e[pi] - subj[param]

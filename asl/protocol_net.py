@@ -17,6 +17,14 @@ Per slice and voxel:
    learned per-pixel k×k filter of the grid CBF estimate times a gain plus an offset (as the kernel CBF head of
    asl.models), so it stays proportional to the signal amplitude; ATT is regressed (z-scored); both with
    log-variance heads.
+4. with ``ls_inputs`` (asl.ls_inputs): the voxel-wise least-squares estimate of the centre slice and its
+   Cramér-Rao bound (``inputs["ls"]`` (B, K, 5, H, W)) are blended with the network's estimate per voxel,
+   θ = (1 − g)·θ_net + g·θ_LS with g = sigmoid(ln v_net − ln v_LS + Δ), v_net the network's predicted variance
+   (its log-variance head, not back-propagated through the gate), v_LS the CRLB and Δ a correction learned
+   from the decoder features and the LS channels (zero-initialized). At Δ = 0, g = v_net / (v_net + v_LS): the
+   inverse-variance weighting of two independent unbiased estimates (minimum-variance linear combination;
+   e.g. Kay, Fundamentals of Statistical Signal Processing I, 1993). The two estimates see the same noise and
+   LS is biased at low SNR, so Δ learns where that weighting is off. Where the fit is invalid g = 0.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from asl.brain_volume import T1_GM_MS, T1_WM_MS
+from asl.ls_inputs import LS_CHANNELS
 from asl.models import Decoder, Encoder
 from asl.protocol import protocol_signals
 from common.checkpoint import register_model
@@ -41,7 +50,8 @@ N_MEASUREMENT_FEATURES = 5
 class ProtocolASLNet(nn.Module):
     def __init__(self, context_slices: int = 3, set_features: int = 16, features=(16, 32, 64), n_groups: int = 8,
                  dropout: float = 0.0, use_log_var: bool = True, cbf_kernel_size: int = 5, att_grid_points: int = 40,
-                 att_grid_ms=(100.0, 4000.0), cbf_mean: float = 0.0, cbf_std: float = 1.0):
+                 att_grid_ms=(100.0, 4000.0), cbf_mean: float = 0.0, cbf_std: float = 1.0, ls_inputs: bool = False,
+                 att_mean: float = 0.0, att_std: float = 1.0, gate_features: int = 16):
         super().__init__()
         if context_slices < 1 or context_slices % 2 == 0:
             raise ValueError(f"context_slices must be odd and ≥ 1, got {context_slices}")
@@ -50,6 +60,10 @@ class ProtocolASLNet(nn.Module):
         self.k, self.features = int(context_slices), [int(f) for f in features]
         self.use_log_var, self.kernel = bool(use_log_var), int(cbf_kernel_size)
         self.cbf_mean, self.cbf_std = float(cbf_mean), float(cbf_std)
+        self.att_mean, self.att_std = float(att_mean), float(att_std)
+        self.ls_inputs = bool(ls_inputs)
+        if self.ls_inputs and not self.use_log_var:
+            raise ValueError("ls_inputs needs use_log_var (the blend weighs the network's predicted variance)")
         self.register_buffer("att_grid", torch.linspace(float(att_grid_ms[0]), float(att_grid_ms[1]),
                                                         int(att_grid_points)), persistent=False)
         self.set_in = nn.Linear(N_MEASUREMENT_FEATURES, set_features)
@@ -65,6 +79,11 @@ class ProtocolASLNet(nn.Module):
         with torch.no_grad():
             self.cbf_head.bias[n_kernel // 2] = math.log(2.3 * max(n_kernel - 1, 1))
         self.att_head = nn.Conv2d(f0, 2 if self.use_log_var else 1, 1)
+        if self.ls_inputs:  # Δ of the blend weights (CBF, ATT) from decoder features + LS channels
+            self.gate_hidden = nn.Conv2d(f0 + LS_CHANNELS, int(gate_features), 3, padding=1)
+            self.gate_out = nn.Conv2d(int(gate_features), 2, 1)
+            nn.init.zeros_(self.gate_out.weight)
+            nn.init.zeros_(self.gate_out.bias)
 
     # ------------------------------------------------------------------------------------ features
     def unit_tables(self, proto: dict, s_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +149,29 @@ class ProtocolASLNet(nn.Module):
         patches = F.unfold(grid_cbf, self.kernel, padding=self.kernel // 2).view(b, n, h, w)
         cbf_phys = (weights * patches).sum(1, keepdim=True) * (1 + cbf_out[:, n:n + 1]) + 10.0 * cbf_out[:, n + 1:n + 2]
         out = {"cbf": (cbf_phys - self.cbf_mean) / self.cbf_std, "att": att_out[:, :1]}
+        if self.ls_inputs:
+            out.update(self.blend_with_ls(out, feat, inputs["ls"].float()[:, k // 2], cbf_out[:, n + 2:n + 3],
+                                          att_out[:, 1:2]))
         if self.use_log_var:
             out["log_var_cbf"] = cbf_out[:, n + 2:n + 3]
             out["log_var_att"] = att_out[:, 1:2]
         return out
+
+    def blend_with_ls(self, out: dict, feat: torch.Tensor, ls: torch.Tensor, log_var_cbf: torch.Tensor,
+                      log_var_att: torch.Tensor) -> dict:
+        """θ = (1 − g)·θ_net + g·θ_LS per voxel (module docstring, step 4); ls (B, 5, H, W) centre slice."""
+        ls_cbf, ls_att = ls[:, 0:1] * 50.0, ls[:, 1:2] * 1000.0 + 1500.0
+        ln_v_ls_cbf, ln_v_ls_att, valid = ls[:, 2:3], ls[:, 3:4], ls[:, 4:5] > 0.5
+        # the network's variances in physical units: ln v = log_var(z) + 2 ln std
+        ln_v_net_cbf = log_var_cbf.detach().clamp(-20, 20) + 2 * math.log(self.cbf_std)
+        ln_v_net_att = log_var_att.detach().clamp(-20, 20) + 2 * math.log(self.att_std)
+        scaled = torch.cat([ls[:, :2], ls[:, 2:4] / 10.0, ls[:, 4:5]], dim=1)
+        delta = self.gate_out(F.silu(self.gate_hidden(torch.cat([feat, scaled], dim=1))))
+        g_cbf = torch.sigmoid(ln_v_net_cbf - ln_v_ls_cbf + delta[:, 0:1]) * valid
+        g_att = torch.sigmoid(ln_v_net_att - ln_v_ls_att + delta[:, 1:2]) * valid
+        net_cbf = out["cbf"] * self.cbf_std + self.cbf_mean
+        net_att = out["att"] * self.att_std + self.att_mean
+        cbf = (1 - g_cbf) * net_cbf + g_cbf * torch.where(valid, ls_cbf, net_cbf)
+        att = (1 - g_att) * net_att + g_att * torch.where(valid, ls_att, net_att)
+        return {"cbf": (cbf - self.cbf_mean) / self.cbf_std, "att": (att - self.att_mean) / self.att_std,
+                "ls_weight_cbf": g_cbf, "ls_weight_att": g_att}

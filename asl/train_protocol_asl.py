@@ -24,7 +24,7 @@ from asl.protocol import protocol_range
 from asl.protocol_data import BrainSlabDataset, simulate_batch, validation_items
 from asl.simulate import EpochSampler, item_seed
 from asl.train_asl import LOSSES, combine, lr_lambda_factory, step_generator, task_losses
-from common.checkpoint import build_model
+from common.checkpoint import build_model, warm_start
 from common.cli import FROZEN_ON_RESUME, make_parser, start_run
 from common.config import ConfigError
 from common.errors import run_cli
@@ -43,7 +43,13 @@ def model_kwargs(cfg: dict, stats: dict) -> tuple[str, dict]:
         "features": [int(f) for f in net["features"]], "n_groups": int(net["n_groups"]),
         "dropout": float(net["dropout"]), "cbf_kernel_size": int(net["cbf_kernel_size"]),
         "att_grid_points": int(cfg["fit"]["att_grid_points"]), "att_grid_ms": [float(v) for v in cfg["fit"]["att_bounds_ms"]],
-        "cbf_mean": stats["cbf_mean"], "cbf_std": stats["cbf_std"]}
+        "cbf_mean": stats["cbf_mean"], "cbf_std": stats["cbf_std"], "ls_inputs": bool(net["ls_inputs"]),
+        "att_mean": stats["att_mean"], "att_std": stats["att_std"]}
+
+
+def ls_fit_cfg(cfg: dict) -> dict | None:
+    """The fit settings of the LS inputs (asl/ls_inputs.py), None for a network without them."""
+    return dict(cfg["fit"]) if cfg["protocol_net"]["ls_inputs"] else None
 
 
 def slab_target_stats(cfg: dict) -> dict:
@@ -66,7 +72,9 @@ def preprocessing_meta(cfg: dict, stats: dict) -> dict:
     return {"physics": dict(cfg["physics"]), "protocol_range": protocol_range(cfg["protocol"]),
             "input_scale": "protocol S_ref (asl.protocol.reference_scale)", "target_stats": dict(stats),
             "context_slices": int(cfg["protocol_net"]["context_slices"]), "fit": dict(cfg["fit"]),
-            "brain": dict(cfg["brain"])}
+            "brain": dict(cfg["brain"]),
+            "ls_inputs": ("asl.ls_inputs.ls_input_channels with preprocessing.fit, nominal physics, tissue T1 from "
+                          "the GM weight, σ pooled over the brain mask" if cfg["protocol_net"]["ls_inputs"] else None)}
 
 
 @torch.no_grad()
@@ -76,7 +84,7 @@ def evaluate(model, val: dict, cfg: dict, stats: dict, device) -> dict:
     out, z = {}, []
     for snr in cfg["protocol_net"]["val_snrs"]:
         gen = torch.Generator(device=device).manual_seed(int(cfg["protocol_net"]["val_seed"]) + int(snr * 100))
-        inputs = simulate_batch(val, device, gen, snr=float(snr))
+        inputs = simulate_batch(val, device, gen, snr=float(snr), ls_fit_cfg=ls_fit_cfg(cfg))
         pred = model(inputs)
         m = inputs["mask"]
         cbf = pred["cbf"] * stats["cbf_std"] + stats["cbf_mean"]
@@ -104,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     model = build_model(target, kwargs).to(device)
+    if cfg["protocol_net"]["init_weights"] and not args.resume:
+        warm_start(model, cfg["protocol_net"]["init_weights"], float(cfg["protocol_net"]["init_min_fraction"]),
+                   log=run.log, expected_domain="asl")
     run.log(f"model {target} with {sum(p.numel() for p in model.parameters()):,} parameters; target statistics "
             + ", ".join(f"{k} {v:.1f}" for k, v in stats.items()))
     val = validation_items(cfg["brain"], cfg["phantom"], cfg["protocol"], cfg["protocol_net"])
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             sampler.set_epoch(epoch, skip_samples=state.batches_done * batch_size)
             model.train()
             for batch in progress(loader, desc=f"epoch {epoch}/{tcfg['epochs']}", is_main=run.is_main):
-                inputs = simulate_batch(batch, device, step_generator(seed, state.step, 0, device))
+                inputs = simulate_batch(batch, device, step_generator(seed, state.step, 0, device),
+                                        ls_fit_cfg=ls_fit_cfg(cfg))
                 with amp.autocast():
                     out = model(inputs)
                 loss = combine(task_losses(out, inputs, cfg, stats), cfg, weights, None)

@@ -2,6 +2,7 @@
 training with exact resume, held-out validation against least squares, and predict's protocol-range check."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,8 +21,11 @@ from asl.protocol import (
     protocol_from_physics,
     protocol_range,
     protocol_signals,
+    reference_scale,
 )
 from asl.protocol_eval import METHODS, _fit, protocol_physics
+from asl.ls_inputs import ls_input_channels, nominal_physics, tissue_t1_from_gm_weight
+from asl.protocol_data import ls_slab_inputs, predict_volume
 from asl.protocol_net import ProtocolASLNet
 from asl.pvc import linear_regression_pvc
 from asl.synthetic_subject import write_synthetic_subject
@@ -184,7 +188,66 @@ def test_linear_regression_pvc_recovers_two_compartments():
 
 
 def test_every_protocol_config_builds_its_network():
-    for name in ("protocol_smoke", "protocol_pcasl", "protocol_general"):
+    for name in ("protocol_smoke", "protocol_pcasl", "protocol_general", "protocol_pcasl_ls"):
         cfg = load_config(f"configs/asl/{name}.yaml", defaults=defaults())
-        target, kwargs = train_protocol_asl.model_kwargs(cfg, {"cbf_mean": 40.0, "cbf_std": 20.0})
+        stats = {"cbf_mean": 40.0, "cbf_std": 20.0, "att_mean": 1500.0, "att_std": 400.0}
+        target, kwargs = train_protocol_asl.model_kwargs(cfg, stats)
         assert target == "asl.protocol_net.ProtocolASLNet" and ProtocolASLNet(**kwargs).k == 3
+
+
+def test_ls_inputs_are_the_fit_and_predict_builds_the_training_inputs():
+    """The LS channels recover noise-free CBF/ATT, and predict_volume hands the network exactly the channels
+    the training path (simulate_batch → ls_slab_inputs) computes for the same slab."""
+    subject = generate_brain(7, CFG["brain"], CFG["phantom"], (2, 5))  # 3 slices = one slab = the whole volume
+    gm_w = np.where(subject["gm"] + subject["wm"] > 1e-6, subject["gm"] / np.maximum(subject["gm"] + subject["wm"],
+                                                                                      1e-6), 1.0)
+    t1 = {**subject, "t1_tissue_ms": tissue_t1_from_gm_weight(gm_w)}  # the T1 the LS inputs assume
+    clean = _clean(t1, PCASL_5PLD)
+    rng = np.random.default_rng(0)
+    noisy = clean + rng.standard_normal(clean.shape) * 0.0002
+    protocol = protocol_from_physics(PCASL_5PLD)
+    mask = subject["mask"]
+    exact, _ = ls_input_channels(clean[mask], gm_w[mask], nominal_physics(protocol_arrays(protocol)), CFG["fit"])
+    perfused = subject["cbf"][mask] > 5.0
+    assert np.abs(exact[:, 0] * 50 - subject["cbf"][mask]).max() < 1e-2
+    assert np.abs(exact[perfused, 1] * 1000 + 1500 - subject["att"][mask][perfused]).max() < 0.1
+
+    net = ProtocolASLNet(context_slices=3, set_features=8, features=[8, 16], n_groups=4, ls_inputs=True).eval()
+    seen = []
+    net.blend_with_ls = lambda out, feat, ls, *a: seen.append(ls) or {}
+    stats = {"cbf_mean": 0.0, "cbf_std": 1.0, "att_mean": 0.0, "att_std": 1.0}
+    predict_volume([net], noisy.astype(np.float32), protocol, gm_w, stats, mask=mask, fit_cfg=CFG["fit"])
+    arrays = {k: torch.from_numpy(np.asarray(v))[None] for k, v in protocol_arrays(protocol).items()}
+    s_ref = reference_scale(arrays)
+    x = torch.zeros(1, 3, arrays["valid"].shape[1], *mask.shape[:2])
+    x[0, :, :5] = torch.from_numpy(np.moveaxis(noisy.astype(np.float32), (2, 3), (0, 1))) / s_ref
+    train = ls_slab_inputs(x, s_ref, arrays, torch.from_numpy(np.moveaxis(gm_w, 2, 0)).float()[None],
+                           torch.from_numpy(np.moveaxis(mask, 2, 0))[None], CFG["fit"])
+    centre = seen[0][1]  # one batch of the 3 slices; the blend receives each one's centre slice
+    assert centre.shape == train[0, 1].shape and torch.all(centre[4] == train[0, 1, 4])
+    assert centre[4].sum() > 0.9 * mask[..., 1].sum()
+    assert torch.allclose(centre, train[0, 1], rtol=1e-4, atol=1e-4)
+
+
+def test_ls_blend_starts_as_the_inverse_variance_combination():
+    torch.manual_seed(1)
+    kw = {"context_slices": 3, "set_features": 8, "features": [8, 16], "n_groups": 4, "cbf_mean": 40.0,
+          "cbf_std": 20.0, "att_mean": 1500.0, "att_std": 400.0}
+    plain = ProtocolASLNet(**kw).eval()
+    blended = ProtocolASLNet(**kw, ls_inputs=True).eval()
+    blended.load_state_dict(plain.state_dict(), strict=False)  # only the zero-initialized correction Δ is new
+    arrays = {k: torch.from_numpy(np.asarray(v))[None] for k, v in protocol_arrays(protocol_from_physics(PCASL_5PLD)).items()}
+    x = torch.zeros(1, 3, arrays["valid"].shape[1], 8, 8)
+    x[:, :, :5] = torch.rand(1, 3, 5, 8, 8)
+    ls = torch.stack([torch.full((8, 8), 1.2), torch.full((8, 8), -0.3), torch.full((8, 8), 3.0),
+                      torch.full((8, 8), 9.0), (torch.arange(64) % 2).float().view(8, 8)])[None, None].repeat(1, 3, 1, 1, 1)
+    inputs = {"x": x, "s_ref": torch.tensor([0.005]), "gm_weight": torch.ones(1, 3, 8, 8), **arrays}
+    with torch.no_grad():
+        net, out = plain(inputs), blended({**inputs, "ls": ls})
+    valid = ls[0, 1, 4] > 0.5
+    for name, theta_ls, ln_v_ls, (mean, std) in (("cbf", 60.0, 3.0, (40.0, 20.0)), ("att", 1200.0, 9.0, (1500.0, 400.0))):
+        v_net = torch.exp(net[f"log_var_{name}"][0, 0]) * std**2
+        theta_net = net[name][0, 0] * std + mean
+        v_ls = math.exp(ln_v_ls)
+        expected = torch.where(valid, (v_ls * theta_net + v_net * theta_ls) / (v_net + v_ls), theta_net)
+        assert torch.allclose(out[name][0, 0] * std + mean, expected, rtol=1e-4, atol=1e-3)
