@@ -159,6 +159,8 @@ class SpineClassifier(nn.Module):
         """(B, N, 3, H, W) → pooled features (B, 2·gru_hidden), attention over the N slices (B, N)."""
         b, n = images.shape[:2]
         feats = self.pool(self.backbone(images.flatten(0, 1))).flatten(1).view(b, n, -1)
+        if feats.is_cuda:  # cuDNN wants the weights in one block; after a state dict is swapped in they may not be
+            self.gru.flatten_parameters()
         seq, _ = self.gru(feats)
         return self.mil(seq)
 
