@@ -160,6 +160,8 @@ ABR_DEFAULTS = {
     # ---------------------------------------------------------------------- new recordings (predict_abr.py)
     "predict": {
         "batch_size": 64,
+        "polarity_tta": True,  # predict_abr and validate_abr: average the model over each recording and its
+        # inverse (× −1), so no output depends on the recording's sign; twice the model time. See README
         "figure_ears": 50,  # one figure per ear, up to this many
         "overrides": None,  # manual override CSV; null = <output-dir>/overrides.csv when it exists
         "classical_criterion": 0.5,  # used when classical.criterion is null (no validation split to fit it on)

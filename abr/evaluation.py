@@ -21,16 +21,18 @@ from common.metrics import classification_metrics, regression_metrics, roc_auc
 # ------------------------------------------------------------------------------------------ predict
 @torch.no_grad()
 def run_model(model: torch.nn.Module, dataset: ABRSeriesDataset, device: torch.device, batch_size: int = 64,
-              amp=None) -> tuple[dict, dict]:
+              amp=None, invert_signal: bool = False) -> tuple[dict, dict]:
     """Model outputs and the matching batch fields for every ear of ``dataset``, concatenated on CPU
-    (ears are padded to the same number of levels, so batches stack)."""
+    (ears are padded to the same number of levels, so batches stack). ``invert_signal``: the model sees
+    every recording multiplied by −1 (the batch fields returned stay as stored)."""
     model.eval()
     outputs: dict[str, list] = {}
     batches: dict[str, list] = {}
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         context = amp.autocast() if amp is not None else contextlib.nullcontext()
         with context:
-            out = model(batch["signal"].to(device), batch["static"].to(device), batch["intensity_db"].to(device),
+            signal = -batch["signal"] if invert_signal else batch["signal"]
+            out = model(signal.to(device), batch["static"].to(device), batch["intensity_db"].to(device),
                         batch["level_mask"].to(device))
         for key, value in out.items():
             outputs.setdefault(key, []).append(value.float().cpu())
@@ -66,12 +68,54 @@ def predictions(outputs: dict, batch: dict, dataset: ABRSeriesDataset, temperatu
     return pred
 
 
+def gaussian_mixture_of_two(mean_a, sd_a, mean_b, sd_b) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and SD of the equal-weight mixture of N(mean_a, sd_a²) and N(mean_b, sd_b²), elementwise (same
+    units as the inputs): mean (a + b) / 2, variance (sd_a² + sd_b²) / 2 + ((a − b) / 2)². Symmetric in
+    a and b, so swapping the two passes gives bit-identical results."""
+    mean = 0.5 * (mean_a + mean_b)
+    sd = np.sqrt(0.5 * (sd_a ** 2 + sd_b ** 2) + (0.5 * (mean_a - mean_b)) ** 2)
+    return mean, sd
+
+
+def average_over_polarity(as_recorded: dict, inverted: dict) -> dict:
+    """Combine the :func:`predictions` of the recordings as given and of the same recordings × −1 into
+    predictions that do not depend on the recording's sign.
+
+    Threshold (dB), wave latencies (ms) and relative amplitudes: equal-weight mixture of the two Gaussians
+    (:func:`gaussian_mixture_of_two`), so the SD grows by half the disagreement of the two passes. Wave
+    existence and outlier probabilities: averaged; the global / local threshold paths (dB): averaged. Class
+    probabilities: averaged (``class_logits`` / ``class_logits_raw`` become the log of the averaged
+    calibrated / uncalibrated probabilities). Denoised trace: the mean of the first pass and the negated
+    second, so it keeps the sign of the input. Every wave output is the average of both passes, not the pass
+    matching the declared polarity: with ``data.signal_polarity`` declared correctly the first pass is that
+    one, and averaging keeps the peaks the same when it is not."""
+    a, b = as_recorded, inverted
+    out = {"rows": a["rows"], "series": a["series"]}
+    for mean_key, sd_key in (("threshold_db", "threshold_sd"), ("latency_ms", "latency_sd"), ("amp_rel", "amp_sd")):
+        out[mean_key], out[sd_key] = gaussian_mixture_of_two(a[mean_key], a[sd_key], b[mean_key], b[sd_key])
+    for key in ("exist_prob", "outlier_prob", "threshold_global_db", "threshold_local_db"):
+        out[key] = 0.5 * (a[key] + b[key])
+    out["denoised"] = 0.5 * (a["denoised"] - b["denoised"])
+    out["class_probs"] = 0.5 * (a["class_probs"] + b["class_probs"])
+    tiny = np.finfo(np.float32).tiny  # log(0) guard; softmax of these logits gives back the averaged probabilities
+    out["class_logits"] = np.log(np.maximum(out["class_probs"], tiny))
+    raw_probs = 0.5 * (softmax(a["class_logits_raw"]) + softmax(b["class_logits_raw"]))
+    out["class_logits_raw"] = np.log(np.maximum(raw_probs, tiny))
+    return out
+
+
 def predict(model: torch.nn.Module, dataset: ABRSeriesDataset, device: torch.device, batch_size: int = 64,
-            amp=None) -> dict:
-    """:func:`run_model` + :func:`predictions` with the model's fitted class temperature."""
-    outputs, batch = run_model(model, dataset, device, batch_size, amp)
+            amp=None, polarity_tta: bool = False) -> dict:
+    """:func:`run_model` + :func:`predictions` with the model's fitted class temperature. ``polarity_tta``:
+    also run every recording × −1 and combine the two passes with :func:`average_over_polarity` (twice the
+    model time), so that inverting the input changes no threshold, class or peak output."""
     temperature = float(model.classifier.temperature.item())
-    return predictions(outputs, batch, dataset, temperature)
+    outputs, batch = run_model(model, dataset, device, batch_size, amp)
+    pred = predictions(outputs, batch, dataset, temperature)
+    if polarity_tta:
+        inverted_outputs, _ = run_model(model, dataset, device, batch_size, amp, invert_signal=True)
+        pred = average_over_polarity(pred, predictions(inverted_outputs, batch, dataset, temperature))
+    return pred
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -19,6 +19,11 @@ Outputs (``--output-dir``):
 - ``figures/ear_<file>_<patient>_<ear>.png|pdf``: stacked waveforms, picked peaks, thresholds;
 - ``overrides_template.csv`` (when no override file exists yet) and ``summary.json``.
 
+Model outputs (thresholds, classes, wave probabilities, latencies, amplitudes) are averaged over each recording
+and its inverse (× −1) when ``predict.polarity_tta`` is true (the default; ``headline.polarity_tta`` records it),
+so they do not depend on the recording's sign; ``data.signal_polarity`` still orients the traces drawn and the
+classical wave V search. See abr/evaluation.py:average_over_polarity.
+
 Manual overrides (``--overrides FILE``, or ``predict.overrides``, or else ``<output-dir>/overrides.csv``
 when it exists, so editing that file and running again re-applies it): CSV with columns
 ``patient_id, ear, intensity_db, field, value, who, when[, note, file]``; ``field`` is ``threshold`` (ear
@@ -179,7 +184,7 @@ def analyse_file(path: Path, cfg: dict, model, ckpt: dict, device, run) -> tuple
         run.log(f"  {path.name}: {note}")
     series = np.arange(arrays["series_rows"].shape[0])
     dataset = ABRSeriesDataset(arrays, ckpt_meta, series)  # the training statistics standardize the inputs
-    pred = predict(model, dataset, device, cfg["predict"]["batch_size"])
+    pred = predict(model, dataset, device, cfg["predict"]["batch_size"], polarity_tta=cfg["predict"]["polarity_tta"])
     t_ms = np.asarray(ckpt_meta["time_ms"])
     criterion = float(cfg["classical"]["criterion"] if cfg["classical"]["criterion"] is not None
                       else cfg["predict"]["classical_criterion"])
@@ -346,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
                               out / "figures" / f"ear_{safe_name(Path(name).stem)}_{safe_name(patient)}_{safe_name(ear)}")
     headline = {"n_files": len(files) - len(failed), "n_files_failed": len(failed), "n_ears": len(ears),
                 "n_recordings": len(recordings), "n_unsure": int(sum(e["unsure"] for e in ears)),
-                "overrides_applied": applied, "overrides_unmatched": len(unmatched)}
+                "overrides_applied": applied, "overrides_unmatched": len(unmatched),
+                "polarity_tta": bool(cfg["predict"]["polarity_tta"])}
     run.log(f"{headline['n_ears']} ears ({headline['n_unsure']} unsure), {headline['n_recordings']} recordings")
     return run.finish({"headline": headline, "checkpoint": Path(args.checkpoint).as_posix(),
                        "level_reference": cfg["data"]["level_reference"],

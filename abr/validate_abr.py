@@ -15,7 +15,9 @@ with predict_abr's ``unsure`` flag and reasons, abr/unsure.py, and the headline 
 10 dB off it catches),
 figures/.
 
-Config sections used: validate, classical (plus the checkpoint's preprocessing metadata).
+Config sections used: validate, classical, predict (``predict.polarity_tta``, on by default: the model is
+averaged over each recording and its inverse, recorded in the headline; plus the checkpoint's preprocessing
+metadata).
 ``--checkpoint PATH``: a checkpoint file or a training run folder; ``--data DIR``: the preprocessed cache
 (default: the one the model was trained on).
 
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = ABRSeriesDataset(arrays, ckpt_meta, series)  # the training statistics standardize the inputs
     run.log(f"{ckpt['model']['target']} (epoch {ckpt['epoch']}) on {len(dataset)} {split} ears of {data_dir}")
 
-    pred = predict(model, dataset, device, cfg["validate"]["batch_size"])
+    polarity_tta = bool(cfg["predict"]["polarity_tta"])
+    pred = predict(model, dataset, device, cfg["validate"]["batch_size"], polarity_tta=polarity_tta)
     metrics = evaluate_model(pred, arrays, meta)
     names = meta["class_names"]
     labels = arrays["series_class"][pred["series"]]
@@ -197,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
         "n_off_by_10db": int(off.sum()),
         "n_off_by_10db_flagged_unsure": int((off & unsure).sum()),
         "n_ears": int(series.size),
+        "polarity_tta": polarity_tta,
     }
+    run.log(f"model averaged over each recording and its inverse (predict.polarity_tta): {polarity_tta}")
     run.log("          model   classical / prior")
     run.log(f"thr ±10 dB {headline['threshold_within_10db']:.3f}   {headline['classical_threshold_within_10db']:.3f}")
     run.log(f"thr MAE    {headline['threshold_mae_db']:.2f}   {headline['classical_threshold_mae_db']:.2f} dB")

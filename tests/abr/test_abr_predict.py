@@ -45,6 +45,7 @@ def test_predict_folder_then_overrides_are_reapplied(trained, tiny_config, expor
     ears = rows(out / "ears.csv")
     n_ears = keep.groupby(["Patient_ID", "Ear"]).ngroups
     assert summary["headline"]["n_ears"] == len(ears) == n_ears
+    assert summary["headline"]["polarity_tta"] is True  # the default, recorded
     assert len(rows(out / "recordings.csv")) == len(keep)
     for ear in ears:
         assert ear["level_reference"] == "dB nHL" and float(ear["threshold_model_sd"]) > 0
