@@ -193,14 +193,21 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     start = Path(cwd or Path(__file__).resolve().parent)
     for folder in [start, *start.parents]:
         git_dir = folder / ".git"
+        if git_dir.is_file():  # a worktree or submodule: ".git" names the real folder ("gitdir: PATH")
+            text = git_dir.read_text().strip()
+            if not text.startswith("gitdir: "):
+                return None
+            git_dir = (folder / text[8:]).resolve()
         if git_dir.is_dir():
             head = (git_dir / "HEAD").read_text().strip()
+            # a worktree keeps its HEAD; branches and packed refs live in the main repository ("commondir")
+            common = git_dir / (git_dir / "commondir").read_text().strip() if (git_dir / "commondir").is_file() else git_dir
             if head.startswith("ref: "):
                 ref = head[5:]
-                ref_file = git_dir / ref
-                if ref_file.is_file():
-                    return ref_file.read_text().strip()
-                packed = git_dir / "packed-refs"
+                for ref_file in (git_dir / ref, common / ref):
+                    if ref_file.is_file():
+                        return ref_file.read_text().strip()
+                packed = common / "packed-refs"
                 if packed.is_file():
                     for line in packed.read_text().splitlines():
                         if line.endswith(" " + ref):

@@ -171,3 +171,23 @@ def test_resume_finds_the_newest_ensemble_member(tmp_path):
     assert run_root(newest) == run  # the run folder, not the member's
     (run / "checkpoint_last.pt").write_bytes(b"x")  # a single-model run's own checkpoint wins
     assert run_checkpoint(run) == run / "checkpoint_last.pt" and run_root(run / "checkpoint_last.pt") == run
+
+
+def test_git_sha_in_a_worktree_reads_the_real_git_folder(tmp_path):
+    """In a git worktree ".git" is a file naming the worktree's folder; its HEAD names a branch whose ref
+    lives in the main repository (commondir)."""
+    from common.checkpoint import git_sha
+
+    main_git = tmp_path / "main" / ".git"
+    (main_git / "refs" / "heads").mkdir(parents=True)
+    (main_git / "HEAD").write_text("ref: refs/heads/main\n")
+    (main_git / "refs" / "heads" / "main").write_text("a" * 40 + "\n")
+    (main_git / "refs" / "heads" / "feature").write_text("b" * 40 + "\n")
+    wt_git = main_git / "worktrees" / "wt"
+    wt_git.mkdir(parents=True)
+    (wt_git / "HEAD").write_text("ref: refs/heads/feature\n")
+    (wt_git / "commondir").write_text("../..\n")
+    (tmp_path / "wt").mkdir()
+    (tmp_path / "wt" / ".git").write_text(f"gitdir: {wt_git}\n")
+    assert git_sha(tmp_path / "main") == "a" * 40
+    assert git_sha(tmp_path / "wt") == "b" * 40
