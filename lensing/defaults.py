@@ -132,6 +132,9 @@ LENSING_DEFAULTS = {
         "calibration_bins": 10,
         "baseline": True,  # also score the non-learned azimuthal-residual baseline
         "bootstrap": 200,  # stratified paired bootstrap resamples for 95 % CIs of model, baseline and difference (0 = off)
+        "combine_with_baseline": "off",  # off | fit | apply: logistic stack of (network logit, baseline) (combine.py);
+        # fit: on the validation split of the training data (validate.split = data.val_split), written beside the
+        # checkpoint; apply: read from beside the checkpoint and reported as a third row
         "figures": True,  # ROC, stratified curves, cutout grids, reliability diagram
     },
     # ------------------------------------- large validation sets rendered on the fly (validate_stream_lensing.py)

@@ -14,7 +14,8 @@ label, sim_kind, logit, baseline score), ``metrics.csv``, and ``summary.json`` w
 model and baseline, per survey and per non-lens kind (the false-positive count of each confuser kind at the
 model's TPR10 threshold), paired stratified bootstrap CIs (``validate.bootstrap``), and the wall time of
 rendering, scoring and the whole run. Images with artefacts (``simulate.artefact_fraction``) have
-``+artefacts`` appended to their ``sim_kind``.
+``+artefacts`` appended to their ``sim_kind``. ``--set validate.combine_with_baseline=apply`` also scores with
+the network + baseline stack stored beside the checkpoint (lensing/combine.py; fitted by validate_lensing.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from common.errors import run_cli
 from common.runlog import write_text_atomic
 from lensing.artefacts import add_artefacts
 from lensing.baseline import azimuthal_median_model, azimuthal_residual_score
+from lensing.combine import apply_stack, checkpoint_identity, combined_report, describe, load_stack, stack_path
 from lensing.data import STRETCHES, fit_size, normalize
 from lensing.defaults import lensing_defaults
 from lensing.metrics import bologna_metrics, bootstrap_comparison, per_survey_metrics
@@ -92,7 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
                       for label, fraction in (("lenses", 1.0), ("nonlenses", 0.0))}
     except ValueError as exc:
         raise ConfigError(f"simulate: {exc}") from None
-    models = [load_model(path, device=run.device, expected_domain="lensing") for path in resolve_checkpoints(args.checkpoint)]
+    combine = str(vcfg["combine_with_baseline"])
+    if combine not in ("off", "apply"):
+        raise ConfigError(f"validate.combine_with_baseline: off or apply here, not {combine!r} (the stack is fitted "
+                          "by validate_lensing.py on the validation split of the training data)")
+    paths = resolve_checkpoints(args.checkpoint)
+    models = [load_model(path, device=run.device, expected_domain="lensing") for path in paths]
+    stack = load_stack(stack_path(args.checkpoint), checkpoint_identity([c for _, c in models], paths)) \
+        if combine == "apply" else None
     prep = models[0][1].get("preprocessing", {})
     if prep.get("stretch", "linear") not in STRETCHES:
         raise ConfigError(f"{args.checkpoint}: unknown stretch {prep.get('stretch')!r} in the checkpoint's preprocessing")
@@ -134,8 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
             run.log(f"[lensing] {survey.name}: scored {total} {label} ({time.perf_counter() - start_all:.0f} s so far)")
     seconds["total"] = time.perf_counter() - start_all
     scores = pd.concat(parts, ignore_index=True)
-    write_text_atomic(run.run_dir / "scores.csv", scores.to_csv(index=False))
     labels, logit, base = scores["label"].to_numpy(), scores["logit"].to_numpy(), scores["baseline_score"].to_numpy()
+    if stack is not None:
+        scores["combined_score"] = apply_stack(stack, logit, base)
+        combined, boot_combined, combined_headline = combined_report(
+            labels, scores["combined_score"].to_numpy(), logit, base, int(vcfg["bootstrap"]), cfg["seed"])
+    write_text_atomic(run.run_dir / "scores.csv", scores.to_csv(index=False))
     overall, baseline_metrics = bologna_metrics(labels, logit), bologna_metrics(labels, base)
     surveys_m = per_survey_metrics(labels, logit, scores["survey"].to_numpy(), run.log,
                                    float(vcfg["domain_shift_auroc"]), trained_surveys=prep.get("surveys"))
@@ -143,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         if int(vcfg["bootstrap"]) > 0 else None
     false_positives = _false_positives_by_kind(scores)
     rows = [{"scope": "overall", **_flat(overall)}, {"scope": "baseline:azimuthal_residual", **_flat(baseline_metrics)}]
+    if stack is not None:
+        rows.append({"scope": "combined:logistic_stack", **_flat(combined)})
     rows += [{"scope": f"survey:{name}", **_flat(m)} for name, m in surveys_m.items()]
     write_text_atomic(run.run_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
     headline = {"auroc": overall["auroc"], "tpr0": overall["tpr0"], "tpr10": overall["tpr10"],
@@ -159,9 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"(render {seconds['render']:.0f} s, model {seconds['model']:.0f} s, baseline {seconds['baseline']:.0f} s): "
             f"model AUROC {overall['auroc']:.4f} TPR0 {overall['tpr0']:.3f} TPR10 {overall['tpr10']:.3f}; baseline AUROC "
             f"{baseline_metrics['auroc']:.4f} TPR0 {baseline_metrics['tpr0']:.3f} TPR10 {baseline_metrics['tpr10']:.3f}")
+    if stack is not None:
+        headline.update(combined_headline)
+        run.log(describe(combined_headline))
     summary = {"checkpoint": str(args.checkpoint), "n_members": len(models), "overall": overall,
                "baseline_azimuthal_residual": baseline_metrics, "per_survey": surveys_m, "bootstrap_vs_baseline": boot,
                "false_positives_at_tpr10_threshold_by_kind": false_positives, "seconds": seconds, "headline": headline,
+               "combined_logistic_stack": None if stack is None else {
+                   "stack": stack, "metrics": combined, "bootstrap": boot_combined},
                "notes": "TPR0/TPR10: false-positive counts (Metcalf et al. 2019); nothing rendered here is stored."}
     return run.finish(summary)
 
