@@ -8,7 +8,9 @@
    slice order and intensity percentiles for free, which favours the peer). Reports the ratios.
 3. Real slice sizes (benchmark.real_size: 256-640 px, uncompressed and JPEG 2000 lossless): caching
    throughput (slices/s, MB/s), cache / DICOM size, samples/s from the disk cache, from memory and from DICOM
-   with the same crops, extrapolated to the competition set (:func:`real_size_benchmark`; real_size.csv).
+   with the same crops, and measured epochs through the training DataLoader (CropDataset from the disk cache
+   vs the DICOM peer, benchmark.real_size.loader_workers workers), extrapolated to the competition set from
+   the measured epoch rates (:func:`real_size_benchmark`; real_size.csv).
 4. The official metric of the two-stage model vs the class-prior baseline, re-scored from the
    out-of-fold predictions of a validate_rsna.py run (paths.validate_dir or --validate-dir).
 
@@ -27,14 +29,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from common.cli import make_parser, start_run
 from common.errors import InputError, run_cli
 from common.dicom_series import pixel_data
+from common.runtime import dataloader_kwargs
 from rsna_spine.cache import decode_all, series_tasks
-from rsna_spine.constants import GROUP_OF_CONDITION, SUBMISSION_COLUMNS
+from rsna_spine.constants import GROUP_OF_CONDITION, LEVELS, SUBMISSION_COLUMNS
 from rsna_spine.crops import crop_stack
-from rsna_spine.data import Stack, StackStore, decode_series_task, load_series
+from rsna_spine.data import Stack, StackStore, decode_series_task, load_series, stack_path
 from rsna_spine.inference import find_run_dir
 from rsna_spine.stage_datasets import CropDataset, crop_items
 from rsna_spine.metric import score_details, solution_from_labels, submission_frame
@@ -45,14 +50,19 @@ from rsna_spine.synthetic import SYNTHETIC_DEFAULTS, render_stack, sagittal_stac
 DOMAIN = "rsna_spine"
 
 
-class DicomEveryEpoch:
-    """The peer: each sample decodes the N DICOM files around its slice (seed v9's __getitem__)."""
+class DicomEveryEpoch(Dataset):
+    """The peer: each sample decodes the N DICOM files around its slice (seed v9's __getitem__); the same
+    sample dict as :class:`CropDataset` without augmentation ("image" (N, 3, H, W), "index"), so both run
+    through the same DataLoader. Module level: picklable for spawned workers."""
 
     def __init__(self, items, store: StackStore, root: Path, crop_cfg, intensity):
         self.items, self.store, self.root = items, store, Path(root)
         self.crop_cfg, self.intensity = crop_cfg, intensity
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         geometry = self.store.get(item["study_id"], item["series_id"], item["stack_index"])
         n = int(self.crop_cfg["num_slices"])
@@ -70,8 +80,9 @@ class DicomEveryEpoch:
             array[k] = _to_canonical(plane, geometry)
         fresh = Stack(**{**geometry.__dict__, "array": array})
         group = GROUP_OF_CONDITION[item["condition"]]
-        return crop_stack(fresh, item["kji"], n, self.crop_cfg["crop_mm"][group], self.crop_cfg["img_size"],
-                          self.intensity)
+        image = crop_stack(fresh, item["kji"], n, self.crop_cfg["crop_mm"][group], self.crop_cfg["img_size"],
+                           self.intensity)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), "index": index}
 
 
 def _to_canonical(plane: np.ndarray, stack: Stack) -> np.ndarray:
@@ -100,8 +111,22 @@ def _rate(fn, n: int) -> float:
 FULL_SET = {"studies": 1975, "slices": 147_000, "dicom_gb": 35.0, "samples_per_epoch": 1975 * 25}
 
 
+def _epochs(dataset, workers: int, batch_size: int) -> tuple[float, float, int]:
+    """Two epochs through the training DataLoader (same kwargs as train_rsna.py: spawned, persistent workers,
+    shuffled): (first epoch s, including worker start-up and first loads; second epoch s; samples)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=False,
+                        **dataloader_kwargs(torch.device("cpu"), workers, seed=0, start_method="spawn"))
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        n = sum(len(batch["index"]) for batch in loader)
+        times.append(time.perf_counter() - start)
+    del loader  # stops the workers
+    return times[0], times[1], n
+
+
 def _real_size_case(work_dir: Path, size: int, syntax: str, n_slices: int, n_samples: int, crop_cfg: dict,
-                    intensity: dict) -> dict:
+                    intensity: dict, loader_workers=(0,), batch_size: int = 12) -> dict:
     """One (size, syntax) case of :func:`real_size_benchmark`: its row of measurements."""
     rng = np.random.default_rng(size)
     synth = dict(SYNTHETIC_DEFAULTS, sag_size_px=size, sag_spacing_mm=230.0 / size, sag_slices=[n_slices, n_slices])
@@ -114,7 +139,10 @@ def _real_size_case(work_dir: Path, size: int, syntax: str, n_slices: int, n_sam
     dicom_bytes = sum(f.stat().st_size for f in folder.iterdir())
     start = time.perf_counter()
     (stack,) = load_series(folder, 1, 2, "sag_t2", logger=lambda m: None)
-    path = stack.save(Path(work_dir) / "cache.npz")
+    cache_dir = Path(work_dir) / "cache"
+    path = stack_path(cache_dir, 1, 2, stack.stack_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path = stack.save(path)
     cache_s = time.perf_counter() - start
     centres = [(float(rng.integers(0, n_slices)), float(rng.uniform(0.3, 0.7) * size),
                 float(rng.uniform(0.3, 0.7) * size)) for _ in range(n_samples)]
@@ -137,7 +165,23 @@ def _real_size_case(work_dir: Path, size: int, syntax: str, n_slices: int, n_sam
 
     rates = {name: _rate(fn, n_samples) for name, fn in
              (("disk", from_disk), ("memory", from_memory), ("dicom", from_dicom))}
-    diff = max(float(np.abs(from_disk(i) - from_dicom(i)).max()) for i in range(n_samples))
+    # whole epochs through the training DataLoader: CropDataset over a store that keeps nothing (max_mb=0:
+    # every sample reads and inflates its stack file) vs the DICOM peer (geometry kept per worker)
+    items = [{"study_id": 1, "series_id": 2, "stack_index": stack.stack_index, "condition": "spinal_canal_stenosis",
+              "level": LEVELS[0], "label": 0, "kji": centre} for centre in centres]
+    index = pd.DataFrame(columns=["study_id", "series_id", "stack_index", "series_key", "status"])
+    sets = {"disk": CropDataset(items, StackStore(cache_dir, index=index, max_mb=0), crop_cfg, intensity),
+            "dicom": DicomEveryEpoch(items, StackStore(cache_dir, index=index), work_dir, crop_cfg, intensity)}
+    diff = max(float(np.abs(sets["disk"][i]["image"] - sets["dicom"][i]["image"]).max()) for i in range(n_samples))
+    epochs = {}
+    for workers in loader_workers:
+        for name, dataset in sets.items():
+            first, second, n = _epochs(dataset, int(workers), batch_size)
+            epochs.update({f"first_epoch_s_{name}_w{workers}": first, f"epoch_s_{name}_w{workers}": second,
+                           f"epoch_samples_per_s_{name}_w{workers}": n / second,
+                           f"full_set_epoch_min_{name}_w{workers}": FULL_SET["samples_per_epoch"] / (n / second) / 60})
+        epochs[f"epoch_speedup_disk_vs_dicom_w{workers}"] = (epochs[f"epoch_s_dicom_w{workers}"]
+                                                              / epochs[f"epoch_s_disk_w{workers}"])
     ratio = path.stat().st_size / dicom_bytes
     return {"size_px": size, "syntax": syntax, "slices": n_slices, "dicom_mb": dicom_bytes / 1e6,
             "cache_ratio": ratio, "cache_slices_per_s": n_slices / cache_s,
@@ -146,9 +190,7 @@ def _real_size_case(work_dir: Path, size: int, syntax: str, n_slices: int, n_sam
             "speedup_disk_vs_dicom": rates["disk"] / rates["dicom"],
             "speedup_memory_vs_dicom": rates["memory"] / rates["dicom"], "max_abs_difference": diff,
             "full_set_cache_hours_1_process": FULL_SET["slices"] / (n_slices / cache_s) / 3600,
-            "full_set_cache_gb": FULL_SET["dicom_gb"] * ratio,
-            "epoch_minutes_disk": FULL_SET["samples_per_epoch"] / rates["disk"] / 60,
-            "epoch_minutes_dicom": FULL_SET["samples_per_epoch"] / rates["dicom"] / 60}
+            "full_set_cache_gb": FULL_SET["dicom_gb"] * ratio, "epoch_samples": n_samples, **epochs}
 
 
 def real_size_benchmark(work_dir: Path, cfg: dict, logger=print) -> dict:
@@ -160,15 +202,22 @@ def real_size_benchmark(work_dir: Path, cfg: dict, logger=print) -> dict:
     ``n_samples`` crops (crop.num_slices x crop.img_size, crop_mm of the spinal group, random centres) from
     (a) the disk cache, one stack file read per sample (a cold store), (b) the stack in memory, (c) the DICOM
     files (the N slices decoded per sample, as the seed's __getitem__, geometry given). The crops of (a) and
-    (c) are compared pixel by pixel. Extrapolated to the competition set (FULL_SET) with one process.
+    (c) are compared pixel by pixel. Then whole epochs of those ``n_samples`` items through the DataLoader
+    training uses (:func:`common.runtime.dataloader_kwargs`, spawned persistent workers, shuffled,
+    train.batch_size) for each count in ``loader_workers`` ([] = runtime.num_workers): :class:`CropDataset`
+    over a store that keeps no stack (every sample reads its stack file) vs :class:`DicomEveryEpoch`. The
+    second epoch is timed (the first, with worker start-up, is reported apart); the full-set epoch time
+    (FULL_SET samples_per_epoch) is extrapolated from these measured samples/s.
     """
 
     rcfg = cfg["benchmark"]["real_size"]
+    workers = [int(w) for w in rcfg["loader_workers"]] or [int(cfg["runtime"]["num_workers"])]
     rows = []
     for size in rcfg["sizes"]:
         for syntax in rcfg["syntaxes"]:
             row = _real_size_case(Path(work_dir) / f"{size}_{syntax}", int(size), syntax, int(rcfg["n_slices"]),
-                                  int(rcfg["n_samples"]), cfg["crop"], cfg["intensity"])
+                                  int(rcfg["n_samples"]), cfg["crop"], cfg["intensity"], workers,
+                                  int(cfg["train"]["batch_size"]))
             rows.append(row)
             logger(f"real size {size} px {syntax}: cache {row['cache_slices_per_s']:.1f} slices/s "
                    f"({row['cache_dicom_mb_per_s']:.1f} MB/s), {row['cache_ratio']:.2f} x DICOM size; samples/s "
@@ -176,8 +225,16 @@ def real_size_benchmark(work_dir: Path, cfg: dict, logger=print) -> dict:
                    f"{row['samples_per_s_dicom']:.1f} -> x{row['speedup_disk_vs_dicom']:.2f} from disk; max "
                    f"|disk - DICOM| {row['max_abs_difference']:.1e}; full set ({FULL_SET['slices']} slices, "
                    f"{FULL_SET['samples_per_epoch']} samples/epoch, 1 process): cache "
-                   f"{row['full_set_cache_hours_1_process']:.1f} h, {row['full_set_cache_gb']:.1f} GB; epoch "
-                   f"{row['epoch_minutes_disk']:.0f} min from disk vs {row['epoch_minutes_dicom']:.0f} min DICOM")
+                   f"{row['full_set_cache_hours_1_process']:.1f} h, {row['full_set_cache_gb']:.1f} GB")
+            for w in workers:
+                logger(f"  epoch of {row['epoch_samples']} samples, DataLoader with {w} worker(s) (second epoch; "
+                       f"first incl. start-up disk {row[f'first_epoch_s_disk_w{w}']:.2f} s, DICOM "
+                       f"{row[f'first_epoch_s_dicom_w{w}']:.2f} s): disk cache {row[f'epoch_s_disk_w{w}']:.2f} s "
+                       f"= {row[f'epoch_samples_per_s_disk_w{w}']:.1f} samples/s, DICOM {row[f'epoch_s_dicom_w{w}']:.2f}"
+                       f" s = {row[f'epoch_samples_per_s_dicom_w{w}']:.1f} samples/s -> "
+                       f"x{row[f'epoch_speedup_disk_vs_dicom_w{w}']:.2f}; full-set epoch "
+                       f"({FULL_SET['samples_per_epoch']} samples) {row[f'full_set_epoch_min_disk_w{w}']:.0f} min "
+                       f"from disk vs {row[f'full_set_epoch_min_dicom_w{w}']:.0f} min DICOM")
     shutil.rmtree(work_dir, ignore_errors=True)
     return {"rows": rows}
 
@@ -228,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["samples_per_s_dicom"] = _rate(lambda i: peer[i], len(items))
     results["speedup_cached_vs_dicom"] = results["samples_per_s_cache_warm"] / results["samples_per_s_dicom"]
     results["speedup_npz_vs_dicom"] = results["samples_per_s_cache_cold"] / results["samples_per_s_dicom"]
-    check = np.abs(cold[0]["image"].numpy() - peer[0]).max()
+    check = np.abs(cold[0]["image"].numpy() - peer[0]["image"].numpy()).max()
     run.log(f"samples/s: cached {results['samples_per_s_cache_warm']:.1f}, npz (cold) "
             f"{results['samples_per_s_cache_cold']:.1f}, DICOM every epoch {results['samples_per_s_dicom']:.1f} "
             f"-> x{results['speedup_cached_vs_dicom']:.1f} (cached) x{results['speedup_npz_vs_dicom']:.1f} (npz); "

@@ -136,7 +136,8 @@ DEFAULTS = {
             "sizes": [256, 384, 640],  # px (rows = columns)
             "syntaxes": ["explicit", "jpeg2000"],  # uncompressed and JPEG 2000 lossless
             "n_slices": 15,
-            "n_samples": 16,  # crops timed per source (disk cache, memory, DICOM)
+            "n_samples": 16,  # crops timed per source (disk cache, memory, DICOM); also the measured epoch
+            "loader_workers": [],  # DataLoader workers of the measured epochs ([] = runtime.num_workers)
         },
     },
     "runtime": {**RUNTIME_DEFAULTS, "torch_threads": 0},  # torch_threads: 0 = torch default; 1 on busy CPUs

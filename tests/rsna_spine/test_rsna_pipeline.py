@@ -78,6 +78,10 @@ def test_round_trip(tiny_dataset):
     assert bench["samples_per_s_dicom"] > 0 and bench["speedup_cached_vs_dicom"] > 0
     assert [(r["size_px"], r["syntax"]) for r in bench["real_size"]] == [(64, "explicit"), (64, "jpeg2000")]
     assert all(r["max_abs_difference"] == 0 and r["cache_ratio"] < 1 for r in bench["real_size"])
+    # measured epochs through the training DataLoader (smoke: runtime.num_workers = 0), both sources
+    for r in bench["real_size"]:
+        assert r["epoch_samples"] == 2 and r["epoch_s_disk_w0"] > 0 and r["epoch_s_dicom_w0"] > 0
+        assert r["full_set_epoch_min_disk_w0"] == pytest.approx(49375 / r["epoch_samples_per_s_disk_w0"] / 60)
     assert (work / "bench" / "real_size.csv").is_file()
     assert bench["max_abs_difference_cache_vs_dicom"] < 1e-5
     assert bench["margin_vs_prior"] == pytest.approx(head["margin_vs_prior"], rel=1e-9)
