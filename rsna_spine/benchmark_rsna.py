@@ -172,7 +172,8 @@ def _real_size_case(work_dir: Path, size: int, syntax: str, n_slices: int, n_sam
     index = pd.DataFrame(columns=["study_id", "series_id", "stack_index", "series_key", "status"])
     sets = {"disk": CropDataset(items, StackStore(cache_dir, index=index, max_mb=0), crop_cfg, intensity),
             "dicom": DicomEveryEpoch(items, StackStore(cache_dir, index=index), work_dir, crop_cfg, intensity)}
-    diff = max(float(np.abs(sets["disk"][i]["image"] - sets["dicom"][i]["image"]).max()) for i in range(n_samples))
+    diff = max(float(torch.as_tensor(sets["disk"][i]["image"] - sets["dicom"][i]["image"]).abs().max())
+               for i in range(n_samples))
     epochs = {}
     for workers in loader_workers:
         for name, dataset in sets.items():
