@@ -104,3 +104,22 @@ def test_residual_training_runs_and_predicts(tiny_npz, tmp_path):
     assert np.isfinite(dose).all() and dose.max() > 0
     ckpt = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
     assert ckpt["model"]["kwargs"]["residual_input_channel"] == ckpt["preprocessing"]["input_spec"]["n_channels"] - 1
+
+
+def test_ensemble_of_different_atlases_is_refused_naming_the_atlas(atlas_setup):
+    """Two runs fit their own atlases on different patients: their members cannot share one input."""
+    from common.checkpoint import CheckpointError
+
+    cases, _, _, atlas = atlas_setup
+    cfg = defaults()  # the fixture's config may carry another test's grid factor
+    cfg["input"]["atlas_channel"] = True
+    targets = {"PTV70": 70.0, "PTV56": 56.0}
+    spec = make_input_spec(cases[0]["structure_names"], targets, cfg["input"], 50.0, atlas=atlas)
+    other = make_input_spec(cases[0]["structure_names"], targets, cfg["input"], 50.0,
+                            atlas=fit_atlas(cases[1:], targets))
+    cfg["model"].update({"channels": [4, 8], "groups": 2, "residual_over_atlas": True})
+    _, kwargs = model_spec_from_config(cfg["model"], spec)
+    members = [(UNet3D(**kwargs).eval(), {"input_spec": s, "patch_size": [8, 16, 16]}) for s in (spec, other)]
+    with pytest.raises(CheckpointError, match=r"differing in \['atlas'\] \(each run fits its own mean-dose atlas"):
+        EnsemblePredictor(cfg={}, members=members)
+    EnsemblePredictor(cfg={}, members=[members[0], (members[1][0], {"input_spec": dict(spec), "patch_size": [8, 16, 16]})])
