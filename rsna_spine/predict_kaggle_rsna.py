@@ -48,6 +48,7 @@ from rsna_spine.submission import (
     resolve_temperatures,
     rows_sum_to_one,
     score_submission,
+    studies_to_submit,
 )
 
 DOMAIN = "rsna_spine"
@@ -157,12 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = run.run_dir / "scratch_cache"
     tasks = series_tasks(root, args.split, cache_dir, settings["percentiles"], logger=run.log,
                          gap_factor=settings["stack_gap_factor"], missing_geometry=settings["missing_geometry"])
-    studies = sorted({t["study_id"] for t in tasks})
-    sample = root / "sample_submission.csv"
-    if sample.is_file():  # studies listed for submission but without any usable series still get rows
-        studies = sorted(set(studies) | {int(str(r).split("_")[0]) for r in pd.read_csv(sample)["row_id"]})
-    if not studies:
-        raise InputError("no study listed", root / f"{args.split}_series_descriptions.csv")
+    studies = studies_to_submit(tasks, root, args.split)
     run.record_inputs_valid()
     machine = machine_description(run.device)
     run.log(f"machine: {machine}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pandas as pd
 
 from common.cli import add_deprecated_alias, make_parser, start_run
 from common.errors import InputError, NothingProcessedError, run_cli
@@ -44,6 +43,7 @@ from rsna_spine.submission import (
     resolve_temperatures,
     rows_sum_to_one,
     score_submission,
+    studies_to_submit,
 )
 
 DOMAIN = "rsna_spine"
@@ -68,13 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = series_tasks(root, args.split, cache_dir, cfg["preprocess"]["percentiles"], logger=run.log,
                          gap_factor=cfg["preprocess"]["stack_gap_factor"],
                          missing_geometry=cfg["preprocess"]["missing_geometry"])
-    studies = sorted({t["study_id"] for t in tasks})
-    sample = root / "sample_submission.csv"
-    if sample.is_file():  # studies listed for submission but without any usable series still get rows
-        listed = {int(str(r).split("_")[0]) for r in pd.read_csv(sample)["row_id"]}
-        studies = sorted(set(studies) | listed)
-    if not studies:
-        raise InputError("no study listed", root / f"{args.split}_series_descriptions.csv")
+    studies = studies_to_submit(tasks, root, args.split)
     run.record_inputs_valid()
     index, seconds = decode_all(tasks, int(cfg["predict"]["workers"]), run.log, desc=f"decode {args.split}")
     run.log(f"decoded {len(tasks)} series of {len(studies)} studies in {seconds:.1f} s")

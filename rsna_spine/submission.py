@@ -22,6 +22,18 @@ from rsna_spine.metric import (
 )
 
 
+def studies_to_submit(tasks: list[dict], root: Path, split: str) -> list[int]:
+    """Study ids with series to decode, plus those only listed in ``sample_submission.csv`` (they still get
+    rows, from class priors); an error naming the series list when there is none."""
+    studies = {t["study_id"] for t in tasks}
+    sample = root / "sample_submission.csv"
+    if sample.is_file():
+        studies |= {int(str(r).split("_")[0]) for r in pd.read_csv(sample)["row_id"]}
+    if not studies:
+        raise InputError("no study listed", root / f"{split}_series_descriptions.csv")
+    return sorted(studies)
+
+
 def mean_priors(classifiers: list) -> dict:
     """Class priors averaged over the ensemble's training folds (stored in each classifier checkpoint)."""
     keys = classifiers[0][1]["preprocessing"]["priors"].keys()
