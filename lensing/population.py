@@ -118,6 +118,18 @@ def _amp(mag, zero_point, r_sersic, n_sersic):
     return flux / sersic_total_flux(1.0, r_sersic, n_sersic)
 
 
+def _mixed_colours(rng: np.random.Generator, survey: Survey, ref: int, shape: tuple, blue_fraction: float,
+                   scatter_mag: float) -> np.ndarray:
+    """Colours (mag relative to the reference band, ``shape`` + (bands,)) of field galaxies: a share
+    ``blue_fraction`` with source-like (star-forming) colours, the rest lens-like (red), each scattered."""
+    blue = rng.uniform(0, 1, shape) < blue_fraction
+    base = np.where(blue[..., None], np.array([SOURCE_COLOURS.get(b, 0.0) for b in survey.bands]),
+                    np.array([LENS_COLOURS.get(b, 0.0) for b in survey.bands]))
+    colour = base + rng.normal(0, scatter_mag, (*shape, len(survey.bands)))
+    colour[..., ref] = 0.0
+    return colour
+
+
 def sample_scenes(n: int, survey: Survey, n_pix: int, cfg: PopulationConfig, rng: np.random.Generator,
                   dtype=torch.float32) -> tuple[dict, dict]:
     """Draw ``n`` scenes for ``survey``. Returns (simulator params of torch tensors, metadata of numpy arrays).
@@ -176,11 +188,7 @@ def sample_scenes(n: int, survey: Survey, n_pix: int, cfg: PopulationConfig, rng
     nb_r = rng.uniform(0.1, 0.5, (n, k))
     nb_n = rng.uniform(0.7, 2.5, (n, k))
     nb_mag = rng.uniform(*cfg.neighbour_mag_range, (n, k))
-    blue = rng.uniform(0, 1, (n, k)) < 0.7
-    base = np.where(blue[..., None], np.array([SOURCE_COLOURS.get(b, 0.0) for b in survey.bands]),
-                    np.array([LENS_COLOURS.get(b, 0.0) for b in survey.bands]))
-    nb_colour = base + rng.normal(0, 0.15, (n, k, n_bands))
-    nb_colour[..., ref] = 0.0
+    nb_colour = _mixed_colours(rng, survey, ref, (n, k), blue_fraction=0.7, scatter_mag=0.15)
     present = np.arange(k)[None, :] < n_nb[:, None]
     nb_amp = _amp(nb_mag[..., None] + nb_colour, zp, nb_r[..., None], nb_n[..., None]) * present[..., None]
 
@@ -348,7 +356,7 @@ def _add_los_companions(params: dict, survey: Survey, cfg: PopulationConfig, rng
                         half_fov: float) -> dict:
     """Append ``los_companions_max`` unlensed neighbour slots: galaxies anywhere in the cutout (docstring)."""
     nb = params["neighbours"]
-    n, n_bands, k = nb["amp"].shape[0], len(survey.bands), int(cfg.los_companions_max)
+    n, k = nb["amp"].shape[0], int(cfg.los_companions_max)
     zp = np.array(survey.zero_point_mag)
     ref = survey.band_index(survey.reference_band)
     present = np.arange(k)[None, :] < rng.integers(0, k + 1, n)[:, None]
@@ -357,11 +365,7 @@ def _add_los_companions(params: dict, survey: Survey, cfg: PopulationConfig, rng
     sersic_n = rng.uniform(0.7, 4.0, (n, k))
     e1, e2 = phi_q_to_ellipticity(rng.uniform(0, math.pi, (n, k)), rng.uniform(0.3, 1.0, (n, k)))
     mag = rng.uniform(*cfg.neighbour_mag_range, (n, k))
-    blue = rng.uniform(0, 1, (n, k)) < 0.5
-    base = np.where(blue[..., None], np.array([SOURCE_COLOURS.get(b, 0.0) for b in survey.bands]),
-                    np.array([LENS_COLOURS.get(b, 0.0) for b in survey.bands]))
-    colour = base + rng.normal(0, 0.2, (n, k, n_bands))
-    colour[..., ref] = 0.0
+    colour = _mixed_colours(rng, survey, ref, (n, k), blue_fraction=0.5, scatter_mag=0.2)
     amp = _amp(mag[..., None] + colour, zp, r[..., None], sersic_n[..., None]) * present[..., None]
     extra = {"amp": amp, "R_sersic": r, "n_sersic": sersic_n, "e1": e1, "e2": e2, "center_x": x, "center_y": y}
     return dict(params, neighbours={key: torch.cat([nb[key], _tensor(extra[key], dtype)], dim=1) for key in nb})
