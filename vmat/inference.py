@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import CheckpointError, apply_ema_weights, load_model, resolve_checkpoints
+from common.runfolder import config_differences
 from common.sliding_window import sliding_window_inference
 from vmat.data import build_inputs, coarsen, cond_permutation, input_channel_permutation
 
@@ -55,17 +56,6 @@ def checkpoint_files(paths: list[Path]) -> list[Path]:
     return [file for path in paths for file in resolve_checkpoints(path)]
 
 
-
-def _same_value(a, b) -> bool:
-    """Deep equality of input-spec values (dicts, sequences, arrays, tensors, scalars)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    if isinstance(a, (np.ndarray, torch.Tensor)) or isinstance(b, (np.ndarray, torch.Tensor)):
-        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
-    return a == b
-
 class EnsemblePredictor:
     """Predict dose (Gy) for case dicts with one or several checkpoints."""
 
@@ -83,8 +73,7 @@ class EnsemblePredictor:
             members = [(m.to(memory_format=torch.channels_last_3d), prep) for m, prep in members]
         self.members = list(members)
         specs = [m[1]["input_spec"] for m in self.members]
-        differing = sorted({key for s in specs[1:] for key in set(s) | set(specs[0])
-                            if not _same_value(s.get(key), specs[0].get(key))})
+        differing = sorted({dotted.split(".")[0] for s in specs[1:] for dotted, _, _ in config_differences(specs[0], s)})
         if differing:
             why = (" (each run fits its own mean-dose atlas on its training patients: an atlas-input ensemble "
                    "needs members trained on the same patients)" if "atlas" in differing else "")
