@@ -26,11 +26,10 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from common.slice_geometry import (  # noqa: F401  (re-exported: the names callers import from here)
+from common.slice_geometry import (  # also the names vmat and rsna_spine import from here
     DicomSeriesError,
     UnevenSlicesError,
     describe_gaps,
-    geometry_problem,
     group_slices,
     interpolate_slices,
     orientation,

@@ -33,6 +33,7 @@ import pydicom
 
 from common.errors import InputError
 from common.files import load_npz
+from common.slice_geometry import instance_number, split_stacks
 from common.dicom_series import (
     DicomSeriesError,
     Volume,
@@ -53,7 +54,6 @@ from rsna_spine.constants import (
     TITLE_TO_CONDITION,
     TITLE_TO_LEVEL,
 )
-from rsna_spine.stacks import instance_number, split_stacks
 
 log = logging.getLogger(__name__)
 

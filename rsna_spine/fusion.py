@@ -22,7 +22,8 @@ import numpy as np
 
 from rsna_spine.constants import GROUP_OF_CONDITION
 from rsna_spine.data import StackStore
-from rsna_spine.stacks import nearest_slice, slice_tolerance_mm
+from common.slice_geometry import nearest_slice
+from rsna_spine.stacks import slice_tolerance_mm
 
 SECOND_VIEW_OF_GROUP = {"spinal": "axial_t2", "subarticular": "sag_t2"}  # the series a second view comes from
 

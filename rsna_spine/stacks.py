@@ -1,7 +1,7 @@
 """Stacks by geometry: a series split into stacks, a level assigned to a slice with its distance in mm, and
 the choice among several series of one description.
 
-The geometry itself lives in :mod:`common.slice_geometry` and is re-exported here: orientation is never
+The geometry itself lives in :mod:`common.slice_geometry` (callers import it from there): orientation is never
 guessed (a slice without a valid ImageOrientationPatient / ImagePositionPatient is skipped with a log line,
 ``missing="skip"``, default and counted, or fails the series, ``missing="error"``); ``split_stacks`` cuts a
 series wherever a gap exceeds ``gap_factor`` × the median gap, so two parallel axial blocks (upper and lower
@@ -22,13 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from common.slice_geometry import (  # noqa: F401  (re-exported for the rsna_spine modules)
-    StackSplit,
-    geometry_problem,
-    instance_number,
-    nearest_slice,
-    split_stacks,
-)
+from common.slice_geometry import nearest_slice
 
 log = logging.getLogger(__name__)
 
