@@ -12,7 +12,14 @@ the censor value as its number (the label convention for "NR" ears). The criteri
 validation split, never on the test split.
 
 Wave V: the largest local maximum inside an intensity-dependent latency window (clinical rule of thumb:
-window at 80 dB nHL moved later by ~0.45 ms per 10 dB below), interpolated between samples.
+window at 80 dB nHL moved later by ~0.45 ms per 10 dB below), interpolated between samples. The search
+assumes vertex-positive up. ``classical.wave_v_polarity: auto`` (implied by ``data.signal_polarity: unknown``)
+chooses the sign per ear instead (:func:`wave_v_sign`): wave V is followed by the fall to the slow negativity
+SN10 (Davis & Hirsh 1979, Audiology 18:445-461), taken here to be the steepest slope around wave V (an
+assumption; the synthetic generator draws that trough too), so in the sign where the steepest fall inside the
+wave V window (plus 1 ms) is steeper than the steepest rise, wave V points up. On an inverted ear the search without it picks the maximum of the inverted
+trace, the SN10 trough (about 1 ms late). The thresholds do not depend on the sign (correlations between
+levels are unchanged when every level is inverted).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from abr.dsp import local_maxima, parabolic_peak
+from common.config import ConfigError
 
 
 def max_normalized_xcorr(a: np.ndarray, b: np.ndarray, max_lag: int) -> float:
@@ -103,11 +111,16 @@ def fit_criterion(correlations: list, intensities: list, truths: np.ndarray, gri
     return best
 
 
+def wave_v_window_ms(intensity_db: float, window_80db_ms, slope_ms_per_10db: float) -> tuple[float, float]:
+    """The wave V search window (ms) at ``intensity_db``: the 80 dB window moved later below 80 dB."""
+    shift = slope_ms_per_10db * max(0.0, 80.0 - float(intensity_db)) / 10.0
+    return window_80db_ms[0] + shift, window_80db_ms[1] + shift
+
+
 def pick_wave_v(signal_uv: np.ndarray, t_ms: np.ndarray, intensity_db: float, window_80db_ms,
                 slope_ms_per_10db: float) -> tuple[float, float]:
     """(latency ms, baseline-to-peak amplitude µV) of wave V by peak search in the latency window."""
-    shift = slope_ms_per_10db * max(0.0, 80.0 - float(intensity_db)) / 10.0
-    lo, hi = window_80db_ms[0] + shift, window_80db_ms[1] + shift
+    lo, hi = wave_v_window_ms(intensity_db, window_80db_ms, slope_ms_per_10db)
     sel = np.flatnonzero((t_ms >= lo) & (t_ms <= hi))
     if sel.size == 0:
         return float("nan"), float("nan")
@@ -118,14 +131,50 @@ def pick_wave_v(signal_uv: np.ndarray, t_ms: np.ndarray, intensity_db: float, wi
     return float(t_ms[0] + position * dt), value
 
 
+def wave_v_sign(signals_uv: np.ndarray, intensity_db: np.ndarray, t_ms: np.ndarray, accepted: np.ndarray,
+                cfg: dict) -> float:
+    """+1 when the ear shows wave V up as given, −1 when it is inverted (see the module docstring).
+
+    Summed over the levels with a response (``accepted``; none: the three highest levels): the steepest fall
+    minus the steepest rise (µV/ms) from the start of the wave V window to 1 ms after its end; a sum below
+    zero means the steep fall after wave V appears as a rise, the trace is inverted. Ties give +1."""
+    use = np.asarray(accepted, dtype=bool)
+    if not use.any():
+        use = intensity_db >= np.sort(intensity_db)[-min(3, intensity_db.size)]
+    dt = float(t_ms[1] - t_ms[0])
+    score = 0.0
+    for x, level in zip(signals_uv[use], intensity_db[use]):
+        lo, hi = wave_v_window_ms(level, cfg["v_window_80db_ms"], cfg["v_window_slope_ms_per_10db"])
+        slope = np.diff(x[(t_ms >= lo) & (t_ms <= hi + 1.0)]) / dt
+        if slope.size:
+            score += float(-slope.min() - slope.max())
+    return -1.0 if score < 0 else 1.0
+
+
+WAVE_V_POLARITIES = ("declared", "auto")
+
+
+def wave_v_polarity(classical_cfg: dict, signal_polarity: str | None) -> str:
+    """The wave V search's polarity: ``auto`` when the recordings' display sign is unknown
+    (``data.signal_polarity: unknown``), else ``classical.wave_v_polarity``."""
+    return "auto" if signal_polarity == "unknown" else classical_cfg.get("wave_v_polarity", "declared")
+
+
 def analyse_series(signals_uv: np.ndarray, intensity_db: np.ndarray, t_ms: np.ndarray, cfg: dict,
-                   criterion: float, censor_db: float, step_db: float) -> dict:
+                   criterion: float, censor_db: float, step_db: float, polarity: str | None = None) -> dict:
     """Classical analysis of one ear: threshold (with its censoring "<=", ">" or ""), per-level response flag
-    and correlation, wave V picks."""
+    and correlation, wave V picks. ``polarity`` (default ``cfg["wave_v_polarity"]``): ``declared`` searches
+    wave V as the traces are given (vertex-positive up), ``auto`` in the sign :func:`wave_v_sign` finds;
+    ``wave_v_sign`` is returned (−1: picked on the inverted traces; amplitudes are then of the inverted
+    trace, i.e. vertex-positive)."""
+    polarity = polarity or cfg.get("wave_v_polarity", "declared")
+    if polarity not in WAVE_V_POLARITIES:
+        raise ConfigError(f"classical.wave_v_polarity must be one of {WAVE_V_POLARITIES}, got {polarity!r}")
     corr = series_correlations(signals_uv, t_ms, cfg["window_ms"], cfg["max_lag_ms"])
     threshold, accepted = threshold_from_correlations(corr, intensity_db, criterion, censor_db, step_db)
-    picks = np.array([pick_wave_v(s, t_ms, i, cfg["v_window_80db_ms"], cfg["v_window_slope_ms_per_10db"])
+    sign = wave_v_sign(signals_uv, intensity_db, t_ms, accepted, cfg) if polarity == "auto" else 1.0
+    picks = np.array([pick_wave_v(sign * s, t_ms, i, cfg["v_window_80db_ms"], cfg["v_window_slope_ms_per_10db"])
                       for s, i in zip(signals_uv, intensity_db)])
     return {"threshold_db": threshold, "threshold_censoring": threshold_censoring(accepted),
-            "response": accepted, "correlation": corr,
+            "response": accepted, "correlation": corr, "wave_v_sign": sign,
             "latency_ms": picks[:, 0], "amplitude_uv": picks[:, 1]}

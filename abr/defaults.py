@@ -23,7 +23,8 @@ ABR_DEFAULTS = {
         "format": "auto",  # auto | clinical | long | arrays (.npz/.npy/.mat) | abra (TDT BioSigRZ CSV); abr/readers.py
         "units": "uV",  # V | mV | uV | nV: unit of the samples (and amplitude columns); converted to µV
         "amplitude_check": "error",  # error | convert | off: median RMS outside 0.003-30 µV = another unit
-        "signal_polarity": "vertex_positive",  # vertex_negative: the export shows vertex-negative up (inverted)
+        "signal_polarity": "vertex_positive",  # vertex_negative: the export shows vertex-negative up (inverted);
+        # unknown: used as exported, the classical wave V search finds the sign per ear (abr/classical.py)
         "level_reference": "dB nHL",  # dB nHL | SPL | peSPL | SL | HL of the input's levels; outputs are given in it
         "level_offset_db": 0.0,  # added to the input's levels to reach the model's reference (dB nHL click)
         "converted_level_reference": None,  # the reference after level_offset_db (e.g. dB nHL); abr/levels.py
@@ -105,6 +106,8 @@ ABR_DEFAULTS = {
         "balanced_sampling": False,  # draw ears with probability ∝ 1 / class frequency
         "temperature_scaling": True,  # fit the class temperature on validation after training
         "max_steps_per_epoch": 0,  # 0 = full epoch (smoke runs cap it)
+        "validation": True,  # false: train on the train + val ears, no validation, keep the last epoch (small labs;
+        # no class temperature / threshold σ scale fitted); preprocess.split [1, 0, 0] puts every ear in train
         "polarity_inversion_prob": 0.5,  # share of training ears shown inverted each step (labels unchanged): the
         # display sign differs between labs and is not in the file, so the model should not depend on it
     },
@@ -124,6 +127,8 @@ ABR_DEFAULTS = {
         "criterion": None,  # fixed criterion instead of fitting one
         "v_window_80db_ms": [5.0, 7.8],  # wave V search window at 80 dB nHL ...
         "v_window_slope_ms_per_10db": 0.45,  # ... moved later by this per 10 dB below 80
+        "wave_v_polarity": "declared",  # declared: wave V up as read (data.signal_polarity) | auto: sign found per
+        # ear (steepest fall after wave V; abr/classical.py:wave_v_sign); data.signal_polarity unknown implies auto
     },
     # --------------------------------------------------------- diffusion generator (train_diffusion_abr.py)
     "diffusion": {
@@ -170,6 +175,7 @@ ABR_DEFAULTS = {
         "unsure_disagreement_db": 20.0,  # ... or where model and classical differ by more than this ...
         "unsure_input_z": 3.0,  # ... or whose median recording RMS lies this many training SDs away (also: levels
         # beyond the trained range, levels converted from another reference, a window not seen in training)
+        "widen_unsure_sd": True,  # σ of an unsure ear also holds the model-classical gap (abr/unsure.py)
     },
     # --------------------------------------------------------------------------- targets (benchmark_abr.py)
     "benchmark": {

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from abr.classical import analyse_series, fit_criterion, series_correlations
+from abr.classical import analyse_series, fit_criterion, series_correlations, wave_v_polarity
 from abr.dataset import ABRSeriesDataset, split_series
 from common.metrics import classification_metrics, regression_metrics, roc_auc
 
@@ -316,13 +316,17 @@ def classical_criterion(arrays: dict, meta: dict, cfg: dict) -> tuple[float, str
 
 
 def evaluate_classical(arrays: dict, meta: dict, series: np.ndarray, cfg: dict, criterion: float) -> dict:
-    """Classical threshold and wave V metrics on ``series`` plus the per-ear / per-recording picks."""
+    """Classical threshold and wave V metrics on ``series`` plus the per-ear / per-recording picks. The wave V
+    search's polarity: ``classical.wave_v_polarity``, or ``auto`` for a cache read with ``data.signal_polarity:
+    unknown``; ``wave_v_sign`` per ear (−1: found inverted) is in the picks."""
     t_ms = np.asarray(meta["time_ms"])
+    polarity = wave_v_polarity(cfg, meta.get("signal_polarity"))
     v = meta["waves"].index("V")
-    rows_all, thr, cens, resp, corr, lat, amp = [], [], [], [], [], [], []
+    rows_all, thr, cens, resp, corr, lat, amp, signs = [], [], [], [], [], [], [], []
     for rows, signals, levels in classical_inputs(arrays, series):
         res = analyse_series(signals, levels, t_ms, cfg, criterion, meta["threshold_censor_db"],
-                             meta["intensity_step_db"])
+                             meta["intensity_step_db"], polarity=polarity)
+        signs.append(res["wave_v_sign"])
         rows_all.append(rows)
         thr.append(res["threshold_db"])
         cens.append(res["threshold_censoring"])
@@ -342,11 +346,12 @@ def evaluate_classical(arrays: dict, meta: dict, series: np.ndarray, cfg: dict, 
     err = np.abs(lat[present] - arrays["latency_ms"][rows[present], v])
     lat_m["within_0.1ms"] = float(np.mean(err <= 0.1)) if err.size else float("nan")
     amp_true = arrays["amplitude_uv"][rows, v]
-    metrics = {"criterion": criterion,
+    metrics = {"criterion": criterion, "wave_v_polarity": polarity,
+               "wave_v_inverted_ears": int(np.sum(np.asarray(signs) < 0)),
                "threshold": threshold_metrics(np.array(thr), arrays["series_threshold_db"][series]),
                "wave_v": {"existence": det, "latency_ms": lat_m,
                           "amplitude_uv": regression_metrics(amp, amp_true, present & np.isfinite(amp_true))}}
     picks = {"rows": rows, "response": resp, "correlation": corr, "latency_ms": lat, "amplitude_uv": amp,
              "threshold_db": np.array(thr), "threshold_censoring": np.array(cens, dtype=object),
-             "series": np.asarray(series)}
+             "series": np.asarray(series), "wave_v_sign": np.asarray(signs)}
     return {"metrics": metrics, "picks": picks}

@@ -27,7 +27,9 @@ def waveform_stacks(arrays: dict, meta: dict, pred: dict, classical: dict, ears:
                     model_threshold: dict, prob_cut: float = 0.5) -> list[Path]:
     """One panel per ear: recordings stacked by intensity (µV), true wave V (black ▼), model's wave V
     (orange ●, when its existence probability ≥ ``prob_cut``), classical pick (blue ×, when the level is
-    accepted); the three thresholds in the title."""
+    accepted); the three thresholds in the title. No ears (``validate.figure_ears: 0``): no figure."""
+    if not len(ears):
+        return []
     t_ms = np.asarray(meta["time_ms"])
     v = meta["waves"].index("V")
     row_pos = {int(r): i for i, r in enumerate(pred["rows"])}

@@ -7,7 +7,9 @@ zero-padded to its window; the original window is reported); age, rate and class
 
 Outputs (``--output-dir``):
 - ``ears.csv``: per ear (series of levels) the model threshold in the INPUT's level reference with its
-  standard deviation and outlier probability, the classical estimate beside it (with its censoring "<=" /
+  standard deviation (``threshold_model_sd``: the model's σ scaled by the checkpoint's val fit and, for an
+  unsure ear, widened by the model-classical gap, abr/unsure.py; ``threshold_model_sd_own`` without the
+  widening) and outlier probability, the classical estimate beside it (with its censoring "<=" /
   ">" when every / no level responded), an ``unsure`` flag with its reasons (large σ, likely outlier,
   model outside the tested range, model and classical disagree, input outside what the model was trained on:
   levels beyond the trained range or converted from another level reference (abr/levels.py; an input in
@@ -22,7 +24,8 @@ Outputs (``--output-dir``):
 Model outputs (thresholds, classes, wave probabilities, latencies, amplitudes) are averaged over each recording
 and its inverse (× −1) when ``predict.polarity_tta`` is true (the default; ``headline.polarity_tta`` records it),
 so they do not depend on the recording's sign; ``data.signal_polarity`` still orients the traces drawn and the
-classical wave V search. See abr/evaluation.py:average_over_polarity.
+classical wave V search (``unknown``: the search finds each ear's sign, ``classical_wave_v_sign`` in ears.csv).
+See abr/evaluation.py:average_over_polarity.
 
 Manual overrides (``--overrides FILE``, or ``predict.overrides``, or else ``<output-dir>/overrides.csv``
 when it exists, so editing that file and running again re-applies it): CSV with columns
@@ -45,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from abr.classical import analyse_series
+from abr.classical import analyse_series, wave_v_polarity
 from abr.data import TableError, load_recordings
 from abr.dataset import ABRSeriesDataset
 from abr.defaults import abr_defaults
@@ -53,7 +56,7 @@ from abr.evaluation import classical_inputs, predict
 from abr.labels import CLASS_ASCII, WAVES
 from abr.levels import check_input_reference, model_level_reference
 from abr.preprocess_abr import build_cache
-from abr.unsure import unsure_reasons
+from abr.unsure import checkpoint_sd_scale, reported_threshold_sd, unsure_reasons
 from abr.validate_abr import model_checkpoint, write_csv
 from common.cli import make_parser, start_run
 from common.errors import InputError, NothingProcessedError, run_cli
@@ -188,6 +191,7 @@ def analyse_file(path: Path, cfg: dict, model, ckpt: dict, device, run) -> tuple
     t_ms = np.asarray(ckpt_meta["time_ms"])
     criterion = float(cfg["classical"]["criterion"] if cfg["classical"]["criterion"] is not None
                       else cfg["predict"]["classical_criterion"])
+    polarity = wave_v_polarity(cfg["classical"], cfg["data"].get("signal_polarity"))
     offset = recs.level_offset_db
     recorded_ms = recs.window_ms - recs.pre_stimulus_ms  # after the stimulus, as recorded
     model_ms = float(t_ms[-1]) + 1000.0 / float(ckpt_meta["model_rate_hz"])
@@ -196,15 +200,16 @@ def analyse_file(path: Path, cfg: dict, model, ckpt: dict, device, run) -> tuple
                            else model_ms)
     names = list(ckpt_meta["class_names"])
     pcut = cfg["predict"]
+    sd_scale, _ = checkpoint_sd_scale(ckpt)
     rec_pos = {int(r): i for i, r in enumerate(pred["rows"])}
     ears, recordings, figures_in = [], [], {}
     for i, (s, (rows, signals, levels)) in enumerate(zip(pred["series"], classical_inputs(arrays, pred["series"]))):
         levels_in = levels - offset
         tested = (float(levels_in.min()), float(levels_in.max()))
         cl = analyse_series(signals, levels, t_ms, cfg["classical"], criterion, meta["threshold_censor_db"],
-                            meta["intensity_step_db"])
+                            meta["intensity_step_db"], polarity=polarity)
         thr = float(pred["threshold_db"][i]) - offset
-        sd = float(pred["threshold_sd"][i])
+        sd = sd_scale * float(pred["threshold_sd"][i])  # the model's σ, scaled by the val fit (abr/unsure.py)
         outlier = float(pred["outlier_prob"][i])
         thr_cl = float(cl["threshold_db"]) - offset if cl["threshold_censoring"] != ">" else math.inf
         reasons = unsure_reasons(float(pred["threshold_db"][i]), sd, outlier, float(cl["threshold_db"]),
@@ -213,19 +218,25 @@ def analyse_file(path: Path, cfg: dict, model, ckpt: dict, device, run) -> tuple
                                  converted_from=recs.level_reference if offset != 0 else None)
         if recorded_ms < min(model_ms - 0.5, shortest_trained_ms):
             reasons.append(f"short window ({recorded_ms:.1f} of {model_ms:.1f} ms, not seen in training)")
+        sd_model = sd
+        sd = float(reported_threshold_sd(float(pred["threshold_sd"][i]), sd_scale, float(pred["threshold_db"][i]),
+                                         float(cl["threshold_db"]), bool(reasons), widen=bool(pcut["widen_unsure_sd"])))
         probs = pred["class_probs"][i]
         patient, ear = str(arrays["series_patient"][s]), str(arrays["series_ear"][s])
         ears.append({"file": path.name, "patient_id": patient, "ear": ear, "n_levels": int(len(rows)),
                      "levels_tested": f"{tested[0]:g}-{tested[1]:g}", "level_reference": recs.level_reference,
                      "threshold_model": round(thr, 2), "threshold_model_sd": round(sd, 2),
+                     "threshold_model_sd_own": round(sd_model, 2),
                      "threshold_outlier_prob": round(outlier, 3),
                      "threshold_classical": round(thr_cl, 2) if math.isfinite(thr_cl) else f">{tested[1]:g}",
-                     "classical_censoring": cl["threshold_censoring"], "unsure": bool(reasons),
+                     "classical_censoring": cl["threshold_censoring"],
+                     "classical_wave_v_sign": int(cl["wave_v_sign"]), "unsure": bool(reasons),
                      "unsure_reasons": "; ".join(reasons), "class_model": names[int(np.argmax(probs))],
                      **{f"p_{CLASS_ASCII.get(n, n)}": round(float(p), 4) for n, p in zip(names, probs)},
                      "source_window_ms": round(recs.window_ms, 3), "source_sampling_rate_hz": recs.sampling_rate_hz})
         picks = {"prob": [], "latency": [], "amplitude": [], "classical_response": cl["response"],
-                 "classical_latency": cl["latency_ms"], "classical_amplitude": cl["amplitude_uv"]}
+                 "classical_latency": cl["latency_ms"],
+                 "classical_amplitude": cl["wave_v_sign"] * cl["amplitude_uv"]}  # on the trace as drawn
         for k, r in enumerate(rows):
             j = rec_pos[int(r)]
             scale = float(arrays["scale_uv"][r])

@@ -225,6 +225,7 @@ def build_cache(recs: Recordings, clean_uv: np.ndarray | None, cfg: dict, grid: 
         "source_pre_stimulus_ms": recs.pre_stimulus_ms,
         "level_reference": recs.level_reference,
         "level_offset_db": recs.level_offset_db,
+        "signal_polarity": cfg["data"].get("signal_polarity") or "vertex_positive",  # "unknown": classical finds it
         "model_level_reference": converted_reference({"level_reference": recs.level_reference,
                                                       "level_offset_db": recs.level_offset_db,
                                                       "converted_level_reference": converted_to}),

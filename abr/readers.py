@@ -32,6 +32,8 @@ Applied to every layout, in this order (each visible in ``Recordings.notes``):
    right when it is declared. This is the display sign of the recording, not the click: the ``Stimulus
    Polarity`` column (Alternating, Rarefaction, Condensation) is read for ``data.keep_polarities`` only; a
    single-polarity average also holds the cochlear microphonic, which alternating averages cancel.
+   ``unknown``: the traces are used as exported and the classical wave V search finds the sign of each ear
+   (abr/classical.py:wave_v_sign); the model does not need it (predict.polarity_tta).
 3. The amplitude-scale check (``data.amplitude_check``: error, the default | convert | off): the median
    RMS of the recordings must lie within ``AMPLITUDE_RANGE_UV`` (an averaged ABR, response or residual
    noise). Otherwise the samples are in another unit (a table in volts read as µV is ~1e-7 µV, one in nV
@@ -66,7 +68,7 @@ UNITS_TO_UV = {"V": 1e6, "mV": 1e3, "uV": 1.0, "µV": 1.0, "nV": 1e-3}
 AMPLITUDE_RANGE_UV = (0.003, 30.0)  # median RMS of averaged ABR recordings, µV (response or residual noise)
 TYPICAL_RMS_UV = 0.2
 FORMATS = ("auto", "clinical", "long", "arrays", "abra")
-POLARITIES = ("vertex_positive", "vertex_negative")
+POLARITIES = ("vertex_positive", "vertex_negative", "unknown")
 ARRAY_KEYS = {"signals": "signals", "intensity_db": "intensity_db", "sampling_rate_hz": "sampling_rate_hz",
               "pre_stimulus_ms": "pre_stimulus_ms", "patient_id": "patient_id", "ear": "ear",
               "age_years": "age_years", "rate_per_s": "rate_per_s", "hearing_loss": "hearing_loss",
@@ -428,6 +430,9 @@ def finish_recordings(recs: Recordings, data_cfg: dict) -> Recordings:
     if polarity == "vertex_negative":
         recs.signals_uv = -recs.signals_uv
         recs.notes.append("data.signal_polarity = vertex_negative: traces inverted (vertex positive up)")
+    elif polarity == "unknown":
+        recs.notes.append("data.signal_polarity = unknown: traces used as exported; the classical wave V search "
+                          "chooses the sign per ear (abr/classical.py:wave_v_sign)")
     else:
         recs.notes.append("data.signal_polarity = vertex_positive: traces used as exported (set vertex_negative "
                           "if the lab displays vertex-negative up)")

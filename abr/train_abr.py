@@ -7,9 +7,12 @@ uncertainty weighting and class-balanced sampling; random polarity inversion of 
 CUDA, DDP (torchrun), progress bars. Ctrl+C (or --stop-after-steps N) saves checkpoint_last.pt mid-epoch and
 ``--resume`` continues exactly where it stopped. ``model.weights`` warm-starts from another checkpoint and is
 refused when fewer than ``model.weights_min_fraction`` of the tensors fit. After training the best checkpoint
-gets a class temperature fitted on the validation split (calibration).
+gets a class temperature and a threshold σ scale fitted on the validation split (calibration; abr/unsure.py).
+``train.validation: false`` trains on the train and val ears without validation and keeps the last epoch
+(no temperature or σ scale: both stay 1), for a cohort too small to hold ears back.
 
-Config sections used: seed, data (cache_dir), model, loss, train, runtime, validate (batch size).
+Config sections used: seed, data (cache_dir), model, loss, train, runtime, validate (batch size),
+predict (polarity_tta, for the σ scale).
 ``--data DIR`` is the preprocessing output (default data/abr/<config name>).
 
     python -m abr.train_abr --config configs/abr/smoke.yaml --data data/abr/smoke
@@ -36,8 +39,9 @@ from abr.dataset import (
     training_cache_folder,
 )
 from abr.defaults import abr_defaults
-from abr.evaluation import evaluate_model, fit_temperature, predictions, run_model
+from abr.evaluation import evaluate_model, fit_temperature, predict, predictions, run_model
 from abr.objectives import LOSS_KINDS, LOSS_NAMES, combine_losses, loss_weights, task_losses
+from abr.unsure import fit_threshold_sd_scale
 from common.checkpoint import build_model, load_checkpoint, load_model, warm_start
 from common.cli import make_parser, start_run
 from common.config import ConfigError
@@ -200,17 +204,25 @@ def main(argv: list[str] | None = None) -> dict:
     arrays, meta = load_cache(data_dir)
     check_label_ranges(cfg, meta, data_dir)
     train_series, val_series = split_series(arrays, "train"), split_series(arrays, "val")
-    if len(val_series) < dist.world_size or len(train_series) == 0:
+    with_val = bool(tcfg["validation"])
+    if not with_val:  # a small cohort: every non-test ear trains, the last epoch is kept
+        train_series, val_series = np.sort(np.concatenate([train_series, val_series])), val_series[:0]
+    if len(train_series) == 0 or (with_val and len(val_series) < dist.world_size):
         raise CacheError(f"{len(train_series)} train / {len(val_series)} val ears; training needs train ears and "
                          f"at least one val ear per process ({dist.world_size}): preprocess more patients, or with "
                          "preprocess.split giving val a share (and preprocess.required_splits: [train, val] to "
-                         "catch this at preprocessing)", data_dir)
+                         "catch this at preprocessing), or train without validation (train.validation: false, "
+                         "e.g. with preprocess.split [1, 0, 0])", data_dir)
     train_set = ABRSeriesDataset(arrays, meta, train_series)
     val_set = ABRSeriesDataset(arrays, meta, val_series)
     n_classes = len(meta["class_names"])
     cw_np = class_weights(class_frequencies(arrays, train_series, n_classes), lcfg["class_weighting"])
     run.log(f"{len(train_set)} train / {len(val_set)} val ears; class weights "
             + ", ".join(f"{n} {w:.2f}" for n, w in zip(meta["class_names"], cw_np)))
+    if not with_val:
+        run.log("WARNING train.validation: false: training on the train and val ears together without validation; "
+                "checkpoint_best.pt is the last epoch's model (no early model selection), and the class temperature "
+                "and the threshold σ scale are not fitted (left at 1): report accuracy on ears the model did not see")
 
     # The order of an epoch depends only on (seed, epoch) (DistributedSampler also in one process); the
     # ResumableSampler skips the batches a resumed epoch already trained on.
@@ -251,7 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     saver = CheckpointSaver(run, model, optimizer, scheduler, amp.scaler,
                             preprocessing={**meta, "cache": Path(data_dir).as_posix()},
                             extra=lambda: {"class_weights": cw.cpu(),
-                                           "uncertainty": uncertainty.state_dict() if uncertainty else None})
+                                           "uncertainty": uncertainty.state_dict() if uncertainty else None},
+                            # without validation "best" is the latest epoch
+                            **({} if with_val else {"metric_name": "epoch", "mode": "max"}))
     ddp_model = wrap_model(model, dist, device)
     cooling = CoolingPause(rcfg["cooling_every_steps"], rcfg["cooling_pause_s"])
     final_weights = loss_weights(lcfg, 1e9)
@@ -275,21 +289,29 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             sums = [state.partial.get("total", 0.0)] + [state.partial.get(n, 0.0) for n in LOSS_NAMES]
             train_means = all_reduce_mean(sums, [state.partial.get("n", 0.0)] * len(sums), device)
-            row, metrics = evaluate(model, val_set, val_series, device, cfg, cw, final_weights, dist, amp, arrays,
-                                    meta, run.is_main)
-            if lcfg["dynamic_class_weights"]:
+            row, metrics = {}, None
+            if with_val:
+                row, metrics = evaluate(model, val_set, val_series, device, cfg, cw, final_weights, dist, amp,
+                                        arrays, meta, run.is_main)
+            if lcfg["dynamic_class_weights"] and with_val:
                 cw = updated_class_weights(cw, cw_np, metrics, meta, dist, device)
             row = {"lr": scheduler.get_last_lr()[0], "train_loss": train_means[0],
                    **{f"train_{n}": v for n, v in zip(LOSS_NAMES, train_means[1:])}, **row}
             state.end_epoch(epoch)
-            saver.end_epoch(state, row, metric=row["val_loss"])
-            run.log(f"epoch {epoch}: train {train_means[0]:.4f}  val {row['val_loss']:.4f}"
+            saver.end_epoch(state, row, metric=row["val_loss"] if with_val else float(epoch))
+            run.log(f"epoch {epoch}: train {train_means[0]:.4f}"
+                    + (f"  val {row['val_loss']:.4f}" if with_val else "")
                     + (f"  F1 {row['val_macro_f1']:.3f}  thr MAE {row['val_threshold_mae_db']:.1f} dB  "
                        f"V lat MAE {row['val_wave_v_latency_mae_ms']:.3f} ms" if "val_macro_f1" in row else ""))
 
-    summary: dict = {"epochs_completed": state.epoch, "interrupted": stop.stopped, "best_val_loss": state.best_metric}
-    if run.is_main and not stop.stopped:
+    summary: dict = {"epochs_completed": state.epoch, "interrupted": stop.stopped, "validation": with_val,
+                     "best_val_loss": state.best_metric if with_val else None}
+    if run.is_main and not stop.stopped and with_val:
         summary.update(finalize(run, val_set, device, cfg, arrays, meta))
+    elif run.is_main and not stop.stopped:
+        summary.update({"best_epoch": state.epoch, "temperature": 1.0, "threshold_sd_scale": None,
+                        "note": "trained without validation (train.validation: false): checkpoint_best.pt is the "
+                                "last epoch; no temperature or threshold σ scale fitted"})
     return run.finish(summary)
 
 
@@ -307,9 +329,24 @@ def finalize(run, val_set, device, cfg, arrays, meta) -> dict:
         temperature = fit_temperature(outputs["class_logits"].numpy(), labels)
         model.classifier.temperature.fill_(temperature)
         ckpt["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        from common.checkpoint import atomic_torch_save
+    # threshold σ scale on the val ears, with the polarity averaging predict and validate use (abr/unsure.py)
+    polarity_tta = bool(cfg["predict"]["polarity_tta"])
+    val_pred = predict(model, val_set, device, cfg["validate"]["batch_size"], polarity_tta=polarity_tta)
+    val_error = np.abs(val_pred["threshold_db"] - arrays["series_threshold_db"][val_pred["series"]])
+    n_scale = int(np.isfinite(val_error).sum())
+    sd_scale = fit_threshold_sd_scale(val_error, val_pred["threshold_sd"])
+    ckpt["extra"] = {**(ckpt.get("extra") or {}),
+                     "threshold_sd_scale": {"scale": sd_scale, "n_val_ears": n_scale, "polarity_tta": polarity_tta}}
+    from common.checkpoint import atomic_torch_save
 
-        atomic_torch_save(ckpt, best_path)
+    atomic_torch_save(ckpt, best_path)
+    if n_scale:
+        known = np.isfinite(val_error)
+        covered = float(np.mean(val_error[known] <= 1.96 * val_pred["threshold_sd"][known]))
+        run.log(f"threshold σ scale {sd_scale:.3f} (fitted on {n_scale} val ears; ±1.96σ covered {covered:.3f} of "
+                "them before)")
+    else:
+        run.log("threshold σ scale 1: no val ear with a threshold")
     raw = predictions(outputs, batch, val_set, 1.0)
     pred = predictions(outputs, batch, val_set, temperature)
     metrics = evaluate_model(pred, arrays, meta)
@@ -324,6 +361,7 @@ def finalize(run, val_set, device, cfg, arrays, meta) -> dict:
             f"threshold MAE {metrics['threshold']['mae']:.1f} dB, wave V latency MAE "
             f"{metrics['waves']['V']['latency_ms']['mae']:.3f} ms")
     return {"best_epoch": ckpt["epoch"], "temperature": temperature, "val_ece_before_temperature": ece_before,
+            "threshold_sd_scale": sd_scale,
             "val": metrics, "figures": [p.relative_to(run.run_dir).as_posix() for p in figures if p.suffix == ".png"]}
 
 

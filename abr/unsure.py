@@ -2,9 +2,18 @@
 predict_abr.py (no labels) and validate_abr.py (which also reports how many wrong ears they catch).
 
 The model's ±1.96 σ interval is calibrated only on ears like its training ears (abr/README.md: its coverage
-falls from 94 % to 49 % on shifted synthetic ears while σ stays put), so the rules also look at the classical
+fell from 94 % to 49 % on shifted synthetic ears while σ stayed put), so the rules also look at the classical
 estimate and at how far the input lies from what the model was trained on. Every level here is in the
 model's reference (abr/levels.py); the rules do not change under a constant level offset.
+
+The σ reported (:func:`reported_threshold_sd`) is the model's σ times the scale fitted on the validation ears
+after training (σ scaling, Laves et al. 2020, MIDL, "Well-calibrated regression uncertainty in medical imaging
+with deep learning": the maximum-likelihood factor for a Gaussian, sqrt(mean((error / σ)²))), and for an ear
+flagged unsure it is widened by the model-classical disagreement: σ² = (scale · σ_model)² + (model −
+classical)², so the ±1.96 σ interval of an ear the model should not be trusted on reaches past the classical
+estimate (the censor value when the classical finds no response). The disagreement term is a rule, not fitted:
+on validation ears (in distribution) the likelihood gives it no weight, and out of distribution is where it is
+needed (abr/README.md measures both).
 """
 
 from __future__ import annotations
@@ -56,3 +65,31 @@ def unsure_reasons(threshold_db: float, sd_db: float, outlier_prob: float, class
     if converted_from:
         reasons.append(f"levels converted from {converted_from} (the model never saw this stimulus)")
     return reasons
+
+
+def fit_threshold_sd_scale(abs_error_db: np.ndarray, sd_db: np.ndarray, bounds=(0.25, 10.0)) -> float:
+    """Maximum-likelihood scale of the model's threshold σ on labelled ears (σ scaling; see the module
+    docstring): sqrt(mean((|error| / σ)²)) over ears with a finite error, clipped to ``bounds``; 1 without any."""
+    e, sd = np.asarray(abs_error_db, np.float64), np.asarray(sd_db, np.float64)
+    keep = np.isfinite(e) & np.isfinite(sd) & (sd > 0)
+    if not keep.any():
+        return 1.0
+    return float(np.clip(np.sqrt(np.mean((e[keep] / sd[keep]) ** 2)), *bounds))
+
+
+def checkpoint_sd_scale(ckpt: dict) -> tuple[float, str]:
+    """The threshold σ scale stored with a checkpoint by abr.train_abr and where it came from (1 for a
+    checkpoint without one: trained before it existed, or without validation)."""
+    stored = (ckpt.get("extra") or {}).get("threshold_sd_scale")
+    if stored is None:
+        return 1.0, "none stored with the checkpoint (1)"
+    return float(stored["scale"]), f"fitted on {stored['n_val_ears']} val ears"
+
+
+def reported_threshold_sd(sd_model_db, scale: float, threshold_db, classical_db, unsure, widen: bool = True):
+    """The threshold σ (dB) to report: ``scale`` · σ_model, and for ``unsure`` ears with ``widen``
+    sqrt((scale · σ_model)² + (threshold − classical)²) (see the module docstring). Elementwise."""
+    scaled = scale * np.asarray(sd_model_db, np.float64)
+    gap = np.asarray(threshold_db, np.float64) - np.asarray(classical_db, np.float64)
+    gap = np.where(np.isfinite(gap) & np.asarray(unsure, bool) & bool(widen), gap, 0.0)
+    return np.sqrt(scaled ** 2 + gap ** 2)

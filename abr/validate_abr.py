@@ -13,7 +13,9 @@ Outputs: summary.json (headline + everything), metrics.csv (metric, model, class
 predictions_ears.csv and predictions_recordings.csv (per-ear and per-recording estimates for review; each ear
 with predict_abr's ``unsure`` flag and reasons, abr/unsure.py, and the headline counts how many ears more than
 10 dB off it catches),
-figures/.
+figures/. The threshold σ reported is the model's times the σ scale fitted on val ears at training, widened on
+unsure ears by the model-classical gap (abr/unsure.py; ``predict.widen_unsure_sd``); the headline also gives the
+coverage of the model's own σ.
 
 Config sections used: validate, classical, predict (``predict.polarity_tta``, on by default: the model is
 averaged over each recording and its inverse, recorded in the headline; plus the checkpoint's preprocessing
@@ -38,6 +40,7 @@ from abr.evaluation import (
     classical_criterion,
     evaluate_classical,
     evaluate_model,
+    interval_coverage,
     predict,
     softmax,
 )
@@ -50,7 +53,7 @@ from abr.figures import (
     waveform_stacks,
 )
 from abr.levels import model_level_reference
-from abr.unsure import unsure_reasons
+from abr.unsure import checkpoint_sd_scale, reported_threshold_sd, unsure_reasons
 from common.checkpoint import CheckpointError, load_model, resolve_checkpoints
 from common.cli import make_parser, start_run
 from common.errors import InputError, run_cli
@@ -153,7 +156,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     polarity_tta = bool(cfg["predict"]["polarity_tta"])
     pred = predict(model, dataset, device, cfg["validate"]["batch_size"], polarity_tta=polarity_tta)
+    criterion, criterion_source = classical_criterion(arrays, meta, cfg)
+    run.log(f"classical criterion {criterion:g}: {criterion_source}"
+            + (" (the evaluated ears themselves)" if split in ("val", "all") and "fitted" in criterion_source else ""))
+    classical = evaluate_classical(arrays, meta, series, cfg["classical"], criterion)
+    # the reported threshold σ: the model's scaled by the checkpoint's val fit, widened on unsure ears (abr/unsure.py)
+    sd_scale, sd_scale_source = checkpoint_sd_scale(ckpt)
+    sd_model = pred["threshold_sd"]
+    pred["threshold_sd"] = sd_scale * sd_model
+    reasons = ear_unsure(arrays, meta, ckpt_meta, pred, classical["picks"], cfg["predict"])
+    unsure = np.array([bool(r) for r in reasons], dtype=bool)
+    ser_index = {int(s): i for i, s in enumerate(classical["picks"]["series"])}
+    cls_thr = np.array([classical["picks"]["threshold_db"][ser_index[int(s)]] for s in pred["series"]])
+    pred["threshold_sd"] = reported_threshold_sd(sd_model, sd_scale, pred["threshold_db"], cls_thr, unsure,
+                                                 widen=bool(cfg["predict"]["widen_unsure_sd"]))
+    run.log(f"threshold σ scale {sd_scale:.3f} ({sd_scale_source}); unsure ears widened by the model-classical "
+            f"gap: {bool(cfg['predict']['widen_unsure_sd'])}")
     metrics = evaluate_model(pred, arrays, meta)
+    error_all = np.abs(pred["threshold_db"] - arrays["series_threshold_db"][pred["series"]])
+    known = np.isfinite(error_all)
+    metrics["threshold_interval_model_only"] = interval_coverage(error_all[known], sd_model[known])
+    metrics["threshold_interval_scaled"] = interval_coverage(error_all[known], sd_scale * sd_model[known])
     names = meta["class_names"]
     labels = arrays["series_class"][pred["series"]]
     keep = labels >= 0
@@ -164,15 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["calibration"] = {"temperature": float(model.classifier.temperature.item()),
                               "ece_raw": expected_calibration_error(softmax(pred["class_logits_raw"])[keep], labels[keep]),
                               "ece_calibrated": metrics["classification"]["ece"]}
-    criterion, criterion_source = classical_criterion(arrays, meta, cfg)
-    run.log(f"classical criterion {criterion:g}: {criterion_source}"
-            + (" (the evaluated ears themselves)" if split in ("val", "all") and "fitted" in criterion_source else ""))
-    classical = evaluate_classical(arrays, meta, series, cfg["classical"], criterion)
     prior = class_prior_baselines(arrays["series_class"][split_series(arrays, "train")], labels, len(names), names,
                                   seed=int(cfg["seed"]))
 
-    reasons = ear_unsure(arrays, meta, ckpt_meta, pred, classical["picks"], cfg["predict"])
-    unsure = np.array([bool(r) for r in reasons], dtype=bool)
     error = np.abs(pred["threshold_db"] - arrays["series_threshold_db"][pred["series"]])
     off = np.isfinite(error) & (error > 10.0)
     sure_known = ~unsure & np.isfinite(error)
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         "noisy_input_vs_clean_r": metrics.get("signal", {}).get("noisy_input_vs_clean_r"),
         "threshold_interval_coverage_95": metrics["threshold_interval"]["coverage_95"],
         "threshold_median_sd_db": metrics["threshold_interval"]["median_sd_db"],
+        "threshold_interval_coverage_95_model_only": metrics["threshold_interval_model_only"]["coverage_95"],
+        "threshold_sd_scale": sd_scale,
         "n_unsure": int(unsure.sum()),
         "n_off_by_10db": int(off.sum()),
         "n_off_by_10db_flagged_unsure": int((off & unsure).sum()),
@@ -209,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     run.log(f"V lat MAE  {headline['wave_v_latency_mae_ms']:.3f}   {headline['classical_wave_v_latency_mae_ms']:.3f} ms")
     run.log(f"V F1       {headline['wave_v_existence_f1']:.3f}   {headline['classical_wave_v_existence_f1']:.3f}")
     run.log(f"thr ±1.96σ {headline['threshold_interval_coverage_95']:.3f} of ears (median σ "
-            f"{headline['threshold_median_sd_db']:.1f} dB)")
+            f"{headline['threshold_median_sd_db']:.1f} dB; the model's own σ: "
+            f"{headline['threshold_interval_coverage_95_model_only']:.3f})")
     run.log(f"unsure     {headline['n_unsure']} ears, {headline['n_off_by_10db_flagged_unsure']} of the "
             f"{headline['n_off_by_10db']} more than 10 dB off; ±10 dB among the others "
             f"{within_sure:.3f}")
@@ -231,7 +251,6 @@ def main(argv: list[str] | None = None) -> dict:
             prior["majority_balanced_accuracy"] if key == "classification.balanced_accuracy" else ""
         rows.append([key, value, other, prior_value])
     write_csv(out_dir / "metrics.csv", ["metric", "model", "classical_baseline", "class_prior_baseline"], rows)
-    ser_index = {int(s): i for i, s in enumerate(classical["picks"]["series"])}
     ear_rows = []
     for i, s in enumerate(pred["series"]):
         true_class = names[int(arrays["series_class"][s])] if arrays["series_class"][s] >= 0 else "unknown"
@@ -272,7 +291,6 @@ def main(argv: list[str] | None = None) -> dict:
     figures += waveform_stacks(arrays, meta, pred, classical["picks"], ears, fig_dir / "waveform_stacks", model_thr)
     figures += latency_intensity(arrays, meta, pred, fig_dir / "latency_intensity")
     thr_true = arrays["series_threshold_db"][pred["series"]]
-    cls_thr = np.array([classical["picks"]["threshold_db"][ser_index[int(s)]] for s in pred["series"]])
     figures += threshold_agreement(thr_true, pred["threshold_db"], cls_thr, fig_dir / "threshold_agreement",
                                    model_level_reference(meta))
     figures += confusion_matrix(metrics["classification"]["confusion"], names, fig_dir / "confusion_matrix")
@@ -280,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_text_atomic(out_dir / "README.txt", "ABR validation outputs: summary.json (headline first), metrics.csv, "
                       "predictions_ears.csv, predictions_recordings.csv, figures/ (PNG 300 DPI + PDF).\n")
     summary = {"headline": headline, "split": split, "classical_criterion_source": criterion_source,
+               "threshold_sd_scale_source": sd_scale_source,
                "threshold_within_10db_not_unsure": within_sure,
                "checkpoint": Path(args.checkpoint).as_posix(),
                "checkpoint_epoch": ckpt["epoch"], "model": metrics, "classical_baseline": classical["metrics"],

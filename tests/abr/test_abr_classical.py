@@ -78,3 +78,49 @@ def test_pick_wave_v_window_moves_with_intensity():
     lat20, _ = pick_wave_v(trace, t, 20.0, [5.0, 7.8], 0.45)
     assert lat80 == pytest.approx(5.5, abs=0.05)
     assert lat20 == pytest.approx(8.0, abs=0.05)
+
+
+def clean_series(seed: int = 5):
+    """A clean synthetic normal ear on the 10 kHz grid (µV traces, levels, true wave V latencies)."""
+    fs, fs_model = 30000.0, 10000.0
+    t_dev, t = time_axis_ms(450, fs), time_axis_ms(150, fs_model)
+    rng = np.random.default_rng(seed)
+    levels = np.arange(0.0, 101.0, 10.0)
+    ear = sample_ear("p", "R", 30.0, "NORMAL", 11.1, rng)
+    ear.threshold_db = 35.0
+    waves = [wave_parameters(ear, lv) for lv in levels]
+    traces = np.stack([clean_response(t_dev, w, ear, lv) for w, lv in zip(waves, levels)])
+    traces = resample(bandpass(traces, fs, 100, 3000), fs, fs_model, 150)
+    traces += rng.normal(scale=0.005, size=traces.shape)
+    return traces, levels, t, np.array([w["V"]["latency_ms"] for w in waves]), levels >= ear.threshold_db + 10
+
+
+def test_wave_v_on_an_inverted_ear_needs_the_sign():
+    """As declared (vertex-positive assumed), an inverted ear's wave V is the SN10 trough, about 1 ms late;
+    with wave_v_polarity auto the sign is found and the picks equal those of the upright ear."""
+    cfg = abr_defaults()["classical"]
+    traces, levels, t, true_v, present = clean_series()
+    args = (0.6, 110.0, 10.0)  # criterion, censor dB, step dB
+    upright = analyse_series(traces, levels, t, cfg, *args)
+    inverted_declared = analyse_series(-traces, levels, t, cfg, *args)
+    inverted_auto = analyse_series(-traces, levels, t, cfg, *args, polarity="auto")
+    upright_auto = analyse_series(traces, levels, t, cfg, *args, polarity="auto")
+    assert np.all(np.abs(upright["latency_ms"][present] - true_v[present]) < 0.3)
+    assert np.median(inverted_declared["latency_ms"][present] - true_v[present]) > 0.5  # the trough after V
+    assert inverted_auto["wave_v_sign"] == -1.0 and upright_auto["wave_v_sign"] == 1.0
+    np.testing.assert_allclose(inverted_auto["latency_ms"], upright["latency_ms"])
+    np.testing.assert_allclose(inverted_auto["amplitude_uv"], upright["amplitude_uv"])
+    assert inverted_declared["threshold_db"] == upright["threshold_db"] == inverted_auto["threshold_db"]
+
+
+def test_unknown_signal_polarity_means_auto_and_bad_values_are_refused():
+    from abr.classical import wave_v_polarity
+    from common.config import ConfigError
+
+    cfg = abr_defaults()["classical"]
+    assert wave_v_polarity(cfg, "unknown") == "auto"
+    assert wave_v_polarity(cfg, "vertex_negative") == "declared"
+    assert wave_v_polarity({**cfg, "wave_v_polarity": "auto"}, "vertex_positive") == "auto"
+    traces, levels, t, _, _ = clean_series()
+    with pytest.raises(ConfigError, match="wave_v_polarity"):
+        analyse_series(traces, levels, t, cfg, 0.6, 110.0, 10.0, polarity="flipped")

@@ -64,3 +64,26 @@ def test_class_prior_baseline_by_hand():
     # always "A": F1_A = 2·0.75/(1.75) = 0.857, F1_B = 0 → macro 0.4286
     assert out["majority_macro_f1"] == pytest.approx((2 * 0.75 / 1.75) / 2)
     assert out["majority_class"] == "A"
+
+
+def test_threshold_sd_scale_recovers_the_generating_factor():
+    """σ scaling: errors drawn with twice the model's σ give a fitted scale of 2 (maximum likelihood)."""
+    from abr.unsure import fit_threshold_sd_scale
+
+    rng = np.random.default_rng(0)
+    sd = rng.uniform(2.0, 8.0, size=20000)
+    error = np.abs(rng.normal(scale=2.0 * sd))
+    assert fit_threshold_sd_scale(error, sd) == pytest.approx(2.0, rel=0.03)
+    assert fit_threshold_sd_scale(np.append(error, np.nan), np.append(sd, 1.0)) == pytest.approx(2.0, rel=0.03)
+    assert fit_threshold_sd_scale(np.array([np.nan]), np.array([3.0])) == 1.0  # no labelled ear: unchanged
+
+
+def test_reported_threshold_sd_widens_only_unsure_ears():
+    from abr.unsure import reported_threshold_sd
+
+    sd = reported_threshold_sd(np.array([4.0, 4.0, 4.0]), 1.5, np.array([30.0, 30.0, 30.0]),
+                               np.array([60.0, 60.0, np.nan]), np.array([False, True, True]))
+    np.testing.assert_allclose(sd, [6.0, np.hypot(6.0, 30.0), 6.0])  # sure; unsure 30 dB apart; no classical
+    off = reported_threshold_sd(np.array([4.0]), 1.5, np.array([30.0]), np.array([60.0]), np.array([True]),
+                                widen=False)
+    np.testing.assert_allclose(off, [6.0])

@@ -136,3 +136,59 @@ def test_ddp_two_cpu_processes(tiny_config, tiny_cache, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         summary = json.loads((tmp_path / out / "summary.json").read_text(encoding="utf-8"))
         assert summary["epochs_completed"] >= 1
+
+
+def test_threshold_sd_scale_is_fitted_on_val_and_unsure_ears_widened(trained, tiny_config, tiny_cache, tmp_path):
+    """train_abr stores the σ scale fitted on the val ears; validate reports scale · σ for sure ears and
+    sqrt((scale · σ)² + (model − classical)²) for unsure ones (predict.widen_unsure_sd)."""
+    import csv
+
+    from common.checkpoint import load_checkpoint
+
+    run_dir, summary = trained
+    stored = load_checkpoint(run_dir / "checkpoint_best.pt", expected_domain="abr")["extra"]["threshold_sd_scale"]
+    assert stored["n_val_ears"] > 0 and stored["scale"] == pytest.approx(summary["threshold_sd_scale"])
+    common = ["--config", str(tiny_config), "--checkpoint", str(run_dir), "--data", str(tiny_cache),
+              "--set", "classical.criterion=0.5", "--set", "validate.figure_ears=0"]
+    # every ear unsure (outlier probability above 0), so the widening shows on each ear
+    widened = validate_abr.main(common + ["--output-dir", str(tmp_path / "w"), "--set", "predict.unsure_outlier_prob=0"])
+    plain = validate_abr.main(common + ["--output-dir", str(tmp_path / "p"), "--set", "predict.unsure_outlier_prob=0",
+                                        "--set", "predict.widen_unsure_sd=false"])
+    assert widened["headline"]["threshold_sd_scale"] == pytest.approx(stored["scale"])
+
+    def ears(folder):
+        with (folder / "predictions_ears.csv").open(encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+
+    for w, p in zip(ears(tmp_path / "w"), ears(tmp_path / "p")):
+        assert w["unsure"] == "True"
+        gap = float(w["threshold_model_db"]) - float(w["threshold_classical_db"])
+        assert float(w["threshold_model_sd_db"]) == pytest.approx(math.hypot(float(p["threshold_model_sd_db"]), gap),
+                                                                  abs=0.02)
+    assert widened["headline"]["threshold_median_sd_db"] >= plain["headline"]["threshold_median_sd_db"]
+    assert plain["headline"]["threshold_interval_coverage_95"] == pytest.approx(
+        plain["model"]["threshold_interval_scaled"]["coverage_95"])
+
+
+def test_train_without_validation_keeps_the_last_epoch(tiny_config, tmp_path):
+    """A cohort with every ear in train: refused unless train.validation is false, then trained on all ears,
+    the last epoch kept as checkpoint_best.pt, no temperature or σ scale fitted."""
+    from common.checkpoint import load_checkpoint
+    from common.errors import InputError
+
+    data = tmp_path / "all_train"
+    preprocess_abr.main(["--config", str(tiny_config), "--output-dir", str(data), "--set", "preprocess.split=[1,0,0]"])
+    with pytest.raises(InputError, match="train.validation: false"):
+        train_abr.main(["--config", str(tiny_config), "--data", str(data), "--output-dir", str(tmp_path / "refused")])
+    out = tmp_path / "run"
+    summary = train_abr.main(["--config", str(tiny_config), "--data", str(data), "--output-dir", str(out),
+                              "--set", "train.validation=false"])
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    assert summary["validation"] is False and summary["best_epoch"] == summary["epochs_completed"] == 2
+    best = load_checkpoint(out / "checkpoint_best.pt", expected_domain="abr")
+    last = load_checkpoint(out / "checkpoint_last.pt", expected_domain="abr")
+    assert best["epoch"] == last["epoch"] == 2
+    assert all(best["state_dict"][k].equal(last["state_dict"][k]) for k in best["state_dict"])
+    assert "threshold_sd_scale" not in (best.get("extra") or {})
+    log = (out / "log.txt").read_text(encoding="utf-8")
+    assert f"{meta['counts']['series']} train / 0 val ears" in log and "without validation" in log

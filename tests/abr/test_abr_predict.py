@@ -120,3 +120,27 @@ def test_benchmark_exports_scores_every_variant(trained, tiny_config, tiny_cache
     assert len({round(by_name[n]["model_mae_db"], 6) for n in same}) == 1
     assert by_name["tdt_abra_10ms_24kHz_V_inverted"]["ears"] == by_name["clinical_uV"]["ears"] > 0
     assert (tmp_path / "bench" / "variants.csv").is_file()
+
+
+def test_predict_with_unknown_polarity_finds_the_inverted_sign(trained, tiny_config, exports, tmp_path):
+    """The same inverted TDT export declared vertex_negative and read with polarity unknown: the model's
+    outputs are the same (polarity averaging), and the classical wave V search finds the ear inverted and
+    picks the same peaks as with the sign declared."""
+    run_dir, _ = trained
+    _, abra, _ = exports
+    common = ["--config", str(tiny_config), "--data", str(abra), "--checkpoint", str(run_dir),
+              "--set", "predict.figure_ears=0", "--set", "data.units=V", "--set", "data.level_reference=dB SPL",
+              "--set", "data.level_offset_db=-20", "--set", "data.converted_level_reference=dB nHL",
+              "--set", "classical.criterion=0.5"]
+    predict_abr.main(common + ["--output-dir", str(tmp_path / "declared"), "--set",
+                               "data.signal_polarity=vertex_negative"])
+    predict_abr.main(common + ["--output-dir", str(tmp_path / "unknown"), "--set", "data.signal_polarity=unknown"])
+    declared, unknown = rows(tmp_path / "declared" / "ears.csv")[0], rows(tmp_path / "unknown" / "ears.csv")[0]
+    assert declared["classical_wave_v_sign"] == "1" and unknown["classical_wave_v_sign"] == "-1"
+    assert float(unknown["threshold_model"]) == pytest.approx(float(declared["threshold_model"]), abs=1e-4)
+    assert unknown["threshold_classical"] == declared["threshold_classical"]
+    lat_declared = [r["classical_v_latency"] for r in rows(tmp_path / "declared" / "recordings.csv")]
+    lat_unknown = [r["classical_v_latency"] for r in rows(tmp_path / "unknown" / "recordings.csv")]
+    assert lat_unknown == lat_declared
+    log = (tmp_path / "unknown" / "log.txt").read_text(encoding="utf-8")
+    assert "data.signal_polarity = unknown" in log
