@@ -8,7 +8,15 @@ real-ear results such as ABRpresto's) and better than the classical baseline; wa
 inference per ear for the model and the classical analysis in this process (best of
 benchmark.timing_repeats) and prints the ratio — a speed comparison on this machine, not a target.
 
-Config sections used: validate, classical, benchmark.
+What is timed and scored is what predict_abr.py runs by default: the model with predict_abr's batch size
+(``predict.batch_size``) and test-time passes (``predict.polarity_tta``, on by default: every recording and its
+inverse, two model passes per ear, combined by abr/evaluation.py:average_over_polarity); the classical
+analysis per ear with the same wave V polarity rule. Not timed: reading and resampling the input files and
+the figures (the benchmark starts from a preprocessed cache). The threshold σ is the one predict reports
+(scaled by the checkpoint's val fit, widened on unsure ears); its ±1.96σ coverage is in the headline as in
+validate_abr.py. ``--set predict.polarity_tta=false`` times and scores the single pass.
+
+Config sections used: predict, classical, benchmark.
 
     python -m abr.benchmark_abr --checkpoint runs/abr/production_improved/<run> --data data/abr/production_improved
 """
@@ -22,7 +30,7 @@ from pathlib import Path
 from abr.dataset import ABRSeriesDataset, CacheError, load_cache, split_series
 from abr.defaults import abr_defaults
 from abr.evaluation import class_prior_baselines, classical_criterion, evaluate_classical, evaluate_model, predict
-from abr.validate_abr import check_grid, model_checkpoint
+from abr.validate_abr import check_grid, model_checkpoint, report_threshold_sd
 from common.cli import make_parser, start_run
 from common.errors import run_cli
 
@@ -57,12 +65,19 @@ def main(argv: list[str] | None = None) -> dict:
                          "one that has, or --split all", data_dir)
     run.record_inputs_valid()
     dataset = ABRSeriesDataset(arrays, ckpt["preprocessing"], series)
-    pred, model_s = best_time(lambda: predict(model, dataset, device, cfg["validate"]["batch_size"]), bcfg["timing_repeats"])
+    polarity_tta = bool(cfg["predict"]["polarity_tta"])  # as predict_abr.py runs the model
+    passes = 2 if polarity_tta else 1
+    pred, model_s = best_time(lambda: predict(model, dataset, device, cfg["predict"]["batch_size"],
+                                              polarity_tta=polarity_tta), bcfg["timing_repeats"])
+    run.log(f"model timed as predict_abr.py runs it: {passes} pass(es) per recording (predict.polarity_tta: "
+            f"{polarity_tta}), batch {cfg['predict']['batch_size']} ears")
     criterion, criterion_source = classical_criterion(arrays, meta, cfg)
     run.log(f"classical criterion {criterion:g}: {criterion_source}")
     classical, classical_s = best_time(lambda: evaluate_classical(arrays, meta, series, cfg["classical"], criterion),
                                        bcfg["timing_repeats"])
+    sd = report_threshold_sd(pred, arrays, meta, ckpt, classical["picks"], cfg["predict"])
     metrics = evaluate_model(pred, arrays, meta)
+    metrics.update(sd["coverage"])
     names = meta["class_names"]
     prior = class_prior_baselines(arrays["series_class"][split_series(arrays, "train")],
                                   arrays["series_class"][series], len(names), names, seed=int(cfg["seed"]))
@@ -86,15 +101,26 @@ def main(argv: list[str] | None = None) -> dict:
         run.log(f"[{'PASS' if t['passed'] else 'FAIL'}] {t['target']}: {t['value']:.3f} (reference {t['reference']:.3f})")
     run.log(f"classical: threshold ±10 dB {cthr:.3f}, wave V latency MAE "
             f"{classical['metrics']['wave_v']['latency_ms']['mae']:.3f} ms; class prior macro F1 {prior['majority_macro_f1']:.3f}")
-    run.log(f"time per ear: model {1000 * model_s / n_ears:.2f} ms, classical {1000 * classical_s / n_ears:.2f} ms "
-            f"(ratio classical/model {classical_s / model_s:.2f}) on {device}")
+    interval = metrics["threshold_interval"]
+    run.log(f"threshold ±1.96σ covers {interval['coverage_95']:.3f} of ears (median σ {interval['median_sd_db']:.1f} dB; "
+            f"the model's own σ: {metrics['threshold_interval_model_only']['coverage_95']:.3f}; σ scale "
+            f"{sd['sd_scale']:.3f}, {sd['sd_scale_source']}; {int(sd['unsure'].sum())} ears unsure)")
+    run.log(f"time per ear: model {1000 * model_s / n_ears:.2f} ms ({passes} pass(es)), classical "
+            f"{1000 * classical_s / n_ears:.2f} ms (ratio classical/model {classical_s / model_s:.2f}) on {device}")
     headline = {"targets_passed": sum(t["passed"] for t in targets), "targets_total": len(targets),
                 "threshold_within_10db": thr, "classical_threshold_within_10db": cthr, "wave_v_latency_mae_ms": lat,
                 "classical_wave_v_latency_mae_ms": classical["metrics"]["wave_v"]["latency_ms"]["mae"],
                 "macro_f1": f1, "class_prior_macro_f1": prior["majority_macro_f1"],
-                "model_ms_per_ear": 1000 * model_s / n_ears, "classical_ms_per_ear": 1000 * classical_s / n_ears}
+                "threshold_interval_coverage_95": interval["coverage_95"],
+                "threshold_median_sd_db": interval["median_sd_db"],
+                "threshold_interval_coverage_95_model_only": metrics["threshold_interval_model_only"]["coverage_95"],
+                "threshold_sd_scale": sd["sd_scale"], "n_unsure": int(sd["unsure"].sum()),
+                "model_ms_per_ear": 1000 * model_s / n_ears, "classical_ms_per_ear": 1000 * classical_s / n_ears,
+                "polarity_tta": polarity_tta, "model_passes_per_recording": passes}
     return run.finish({"headline": headline, "targets": targets, "split": args.split, "n_ears": n_ears,
-                       "classical_criterion_source": criterion_source,
+                       "classical_criterion_source": criterion_source, "threshold_sd_scale_source": sd["sd_scale_source"],
+                       "timed": "the model as predict_abr.py runs it (predict.batch_size, predict.polarity_tta) and "
+                                "the classical analysis per ear; not file reading, resampling or figures",
                        "checkpoint_epoch": ckpt["epoch"], "model": metrics, "classical_baseline": classical["metrics"],
                        "class_prior_baseline": prior, "device": str(device), "figures": []})
 

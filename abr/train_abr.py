@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
                         **dataloader_kwargs(device, rcfg["num_workers"], seed=int(cfg["seed"]) + dist.rank,
                                             start_method="spawn" if rcfg["num_workers"] else None))
     n_batches = len(loader) if not tcfg["max_steps_per_epoch"] else min(len(loader), tcfg["max_steps_per_epoch"])
+    # a small cohort trains few steps per epoch: the mouse preset did not converge in 60 (abr/README.md)
+    run.log(f"{n_batches} optimizer steps per epoch (batch {tcfg['batch_size']}), {n_batches * tcfg['epochs']} "
+            f"in {tcfg['epochs']} epochs")
 
     model = build_model("abr.models.ABRMultiTaskNet", model_kwargs(cfg, meta)).to(device)
     if run.resume_from is None and cfg["model"]["weights"]:

@@ -114,6 +114,28 @@ def ear_unsure(arrays: dict, meta: dict, ckpt_meta: dict, pred: dict, picks: dic
     return out
 
 
+def report_threshold_sd(pred: dict, arrays: dict, meta: dict, ckpt: dict, picks: dict, predict_cfg: dict) -> dict:
+    """Replace ``pred["threshold_sd"]`` (the model's own σ) by the σ predict_abr reports: scaled by the
+    checkpoint's val fit and widened on unsure ears by the model-classical gap (abr/unsure.py). Returns the
+    unsure reasons and flags per ear, the scale and its source, the classical thresholds in the order of
+    pred["series"], and the ±1.96σ coverage of the model's own and of the scaled σ (ears with a threshold)."""
+    sd_scale, sd_scale_source = checkpoint_sd_scale(ckpt)
+    sd_model = pred["threshold_sd"]
+    pred["threshold_sd"] = sd_scale * sd_model
+    reasons = ear_unsure(arrays, meta, ckpt["preprocessing"], pred, picks, predict_cfg)
+    unsure = np.array([bool(r) for r in reasons], dtype=bool)
+    index = {int(s): i for i, s in enumerate(picks["series"])}
+    classical_db = np.array([picks["threshold_db"][index[int(s)]] for s in pred["series"]])
+    pred["threshold_sd"] = reported_threshold_sd(sd_model, sd_scale, pred["threshold_db"], classical_db, unsure,
+                                                 widen=bool(predict_cfg["widen_unsure_sd"]))
+    error = np.abs(pred["threshold_db"] - arrays["series_threshold_db"][pred["series"]])
+    known = np.isfinite(error)
+    coverage = {"threshold_interval_model_only": interval_coverage(error[known], sd_model[known]),
+                "threshold_interval_scaled": interval_coverage(error[known], sd_scale * sd_model[known])}
+    return {"reasons": reasons, "unsure": unsure, "sd_scale": sd_scale, "sd_scale_source": sd_scale_source,
+            "classical_db": classical_db, "coverage": coverage}
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     tmp = path.with_name(path.name + ".partial")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -160,23 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     run.log(f"classical criterion {criterion:g}: {criterion_source}"
             + (" (the evaluated ears themselves)" if split in ("val", "all") and "fitted" in criterion_source else ""))
     classical = evaluate_classical(arrays, meta, series, cfg["classical"], criterion)
-    # the reported threshold σ: the model's scaled by the checkpoint's val fit, widened on unsure ears (abr/unsure.py)
-    sd_scale, sd_scale_source = checkpoint_sd_scale(ckpt)
-    sd_model = pred["threshold_sd"]
-    pred["threshold_sd"] = sd_scale * sd_model
-    reasons = ear_unsure(arrays, meta, ckpt_meta, pred, classical["picks"], cfg["predict"])
-    unsure = np.array([bool(r) for r in reasons], dtype=bool)
+    sd = report_threshold_sd(pred, arrays, meta, ckpt, classical["picks"], cfg["predict"])
+    reasons, unsure, sd_scale, sd_scale_source = sd["reasons"], sd["unsure"], sd["sd_scale"], sd["sd_scale_source"]
     ser_index = {int(s): i for i, s in enumerate(classical["picks"]["series"])}
-    cls_thr = np.array([classical["picks"]["threshold_db"][ser_index[int(s)]] for s in pred["series"]])
-    pred["threshold_sd"] = reported_threshold_sd(sd_model, sd_scale, pred["threshold_db"], cls_thr, unsure,
-                                                 widen=bool(cfg["predict"]["widen_unsure_sd"]))
+    cls_thr = sd["classical_db"]
     run.log(f"threshold σ scale {sd_scale:.3f} ({sd_scale_source}); unsure ears widened by the model-classical "
             f"gap: {bool(cfg['predict']['widen_unsure_sd'])}")
     metrics = evaluate_model(pred, arrays, meta)
-    error_all = np.abs(pred["threshold_db"] - arrays["series_threshold_db"][pred["series"]])
-    known = np.isfinite(error_all)
-    metrics["threshold_interval_model_only"] = interval_coverage(error_all[known], sd_model[known])
-    metrics["threshold_interval_scaled"] = interval_coverage(error_all[known], sd_scale * sd_model[known])
+    metrics.update(sd["coverage"])
     names = meta["class_names"]
     labels = arrays["series_class"][pred["series"]]
     keep = labels >= 0

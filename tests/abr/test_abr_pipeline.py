@@ -62,6 +62,34 @@ def test_train_validate_benchmark(trained, tiny_config, tiny_cache, tmp_path):
     bench = benchmark_abr.main(["--config", str(tiny_config), "--checkpoint", str(run_dir),
                                 "--output-dir", str(tmp_path / "bench")])
     assert bench["headline"]["targets_total"] == 4 and len(bench["targets"]) == 4
+    # the benchmark scores what validate (and predict) run by default: both polarity passes, the reported σ
+    assert bench["headline"]["polarity_tta"] and bench["headline"]["model_passes_per_recording"] == 2
+    for key in ("threshold_within_10db", "threshold_interval_coverage_95", "threshold_interval_coverage_95_model_only",
+                "threshold_median_sd_db", "n_unsure"):
+        assert bench["headline"][key] == pytest.approx(val["headline"][key]), key
+
+
+def test_benchmark_times_the_passes_predict_runs(trained, tiny_config, tmp_path, monkeypatch):
+    """Every timed model call of benchmark_abr is one predict_abr would make: with predict.polarity_tta (the
+    default) each timing repeat runs the recordings and their inverses, without it one pass."""
+    from abr import evaluation
+
+    run_dir, _ = trained
+    calls = []
+    original = evaluation.run_model
+
+    def counting(*args, invert_signal=False, **kwargs):
+        calls.append(invert_signal)
+        return original(*args, invert_signal=invert_signal, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_model", counting)
+    for tta, expected in (("true", [False, True]), ("false", [False])):
+        calls.clear()
+        bench = benchmark_abr.main(["--config", str(tiny_config), "--checkpoint", str(run_dir), "--output-dir",
+                                    str(tmp_path / f"bench_{tta}"), "--set", f"predict.polarity_tta={tta}"])
+        assert calls == expected  # timing_repeats 1 in the tiny config
+        assert bench["headline"]["model_passes_per_recording"] == len(expected)
+        assert math.isfinite(bench["headline"]["model_ms_per_ear"])
 
 
 def test_resume_continues_where_training_stopped(trained, tiny_config, tiny_cache, tmp_path):

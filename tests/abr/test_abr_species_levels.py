@@ -101,3 +101,29 @@ def test_unsure_rules_name_their_reason():
     assert unsure_reasons(30.0, 4.0, 0.1, 80.0, ">", levels, 20.0, static, meta, cuts) == ["classical finds no response"]
     converted = unsure_reasons(30.0, 4.0, 0.1, 35.0, "", levels, 20.0, static, meta, cuts, converted_from="dB SPL")
     assert converted == ["levels converted from dB SPL (the model never saw this stimulus)"]
+
+
+def test_mouse_preset_classical_window_holds_mouse_wave_iv():
+    """The mouse preset's classical wave V window (mouse wave IV) contains the generator's wave IV latencies at
+    every level; the human click window it replaces misses most of them (it starts after wave IV)."""
+    from pathlib import Path
+
+    from abr.classical import wave_v_window_ms
+    from abr.defaults import abr_defaults
+    from common.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "abr" / "mouse_tonepip.yaml", defaults=abr_defaults())
+    syn = dict(cfg["synthetic"], n_patients=12)
+    table, _ = generate_recordings(syn, 24414.0625, 15.0, seed=3)
+    rows = table.dropna(subset=["V Latency"])
+    assert len(rows) > 100
+
+    def inside(classical: dict) -> float:
+        windows = [wave_v_window_ms(i, classical["v_window_80db_ms"], classical["v_window_slope_ms_per_10db"])
+                   for i in rows["Intensity"].astype(float)]
+        lat = rows["V Latency"].astype(float).to_numpy()
+        return float(np.mean([lo <= x <= hi for x, (lo, hi) in zip(lat, windows)]))
+
+    assert inside(cfg["classical"]) == 1.0
+    assert inside(abr_defaults()["classical"]) < 0.5
