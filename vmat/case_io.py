@@ -20,6 +20,11 @@
     contour_points_zyx_mm float64 (N, 3)      optional: every RTSTRUCT polygon vertex, patient mm (z, y, x)
     contour_index       int64 (M, 3)          optional: (channel, first point, end point) of each polygon;
                                               the sub-voxel DVH (vmat.dvh.ContourSampler) samples them
+    rtdose_gy           float32 (z', y', x')  optional (DICOM-RT input): the reference dose on its own RTDOSE grid
+                                              (canonical axes; the sum when several files share one grid), which
+                                              DVHs of the reference read as clinical DVH tools do (vmat.dvh)
+    rtdose_origin_mm    float64 (3,)          (z, y, x) patient coordinates of its voxel (0, 0, 0)
+    rtdose_spacing_mm   float64 (3,)          (z, y, x) its voxel size
     meta_json           <U ()                 JSON: case_id, uids, target doses, roi sources, warnings ...
 
 Axis convention: index increases toward patient superior (z), posterior (y) and LEFT (x).
@@ -72,7 +77,9 @@ def unpack_contours(case: dict) -> dict:
 
 
 def write_case(path: str | Path, *, ct, dose, masks, sdf, structure_names, spacing_mm, origin_mm,
-               prescription_gy, possible_dose_mask, meta: dict, dose_valid_mask=None, contours: dict | None = None) -> Path:
+               prescription_gy, possible_dose_mask, meta: dict, dose_valid_mask=None, contours: dict | None = None,
+               rtdose: tuple | None = None) -> Path:
+    """Write one case; ``rtdose``: (dose Gy, origin (z, y, x) mm, spacing (z, y, x) mm) on the RTDOSE's own grid."""
     arrays = {
         "ct": np.asarray(ct, dtype=np.float32),
         "masks": np.asarray(masks, dtype=np.uint8),
@@ -91,6 +98,10 @@ def write_case(path: str | Path, *, ct, dose, masks, sdf, structure_names, spaci
         arrays["dose_valid_mask"] = valid.astype(np.uint8)
     if contours:
         arrays["contour_points_zyx_mm"], arrays["contour_index"] = pack_contours(contours, structure_names)
+    if rtdose is not None and dose is not None:
+        arrays["rtdose_gy"] = np.asarray(rtdose[0], dtype=np.float32)
+        arrays["rtdose_origin_mm"] = np.asarray(rtdose[1], dtype=np.float64)
+        arrays["rtdose_spacing_mm"] = np.asarray(rtdose[2], dtype=np.float64)
     return save_npz_atomic(path, **arrays)
 
 
@@ -123,6 +134,12 @@ def load_case(path: str | Path, require_dose: bool = True) -> dict:
         if out[key].shape[1:] != shape or out[key].shape[0] != len(out["structure_names"]):
             raise CaseFileError(f"{path}: key '{key}' has shape {out[key].shape}; expected "
                                 f"({len(out['structure_names'])}, *{shape})")
+    if "rtdose_gy" in out:
+        for key in ("rtdose_origin_mm", "rtdose_spacing_mm"):
+            if key not in out or np.shape(out[key]) != (3,):
+                raise CaseFileError(f"{path}: 'rtdose_gy' needs key '{key}' with 3 values (z, y, x mm)")
+        if out["rtdose_gy"].ndim != 3 or not np.all(np.asarray(out["rtdose_spacing_mm"]) > 0):
+            raise CaseFileError(f"{path}: key 'rtdose_gy' must be 3D with positive 'rtdose_spacing_mm'")
     out["structure_names"] = [str(n) for n in out["structure_names"]]
     out["meta"] = json.loads(str(out["meta_json"])) if "meta_json" in out else {}
     out["case_id"] = out["meta"].get("case_id", path.stem)

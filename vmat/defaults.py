@@ -171,6 +171,9 @@ VMAT_DEFAULTS = {
             "shift_mm": [1.5, 2.0, -1.5],  # perturbation of the evaluated dose: a shift (z, y, x) ...
             "scale": 0.97,  # ... a global scale ...
             "noise_gy": 1.0,  # ... and Gaussian noise where the dose exceeds 1 % of its maximum
+            "cpu_threads": 1,  # torch threads of vmat.gamma on a CPU (pymedphys' numba loop runs on one)
+            "synthetic": False,  # also time a synthetic patient's dose when --data is given
+            "synthetic_grid_mm": None,  # its RTDOSE grid (z, y, x), e.g. [2.5, 2.5, 2.5]; null: the phantom's
         },
         "preprocess": {"enabled": True, "n_cases": 3},
         "throughput": {

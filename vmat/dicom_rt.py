@@ -95,6 +95,10 @@ class RTCase:
     dose_valid: np.ndarray | None = None  # bool (z, y, x): CT voxels inside the RTDOSE grid
     repairs: list = field(default_factory=list)  # geometry repairs that change numbers (manifest)
     contours: dict = field(default_factory=dict)  # canonical name -> [(z mm, (N, 2) xy mm)] on the CT planes
+    # the reference dose on its own RTDOSE grid: (dose Gy (z, y, x) canonical, origin (z, y, x) mm, spacing
+    # (z, y, x) mm), for DVHs that read the dose as clinical DVH tools do; None when several RTDOSE files on
+    # different grids were summed (then only the CT-grid sum exists)
+    rtdose_native: tuple | None = None
 
 
 # ------------------------------------------------------------------------------------------ orientation
@@ -466,8 +470,10 @@ def choose_dose_files(entries: Sequence, plan_entries: Sequence = (), warnings: 
 
 
 def dose_and_coverage_on_grid(dose_files: Sequence, grid: Grid, ct_frame_uid: str, interpolation: str,
-                              warnings: list) -> tuple[np.ndarray, np.ndarray]:
+                              warnings: list, native: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(dose Gy, valid) on the CT grid: the sum of the RTDOSE files, and where it is known.
+    ``native``: a list that receives (dose Gy, origin zyx mm, spacing zyx mm) of the sum on the RTDOSE
+    grid itself when every file shares one grid (nothing is appended otherwise).
 
     A CT voxel is covered when its centre lies within the box of every RTDOSE grid's voxel centres (1 µm
     tolerance), where the dose is interpolated; the half voxel beyond the outermost dose centres would be
@@ -476,8 +482,14 @@ def dose_and_coverage_on_grid(dose_files: Sequence, grid: Grid, ct_frame_uid: st
     DVHs) leaves such voxels out."""
     total = np.zeros(grid.shape_zyx, dtype=np.float32)
     valid = np.ones(grid.shape_zyx, dtype=bool)
+    own_grid, own_sum = None, None
     for path, _ in dose_files:
         dose, origin, spacing, frame_uid = read_rtdose(path, warnings)
+        key = (dose.shape, tuple(np.round(np.asarray(origin, float), 4)), tuple(np.round(np.asarray(spacing, float), 4)))
+        if own_sum is None or key == own_grid:
+            own_grid, own_sum = key, (dose.astype(np.float32) if own_sum is None else own_sum + dose)
+        else:
+            own_grid = "mixed"
         if ct_frame_uid and frame_uid and frame_uid != ct_frame_uid:
             raise CaseError("mixed_frame_of_reference", f"{path}: RTDOSE frame of reference {frame_uid} differs "
                                                         f"from the CT's {ct_frame_uid}")
@@ -496,6 +508,9 @@ def dose_and_coverage_on_grid(dose_files: Sequence, grid: Grid, ct_frame_uid: st
             axes.append((centres >= dose_bounds[0][xyz] - 1e-3) & (centres <= dose_bounds[1][xyz] + 1e-3))
         valid &= axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]
     total[~valid] = 0.0
+    if native is not None and own_grid not in (None, "mixed"):
+        native.append((np.clip(own_sum, 0.0, None), np.asarray(own_grid[1], float)[::-1].copy(),
+                       np.asarray(own_grid[2], float)))
     return total, valid
 
 
@@ -563,7 +578,8 @@ def load_rt_case(folder: str | Path, structure_map: StructureMap, *, required: S
     dose_files = choose_dose_files(by_modality.get("RTDOSE", []), by_modality.get("RTPLAN", []), warnings)
     if not dose_files and require_dose:
         raise CaseError("no_rtdose", f"{folder}: no RTDOSE file")
-    dose, dose_valid = (dose_and_coverage_on_grid(dose_files, grid, ct_frame, dose_interpolation, warnings)
+    native: list = []
+    dose, dose_valid = (dose_and_coverage_on_grid(dose_files, grid, ct_frame, dose_interpolation, warnings, native)
                         if dose_files else (None, None))
     rx, rx_source, targets = read_prescription(by_modality.get("RTPLAN", []), fallback_prescription_gy, warnings)
     first_ct = by_modality["CT"][0][1]
@@ -577,4 +593,5 @@ def load_rt_case(folder: str | Path, structure_map: StructureMap, *, required: S
     return RTCase(case_id=folder.name, ct_hu=ct_hu, grid=grid, masks=masks, roi_sources=sources,
                   unmatched_rois=unmatched, dose_gy=dose, prescription_gy=rx, prescription_source=rx_source,
                   target_doses_gy=targets, uids=uids, warnings=warnings, dose_valid=dose_valid, repairs=repairs,
+                  rtdose_native=native[0] if native else None,
                   contours=contours)

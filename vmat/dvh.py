@@ -6,12 +6,22 @@ Sampling (:class:`StructureSamples`): a structure is a set of dose sample points
   an in-plane lattice of at most ``sample_mm`` (each CT pixel split into ceil(pixel / sample_mm) per
   axis; a point belongs to the structure by the even-odd rule of its polygons on that plane) and at
   ceil(slice / sample_mm) depths; the dose is interpolated trilinearly at each point.
-  End-capping: ``end_cap="half_slice"`` (default) lets the first and last contour stand for half a slice
-  beyond their plane, as every other contour does (volume = Σ area × slice thickness);
-  ``end_cap="none"`` stops the structure at its end planes (the outer half slabs are left out);
+  End-capping (what the structure is beyond its first and last contour):
+  ``end_cap="half_slice"`` (default) lets the first and last contour stand for half a slice beyond their
+  plane, as every other contour does (volume = Σ area × slice thickness, the convention of dicompyler-core's
+  dvhcalc, which weights every plane's area by the full plane spacing, and of SlicerRT's end-capping,
+  which closes the surface half a spacing beyond the end contours); the dose is sampled in that half slab;
+  ``end_cap="half_slice_plane_dose"``: the same volume, but the outer half slabs take the dose of their end
+  plane (dicompyler-core reads the dose only on the contour planes); ``end_cap="none"`` stops the
+  structure at its end planes (the outer half slabs are left out: smaller volumes);
 - "voxel": the CT voxels of the mask, each its voxel volume (the only choice for OpenKBP masks).
 Points where the reference dose is unknown (outside the RTDOSE grid: the NPZ ``dose_valid_mask``) are
 left out, so the metrics describe the covered part of the structure (its covered fraction is reported).
+Which copy of the reference dose is sampled (``reference_dose``): ``rtdose`` (default) reads the RTDOSE on
+its own grid, as clinical DVH tools do, where the case carries it (NPZ ``rtdose_gy``); ``ct_grid`` reads the
+copy resampled onto the CT grid. Interpolating that copy again smooths the dose a second time: at the steep
+edge of a target it lowered PTV70 D99 by 0.6-0.7 Gy (synthetic patients, vmat/README.md). A
+predicted dose lives on the CT grid and is always read there.
 
 Definitions over samples with volumes w_i (sorted by dose, descending):
 - cumulative DVH V(d) = volume with dose ≥ d / total volume;
@@ -137,13 +147,17 @@ def conformity_indices(dose: np.ndarray, target: np.ndarray, body: np.ndarray, r
             "ci_paddick": tv_piv**2 / (tv * piv) if tv and piv else float("nan")}
 
 
+END_CAPS = ("half_slice", "half_slice_plane_dose", "none")
+REFERENCE_DOSES = ("rtdose", "ct_grid")
+
 _METRIC = re.compile(r"^(?:(?P<v>V)(?P<vx>\d+(?:\.\d+)?)Gy|(?P<d>D)(?P<dx>\d+(?:\.\d+)?)(?P<du>%|cc)|"
                      r"(?P<name>Dmean|Dmin|Dmax_point))$")
 
 DVH_DEFAULTS = {
     "method": "contour",  # contour: sub-voxel samples of the RTSTRUCT polygons where the case has them | voxel
     "sample_mm": 1.0,  # largest spacing of the sub-voxel sample lattice (in-plane and in depth)
-    "end_cap": "half_slice",  # half_slice | none (see the module docstring)
+    "end_cap": "half_slice",  # half_slice | half_slice_plane_dose | none (see the module docstring)
+    "reference_dose": "rtdose",  # rtdose (the RTDOSE's own grid where the case has it) | ct_grid
     "v_gy": [20.0, 30.0, 40.0, 50.0, 60.0, 65.0, 70.0, 75.0],  # V_xGy reported for every OAR
 }
 
@@ -273,19 +287,42 @@ class StructureSamples:
     """Dose sample points of one structure: fractional voxel indices (K, 3) (z, y, x) and volumes (cc)."""
 
     def __init__(self, coords: np.ndarray, weights_cc: np.ndarray, method: str, exact_voxels: bool = False,
-                 half_box: np.ndarray | None = None):
+                 half_box: np.ndarray | None = None, grid: tuple | None = None):
         self.coords = np.asarray(coords, np.float64).reshape(-1, 3)
         self.weights = np.asarray(weights_cc, np.float64).ravel()
         self.method = method
         self.exact_voxels = exact_voxels  # integer voxel centres: index, no interpolation
         self.half_box = None if half_box is None else np.asarray(half_box, np.float64).reshape(-1, 3)
+        # (origin (z, y, x) mm, spacing (z, y, x) mm) of the grid the coordinates index: needed to read a dose
+        # stored on another grid (dvh(dose, dose_grid))
+        self.grid = None if grid is None else tuple(np.asarray(g, np.float64) for g in grid)
 
-    def dvh(self, dose: np.ndarray) -> SampledDVH:
+    def _on(self, dose_grid: tuple | None) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """(coordinates, half boxes, exact) as indices of ``dose_grid`` (None: the samples' own grid)."""
+        if dose_grid is None:
+            return self.coords, self.half_box, self.exact_voxels
+        if self.grid is None:
+            raise ValueError("these DVH samples do not know their grid's origin and spacing: pass the dose on "
+                             "their own grid")
+        origin, spacing = (np.asarray(g, np.float64) for g in dose_grid)
+        scale = self.grid[1] / spacing
+        coords = (self.grid[0] + self.coords * self.grid[1] - origin) / spacing
+        half = None if self.half_box is None else self.half_box * scale
+        if half is None and not self.exact_voxels:
+            return coords, None, False
+        if half is None:  # voxel samples read on another grid: the voxel's box, interpolated
+            half = np.tile(0.5 * scale, (len(coords), 1))
+        return coords, half, False
+
+    def dvh(self, dose: np.ndarray, dose_grid: tuple | None = None) -> SampledDVH:
         """The sampled DVH of ``dose``; sub-voxel samples carry their in-box dose spread: half the change
         of the trilinear dose between the box's faces along each axis, combined in quadrature
-        (contour_samples keeps only points whose box faces read known dose)."""
-        d = self.doses(dose)
-        if self.half_box is None or not len(d):
+        (contour_samples keeps only points whose box faces read known dose). ``dose_grid``: (origin
+        (z, y, x) mm, spacing (z, y, x) mm) when ``dose`` is on another grid than the samples' (the
+        reference dose on its RTDOSE grid, see :func:`reference_dose`)."""
+        coords, half_box, exact = self._on(dose_grid)
+        d = self.doses(dose, dose_grid)
+        if half_box is None or not len(d):
             return SampledDVH(d, self.weights)
         from scipy import ndimage
 
@@ -294,8 +331,8 @@ class StructureSamples:
         for axis in range(3):  # trilinear dose at the two faces of the box (inside the known dose, see below)
             step = np.zeros((1, 3))
             step[0, axis] = 1.0
-            up = ndimage.map_coordinates(dose, (self.coords + self.half_box * step).T, order=1, mode="nearest")
-            down = ndimage.map_coordinates(dose, (self.coords - self.half_box * step).T, order=1, mode="nearest")
+            up = ndimage.map_coordinates(dose, (coords + half_box * step).T, order=1, mode="nearest")
+            down = ndimage.map_coordinates(dose, (coords - half_box * step).T, order=1, mode="nearest")
             squares += (0.5 * (up - down)) ** 2
         return SampledDVH(d, self.weights, np.sqrt(squares))
 
@@ -303,20 +340,24 @@ class StructureSamples:
     def volume_cc(self) -> float:
         return float(self.weights.sum())
 
-    def doses(self, dose: np.ndarray) -> np.ndarray:
+    def doses(self, dose: np.ndarray, dose_grid: tuple | None = None) -> np.ndarray:
+        coords, _, exact = self._on(dose_grid)
         dose = np.asarray(dose)
-        if self.exact_voxels:
-            k, j, i = self.coords.astype(np.int64).T
+        if exact:
+            k, j, i = coords.astype(np.int64).T
             return dose[k, j, i].astype(np.float64)
         from scipy import ndimage
 
-        return ndimage.map_coordinates(np.asarray(dose, np.float64), self.coords.T, order=1, mode="nearest")
+        return ndimage.map_coordinates(np.asarray(dose, np.float64), coords.T, order=1, mode="nearest")
 
 
-def voxel_samples(mask: np.ndarray, spacing_mm, valid: np.ndarray | None = None) -> StructureSamples:
+def voxel_samples(mask: np.ndarray, spacing_mm, valid: np.ndarray | None = None,
+                  origin_zyx_mm=None) -> StructureSamples:
     mask = np.asarray(mask, bool) if valid is None else np.asarray(mask, bool) & np.asarray(valid, bool)
     coords = np.argwhere(mask)
-    return StructureSamples(coords, np.full(len(coords), float(np.prod(spacing_mm)) / 1000.0), "voxel", True)
+    grid = None if origin_zyx_mm is None else (origin_zyx_mm, spacing_mm)
+    return StructureSamples(coords, np.full(len(coords), float(np.prod(spacing_mm)) / 1000.0), "voxel", True,
+                            grid=grid)
 
 
 def contour_samples(polygons, origin_zyx_mm, spacing_mm, shape_zyx, sample_mm: float = 1.0,
@@ -330,8 +371,8 @@ def contour_samples(polygons, origin_zyx_mm, spacing_mm, shape_zyx, sample_mm: f
 
     from vmat.geometry import rasterize_slice_polygons
 
-    if end_cap not in ("half_slice", "none"):
-        raise ValueError(f"end_cap must be half_slice or none, got {end_cap!r}")
+    if end_cap not in END_CAPS:
+        raise ValueError(f"end_cap must be one of {', '.join(END_CAPS)}, got {end_cap!r}")
     oz, oy, ox = (float(v) for v in origin_zyx_mm)
     dz, dy, dx = (float(v) for v in spacing_mm)
     sy, sx, sz = (max(1, int(math.ceil(v / sample_mm - 1e-9))) for v in (dy, dx, dz))
@@ -366,11 +407,15 @@ def contour_samples(polygons, origin_zyx_mm, spacing_mm, shape_zyx, sample_mm: f
         y = y0 + (rr + r_lo) * hy
         x = x0 + (cc + c_lo) * hx
         for zp in z_pts:
+            half_z = depth / n_depth / dz / 2
+            if end_cap == "half_slice_plane_dose" and (zp < zs[0] or zp > zs[-1]):
+                zp, half_z = z, 0.0  # an end plane's dose stands for its outer half slab
             coords.append(np.c_[np.full(len(y), (zp - oz) / dz), (y - oy) / dy, (x - ox) / dx])
             weights.append(np.full(len(y), hx * hy * depth / n_depth / 1000.0))
-            halves.append(np.tile([depth / n_depth / dz / 2, hy / dy / 2, hx / dx / 2], (len(y), 1)))
+            halves.append(np.tile([half_z, hy / dy / 2, hx / dx / 2], (len(y), 1)))
+    grid = ((oz, oy, ox), (dz, dy, dx))
     if not coords:
-        return StructureSamples(np.zeros((0, 3)), np.zeros(0), "contour")
+        return StructureSamples(np.zeros((0, 3)), np.zeros(0), "contour", grid=grid)
     coords, weights, halves = np.concatenate(coords), np.concatenate(weights), np.concatenate(halves)
     shape = np.asarray(shape_zyx)
     keep = np.all((coords >= -0.5) & (coords <= shape - 0.5), axis=1)
@@ -379,7 +424,7 @@ def contour_samples(polygons, origin_zyx_mm, spacing_mm, shape_zyx, sample_mm: f
         for offset in [np.zeros(3)] + [sign * halves * np.eye(3)[axis] for axis in range(3) for sign in (1, -1)]:
             known = ndimage.map_coordinates(valid, (coords + offset).T, order=1, mode="nearest")
             keep &= known >= 1.0 - 1e-9
-    return StructureSamples(coords[keep], weights[keep], "contour", half_box=halves[keep])
+    return StructureSamples(coords[keep], weights[keep], "contour", half_box=halves[keep], grid=grid)
 
 
 def case_samples(case: Mapping, cfg: Mapping = DVH_DEFAULTS) -> dict:
@@ -401,13 +446,27 @@ def case_samples(case: Mapping, cfg: Mapping = DVH_DEFAULTS) -> dict:
             out[name] = contour_samples(polygons[c], case["origin_mm"], spacing, mask.shape,
                                         float(cfg["sample_mm"]), cfg["end_cap"], valid)
         else:
-            out[name] = voxel_samples(mask, spacing, valid)
+            out[name] = voxel_samples(mask, spacing, valid, case["origin_mm"])
     return out
 
 
-def dose_dvhs(samples: Mapping, dose: np.ndarray) -> dict:
-    """{structure: SampledDVH} of one dose, to share between structure_metrics and check_constraints."""
-    return {name: smp.dvh(dose) for name, smp in samples.items() if len(smp.weights)}
+def reference_dose(case: Mapping, cfg: Mapping = DVH_DEFAULTS) -> tuple[np.ndarray, tuple | None]:
+    """(reference dose, its grid) for DVHs: the RTDOSE on its own grid ((origin, spacing) (z, y, x) mm) when
+    ``cfg["reference_dose"]`` is rtdose and the case carries it (NPZ ``rtdose_gy``), else (the CT-grid copy,
+    None)."""
+    choice = cfg.get("reference_dose", "rtdose")
+    if choice not in REFERENCE_DOSES:
+        raise ValueError(f"dvh.reference_dose must be one of {', '.join(REFERENCE_DOSES)}, got {choice!r}")
+    if choice == "rtdose" and "rtdose_gy" in case:
+        return (np.asarray(case["rtdose_gy"], np.float64),
+                (np.asarray(case["rtdose_origin_mm"], np.float64), np.asarray(case["rtdose_spacing_mm"], np.float64)))
+    return np.asarray(case["dose"], np.float64), None
+
+
+def dose_dvhs(samples: Mapping, dose: np.ndarray, dose_grid: tuple | None = None) -> dict:
+    """{structure: SampledDVH} of one dose, to share between structure_metrics and check_constraints.
+    ``dose_grid``: the dose's (origin, spacing) when it is not on the samples' grid (:func:`reference_dose`)."""
+    return {name: smp.dvh(dose, dose_grid) for name, smp in samples.items() if len(smp.weights)}
 
 
 def structure_metrics(dose: np.ndarray, masks: np.ndarray, names: Sequence[str], target_doses: Mapping[str, float],

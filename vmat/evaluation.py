@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from vmat.dvh import DEFAULT_CONSTRAINTS, DVH_DEFAULTS, case_samples, check_constraints, dose_dvhs, structure_metrics
+from vmat.dvh import (DEFAULT_CONSTRAINTS, DVH_DEFAULTS, case_samples, check_constraints, dose_dvhs, reference_dose,
+                      structure_metrics)
 from vmat.gamma import compute_gamma, pass_rate
 from vmat.scores import openkbp_dose_score, openkbp_dvh_metrics
 
@@ -24,6 +25,7 @@ GAMMA_DEFAULTS = {
     "interp_fraction": 10,  # lattice step = distance / interp_fraction (pymedphys' default 10)
     "random_subset": None,  # evaluate only this many random voxels (faster, noisier)
     "device": "cpu",  # torch device for the vectorized search
+    "cpu_threads": 1,  # torch threads of the search on a CPU (null: the process setting); see vmat/gamma.py
 }
 
 
@@ -122,14 +124,16 @@ def evaluate_case(case: Mapping, prediction: np.ndarray, gamma_cfg: Mapping = GA
                                   local=bool(gamma_cfg["local"]), max_gamma=float(gamma_cfg["max_gamma"]),
                                   interp_fraction=int(gamma_cfg["interp_fraction"]),
                                   random_subset=gamma_cfg["random_subset"], seed=seed,
-                                  **({"device": gamma_cfg["device"]} if gamma_cfg["implementation"] == "torch" else {}))
+                                  **({"device": gamma_cfg["device"], "cpu_threads": gamma_cfg.get("cpu_threads", 1)}
+                                     if gamma_cfg["implementation"] == "torch" else {}))
             gamma = np.where(valid, gamma, np.nan)  # no reference dose outside the RTDOSE grid
             maps[label] = gamma
             row[f"{key}_pass_pct"] = pass_rate(gamma)
             for region, mask in regions.items():
                 row[f"{key}_{region}_pass_pct"] = pass_rate(gamma, mask)
             row[f"{key}_mean"] = float(np.nanmean(gamma)) if np.isfinite(gamma).any() else float("nan")
-    ref_dvhs, pred_dvhs = dose_dvhs(samples, ref), dose_dvhs(samples, pred)  # once per dose and structure
+    # once per dose and structure; the reference read on its own RTDOSE grid where the case has it
+    ref_dvhs, pred_dvhs = dose_dvhs(samples, *reference_dose(case, dvh_cfg)), dose_dvhs(samples, pred)
     kw_dvh = {"samples": samples, "valid": valid, "v_gy": list(dvh_cfg["v_gy"])}
     dvh_ref = structure_metrics(ref, masks, names, target_doses, spacing, body, dvhs=ref_dvhs, **kw_dvh)
     dvh_pred = structure_metrics(pred, masks, names, target_doses, spacing, body, dvhs=pred_dvhs, **kw_dvh)

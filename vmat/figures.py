@@ -76,9 +76,11 @@ def dose_slices(path_stem: str | Path, reference: np.ndarray, prediction: np.nda
 
 def dvh_curves(path_stem: str | Path, reference: np.ndarray, prediction: np.ndarray, masks: np.ndarray,
                names: Sequence[str], title: str = "", extra: dict | None = None,
-               samples: dict | None = None) -> list[Path]:
+               samples: dict | None = None, reference_grid: tuple | None = None) -> list[Path]:
     """Cumulative DVHs: reference solid, prediction dashed (``extra``: {label: dose} dotted). With
-    ``samples`` ({name: vmat.dvh.StructureSamples}) the curves are those of the metrics (sub-voxel)."""
+    ``samples`` ({name: vmat.dvh.StructureSamples}) the curves are those of the metrics (sub-voxel);
+    ``reference_grid``: (reference dose, its grid) as vmat.dvh.reference_dose returns, read by the
+    sub-voxel curves instead of ``reference`` (the RTDOSE on its own grid)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     top = float(max(reference.max(), prediction.max())) * 1.05
     edges = np.arange(0.0, top + 0.25, 0.25)
@@ -88,11 +90,13 @@ def dvh_curves(path_stem: str | Path, reference: np.ndarray, prediction: np.ndar
             continue
         color = OKABE_ITO[c % len(OKABE_ITO)]
 
-        def curve(dose, mask=mask, name=name):
+        def curve(dose, mask=mask, name=name, own=None):
             if samples is not None and name in samples and len(samples[name].weights):
+                if own is not None:
+                    return edges, samples[name].dvh(*own).curve(edges)
                 return edges, samples[name].dvh(dose).curve(edges)
             return cumulative_dvh(dose[mask], 0.25, top)
-        ax.plot(*curve(reference), color=color, label=name)
+        ax.plot(*curve(reference, own=reference_grid), color=color, label=name)
         ax.plot(*curve(prediction), color=color, linestyle="--")
         for dose in (extra or {}).values():
             ax.plot(*curve(dose), color=color, linestyle=":", linewidth=0.8)

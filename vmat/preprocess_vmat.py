@@ -160,7 +160,7 @@ def _read_dicom(case_dir: Path, cfg: dict, channels: list[str]) -> dict:
         body = body_from_ct(case.ct_hu, float(cfg["body_threshold_hu"]))
     valid = case.dose_valid if case.dose_valid is not None else np.ones(shape, bool)
     return {"case_id": case.case_id, "ct": case.ct_hu, "dose": case.dose_gy, "masks": masks, "body": body,
-            "valid": valid, "contours": case.contours, "repairs": case.repairs, "spacing": case.grid.spacing_zyx, "origin_xyz": case.grid.origin_xyz, "prescription_gy": case.prescription_gy,
+            "valid": valid, "contours": case.contours, "rtdose": case.rtdose_native, "repairs": case.repairs, "spacing": case.grid.spacing_zyx, "origin_xyz": case.grid.origin_xyz, "prescription_gy": case.prescription_gy,
             "meta": {"prescription_source": case.prescription_source, "plan_target_doses_gy": case.target_doses_gy,
                      "roi_sources": case.roi_sources, "unmatched_rois": case.unmatched_rois, "uids": case.uids,
                      "warnings": case.warnings, "source_format": "dicom"}}
@@ -229,7 +229,7 @@ def process_case(case_dir: str, out_dir: str, cfg: dict, fmt: str) -> dict:
         write_case(out_dir / f"{data['case_id']}.npz", ct=arrays["ct"], dose=arrays["dose"], masks=masks, sdf=sdf,
                    structure_names=channels, spacing_mm=spacing, origin_mm=origin[::-1],
                    prescription_gy=data["prescription_gy"], possible_dose_mask=arrays["body"], meta=meta,
-                   dose_valid_mask=valid, contours=data.get("contours"))
+                   dose_valid_mask=valid, contours=data.get("contours"), rtdose=data.get("rtdose"))
         row.update({"status": "ok", "reason": ""})
     except CaseError as exc:
         row["reason"] = str(exc)

@@ -36,7 +36,7 @@ from common.errors import InputError, run_cli
 from common.runlog import progress, write_text_atomic
 from vmat.case_io import CaseFileError, list_cases, load_case, load_prediction
 from vmat.defaults import VMAT_DEFAULTS
-from vmat.dvh import case_samples
+from vmat.dvh import case_samples, reference_dose
 from vmat.evaluation import evaluate_case, overall_metrics
 from vmat.inference import add_checkpoint_argument, checkpoint_files
 
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
             row["atlas_mae_body_gy"] = base_row["mae_body_gy"]
         rows.append(row)
         write_dvh_csv(run.run_dir / "dvh" / f"{case['case_id']}.csv", case, samples,
-                      {"reference": case["dose"], "prediction": prediction, **({"atlas": base} if base is not None else {})})
+                      {"reference": reference_dose(case, cfg["dvh"]), "prediction": prediction,
+                       **({"atlas": base} if base is not None else {})})
         if args.export_rtdose:
             from vmat.export import export_rtdose
 
@@ -158,12 +159,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_dvh_csv(path: Path, case: dict, samples: dict, doses: dict, bin_gy: float = 0.1) -> Path:
     """Cumulative DVHs of one case (the same samples as its metrics): structure, dose_gy, then the volume %
-    receiving at least that dose for each of ``doses`` ({label: dose array})."""
-    top = max(float(np.max(d)) for d in doses.values())
+    receiving at least that dose for each of ``doses`` ({label: dose array on the case grid, or (dose, its
+    grid) as vmat.dvh.reference_dose returns})."""
+    doses = {k: v if isinstance(v, tuple) else (v, None) for k, v in doses.items()}
+    top = max(float(np.max(d)) for d, _ in doses.values())
     edges = np.arange(0.0, top + bin_gy, bin_gy)
     lines = ["structure,dose_gy," + ",".join(f"{label}_volume_pct" for label in doses)]
     for name, smp in samples.items():
-        curves = [smp.dvh(dose).curve(edges) for dose in doses.values()]
+        curves = [smp.dvh(dose, grid).curve(edges) for dose, grid in doses.values()]
         lines += [f"{name},{e:.2f}," + ",".join(f"{c[i]:.4f}" for c in curves) for i, e in enumerate(edges)]
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(path, "\n".join(lines) + "\n")
@@ -197,7 +200,8 @@ def _case_figures(fig_dir: Path, case: dict, prediction: np.ndarray, maps: dict,
                        case["prescription_gy"], title=f"{cid}: reference vs prediction", centre_mask=target)
     known = np.asarray(masks, bool) & np.asarray(case["dose_valid_mask"], bool)  # DVHs of the known dose only
     out += dvh_curves(fig_dir / f"{cid}_dvh", case["dose"], prediction, known, names, title=f"{cid}: DVH",
-                      extra={"atlas": base} if base is not None else None, samples=samples)
+                      extra={"atlas": base} if base is not None else None, samples=samples,
+                      reference_grid=reference_dose(case, cfg["dvh"]))
     if maps:
         label, gamma = next(iter(maps.items()))
         out += gamma_map(fig_dir / f"{cid}_gamma", gamma, case["dose"], case["spacing_mm"],

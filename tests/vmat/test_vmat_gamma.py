@@ -134,3 +134,21 @@ def test_local_gamma_converges_to_pymedphys(dose_pair):
     ref, ev, spacing = dose_pair
     kw = {"dose_percent": 3.0, "distance_mm": 3.0, "lower_percent_cutoff": 10.0, "local": True, "interp_fraction": 40}
     assert abs(pass_rate(gamma_index(ref, ev, spacing, **kw)) - pass_rate(gamma_pymedphys(ref, ev, spacing, **kw))) <= 0.5
+
+
+def test_cpu_threads_do_not_change_gamma_and_are_restored(dose_pair):
+    """The search's intra-op threads (cpu_threads, 1 by default: robust on shared cores) are set only for
+    the call; the result does not depend on them."""
+    import torch
+
+    ref, ev, spacing = dose_pair
+    before = torch.get_num_threads()
+    one = gamma_index(ref, ev, spacing, 3.0, 3.0)
+    assert torch.get_num_threads() == before
+    two = gamma_index(ref, ev, spacing, 3.0, 3.0, cpu_threads=2)
+    unchanged = gamma_index(ref, ev, spacing, 3.0, 3.0, cpu_threads=None)
+    assert torch.get_num_threads() == before
+    np.testing.assert_allclose(one, two, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(one, unchanged, atol=1e-6, equal_nan=True)
+    with pytest.raises(ValueError, match="cpu_threads"):
+        gamma_index(ref, ev, spacing, 3.0, 3.0, cpu_threads=0)

@@ -82,7 +82,9 @@ def test_unknown_dose_never_counts_as_zero_in_metrics(preprocessed):
     assert row["mae_body_gy"] == 0.0 and row["openkbp_dose_score"] == 0.0
     assert row["gamma_3_3_pass_pct"] == 100.0 and np.isnan(maps["3%/3mm"][~valid]).all()
     d95 = row["ref_Femur_L_D95%"]
-    assert 40.0 < d95 < 45.0 and row["diff_Femur_L_D95%"] == 0.0  # not 0 Gy
+    # not 0 Gy; the reference is read on its RTDOSE grid, the prediction on the CT grid: for this linear
+    # dose the two agree to float32 rounding
+    assert 40.0 < d95 < 45.0 and abs(row["diff_Femur_L_D95%"]) < 1e-3
     assert row["dose_coverage_Femur_L"] == pytest.approx(11 / 17)
     assert "Femur_L" in row["coverage_flagged"] and row["dvh_method_Femur_L"] == "contour"
     # all DVH metrics reach the row: OAR D95/D2/D0.03cc/Dmax_point/V_xGy, target D99..D2, HI, CI

@@ -147,7 +147,9 @@ def test_phantom_and_benchmark_mains(tmp_path, tiny_npz):
     assert _finite([head["gamma_speedup_vs_pymedphys"], head["gamma_pass_pct_difference"]])
     crit = summary["gamma"]["criteria"]
     assert [c["criterion"] for c in crit] == ["3%/3mm global", "2%/2mm local"] and crit[1]["n_points"] > 0
-    assert len(summary["gamma"]["load_average_before"]) == 3
+    assert len(summary["gamma"]["load_average_before"]) == 3 and summary["gamma"]["cpu_threads"] == 1
+    assert all(c["torch_cpu_s"] > 0 and c["cpu_speedup"] > 0 for c in crit)
+    assert head["gamma_speedup_vs_pymedphys"] == min(c["speedup"] for c in crit)  # the worst ratio of the run
     assert summary["throughput"][0]["patches_per_s"] > 0
 
 
