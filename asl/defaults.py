@@ -133,7 +133,7 @@ DEFAULTS = {
         "snr": 5.0,  # test-set SNR used
         "max_phantoms": 0,  # 0 = all test phantoms (batched LS, network)
         "n_scipy_voxels": 400,  # voxels for scipy (per-voxel time extrapolated by the measured rate)
-        "repeats": 3,  # network timing repeats (best of)
+        "repeats": 3,  # timing repeats of every method (best of; the scipy fit too)
         "threads": 1,  # torch CPU threads for all three methods (scipy is single-threaded); 0 = unchanged
     },
     "runtime": {**RUNTIME_DEFAULTS,

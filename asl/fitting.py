@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from asl.physics import signal_curves, signal_jacobian
+from asl.physics import pcasl_buxton_full_grid_products, signal_curves, signal_jacobian
 
 FIT_DEFAULTS = {
     "cbf_bounds": [0.0, 200.0],  # ml/100g/min
@@ -53,29 +53,58 @@ def _to_params(params: Mapping | None, n: int, dtype, device) -> dict | None:
     return out
 
 
+def _grid_products(grid: torch.Tensor, physics: Mapping, params: Mapping, signals: torch.Tensor):
+    """⟨u, y⟩ and ⟨u, u⟩ (N, G) of each voxel's unit-CBF signal u on the ATT grid. When the only per-voxel parameter
+    is the tissue T1 of the full Buxton PCASL model (predict with GM/WM maps, asl.ls_inputs), the PCASL sums come
+    in closed form (asl.physics.pcasl_buxton_full_grid_products) and the VSASL part, independent of tissue T1, from
+    one table for the grid; otherwise the model is evaluated on (N, G) points."""
+    n, g = signals.shape[0], grid.numel()
+    if set(params) == {"t1_tissue_ms"} and physics["pcasl_model"] == "buxton_full":
+        num = torch.zeros((n, g), dtype=signals.dtype, device=signals.device)
+        den = torch.zeros_like(num)
+        first = 0
+        for mode in physics["modes"]:
+            y = signals[:, first:first + len(physics["plds_ms"])]
+            first += len(physics["plds_ms"])
+            if mode == "pcasl":
+                alpha = float(physics["alpha_pcasl"]) * float(physics["alpha_bs1"]) ** int(physics["n_bs_pcasl"])
+                plds = torch.as_tensor(list(physics["plds_ms"]), dtype=signals.dtype, device=signals.device)
+                nm, dn = pcasl_buxton_full_grid_products(grid, plds, float(physics["t1_blood_ms"]),
+                                                         float(physics["tau_ms"]), alpha,
+                                                         float(physics["lambda_blood"]), params["t1_tissue_ms"], y)
+            else:
+                unit = signal_curves(torch.ones_like(grid), grid, {**physics, "modes": [mode]})  # (G, C)
+                nm, dn = y @ unit.T, (unit * unit).sum(-1)[None, :]
+            num, den = num + nm, den + dn
+        return num, den
+    p = {k: v[:, None].expand(n, g) for k, v in params.items()}
+    unit = signal_curves(torch.ones((n, g), dtype=signals.dtype, device=signals.device), grid[None, :].expand(n, g),
+                         physics, p)  # (N, G, C)
+    return (unit * signals[:, None, :]).sum(-1), (unit * unit).sum(-1)
+
+
 @torch.no_grad()
 def grid_init(signals: torch.Tensor, physics: Mapping, params: Mapping | None = None,
               cfg: Mapping = FIT_DEFAULTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Best (CBF, ATT) on the ATT grid with the closed-form CBF per grid value. signals (N, C)."""
-    n = signals.shape[0]
     att_lo, att_hi = cfg["att_bounds_ms"]
     cbf_lo, cbf_hi = cfg["cbf_bounds"]
     grid = torch.linspace(att_lo, att_hi, int(cfg["att_grid_points"]), dtype=signals.dtype, device=signals.device)
-    g = grid.numel()
     if params is None:  # nominal physics: one (G, C) table of unit-CBF signals serves every voxel
         unit = signal_curves(torch.ones_like(grid), grid, physics)
         num = signals @ unit.T  # (N, G)
         den = (unit * unit).sum(-1)[None, :].clamp_min(1e-30)
     else:
-        p = {k: v[:, None].expand(n, g) for k, v in params.items()}
-        unit = signal_curves(torch.ones((n, g), dtype=signals.dtype, device=signals.device),
-                             grid[None, :].expand(n, g), physics, p)  # (N, G, C)
-        num = (unit * signals[:, None, :]).sum(-1)
-        den = (unit * unit).sum(-1).clamp_min(1e-30)
+        num, den = _grid_products(grid, physics, params, signals)
+        den = den.clamp_min(1e-30)
     cbf = (num / den).clamp(cbf_lo, cbf_hi)
     # ||c·u − y||² = c²⟨u,u⟩ − 2c⟨u,y⟩ + ⟨y,y⟩ (the ⟨y,y⟩ term is the same for every grid point).
     cost = cbf * cbf * den - 2 * cbf * num
-    best = cost.argmin(dim=1)
+    # The first grid point within rounding (1e-9 of the cost scale) of the least cost: where the cost is flat in ATT
+    # (short ATTs when every PLD is after the bolus), the exact argmin would depend on the summation order.
+    tol = 1e-9 * cost.abs().amax(dim=1, keepdim=True)
+    index = torch.arange(grid.numel(), device=grid.device).expand_as(cost)
+    best = torch.where(cost <= cost.amin(dim=1, keepdim=True) + tol, index, grid.numel()).amin(dim=1)
     return cbf.gather(1, best[:, None])[:, 0], grid[best]
 
 
@@ -89,46 +118,61 @@ def _lm_chunk(y: torch.Tensor, physics: Mapping, params: Mapping | None, cfg: Ma
     theta = torch.stack([cbf0, att0], dim=-1) / units
     n = y.shape[0]
 
-    def residual(th, idx):
-        return signal_curves(th[:, 0] * units[0], th[:, 1] * units[1], physics, _select(params, idx)) - y[idx]
+    def evaluate(th, y_, p_):  # residuals and Jacobian (scaled units) at th; the Jacobian of an accepted step is reused
+        sig, jac = signal_jacobian(th[:, 0] * units[0], th[:, 1] * units[1], physics, p_)
+        return sig - y_, jac * units
 
-    all_idx = torch.arange(n, device=y.device)
-    cost = (residual(theta, all_idx) ** 2).sum(-1)
-    mu = torch.full((n,), 1e-3, dtype=y.dtype, device=y.device)
+    # The loop works on compacted copies of the voxels still iterating (act: their positions); a voxel's result is
+    # written back when it converges, so each iteration touches only the active voxels once.
+    r, jac = evaluate(theta, y, params)
+    c = (r**2).sum(-1)
+    cost = c.clone()
+    m = torch.full((n,), 1e-3, dtype=y.dtype, device=y.device)
     converged = torch.zeros(n, dtype=torch.bool, device=y.device)
     n_iter = torch.zeros(n, dtype=torch.int64, device=y.device)
+    act, th, y_a, p_a, it = torch.arange(n, device=y.device), theta.clone(), y, params, n_iter.clone()
     eye_eps = 1e-12
     for _ in range(int(cfg["max_iter"])):
-        idx = (~converged).nonzero().flatten()
-        if idx.numel() == 0:
+        if act.numel() == 0:
             break
-        th = theta[idx]
-        sig, jac = signal_jacobian(th[:, 0] * units[0], th[:, 1] * units[1], physics, _select(params, idx))
-        r = sig - y[idx]
-        jac = jac * units  # d/dθ in scaled units
         g = (jac * r[..., None]).sum(-2)  # (n, 2)
         h = jac.transpose(-1, -2) @ jac  # (n, 2, 2)
-        m = mu[idx]
         a = h[:, 0, 0] * (1 + m) + eye_eps
         d = h[:, 1, 1] * (1 + m) + eye_eps
         b = h[:, 0, 1]
         det = a * d - b * b
         step = -torch.stack([d * g[:, 0] - b * g[:, 1], a * g[:, 1] - b * g[:, 0]], dim=-1) / det[:, None]
         new = torch.minimum(torch.maximum(th + step, lower), upper)
-        new_cost = (residual(new, idx) ** 2).sum(-1)
-        old_cost = cost[idx]
-        accept = new_cost < old_cost
+        new_r, new_jac = evaluate(new, y_a, p_a)
+        new_cost = (new_r**2).sum(-1)
+        accept = new_cost < c
         moved = (new - th).abs().max(dim=-1).values
-        small_gain = accept & ((old_cost - new_cost) <= float(cfg["ftol"]) * old_cost)
+        small_gain = accept & ((c - new_cost) <= float(cfg["ftol"]) * c)
         small_step = moved <= float(cfg["xtol"]) * (1 + th.abs().max(dim=-1).values)
-        done = (accept & (small_gain | small_step)) | (old_cost <= 1e-30)
-        theta[idx] = torch.where(accept[:, None], new, th)
-        cost[idx] = torch.where(accept, new_cost, old_cost)
-        mu[idx] = torch.where(accept, (m * 0.3).clamp_min(1e-12), (m * 10.0).clamp_max(1e12))
+        # A rejected step whose linear model predicts a relative decrease ≤ ftol: no step can gain more than the
+        # tolerance (the predicted-reduction test of MINPACK's LM; Moré 1978), instead of raising the damping until
+        # it explodes. Cost = ‖r‖², so the model's decrease for the step s is −(2 gᵀs + sᵀ H s).
+        s_ = new - th
+        predicted = -(2 * (g * s_).sum(-1) + (s_[:, :, None] * h * s_[:, None, :]).sum((-1, -2)))
+        flat = ~accept & (predicted >= 0) & (predicted <= float(cfg["ftol"]) * c)
+        # small_step also ends a rejected step: the damping has shrunk the step below xtol without a decrease (the
+        # step-bound test of MINPACK's LM), typically on a kink of the model in ATT.
+        done = (accept & small_gain) | small_step | flat | (c <= 1e-30)
+        th = torch.where(accept[:, None], new, th)
+        c = torch.where(accept, new_cost, c)
+        r = torch.where(accept[:, None], new_r, r)
+        jac = torch.where(accept[:, None, None], new_jac, jac)
+        m = torch.where(accept, (m * 0.3).clamp_min(1e-12), (m * 10.0).clamp_max(1e12))
         # A voxel whose damping has exploded without improvement sits at a (boundary) minimum.
-        done = done | (~accept & (mu[idx] >= 1e12))
-        converged[idx] = done
-        n_iter[idx] += 1
+        done = done | (~accept & (m >= 1e12))
+        it += 1
+        if bool(done.any()):
+            fin = act[done]
+            theta[fin], cost[fin], n_iter[fin], converged[fin] = th[done], c[done], it[done], True
+            keep = ~done
+            act, th, c, r, jac, m, it, y_a = (t[keep] for t in (act, th, c, r, jac, m, it, y_a))
+            p_a = _select(p_a, keep)
+    theta[act], cost[act], n_iter[act] = th, c, it  # not converged within max_iter
     est = theta * units
     return {"cbf": est[:, 0], "att": est[:, 1], "cost": cost, "converged": converged, "n_iter": n_iter}
 

@@ -171,6 +171,33 @@ def pcasl_buxton_full_jac(cbf, att_ms, plds_ms, t1b_ms, tau_ms, alpha_eff, lambd
     return pick(s_during, s_after), pick(dc_during, dc_after), pick(da_during, da_after)
 
 
+def pcasl_buxton_full_grid_products(att_grid_ms, plds_ms, t1b_ms, tau_ms, alpha_eff, lambda_blood, t1t_ms, signals):
+    """⟨u, y⟩ and ⟨u, u⟩ (both (N, G)) of the unit-CBF signal u of :func:`pcasl_buxton_full` on an ATT grid (G,),
+    PLDs (C,), per-voxel tissue T1 ``t1t_ms`` (N,) and signals y (N, C): the least-squares grid initialization's
+    sums, without forming u on (N, G, C). The model is separable: with T1' per voxel (CBF = 1),
+    e^(−(t − ATT)/T1') = e^(−t/T1') e^(ATT/T1') and e^(−(t − τ − ATT)/T1') = e^(−(t − τ)/T1') e^(ATT/T1'), so
+    u = a (1 − E_t g) while the bolus arrives (−τ < ATT − t ≤ 0) and u = a g (1 − e^(−τ/T1')) P_t after it, with
+    a = 2α k T1' e^(−ATT/T1b), g = e^(ATT/T1'), E_t = e^(−t/T1'), P_t = e^(−(t − τ)/T1'); the sums over t become
+    matrix products with the (G, C) branch masks. Same values as the direct sums to rounding. Scalars t1b_ms,
+    tau_ms, alpha_eff, lambda_blood; torch tensors."""
+    k = 1.0 / 6000.0 / lambda_blood / 1000.0  # f'/1000 at CBF 1, ms⁻¹
+    t1a = (1.0 / (1.0 / t1t_ms + k))[:, None]  # (N, 1)
+    att = att_grid_ms[None, :]  # (1, G)
+    t = tau_ms + plds_ms  # (C,)
+    phase = att[0][:, None] - t[None, :]  # (G, C): > 0 before the bolus arrives
+    during = ((phase <= 0) & (phase > -tau_ms)).to(signals.dtype)
+    after = (phase <= -tau_ms).to(signals.dtype)
+    grow = torch.exp(att / t1a)  # (N, G)
+    amp = 2.0 * alpha_eff * k * t1a * torch.exp(-att / t1b_ms)  # (N, G)
+    amp_after = amp * grow * (1.0 - torch.exp(-tau_ms / t1a))
+    e_t = torch.exp(-t / t1a)  # (N, C)
+    p_t = torch.exp(-(t - tau_ms) / t1a)
+    num = amp * (signals @ during.T - grow * ((e_t * signals) @ during.T)) + amp_after * ((p_t * signals) @ after.T)
+    den = (amp * amp * (during.sum(1) - 2.0 * grow * (e_t @ during.T) + grow * grow * ((e_t * e_t) @ during.T))
+           + amp_after * amp_after * ((p_t * p_t) @ after.T))
+    return num, den
+
+
 def vsasl_multiverse(cbf, att_ms, plds_ms, t1b_ms, alpha_eff, lambda_blood):
     """VSASL ΔM/M0 (MULTIVERSE): (2 α2 f/λ)(min(PLD, ATT)/1000) exp(−PLD/T1b)."""
     xp = _xp(cbf)

@@ -341,8 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     if models:
         sidecar["network"] = {"checkpoint": str(args.checkpoint), "n_models": len(models),
                               "physics": prep["physics"], "protocol_range": prep.get("protocol_range"),
-                              "uncertainty": f"MC dropout {int(cfg['validate']['mc_dropout_samples'])} passes "
-                                             f"+ log-variance heads"}
+                              "uncertainty": "log-variance heads + member disagreement" if "protocol_range" in prep
+                              else f"MC dropout {int(cfg['validate']['mc_dropout_samples'])} passes + log-variance heads"}
     write_text_atomic(out_dir / "maps.json", json.dumps(sidecar, indent=2, default=str))
     figures = []
     if pcfg["qc_figure"]:

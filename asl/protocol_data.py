@@ -145,7 +145,7 @@ def validation_items(brain_cfg, phantom_cfg, proto_cfg, train_cfg) -> dict:
     return {k: torch.from_numpy(np.stack([np.asarray(it[k]) for it in items])) for k in items[0]}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np.ndarray | None, stats: Mapping,
                    device="cpu", batch_slices: int = 8, mask: np.ndarray | None = None,
                    fit_cfg: Mapping | None = None) -> dict:
@@ -176,35 +176,42 @@ def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np
     k = models[0].k
     mult = 2 ** (len(models[0].features) - 1)
     ph, pw = (-nx) % mult, (-ny) % mult
+    x_all = torch.nn.functional.pad(torch.from_numpy(x_full).to(device), (0, pw, 0, ph))
+    w_all = torch.nn.functional.pad(torch.from_numpy(w_full).to(device), (0, pw, 0, ph), value=1.0)
+    ls_all = None
+    if ls_full is not None:
+        ls_all = torch.nn.functional.pad(torch.from_numpy(ls_full).to(device), (0, pw, 0, ph))
+        ls_all[..., nx:, :][:, 2:4] = LN_VAR_INVALID
+        ls_all[..., :, ny:][:, 2:4] = LN_VAR_INVALID
     out = {key: np.zeros((nz, nx, ny)) for key in ("cbf", "att", "cbf_var", "att_var")}
-    for start in range(0, nz, batch_slices):
-        zs = list(range(start, min(nz, start + batch_slices)))
-        idx = np.clip(np.array(zs)[:, None] + np.arange(k)[None] - k // 2, 0, nz - 1)
-        x = torch.from_numpy(x_full[idx]).to(device)
-        w = torch.from_numpy(w_full[idx]).to(device)
-        x = torch.nn.functional.pad(x, (0, pw, 0, ph))
-        w = torch.nn.functional.pad(w, (0, pw, 0, ph), value=1.0)
-        n = len(zs)
-        extra = {}
-        if ls_full is not None:
-            ls = torch.nn.functional.pad(torch.from_numpy(ls_full[idx]).to(device), (0, pw, 0, ph))
-            ls[..., nx:, :][:, :, 2:4] = LN_VAR_INVALID
-            ls[..., :, ny:][:, :, 2:4] = LN_VAR_INVALID
-            extra["ls"] = ls
-        inputs = {"x": x, "gm_weight": w, "s_ref": s_ref.expand(n).to(device), **extra,
-                  **{key: v.expand(n, *v.shape[1:]) for key, v in arrays.items()}}
-        preds = []
-        for model in models:
-            model.eval()
-            o = model(inputs)
-            cbf = o["cbf"][:, 0, :nx, :ny] * stats["cbf_std"] + stats["cbf_mean"]
-            att = o["att"][:, 0, :nx, :ny] * stats["att_std"] + stats["att_mean"]
-            var_c = torch.exp(o["log_var_cbf"][:, 0, :nx, :ny].clamp(-20, 20)) * stats["cbf_std"] ** 2
-            var_a = torch.exp(o["log_var_att"][:, 0, :nx, :ny].clamp(-20, 20)) * stats["att_std"] ** 2
-            preds.append((cbf, att, var_c, var_a))
-        stack = [torch.stack(p) for p in zip(*preds)]
-        out["cbf"][zs] = stack[0].mean(0).cpu().numpy()
-        out["att"][zs] = stack[1].mean(0).cpu().numpy()
-        out["cbf_var"][zs] = (stack[2].mean(0) + stack[0].var(0, unbiased=False)).cpu().numpy()
-        out["att_var"][zs] = (stack[3].mean(0) + stack[1].var(0, unbiased=False)).cpu().numpy()
+    sums = {key: torch.zeros((nz, nx, ny), dtype=torch.float64, device=device)
+            for key in ("cbf", "att", "var_c", "var_a", "cbf2", "att2")}
+    for model in models:
+        model.eval()
+        # Each slice is encoded once (steps 1-2 of asl.protocol_net), then every window of K slices decoded.
+        parts = []
+        for start in range(0, nz, batch_slices):
+            xs, ws = x_all[start:start + batch_slices], w_all[start:start + batch_slices]
+            n = xs.shape[0]
+            parts.append(model.encode_slices(xs, ws, {key: v.expand(n, *v.shape[1:]) for key, v in arrays.items()},
+                                             s_ref.expand(n).to(device)))
+        feats = torch.cat(parts)
+        for start in range(0, nz, batch_slices):
+            zs = list(range(start, min(nz, start + batch_slices)))
+            idx = torch.from_numpy(np.clip(np.array(zs)[:, None] + np.arange(k)[None] - k // 2, 0, nz - 1)).to(device)
+            o = model.decode(feats[idx], None if ls_all is None else ls_all[idx])
+            cbf = (o["cbf"][:, 0, :nx, :ny] * stats["cbf_std"] + stats["cbf_mean"]).double()
+            att = (o["att"][:, 0, :nx, :ny] * stats["att_std"] + stats["att_mean"]).double()
+            sums["cbf"][zs] += cbf
+            sums["att"][zs] += att
+            sums["cbf2"][zs] += cbf * cbf
+            sums["att2"][zs] += att * att
+            sums["var_c"][zs] += torch.exp(o["log_var_cbf"][:, 0, :nx, :ny].clamp(-20, 20)).double() * stats["cbf_std"] ** 2
+            sums["var_a"][zs] += torch.exp(o["log_var_att"][:, 0, :nx, :ny].clamp(-20, 20)).double() * stats["att_std"] ** 2
+    n_models = len(models)
+    for key, var_key, sq in (("cbf", "var_c", "cbf2"), ("att", "var_a", "att2")):
+        mean = sums[key] / n_models
+        # log-variance heads averaged plus the members' disagreement (population variance over the ensemble)
+        out[key] = mean.cpu().numpy()
+        out[f"{key}_var"] = (sums[var_key] / n_models + (sums[sq] / n_models - mean * mean).clamp_min(0)).cpu().numpy()
     return {key: np.moveaxis(v, 0, 2) for key, v in out.items()}

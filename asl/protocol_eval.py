@@ -45,6 +45,32 @@ def _fit(signals: np.ndarray, mask: np.ndarray, physics: dict, t1: np.ndarray | 
     return out
 
 
+def held_out_subjects(tcfg: dict, brain_cfg: dict, phantom_cfg: dict, n: int | None = None) -> list[dict]:
+    """The first ``n`` (default brain_test.n_subjects) held-out subjects of the ``brain_test.seed`` family."""
+    return [generate_brain(item_seed(int(tcfg["seed"]), i), brain_cfg, phantom_cfg)
+            for i in range(int(tcfg["n_subjects"]) if n is None else int(n))]
+
+
+def gm_weight(subject: dict) -> np.ndarray:
+    """GM / (GM + WM) of a subject's partial volumes (1 where neither tissue is present): the network's GM weight."""
+    tissue = subject["gm"] + subject["wm"]
+    return np.where(tissue > 1e-6, subject["gm"] / np.maximum(tissue, 1e-6), 1.0)
+
+
+def noisy_signals(subject: dict, physics: dict, snr: float, seed: int, index: int) -> np.ndarray:
+    """ΔM/M0 (X, Y, Z, M) of a test subject under ``physics`` (macrovascular term included) plus Gaussian noise
+    σ = S_ref / SNR, the noise drawn from (seed, index, SNR)."""
+    protocol = protocol_from_physics(physics)
+    arrays = {k: torch.from_numpy(np.asarray(v))[None].double() for k, v in protocol_arrays(protocol).items()}
+    s_ref = float(reference_scale(arrays))
+    m = len(protocol["modes"]) * len(protocol["plds_ms"])
+    t = {key: torch.from_numpy(subject[key]).double()[None] for key in ("cbf", "att", "t1_tissue_ms", "abv", "aatt_ms")}
+    clean = protocol_signals(t["cbf"], t["att"], t["t1_tissue_ms"], arrays, t["abv"], t["aatt_ms"])
+    clean = np.moveaxis(clean[0, :m].numpy(), 0, -1)
+    rng = np.random.default_rng([int(seed), int(index), int(snr * 1000)])
+    return clean + rng.standard_normal(clean.shape) * s_ref / snr
+
+
 def _pooled(err_sums: np.ndarray, counts: np.ndarray, idx: np.ndarray) -> float:
     return float(err_sums[idx].sum() / max(counts[idx].sum(), 1))
 
@@ -61,8 +87,7 @@ def evaluate_protocol_model(models, prep: dict, cfg: dict, log) -> dict:
     """Rows (one per protocol × SNR × method × parameter × tissue) and the headline comparison."""
     tcfg, stats = cfg["brain_test"], prep["target_stats"]
     brain_cfg = prep.get("brain", cfg["brain"])
-    subjects = [generate_brain(item_seed(int(tcfg["seed"]), i), brain_cfg, cfg["phantom"])
-                for i in range(int(tcfg["n_subjects"]))]
+    subjects = held_out_subjects(tcfg, brain_cfg, cfg["phantom"])
     tissues = lambda s: {"gm": s["label"] == LABELS["gm"], "wm": s["label"] == LABELS["wm"], "brain": s["mask"]}  # noqa: E731
     rows, headline = [], {}
     fit_cfg = prep.get("fit", cfg["fit"])
@@ -70,22 +95,13 @@ def evaluate_protocol_model(models, prep: dict, cfg: dict, log) -> dict:
     for entry in tcfg["protocols"]:
         physics = protocol_physics(entry, prep["physics"])
         protocol = protocol_from_physics(physics)
-        arrays = {k: torch.from_numpy(np.asarray(v))[None].double() for k, v in protocol_arrays(protocol).items()}
-        s_ref = float(reference_scale(arrays))
-        m = len(protocol["modes"]) * len(protocol["plds_ms"])
         for snr in tcfg["snrs"]:
             snr = float(snr)
             # per method, parameter, tissue: per-subject sums of |error| and of error, and voxel counts
             acc: dict = {}
             for si, subj in enumerate(subjects):
-                t = {key: torch.from_numpy(subj[key]).double()[None] for key in ("cbf", "att", "t1_tissue_ms", "abv",
-                                                                                   "aatt_ms")}
-                clean = protocol_signals(t["cbf"], t["att"], t["t1_tissue_ms"], arrays, t["abv"], t["aatt_ms"])
-                clean = np.moveaxis(clean[0, :m].numpy(), 0, -1)  # (X, Y, Z, M)
-                rng = np.random.default_rng([int(tcfg["seed"]), si, int(snr * 1000)])
-                noisy = clean + rng.standard_normal(clean.shape) * s_ref / snr
-                tissue = subj["gm"] + subj["wm"]
-                gm_w = np.where(tissue > 1e-6, subj["gm"] / np.maximum(tissue, 1e-6), 1.0)
+                noisy = noisy_signals(subj, physics, snr, int(tcfg["seed"]), si)
+                gm_w = gm_weight(subj)
                 est = {}
                 for name, weight in (("nn", gm_w), ("nn_no_pv", None)):
                     maps = predict_volume(models, noisy.astype(np.float32), protocol, weight, stats, device=device,

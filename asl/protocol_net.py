@@ -25,6 +25,8 @@ Per slice and voxel:
    inverse-variance weighting of two independent unbiased estimates (minimum-variance linear combination;
    e.g. Kay, Fundamentals of Statistical Signal Processing I, 1993). The two estimates see the same noise and
    LS is biased at low SNR, so Δ learns where that weighting is off. Where the fit is invalid g = 0.
+Steps 1-2 depend on one slice only (:meth:`ProtocolASLNet.encode_slices`), steps 3-4 on a window of K slices
+(:meth:`ProtocolASLNet.decode`): whole-volume inference (asl.protocol_data.predict_volume) encodes each slice once.
 """
 
 from __future__ import annotations
@@ -125,33 +127,55 @@ class ProtocolASLNet(nn.Module):
         return pooled.permute(0, 3, 1, 2)
 
     # ------------------------------------------------------------------------------------- forward
+    def encode_slices(self, x: torch.Tensor, w: torch.Tensor, proto: dict, s_ref: torch.Tensor) -> torch.Tensor:
+        """Per-slice features (steps 1-2), independent of the neighbouring slices: x (N, M, H, W) ÷ S_ref, w (N, H, W)
+        GM weight, protocol tensors and s_ref with a leading N → (N, set_features + 3, H, W) = [set features, grid
+        CBF/50, grid (ATT − 1500)/1000, GM weight]. The set encoder runs only on measurements valid in some slice
+        (padding is excluded from its mean, so the result is the same); the grid sums keep every slot, so that their
+        float32 rounding, which decides near-ties of the grid argmin in noisy voxels, stays as trained."""
+        proto = {key: proto[key].float() for key in PROTOCOL_KEYS}
+        s_ref = s_ref.float()
+        n = x.shape[0]
+        u_gm, u_wm = self.unit_tables(proto, s_ref)
+        # Expected GM signal per measurement (÷ S_ref): the reference voxel's curve, a shape cue for the encoder.
+        ref = protocol_signals(torch.full((n,), 60.0, device=x.device), torch.full((n,), 1300.0, device=x.device),
+                               T1_GM_MS, proto) / s_ref[:, None]
+        grid = self.grid_estimates(x, w, u_gm, u_wm)
+        keep = proto["valid"].amax(0) > 0.5
+        if not bool(keep.all()):
+            x, ref = x[:, keep], ref[:, keep]
+            proto = {key: (v[:, keep] if v.ndim == 2 else v) for key, v in proto.items()}
+        sets = self.measurement_features(x, proto, ref)
+        return torch.cat([sets, grid, w[:, None]], dim=1)
+
     def forward(self, inputs: dict) -> dict:
         x = inputs["x"].float()  # (B, K, M, H, W)
         b, k, m, h, w = x.shape
         if k != self.k:
             raise ValueError(f"the network takes {self.k} context slices, got {k}")
-        proto = {key: inputs[key].float() for key in PROTOCOL_KEYS}
-        s_ref = inputs["s_ref"].float()
-        u_gm, u_wm = self.unit_tables(proto, s_ref)
-        # Expected GM signal per measurement (÷ S_ref): the reference voxel's curve, a shape cue for the encoder.
-        ref = protocol_signals(torch.full((b,), 60.0, device=x.device), torch.full((b,), 1300.0, device=x.device),
-                               T1_GM_MS, proto) / s_ref[:, None]
-        xs, ws = x.reshape(b * k, m, h, w), inputs["gm_weight"].float().reshape(b * k, h, w)
         rep = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 (per-sample → per-slice)
-        grid = self.grid_estimates(xs, ws, rep(u_gm), rep(u_wm))
-        sets = self.measurement_features(xs, {key: rep(v) for key, v in proto.items()}, rep(ref))
-        per_slice = torch.cat([sets, grid, ws[:, None]], dim=1).reshape(b, -1, h, w)
-        feat = self.decoder(self.encoder(per_slice))
+        feats = self.encode_slices(x.reshape(b * k, m, h, w), inputs["gm_weight"].float().reshape(b * k, h, w),
+                                   {key: rep(inputs[key]) for key in PROTOCOL_KEYS}, rep(inputs["s_ref"]))
+        return self.decode(feats.reshape(b, k, -1, h, w), inputs.get("ls"))
+
+    def decode(self, slab: torch.Tensor, ls: torch.Tensor | None = None) -> dict:
+        """Steps 3-4 from the K slices' :meth:`encode_slices` features slab (B, K, set_features + 3, H, W) and, for
+        ``ls_inputs``, the LS channels ``ls`` (B, K, 5, H, W). Returns the outputs of :meth:`forward`."""
+        b, k, c, h, w = slab.shape
+        if k != self.k:
+            raise ValueError(f"the network takes {self.k} context slices, got {k}")
+        feat = self.decoder(self.encoder(slab.reshape(b, k * c, h, w)))
         cbf_out, att_out = self.cbf_head(feat), self.att_head(feat)
         n = self.kernel**2
         weights = torch.softmax(cbf_out[:, :n], dim=1)
-        grid_cbf = grid.reshape(b, k, 2, h, w)[:, k // 2, :1] * 50.0  # centre slice, ml/100g/min
+        grid_cbf = slab[:, k // 2, c - 3:c - 2] * 50.0  # centre slice's grid CBF, ml/100g/min
         patches = F.unfold(grid_cbf, self.kernel, padding=self.kernel // 2).view(b, n, h, w)
         cbf_phys = (weights * patches).sum(1, keepdim=True) * (1 + cbf_out[:, n:n + 1]) + 10.0 * cbf_out[:, n + 1:n + 2]
         out = {"cbf": (cbf_phys - self.cbf_mean) / self.cbf_std, "att": att_out[:, :1]}
         if self.ls_inputs:
-            out.update(self.blend_with_ls(out, feat, inputs["ls"].float()[:, k // 2], cbf_out[:, n + 2:n + 3],
-                                          att_out[:, 1:2]))
+            if ls is None:
+                raise ValueError("this network blends with least squares: inputs need 'ls' (asl.ls_inputs)")
+            out.update(self.blend_with_ls(out, feat, ls.float()[:, k // 2], cbf_out[:, n + 2:n + 3], att_out[:, 1:2]))
         if self.use_log_var:
             out["log_var_cbf"] = cbf_out[:, n + 2:n + 3]
             out["log_var_att"] = att_out[:, 1:2]

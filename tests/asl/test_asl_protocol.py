@@ -23,13 +23,12 @@ from asl.protocol import (
     protocol_signals,
     reference_scale,
 )
-from asl.protocol_eval import METHODS, _fit, protocol_physics
+from asl.protocol_eval import METHODS, _fit, held_out_subjects, protocol_physics
 from asl.ls_inputs import ls_input_channels, nominal_physics, tissue_t1_from_gm_weight
 from asl.protocol_data import ls_slab_inputs, predict_volume
 from asl.protocol_net import ProtocolASLNet
 from asl.pvc import linear_regression_pvc
 from asl.synthetic_subject import write_synthetic_subject
-from common.checkpoint import CheckpointError
 from common.config import load_config
 
 SMOKE = ["--config", "configs/asl/protocol_smoke.yaml", "--device", "cpu"]
@@ -165,10 +164,45 @@ def test_predict_reads_the_data_protocol_and_refuses_one_outside_the_range(proto
     assert not (tmp_path / "p9").exists()
 
 
-def test_benchmark_refuses_a_protocol_network(protocol_run, tmp_path):
+def test_benchmark_times_a_protocol_network_as_predict_runs_it(protocol_run, tmp_path):
     out, _ = protocol_run
-    with pytest.raises(CheckpointError, match="protocol-conditioned network"):
-        benchmark_asl.main(["--checkpoint", str(out), *SMOKE, "--output-dir", str(tmp_path / "b")])
+    bench = benchmark_asl.main(["--checkpoint", str(out), *SMOKE, "--set", "benchmark.n_scipy_voxels=30",
+                                "--set", "benchmark.repeats=1", "--output-dir", str(tmp_path / "b")])
+    subject = held_out_subjects(CFG["brain_test"], CFG["brain"], CFG["phantom"], n=1)[0]
+    assert bench["kind"] == "protocol_conditioned" and bench["voxels"] == int(subject["mask"].sum())
+    assert bench["ls_model"] == "buxton_full" and bench["ls_tissue_t1_map"]
+    assert all(np.isfinite(v) and v > 0 for v in bench["rates"].values())
+    assert bench["ratios"]["nn_vs_batched_ls"] == pytest.approx(
+        bench["rates"]["nn_voxels_per_s"] / bench["rates"]["batched_ls_voxels_per_s"])
+    assert set(bench["coverage_95"]) >= {"nn_cbf", "nn_att", "ls_crlb_cbf"}
+    assert all(0.0 <= v <= 1.0 for v in bench["coverage_95"].values())
+    assert bench["agreement"]["share_batched_cost_le_scipy"] >= 0.9
+    assert "before" in bench["load_average_1min"]
+
+
+def test_predict_volume_encodes_each_slice_once_and_matches_the_network_on_windows():
+    """predict_volume encodes every slice once and decodes each window of K slices: the same maps as calling the
+    network on each window (edge slices repeated)."""
+    torch.manual_seed(0)
+    net = ProtocolASLNet(context_slices=3, set_features=8, features=[8, 16], n_groups=4, cbf_mean=40, cbf_std=20,
+                         att_mean=1500, att_std=400).eval()
+    protocol = protocol_from_physics(PCASL_5PLD)
+    arrays = {k: torch.from_numpy(np.asarray(v))[None] for k, v in protocol_arrays(protocol).items()}
+    s_ref = reference_scale(arrays)
+    rng = np.random.default_rng(0)
+    signals = (rng.uniform(0, 2, (8, 8, 5, 5)) * float(s_ref)).astype(np.float32)
+    weight = rng.uniform(0, 1, (8, 8, 5)).astype(np.float32)
+    stats = {"cbf_mean": 40.0, "cbf_std": 20.0, "att_mean": 1500.0, "att_std": 400.0}
+    maps = predict_volume([net], signals, protocol, weight, stats, batch_slices=2)
+    x_all = torch.zeros(5, arrays["valid"].shape[1], 8, 8)
+    x_all[:, :5] = torch.from_numpy(np.moveaxis(signals, (2, 3), (0, 1))) / s_ref
+    w_all = torch.from_numpy(np.moveaxis(weight, 2, 0))
+    for z in range(5):
+        idx = np.clip(np.arange(z - 1, z + 2), 0, 4)
+        with torch.no_grad():
+            out = net({"x": x_all[idx][None], "gm_weight": w_all[idx][None], "s_ref": s_ref, **arrays})
+        assert np.allclose(maps["cbf"][..., z], out["cbf"][0, 0].numpy() * 20 + 40, atol=1e-4)
+        assert np.allclose(maps["att"][..., z], out["att"][0, 0].numpy() * 400 + 1500, atol=1e-3)
 
 
 def test_linear_regression_pvc_recovers_two_compartments():

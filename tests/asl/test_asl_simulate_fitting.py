@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from asl.fitting import FIT_DEFAULTS, fit_batched, fit_scipy, grid_init
-from asl.physics import PHYSICS_DEFAULTS, noise_sigma, signal_curves_np
+from asl.physics import PHYSICS_DEFAULTS, noise_sigma, signal_curves, signal_curves_np
 from asl.simulate import (
     LABELS,
     PHANTOM_DEFAULTS,
@@ -115,6 +115,32 @@ def test_batched_ls_agrees_with_scipy():
     # Where they differ, the batched fit found a lower cost (scipy stopped at a kink of the piecewise model).
     differ = both & (np.abs(b["cbf"] - s["cbf"]) >= 0.1)
     assert np.all(b["cost"][differ] <= s["cost"][differ] * (1 + 1e-6))
+
+
+def test_grid_products_with_a_tissue_t1_map_equal_the_direct_sums():
+    """The closed-form grid sums of the full Buxton model with a T1 per voxel (and a VSASL part) equal the sums of
+    the unit-CBF signals evaluated point by point."""
+    from asl.fitting import _grid_products
+
+    physics = {**PH, "pcasl_model": "buxton_full", "plds_ms": [500.0, 1000.0, 1800.0, 2300.0, 3000.0]}
+    rng = np.random.default_rng(3)
+    t1 = torch.from_numpy(rng.uniform(800, 1400, 30))
+    y = torch.from_numpy(rng.uniform(-1e-3, 1e-2, (30, 10)))
+    grid = torch.linspace(100.0, 4000.0, 40, dtype=torch.float64)
+    num, den = _grid_products(grid, physics, {"t1_tissue_ms": t1}, y)
+    unit = signal_curves(torch.ones(30, 40, dtype=torch.float64), grid[None].expand(30, 40), physics,
+                         {"t1_tissue_ms": t1[:, None].expand(30, 40)})
+    assert torch.allclose(num, (unit * y[:, None]).sum(-1), rtol=1e-9, atol=1e-18)
+    assert torch.allclose(den, (unit * unit).sum(-1), rtol=1e-9, atol=1e-20)
+
+
+def test_grid_init_breaks_near_ties_towards_the_shortest_att():
+    """Where the cost is flat in ATT to rounding, the first (shortest) such grid ATT is chosen."""
+    physics = {**PH, "modes": ["pcasl"]}
+    grid_cfg = {**FIT_DEFAULTS, "att_grid_points": 40}
+    y = torch.zeros(3, len(physics["plds_ms"]), dtype=torch.float64)  # zero signal: every ATT fits with CBF 0
+    cbf, att = grid_init(y, physics, None, grid_cfg)
+    assert torch.all(cbf == 0) and torch.all(att == FIT_DEFAULTS["att_bounds_ms"][0])
 
 
 def test_noise_free_fit_recovers_truth_with_oracle_physics():
