@@ -140,6 +140,8 @@ def load_case(path: str | Path, require_dose: bool = True) -> dict:
                 raise CaseFileError(f"{path}: 'rtdose_gy' needs key '{key}' with 3 values (z, y, x mm)")
         if out["rtdose_gy"].ndim != 3 or not np.all(np.asarray(out["rtdose_spacing_mm"]) > 0):
             raise CaseFileError(f"{path}: key 'rtdose_gy' must be 3D with positive 'rtdose_spacing_mm'")
+        if not np.all(np.isfinite(out["rtdose_gy"])):
+            raise CaseFileError(f"{path}: key 'rtdose_gy' contains NaN or infinite values")
     out["structure_names"] = [str(n) for n in out["structure_names"]]
     out["meta"] = json.loads(str(out["meta_json"])) if "meta_json" in out else {}
     out["case_id"] = out["meta"].get("case_id", path.stem)
@@ -147,14 +149,25 @@ def load_case(path: str | Path, require_dose: bool = True) -> dict:
     return out
 
 
-def load_prediction(path: str | Path, expected_shape: tuple | None = None) -> dict:
-    """A predicted-dose NPZ: ``dose`` (Gy) required, ``dose_std`` optional; shape checked."""
+def load_prediction(path: str | Path, expected_shape: tuple | None = None, expected_grid: tuple | None = None,
+                    tolerance_mm: float = 1e-3) -> dict:
+    """A predicted-dose NPZ: ``dose`` (Gy) required, ``dose_std`` optional; shape checked, and with
+    ``expected_grid`` ((spacing, origin) (z, y, x) mm of the reference case) the prediction's own
+    ``spacing_mm`` / ``origin_mm`` where it stores them (predict_vmat.py does): a dose of the right shape on
+    another grid is refused, not scored voxel by voxel against the wrong anatomy."""
     out = _read_npz(path)
     if "dose" not in out:
         raise CaseFileError(f"{path}: missing key 'dose' (predicted dose in Gy); found {sorted(out)}")
     if expected_shape is not None and tuple(out["dose"].shape) != tuple(expected_shape):
         raise CaseFileError(f"{path}: key 'dose' has shape {out['dose'].shape}, the reference case has "
                             f"{tuple(expected_shape)}")
+    for key, expected in zip(("spacing_mm", "origin_mm"), expected_grid or ()):
+        if key in out:
+            got, want = np.asarray(out[key], np.float64).ravel(), np.asarray(expected, np.float64).ravel()
+            if got.shape != want.shape or np.max(np.abs(got - want)) > tolerance_mm:
+                raise CaseFileError(f"{path}: key '{key}' is {got.tolist()} (z, y, x mm), the reference case has "
+                                    f"{want.tolist()}: the prediction is on another grid (resample it onto the "
+                                    "case's CT grid first)")
     if not np.all(np.isfinite(out["dose"])):
         raise CaseFileError(f"{path}: key 'dose' contains NaN or infinite values")
     return out

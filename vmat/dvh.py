@@ -21,7 +21,8 @@ Which copy of the reference dose is sampled (``reference_dose``): ``rtdose`` (de
 its own grid, as clinical DVH tools do, where the case carries it (NPZ ``rtdose_gy``); ``ct_grid`` reads the
 copy resampled onto the CT grid. Interpolating that copy again smooths the dose a second time: at the steep
 edge of a target it lowered PTV70 D99 by 0.6-0.7 Gy (synthetic patients, vmat/README.md). A
-predicted dose lives on the CT grid and is always read there.
+predicted dose lives on the CT grid and is always read there; its errors are therefore measured against
+the reference read there too (vmat.evaluation: ``diff_*``, ``refgrid_gap_*``).
 
 Definitions over samples with volumes w_i (sorted by dose, descending):
 - cumulative DVH V(d) = volume with dose ≥ d / total volume;

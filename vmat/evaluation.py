@@ -3,7 +3,16 @@ constraints, OpenKBP terms. Used by validate_vmat.py and by training's whole-vol
 
 Only voxels where the reference dose is known count (the NPZ ``dose_valid_mask``: inside the RTDOSE
 grid): MAE, gamma pass rates, DVHs, constraints and the dose score leave the others out, and each
-structure's covered fraction is reported (``dose_coverage_<name>``, ``coverage_flagged``)."""
+structure's covered fraction is reported (``dose_coverage_<name>``, ``coverage_flagged``).
+
+Two readings of the reference dose (vmat.dvh.reference_dose): ``ref_*`` DVH metrics and
+``constraints_pass_pct_ref`` read the RTDOSE on its own grid where the case carries it (the clinical values;
+``dvh_reference_grid`` says which grid was read, ``ct_grid`` for caches without ``rtdose_gy``). A prediction
+lives on the CT grid, so its errors (``diff_*`` = ``pred_*`` minus the reference read on the CT grid, and
+``constraints_agree_pct``) compare it with the reference read there: the best possible CT-grid prediction,
+the reference's own CT-grid copy, scores 0. The gap between the two readings is the CT-grid resampling's
+own loss (``refgrid_gap_<name>_<metric>``, RTDOSE reading minus CT-grid reading; a few Gy at steep target
+edges on coarse grids, vmat/README.md), which no CT-grid model can remove."""
 
 from __future__ import annotations
 
@@ -132,25 +141,35 @@ def evaluate_case(case: Mapping, prediction: np.ndarray, gamma_cfg: Mapping = GA
             for region, mask in regions.items():
                 row[f"{key}_{region}_pass_pct"] = pass_rate(gamma, mask)
             row[f"{key}_mean"] = float(np.nanmean(gamma)) if np.isfinite(gamma).any() else float("nan")
-    # once per dose and structure; the reference read on its own RTDOSE grid where the case has it
-    ref_dvhs, pred_dvhs = dose_dvhs(samples, *reference_dose(case, dvh_cfg)), dose_dvhs(samples, pred)
+    # once per dose and structure: the reference read on its own RTDOSE grid where the case has it (clinical
+    # values), and on the CT grid, the prediction's grid, for the prediction's errors (module docstring)
+    ref_dose, ref_grid = reference_dose(case, dvh_cfg)
+    row["dvh_reference_grid"] = "ct_grid" if ref_grid is None else "rtdose"
+    ref_dvhs, pred_dvhs = dose_dvhs(samples, ref_dose, ref_grid), dose_dvhs(samples, pred)
+    same_dvhs = ref_dvhs if ref_grid is None else dose_dvhs(samples, ref)
     kw_dvh = {"samples": samples, "valid": valid, "v_gy": list(dvh_cfg["v_gy"])}
     dvh_ref = structure_metrics(ref, masks, names, target_doses, spacing, body, dvhs=ref_dvhs, **kw_dvh)
+    dvh_same = dvh_ref if ref_grid is None else structure_metrics(ref, masks, names, target_doses, spacing, body,
+                                                                   dvhs=same_dvhs, **kw_dvh)
     dvh_pred = structure_metrics(pred, masks, names, target_doses, spacing, body, dvhs=pred_dvhs, **kw_dvh)
     row.update(_flat_dvh("ref", dvh_ref))
     row.update(_flat_dvh("pred", dvh_pred))
-    for name, metrics in dvh_ref.items():
+    for name, metrics in dvh_same.items():
         for metric, value in metrics.items():
             if metric != "volume_cc":
                 row[f"diff_{name}_{metric}"] = dvh_pred[name][metric] - value
-        row[f"volume_cc_{name}"] = metrics["volume_cc"]
+                if ref_grid is not None:
+                    row[f"refgrid_gap_{name}_{metric}"] = dvh_ref[name][metric] - value
+        row[f"volume_cc_{name}"] = dvh_ref[name]["volume_cc"]
         row[f"dvh_method_{name}"] = samples[name].method
     cons_ref = check_constraints(ref, masks, names, constraints, target_doses, rx, spacing, samples, valid, ref_dvhs)
+    cons_same = cons_ref if ref_grid is None else check_constraints(ref, masks, names, constraints, target_doses, rx,
+                                                                     spacing, samples, valid, same_dvhs)
     cons_pred = check_constraints(pred, masks, names, constraints, target_doses, rx, spacing, samples, valid, pred_dvhs)
     if cons_ref:
         row["constraints_pass_pct_ref"] = 100.0 * np.mean([c["passed"] for c in cons_ref])
         row["constraints_pass_pct_pred"] = 100.0 * np.mean([c["passed"] for c in cons_pred])
-        row["constraints_agree_pct"] = 100.0 * np.mean([a["passed"] == b["passed"] for a, b in zip(cons_ref, cons_pred)])
+        row["constraints_agree_pct"] = 100.0 * np.mean([a["passed"] == b["passed"] for a, b in zip(cons_same, cons_pred)])
         for rule in cons_pred:
             row[f"constraint_{rule['structure']}_{rule['metric']}_pred_pass"] = int(rule["passed"])
     row["openkbp_dose_score"] = openkbp_dose_score(np.where(valid, ref, 0.0), np.where(valid, pred, 0.0), body) \

@@ -80,7 +80,8 @@ def dvh_curves(path_stem: str | Path, reference: np.ndarray, prediction: np.ndar
     """Cumulative DVHs: reference solid, prediction dashed (``extra``: {label: dose} dotted). With
     ``samples`` ({name: vmat.dvh.StructureSamples}) the curves are those of the metrics (sub-voxel);
     ``reference_grid``: (reference dose, its grid) as vmat.dvh.reference_dose returns, read by the
-    sub-voxel curves instead of ``reference`` (the RTDOSE on its own grid)."""
+    sub-voxel curves instead of ``reference`` (the RTDOSE on its own grid); ``reference`` is then drawn thin,
+    the CT-grid reading the prediction's DVH errors are measured against (vmat.evaluation)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     top = float(max(reference.max(), prediction.max())) * 1.05
     edges = np.arange(0.0, top + 0.25, 0.25)
@@ -97,6 +98,8 @@ def dvh_curves(path_stem: str | Path, reference: np.ndarray, prediction: np.ndar
                 return edges, samples[name].dvh(dose).curve(edges)
             return cumulative_dvh(dose[mask], 0.25, top)
         ax.plot(*curve(reference, own=reference_grid), color=color, label=name)
+        if reference_grid is not None:  # the CT-grid copy, which the prediction's errors are measured against
+            ax.plot(*curve(reference), color=color, linewidth=0.6, alpha=0.6)
         ax.plot(*curve(prediction), color=color, linestyle="--")
         for dose in (extra or {}).values():
             ax.plot(*curve(dose), color=color, linestyle=":", linewidth=0.8)
@@ -104,8 +107,10 @@ def dvh_curves(path_stem: str | Path, reference: np.ndarray, prediction: np.ndar
     ax.set_ylabel("volume (%)")
     ax.set_ylim(0, 102)
     ax.set_xlim(0, top)
-    style = [plt.Line2D([], [], color="k", label="reference"),
-             plt.Line2D([], [], color="k", linestyle="--", label="prediction")]
+    style = [plt.Line2D([], [], color="k", label="reference" + (" (RTDOSE grid)" if reference_grid is not None else ""))]
+    if reference_grid is not None:
+        style.append(plt.Line2D([], [], color="k", linewidth=0.6, alpha=0.6, label="reference (CT grid)"))
+    style.append(plt.Line2D([], [], color="k", linestyle="--", label="prediction"))
     style += [plt.Line2D([], [], color="k", linestyle=":", label=label) for label in (extra or {})]
     first = ax.legend(loc="upper right", fontsize=7)
     ax.add_artist(first)

@@ -102,10 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
             pred_path = args.predictions / path.name
             if not pred_path.is_file():
                 raise CaseFileError(f"no prediction for case {path.stem}: {pred_path} does not exist")
-            prediction = load_prediction(pred_path, case["dose"].shape)["dose"]
+            prediction = load_prediction(pred_path, case["dose"].shape, (case["spacing_mm"], case["origin_mm"]))["dose"]
         samples = case_samples(case, cfg["dvh"])  # once per case: the prediction and the atlas share them
         row, maps = evaluate_case(case, prediction, cfg["gamma"], cfg["constraints"], seed=cfg["seed"] + index,
                                   dvh_cfg=cfg["dvh"], samples=samples)
+        if cfg["dvh"].get("reference_dose", "rtdose") == "rtdose" and row["dvh_reference_grid"] == "ct_grid":
+            run.log(f"[vmat] {case['case_id']}: {path.name} has no 'rtdose_gy' (written before the RTDOSE grid was "
+                    "stored, or not DICOM-RT): its reference DVHs read the CT-grid copy of the dose "
+                    "(dvh_reference_grid ct_grid in metrics.csv)")
         if row["coverage_flagged"]:
             run.log(f"[vmat] {case['case_id']}: RTDOSE grid covers only {row['coverage_flagged']} of these "
                     "structures; their metrics describe the covered part")
@@ -120,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
             base_rows.append(base_row)
             row["atlas_mae_body_gy"] = base_row["mae_body_gy"]
         rows.append(row)
+        ref_reading = reference_dose(case, cfg["dvh"])
         write_dvh_csv(run.run_dir / "dvh" / f"{case['case_id']}.csv", case, samples,
-                      {"reference": reference_dose(case, cfg["dvh"]), "prediction": prediction,
+                      {"reference": ref_reading, **({"reference_ct_grid": case["dose"]} if ref_reading[1] is not None
+                                                     else {}), "prediction": prediction,
                        **({"atlas": base} if base is not None else {})})
         if args.export_rtdose:
             from vmat.export import export_rtdose
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             + (f"; atlas MAE {baseline['mae_body_gy']:.2f} Gy" if baseline else ""))
     summary = {"n_cases": len(rows), "overall": overall, "atlas_baseline": baseline, "headline": headline,
                "coverage_flagged": {r["case"]: r["coverage_flagged"] for r in rows if r["coverage_flagged"]},
-               "dvh": cfg["dvh"],
+               "dvh": cfg["dvh"], "dvh_reference_grid": {r["case"]: r["dvh_reference_grid"] for r in rows},
                "figures": figures, "source": source_label, "gamma": cfg["gamma"]}
     return run.finish(summary)
 
@@ -160,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
 def write_dvh_csv(path: Path, case: dict, samples: dict, doses: dict, bin_gy: float = 0.1) -> Path:
     """Cumulative DVHs of one case (the same samples as its metrics): structure, dose_gy, then the volume %
     receiving at least that dose for each of ``doses`` ({label: dose array on the case grid, or (dose, its
-    grid) as vmat.dvh.reference_dose returns})."""
+    grid) as vmat.dvh.reference_dose returns}). validate writes ``reference`` (the RTDOSE on its own grid where
+    the case has it) and, then, ``reference_ct_grid`` (the copy on the CT grid, which the prediction's errors
+    are measured against: vmat.evaluation)."""
     doses = {k: v if isinstance(v, tuple) else (v, None) for k, v in doses.items()}
     top = max(float(np.max(d)) for d, _ in doses.values())
     edges = np.arange(0.0, top + bin_gy, bin_gy)

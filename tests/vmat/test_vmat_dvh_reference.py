@@ -75,23 +75,38 @@ def test_reference_dose_choice():
         reference_dose(case, {**DVH_DEFAULTS, "reference_dose": "native"})
 
 
-def test_validation_reads_the_reference_on_its_rtdose_grid(tmp_path):
-    """End to end through preprocessing and evaluate_case: the NPZ carries the RTDOSE, and the reference
-    metrics equal those read from it, not from the CT-grid copy (which differs where the dose is curved)."""
-    from vmat.case_io import load_case
-    from vmat.dvh import case_samples
-    from vmat.evaluation import evaluate_case
+@pytest.fixture(scope="module")
+def npz_folder(tmp_path_factory):
+    """The fixture patient preprocessed (its RTDOSE grid ends at z = +-15 mm, inside the femoral heads)."""
     from vmat.preprocess_vmat import main as preprocess
 
-    write_patient(tmp_path / "raw" / "pat")
-    preprocess(["--data", str(tmp_path / "raw"), "--output-dir", str(tmp_path / "npz"), "--set",
+    root = tmp_path_factory.mktemp("dvh_reference")
+    write_patient(root / "raw" / "pat")
+    preprocess(["--data", str(root / "raw"), "--output-dir", str(root / "npz"), "--set",
                 "preprocess.sanity.enforce=false"])
-    case = load_case(tmp_path / "npz" / "pat.npz")
+    return root / "npz"
+
+
+def curved_case(npz_folder):
+    """The case with a reference curved in x (quadratic) on its RTDOSE grid: the CT-grid copy (still the
+    linear dose) then differs from it between grid points."""
+    from vmat.case_io import load_case
+
+    case = load_case(npz_folder / "pat.npz")
     assert case["rtdose_gy"].shape == (13, 33, 25)
-    # make the reference curved (quadratic in x): the two copies then differ between grid points
     z, y, x = (o + s * np.arange(n) for o, s, n in zip(case["rtdose_origin_mm"], case["rtdose_spacing_mm"],
                                                        case["rtdose_gy"].shape))
     case["rtdose_gy"] = np.broadcast_to(40.0 + 0.02 * (x - 3.0) ** 2, case["rtdose_gy"].shape).astype(np.float32)
+    return case
+
+
+def test_validation_reads_the_reference_on_its_rtdose_grid(npz_folder):
+    """End to end through preprocessing and evaluate_case: the NPZ carries the RTDOSE, and the reference
+    metrics equal those read from it, not from the CT-grid copy (which differs where the dose is curved)."""
+    from vmat.dvh import case_samples
+    from vmat.evaluation import evaluate_case
+
+    case = curved_case(npz_folder)
     row, _ = evaluate_case(case, case["dose"], compute_gamma_maps=False)
     samples = case_samples(case, DVH_DEFAULTS)
     native = samples["PTV70"].dvh(*reference_dose(case, DVH_DEFAULTS))
@@ -110,3 +125,115 @@ def test_plane_dose_end_cap_keeps_the_volume_and_reads_the_end_planes():
     top = max(z for z, _ in polys)
     assert plane.dvh(dose).d.max() == pytest.approx(50.0 + 0.5 * top)  # sphere_dose = 50 + 0.5 z
     assert sampled.dvh(dose).d.max() > 50.0 + 0.5 * top + 0.4  # the sampled cap reaches above the plane
+
+
+def test_a_perfect_prediction_scores_zero_although_the_two_readings_differ(npz_folder):
+    """The prediction lives on the CT grid: its DVH errors and constraint agreement are measured against the
+    reference read there, so the reference's own CT-grid copy scores 0; the clinical values (ref_*) and the
+    gap between the readings stay reported."""
+    from vmat.evaluation import evaluate_case
+
+    case = curved_case(npz_folder)
+    row, _ = evaluate_case(case, case["dose"], compute_gamma_maps=False)
+    assert row["dvh_reference_grid"] == "rtdose"
+    diffs = {k: v for k, v in row.items() if k.startswith("diff_") and np.isfinite(v)}
+    assert len(diffs) > 50 and max(abs(v) for v in diffs.values()) == 0.0
+    assert row["constraints_agree_pct"] == 100.0
+    gap = row["refgrid_gap_PTV70_Dmean"]
+    assert abs(gap) > 0.05 and gap == pytest.approx(row["ref_PTV70_Dmean"] - row["pred_PTV70_Dmean"], abs=1e-9)
+    # the CT-grid reading: no second reading, no gap columns
+    row_ct, _ = evaluate_case(case, case["dose"], compute_gamma_maps=False,
+                              dvh_cfg={**DVH_DEFAULTS, "reference_dose": "ct_grid"})
+    assert row_ct["dvh_reference_grid"] == "ct_grid" and not any(k.startswith("refgrid_gap_") for k in row_ct)
+    assert row_ct["ref_PTV70_Dmean"] == pytest.approx(row["pred_PTV70_Dmean"], abs=1e-9)
+
+
+def test_structures_partly_outside_the_rtdose_grid_read_only_inside_it(npz_folder):
+    """Femur_L reaches 6 planes beyond the RTDOSE grid: its samples are those of the covered part (as on
+    the CT-grid path), and every one of them falls inside the RTDOSE's voxel-centre box, so the native
+    reading never extends the edge dose outwards."""
+    from vmat.dvh import case_samples
+    from vmat.evaluation import evaluate_case
+
+    case = curved_case(npz_folder)
+    samples = case_samples(case, DVH_DEFAULTS)
+    origin, spacing = case["rtdose_origin_mm"], case["rtdose_spacing_mm"]
+    smp = samples["Femur_L"]
+    world = smp.grid[0] + smp.coords * smp.grid[1]
+    index = (world - origin) / spacing
+    assert index.min() >= -1e-6 and np.all(index.max(axis=0) <= np.asarray(case["rtdose_gy"].shape) - 1 + 1e-6)
+    assert world[:, 0].min() >= -15.0 - 1e-6 and world[:, 0].max() <= 15.0 + 1e-6  # the grid's z centres
+    row, _ = evaluate_case(case, case["dose"], compute_gamma_maps=False)
+    assert row["dose_coverage_Femur_L"] == pytest.approx(11 / 17) and "Femur_L" in row["coverage_flagged"]
+    native = smp.dvh(*reference_dose(case, DVH_DEFAULTS))
+    assert row["ref_Femur_L_D95%"] == pytest.approx(native.dose_at_percent(95))
+    assert row["volume_cc_Femur_L"] == pytest.approx(smp.volume_cc)
+
+
+def test_validate_without_rtdose_falls_back_and_says_so(npz_folder, tmp_path):
+    """A cache written before the RTDOSE grid was stored still validates: the reference DVHs read the CT-grid
+    copy, the log says so, and metrics.csv / summary record the grid read. With the RTDOSE, the DVH CSV
+    carries both readings and a perfect prediction matches the CT-grid one."""
+    import csv
+
+    from common.runlog import save_npz_atomic
+    from vmat.validate_vmat import main as validate
+
+    with np.load(npz_folder / "pat.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    old = tmp_path / "old"
+    save_npz_atomic(old / "pat.npz", **{k: v for k, v in arrays.items() if not k.startswith("rtdose_")})
+    pred = tmp_path / "pred"
+    save_npz_atomic(pred / "pat.npz", dose=arrays["dose"], spacing_mm=arrays["spacing_mm"],
+                    origin_mm=arrays["origin_mm"])
+    runs = {}
+    for label, data in (("old", old), ("new", npz_folder)):
+        runs[label] = tmp_path / f"v_{label}"
+        summary = validate(["--config", "configs/vmat/validate_smoke.yaml", "--data", str(data), "--predictions",
+                            str(pred), "--output-dir", str(runs[label])])
+        assert summary["dvh_reference_grid"] == {"pat": "ct_grid" if label == "old" else "rtdose"}
+        rows = list(csv.DictReader((runs[label] / "metrics.csv").open(encoding="utf-8")))
+        assert rows[0]["dvh_reference_grid"] == summary["dvh_reference_grid"]["pat"]
+        assert float(rows[0]["diff_PTV70_D95%"]) == 0.0
+    assert "has no 'rtdose_gy'" in (runs["old"] / "log.txt").read_text(encoding="utf-8")
+    assert "has no 'rtdose_gy'" not in (runs["new"] / "log.txt").read_text(encoding="utf-8")
+    old_csv = list(csv.DictReader((runs["old"] / "dvh" / "pat.csv").open(encoding="utf-8")))
+    new_csv = list(csv.DictReader((runs["new"] / "dvh" / "pat.csv").open(encoding="utf-8")))
+    assert "reference_ct_grid_volume_pct" not in old_csv[0] and "reference_ct_grid_volume_pct" in new_csv[0]
+    assert all(r["prediction_volume_pct"] == r["reference_ct_grid_volume_pct"] for r in new_csv)
+
+
+def test_a_prediction_on_another_grid_is_refused(npz_folder, tmp_path):
+    from common.runlog import save_npz_atomic
+    from vmat.case_io import CaseFileError, load_case, load_prediction
+
+    case = load_case(npz_folder / "pat.npz")
+    grid = (case["spacing_mm"], case["origin_mm"])
+    save_npz_atomic(tmp_path / "ok.npz", dose=case["dose"], spacing_mm=case["spacing_mm"], origin_mm=case["origin_mm"])
+    assert load_prediction(tmp_path / "ok.npz", case["dose"].shape, grid)["dose"].shape == case["dose"].shape
+    save_npz_atomic(tmp_path / "bare.npz", dose=case["dose"])  # no grid stored: only the shape is checked
+    load_prediction(tmp_path / "bare.npz", case["dose"].shape, grid)
+    for key, shift in (("spacing_mm", [0.0, 0.5, 0.0]), ("origin_mm", [2.0, 0.0, 0.0])):
+        arrays = {"spacing_mm": case["spacing_mm"], "origin_mm": case["origin_mm"]}
+        arrays[key] = np.asarray(arrays[key]) + shift
+        save_npz_atomic(tmp_path / f"{key}.npz", dose=case["dose"], **arrays)
+        with pytest.raises(CaseFileError, match=f"{key}.npz: key '{key}'.*another grid"):
+            load_prediction(tmp_path / f"{key}.npz", case["dose"].shape, grid)
+
+
+def test_a_broken_rtdose_in_the_npz_is_refused(npz_folder, tmp_path):
+    from common.runlog import save_npz_atomic
+    from vmat.case_io import CaseFileError, load_case
+
+    with np.load(npz_folder / "pat.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    bad_dose = arrays["rtdose_gy"].copy()
+    bad_dose[0, 0, 0] = np.nan
+    broken = {"no_origin": ({k: v for k, v in arrays.items() if k != "rtdose_origin_mm"}, "needs key 'rtdose_origin_mm'"),
+              "flat": ({**arrays, "rtdose_gy": arrays["rtdose_gy"][0]}, "must be 3D"),
+              "zero_spacing": ({**arrays, "rtdose_spacing_mm": np.array([0.0, 5.0, 6.0])}, "positive"),
+              "nan": ({**arrays, "rtdose_gy": bad_dose}, "NaN")}
+    for name, (content, message) in broken.items():
+        save_npz_atomic(tmp_path / f"{name}.npz", **content)
+        with pytest.raises(CaseFileError, match=f"{name}.npz: .*{message}"):
+            load_case(tmp_path / f"{name}.npz")
