@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from asl.physics import pcasl_buxton_full_grid_products, signal_curves, signal_jacobian
+from asl.physics import _param, _plds, pcasl_buxton_full_grid_products, signal_curves, signal_jacobian
 
 FIT_DEFAULTS = {
     "cbf_bounds": [0.0, 200.0],  # ml/100g/min
@@ -29,10 +29,14 @@ FIT_DEFAULTS = {
     "ftol": 1.0e-10,  # stop when the relative cost decrease of an accepted step is below this
     "xtol": 1.0e-8,  # ... or the step (in units of 100 ml/100g/min and 1000 ms) is below this
     "chunk_voxels": 65536,  # voxels per batch in the batched fit (memory bound)
+    "lm_block_voxels": 8192,  # voxels per block of the first LM iterations on CPU (cache-sized; same result)
+    "grid_block_voxels": 2048,  # voxels per block of the grid initialization on CPU (cache-sized; same result)
     "dtype": "float64",  # float64 agrees with scipy to < 0.1 ml/100g/min; float32 is faster on GPUs
     "cpu_threads": 1,  # torch threads for the fit on CPU (0 = unchanged): its small element-wise ops are
     # dispatch-bound, and OpenMP fan-out made them 10-30× slower on a loaded 2-core machine (measured)
 }
+# Settings that change only how the work is split, never a voxel's result (tests/asl: bit-identical estimates).
+SPEED_ONLY_FIT_KEYS = ("chunk_voxels", "grid_block_voxels", "lm_block_voxels", "cpu_threads")
 _UNITS = (100.0, 1000.0)  # parameter scaling for conditioning: CBF/100, ATT/1000
 
 
@@ -83,15 +87,35 @@ def _grid_products(grid: torch.Tensor, physics: Mapping, params: Mapping, signal
     return (unit * signals[:, None, :]).sum(-1), (unit * unit).sum(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def grid_init(signals: torch.Tensor, physics: Mapping, params: Mapping | None = None,
               cfg: Mapping = FIT_DEFAULTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best (CBF, ATT) on the ATT grid with the closed-form CBF per grid value. signals (N, C)."""
+    """Best (CBF, ATT) on the ATT grid with the closed-form CBF per grid value. signals (N, C).
+
+    Computed in blocks of ``grid_block_voxels`` voxels: every step is per voxel (row), so the result does not depend
+    on the block size, and (block, G) intermediates stay in the CPU cache instead of being allocated afresh at
+    (N, G) for each of the ~30 operations (which made the grid most of the fit's time on 28 k voxels)."""
     att_lo, att_hi = cfg["att_bounds_ms"]
-    cbf_lo, cbf_hi = cfg["cbf_bounds"]
     grid = torch.linspace(att_lo, att_hi, int(cfg["att_grid_points"]), dtype=signals.dtype, device=signals.device)
+    unit = None
     if params is None:  # nominal physics: one (G, C) table of unit-CBF signals serves every voxel
         unit = signal_curves(torch.ones_like(grid), grid, physics)
+    n = signals.shape[0]
+    block = int(cfg.get("grid_block_voxels", FIT_DEFAULTS["grid_block_voxels"])) if signals.device.type == "cpu" else 0
+    block = block if block > 0 else max(n, 1)
+    if n <= block:
+        return _grid_block(signals, physics, params, cfg, grid, unit)
+    # Blocks of equal size (no small remainder: a matrix product of a few rows may take another BLAS path).
+    edges = [round(i * n / -(-n // block)) for i in range(-(-n // block) + 1)]
+    parts = [_grid_block(signals[a:b], physics, _select(params, slice(a, b)), cfg, grid, unit)
+             for a, b in zip(edges[:-1], edges[1:])]
+    return torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
+
+
+def _grid_block(signals: torch.Tensor, physics: Mapping, params: Mapping | None, cfg: Mapping, grid: torch.Tensor,
+                unit: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    cbf_lo, cbf_hi = cfg["cbf_bounds"]
+    if unit is not None:
         num = signals @ unit.T  # (N, G)
         den = (unit * unit).sum(-1)[None, :].clamp_min(1e-30)
     else:
@@ -108,80 +132,202 @@ def grid_init(signals: torch.Tensor, physics: Mapping, params: Mapping | None = 
     return cbf.gather(1, best[:, None])[:, 0], grid[best]
 
 
+def _nominal_jacobian(physics: Mapping, like: torch.Tensor):
+    """signal_jacobian for nominal physics (no per-voxel parameters) and the blood-T1 PCASL / VSASL models, with
+    every term that depends on neither CBF nor ATT computed once per fit instead of at every iteration. The remaining
+    operations are those of asl.physics (pcasl_blood_t1, vsasl_multiverse and their ATT derivatives) in the same
+    order on the same values, so the result is the same to the bit (tests/asl/test_asl_simulate_fitting.py). None
+    for any other model (the full Buxton model's terms depend on CBF through T1')."""
+    if physics["pcasl_model"] != "blood_t1" and "pcasl" in physics["modes"]:
+        return None
+    plds = _plds(physics, None, like)
+    t1b = _param("t1_blood_ms", physics, None, like)
+    lam = float(physics["lambda_blood"])
+    bs1 = _param("alpha_bs1", physics, None, like)
+    f_unit = like.new_ones(()) / 6000.0
+    modes = []
+    for mode in physics["modes"]:
+        if mode == "pcasl":
+            alpha = _param("alpha_pcasl", physics, None, like) * bs1 ** int(physics["n_bs_pcasl"])
+            tau = _param("tau_ms", physics, None, like)
+            scale_unit = 2.0 * alpha * f_unit / lam * (t1b / 1000.0)
+            modes.append(("pcasl", alpha, tau, scale_unit, torch.exp(-(tau + plds) / t1b),
+                          scale_unit * torch.exp(-plds / t1b) * (1.0 - torch.exp(-tau / t1b))))
+        else:
+            alpha = _param("alpha_vsasl", physics, None, like) * bs1 ** int(physics["n_bs_vsasl"])
+            modes.append(("vsasl", alpha, None, 2.0 * alpha * f_unit / lam, torch.exp(-plds / t1b), None))
+    m0_scale = float(_param("m0_scale", physics, None, like))
+    n_pld = plds.numel()
+
+    def jacobian(cbf: torch.Tensor, att_ms: torch.Tensor, scale_jac: tuple[float, float] = (1.0, 1.0)):
+        """(signal, Jacobian × scale_jac): the modes' columns are written into one buffer each (no concatenation
+        copies) and the Jacobian is scaled as it is stored (the same products as jac * scale afterwards)."""
+        f = cbf[..., None] / 6000.0
+        att = att_ms[..., None]
+        e_att = None
+        shape = (cbf.shape[0], n_pld * len(modes))
+        d_cbf, d_att = (torch.empty(shape, dtype=cbf.dtype, device=cbf.device) for _ in range(2))
+        for i, (mode, alpha, tau, scale_unit, e_a, e_b) in enumerate(modes):
+            cols = slice(i * n_pld, (i + 1) * n_pld)
+            if mode == "pcasl":  # asl.physics.pcasl_blood_t1 at CBF 1 and pcasl_blood_t1_datt
+                e_att = torch.exp(-att / t1b) if e_att is None else e_att
+                transit = scale_unit * (e_att - e_a)
+                zero = 0.0 * transit
+                torch.where(plds < att - tau, zero, torch.where(plds < att, transit, e_b), out=d_cbf[:, cols])
+                scale = 2.0 * alpha * f / lam * (t1b / 1000.0)
+                d_transit = -scale / t1b * e_att + 0.0 * plds
+                inside = (plds >= att - tau) & (plds < att)
+                torch.where(inside, d_transit, 0.0 * d_transit, out=d_att[:, cols])
+            else:  # asl.physics.vsasl_multiverse at CBF 1 and vsasl_multiverse_datt
+                torch.mul(scale_unit * (torch.minimum(plds, att) / 1000.0), e_a, out=d_cbf[:, cols])
+                slope = 2.0 * alpha * f / lam / 1000.0 * e_a + 0.0 * att
+                torch.where(att < plds, slope, 0.0 * slope, out=d_att[:, cols])
+        if m0_scale != 1.0:
+            d_cbf, d_att = d_cbf * m0_scale, d_att * m0_scale
+        jac = torch.empty((*shape, 2), dtype=cbf.dtype, device=cbf.device)
+        torch.mul(d_cbf, scale_jac[0], out=jac[..., 0])
+        torch.mul(d_att, scale_jac[1], out=jac[..., 1])
+        return d_cbf * cbf[..., None], jac
+
+    return jacobian
+
+
+class _LMState:
+    """Per-voxel state of the voxels still iterating (act: their positions in the chunk). Every update of the
+    Levenberg-Marquardt loop is per voxel, so sets of voxels may be iterated apart and joined (see _lm_chunk)."""
+
+    KEYS = ("act", "th", "c", "r", "jac", "m", "it", "y")
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def take(self, index: torch.Tensor) -> _LMState:
+        return _LMState(p=_select(self.p, index), **{k: getattr(self, k).index_select(0, index) for k in self.KEYS})
+
+    @staticmethod
+    def join(states: list[_LMState]) -> _LMState:
+        params = None if states[0].p is None else {
+            k: (torch.cat([st.p[k] for st in states]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+            for k, v in states[0].p.items()}
+        return _LMState(p=params, **{k: torch.cat([getattr(st, k) for st in states]) for k in _LMState.KEYS})
+
+
+@torch.inference_mode()
 def _lm_chunk(y: torch.Tensor, physics: Mapping, params: Mapping | None, cfg: Mapping) -> dict:
     lower = torch.tensor([cfg["cbf_bounds"][0] / _UNITS[0], cfg["att_bounds_ms"][0] / _UNITS[1]], dtype=y.dtype,
                          device=y.device)
     upper = torch.tensor([cfg["cbf_bounds"][1] / _UNITS[0], cfg["att_bounds_ms"][1] / _UNITS[1]], dtype=y.dtype,
                          device=y.device)
     units = torch.tensor(_UNITS, dtype=y.dtype, device=y.device)
+    max_iter, ftol, xtol = int(cfg["max_iter"]), float(cfg["ftol"]), float(cfg["xtol"])
     cbf0, att0 = grid_init(y, physics, params, cfg)
     theta = torch.stack([cbf0, att0], dim=-1) / units
     n = y.shape[0]
 
+    nominal = _nominal_jacobian(physics, y) if params is None else None
+
     def evaluate(th, y_, p_):  # residuals and Jacobian (scaled units) at th; the Jacobian of an accepted step is reused
-        sig, jac = signal_jacobian(th[:, 0] * units[0], th[:, 1] * units[1], physics, p_)
+        if nominal is not None:  # Jacobian scaled as it is stored: the same products as jac * units
+            sig, jac = nominal(th[:, 0] * _UNITS[0], th[:, 1] * _UNITS[1], _UNITS)
+            return sig - y_, jac
+        else:
+            sig, jac = signal_jacobian(th[:, 0] * _UNITS[0], th[:, 1] * _UNITS[1], physics, p_)
         return sig - y_, jac * units
 
-    # The loop works on compacted copies of the voxels still iterating (act: their positions); a voxel's result is
-    # written back when it converges, so each iteration touches only the active voxels once.
-    r, jac = evaluate(theta, y, params)
-    c = (r**2).sum(-1)
-    cost = c.clone()
-    m = torch.full((n,), 1e-3, dtype=y.dtype, device=y.device)
-    converged = torch.zeros(n, dtype=torch.bool, device=y.device)
-    n_iter = torch.zeros(n, dtype=torch.int64, device=y.device)
-    act, th, y_a, p_a, it = torch.arange(n, device=y.device), theta.clone(), y, params, n_iter.clone()
+    # A voxel's result is set aside when it stops (converged, or max_iter iterations: not converged) and all are
+    # written back at the end; the Jacobian at the estimate is kept for the Cramér-Rao bound (fit_batched: "jacobian").
+    stopped = []
+
+    def retire(st: _LMState, index: torch.Tensor, ok: bool) -> None:
+        stopped.append((st.act.index_select(0, index), st.th.index_select(0, index), st.c.index_select(0, index),
+                        st.it.index_select(0, index), st.jac.index_select(0, index),
+                        torch.full((index.numel(),), ok, dtype=torch.bool, device=y.device)))
+
+    def start(index: torch.Tensor) -> _LMState:
+        th, y_a, p_a = theta.index_select(0, index), y.index_select(0, index), _select(params, index)
+        r, jac = evaluate(th, y_a, p_a)
+        return _LMState(act=index, th=th, c=(r**2).sum(-1), r=r, jac=jac, y=y_a, p=p_a,
+                        m=torch.full((index.numel(),), 1e-3, dtype=y.dtype, device=y.device),
+                        it=torch.zeros(index.numel(), dtype=torch.int64, device=y.device))
+
     eye_eps = 1e-12
-    for _ in range(int(cfg["max_iter"])):
-        if act.numel() == 0:
-            break
-        g = (jac * r[..., None]).sum(-2)  # (n, 2)
-        h = jac.transpose(-1, -2) @ jac  # (n, 2, 2)
-        a = h[:, 0, 0] * (1 + m) + eye_eps
-        d = h[:, 1, 1] * (1 + m) + eye_eps
-        b = h[:, 0, 1]
-        det = a * d - b * b
-        step = -torch.stack([d * g[:, 0] - b * g[:, 1], a * g[:, 1] - b * g[:, 0]], dim=-1) / det[:, None]
-        new = torch.minimum(torch.maximum(th + step, lower), upper)
-        new_r, new_jac = evaluate(new, y_a, p_a)
-        new_cost = (new_r**2).sum(-1)
-        accept = new_cost < c
-        moved = (new - th).abs().max(dim=-1).values
-        small_gain = accept & ((c - new_cost) <= float(cfg["ftol"]) * c)
-        small_step = moved <= float(cfg["xtol"]) * (1 + th.abs().max(dim=-1).values)
-        # A rejected step whose linear model predicts a relative decrease ≤ ftol: no step can gain more than the
-        # tolerance (the predicted-reduction test of MINPACK's LM; Moré 1978), instead of raising the damping until
-        # it explodes. Cost = ‖r‖², so the model's decrease for the step s is −(2 gᵀs + sᵀ H s).
-        s_ = new - th
-        predicted = -(2 * (g * s_).sum(-1) + (s_[:, :, None] * h * s_[:, None, :]).sum((-1, -2)))
-        flat = ~accept & (predicted >= 0) & (predicted <= float(cfg["ftol"]) * c)
-        # small_step also ends a rejected step: the damping has shrunk the step below xtol without a decrease (the
-        # step-bound test of MINPACK's LM), typically on a kink of the model in ATT.
-        done = (accept & small_gain) | small_step | flat | (c <= 1e-30)
-        th = torch.where(accept[:, None], new, th)
-        c = torch.where(accept, new_cost, c)
-        r = torch.where(accept[:, None], new_r, r)
-        jac = torch.where(accept[:, None, None], new_jac, jac)
-        m = torch.where(accept, (m * 0.3).clamp_min(1e-12), (m * 10.0).clamp_max(1e12))
-        # A voxel whose damping has exploded without improvement sits at a (boundary) minimum.
-        done = done | (~accept & (m >= 1e12))
-        it += 1
-        if bool(done.any()):
-            fin = act[done]
-            theta[fin], cost[fin], n_iter[fin], converged[fin] = th[done], c[done], it[done], True
-            keep = ~done
-            act, th, c, r, jac, m, it, y_a = (t[keep] for t in (act, th, c, r, jac, m, it, y_a))
-            p_a = _select(p_a, keep)
-    theta[act], cost[act], n_iter[act] = th, c, it  # not converged within max_iter
+
+    def iterate(st: _LMState, min_active: int) -> _LMState:
+        """LM passes over ``st`` until fewer than ``min_active`` voxels are still iterating; the rest is returned."""
+        while st.act.numel() >= max(min_active, 1):
+            th, c, r, jac, m = st.th, st.c, st.r, st.jac, st.m
+            g = (jac * r[..., None]).sum(-2)  # (n, 2)
+            h = jac.transpose(-1, -2) @ jac  # (n, 2, 2)
+            one_m = 1 + m
+            a = h[:, 0, 0] * one_m + eye_eps
+            d = h[:, 1, 1] * one_m + eye_eps
+            b = h[:, 0, 1]
+            det = a * d - b * b
+            step = -torch.stack([d * g[:, 0] - b * g[:, 1], a * g[:, 1] - b * g[:, 0]], dim=-1) / det[:, None]
+            new = torch.minimum(torch.maximum(th + step, lower), upper)
+            new_r, new_jac = evaluate(new, st.y, st.p)
+            new_cost = (new_r**2).sum(-1)
+            accept = new_cost < c
+            rejected = ~accept
+            s_ = new - th
+            moved = s_.abs().max(dim=-1).values
+            ftol_c = ftol * c
+            small_gain = accept & ((c - new_cost) <= ftol_c)
+            small_step = moved <= xtol * (1 + th.abs().max(dim=-1).values)
+            # A rejected step whose linear model predicts a relative decrease ≤ ftol: no step can gain more than the
+            # tolerance (the predicted-reduction test of MINPACK's LM; Moré 1978), instead of raising the damping
+            # until it explodes. Cost = ‖r‖², so the model's decrease for the step s is −(2 gᵀs + sᵀ H s).
+            predicted = -(2 * (g * s_).sum(-1) + (s_[:, :, None] * h * s_[:, None, :]).sum((-1, -2)))
+            flat = rejected & (predicted >= 0) & (predicted <= ftol_c)
+            # small_step also ends a rejected step: the damping has shrunk the step below xtol without a decrease
+            # (the step-bound test of MINPACK's LM), typically on a kink of the model in ATT.
+            done = (accept & small_gain) | small_step | flat | (c <= 1e-30)
+            st.th = torch.where(accept[:, None], new, th)
+            st.c = torch.where(accept, new_cost, c)
+            st.r = torch.where(accept[:, None], new_r, r)
+            st.jac = torch.where(accept[:, None, None], new_jac, jac)
+            st.m = torch.where(accept, (m * 0.3).clamp_min(1e-12), (m * 10.0).clamp_max(1e12))
+            # A voxel whose damping has exploded without improvement sits at a (boundary) minimum.
+            done = done | (rejected & (st.m >= 1e12))
+            st.it = st.it + 1
+            exhausted = ~done & (st.it >= max_iter)  # not converged within max_iter
+            stop = done | exhausted
+            if bool(stop.any()):  # positions computed once; index_select (a boolean mask would search each time)
+                retire(st, done.nonzero()[:, 0], True)
+                if bool(exhausted.any()):
+                    retire(st, exhausted.nonzero()[:, 0], False)
+                st = st.take((~stop).nonzero()[:, 0])
+        return st
+
+    # The first passes, where most voxels still iterate, run on cache-sized blocks of voxels (fresh (N, C)
+    # allocations at every operation made them memory-bound); the voxels left in every block are then joined, so the
+    # long tail of a few slow voxels costs one pass per iteration, not one per block. Each voxel's iterations are the
+    # same either way (every update is per voxel).
+    block = int(cfg.get("lm_block_voxels", FIT_DEFAULTS["lm_block_voxels"])) if y.device.type == "cpu" else 0
+    if max_iter <= 0:
+        retire(start(torch.arange(n, device=y.device)), torch.arange(n, device=y.device), False)
+    elif block <= 0 or n <= block:
+        iterate(start(torch.arange(n, device=y.device)), 1)
+    else:
+        edges = [round(i * n / -(-n // block)) for i in range(-(-n // block) + 1)]  # blocks of equal size
+        left = [iterate(start(torch.arange(a, b, device=y.device)), (b - a) // 2) for a, b in zip(edges[:-1], edges[1:])]
+        iterate(_LMState.join(left), 1)
+    pos, th, c, it, jac, ok = (torch.cat(parts) for parts in zip(*stopped))
+    theta[pos] = th
+    cost, converged, n_iter = torch.empty_like(c), torch.empty_like(ok), torch.empty_like(it)
+    jac_out = torch.empty_like(jac)
+    cost[pos], converged[pos], n_iter[pos], jac_out[pos] = c, ok, it, jac
     est = theta * units
-    return {"cbf": est[:, 0], "att": est[:, 1], "cost": cost, "converged": converged, "n_iter": n_iter}
+    return {"cbf": est[:, 0], "att": est[:, 1], "cost": cost, "converged": converged, "n_iter": n_iter,
+            "jacobian": jac_out / units}
 
 
 def fit_batched(signals, physics: Mapping, params: Mapping | None = None, cfg: Mapping | None = None,
                 device: str | torch.device = "cpu") -> dict:
     """Fit every voxel at once. signals (N, C) ΔM/M0; params: per-voxel physics (N,) arrays or scalars
     (the oracle fit passes the true physics; None = nominal). Returns numpy arrays cbf, att, cost,
-    converged, at_bound, failed, n_iter and the wall time in seconds."""
+    converged, at_bound, failed, n_iter, jacobian ((N, C, 2): ∂signal/∂(CBF, ATT) at the estimate, for
+    asl.physics.crlb_from_jacobian) and the wall time in seconds."""
     cfg = {**FIT_DEFAULTS, **(cfg or {})}
     dtype = torch.float64 if cfg["dtype"] == "float64" else torch.float32
     y = torch.as_tensor(np.asarray(signals) if not isinstance(signals, torch.Tensor) else signals)
@@ -207,6 +353,8 @@ def fit_batched(signals, physics: Mapping, params: Mapping | None = None, cfg: M
         torch.set_num_threads(threads)
     out = {k: torch.cat([q[k] for q in parts]).cpu().numpy() if parts else np.zeros(0) for k in
            ("cbf", "att", "cost", "converged", "n_iter")}
+    out["jacobian"] = (torch.cat([q["jacobian"] for q in parts]).cpu().numpy() if parts
+                       else np.zeros((0, y.shape[1], 2)))
     out.update(_status(out["cbf"], out["att"], out["converged"].astype(bool), cfg))
     out["seconds"] = elapsed
     return out

@@ -11,7 +11,8 @@ own estimate. Training (asl.protocol_data.simulate_batch), validation and predic
   (1331 / 832 ms, Wansapura et al. JMRI 1999; w = 1 without partial-volume maps), on brain-mask voxels;
 - the noise: σ² = Σ cost / (N (C − 2)) pooled over the N fitted voxels that did not fail (converged, finite,
   not at a bound), C measurements (the residual-variance estimator of nonlinear least squares);
-- the bound: asl.physics.crlb (Fisher information JᵀJ/σ² of the fitted signal model at the estimate).
+- the bound: asl.physics.crlb_from_jacobian (Fisher information JᵀJ/σ² of the fitted signal model at the
+  estimate, from the Jacobian the fit ends with).
 
 Channels (LS_CHANNELS, per voxel): LS CBF / 50 (ml/100g/min), (LS ATT − 1500 ms) / 1000 ms, ln CRLB variance of
 CBF ((ml/100g/min)²), ln CRLB variance of ATT (ms²), valid (1 where the fit did not fail and both bounds are
@@ -28,7 +29,7 @@ import torch
 
 from asl.brain_volume import T1_GM_MS, T1_WM_MS
 from asl.fitting import fit_batched
-from asl.physics import crlb
+from asl.physics import crlb_from_jacobian
 
 LS_CHANNELS = 5
 LN_VAR_INVALID = 30.0  # ln variance of an unusable LS estimate (e^30: no weight in an inverse-variance blend)
@@ -58,24 +59,28 @@ def tissue_t1_from_gm_weight(gm_weight):
 
 
 def ls_input_channels(signals: np.ndarray, gm_weight: np.ndarray, physics: Mapping, fit_cfg: Mapping,
-                      device="cpu") -> tuple[np.ndarray, dict]:
+                      device="cpu", fit: Mapping | None = None) -> tuple[np.ndarray, dict]:
     """signals (N, C) ΔM/M0 of the brain voxels of one acquisition (C valid measurements, the order of
     ``physics``), gm_weight (N,) → the (N, LS_CHANNELS) float32 channels of the module docstring and
-    {"sigma": pooled σ (ΔM/M0) or None, "n_fitted": N}."""
+    {"sigma": pooled σ (ΔM/M0) or None, "n_fitted": N}. ``fit``: the fit_batched result of this very problem
+    when the caller has it already (predict_asl.py fits LS once for its maps and the network), else it is fitted."""
     n, c = signals.shape
     out = np.zeros((n, LS_CHANNELS), np.float32)
     out[:, 2:4] = LN_VAR_INVALID
     if n == 0:
         return out, {"sigma": None, "n_fitted": 0}
-    t1 = tissue_t1_from_gm_weight(np.asarray(gm_weight, np.float64))
-    res = fit_batched(np.asarray(signals, np.float64), physics, {"t1_tissue_ms": t1}, fit_cfg, device=device)
+    if fit is None:
+        t1 = tissue_t1_from_gm_weight(np.asarray(gm_weight, np.float64))
+        res = fit_batched(np.asarray(signals, np.float64), physics, {"t1_tissue_ms": t1}, fit_cfg, device=device)
+    elif len(fit["cbf"]) != n:
+        raise ValueError(f"the LS fit given covers {len(fit['cbf'])} voxels, the signals {n}")
+    else:
+        res = fit
     ok = ~res["failed"]
     if c <= 2 or not ok.any():
         return out, {"sigma": None, "n_fitted": n}
     sigma = float(np.sqrt(res["cost"][ok].sum() / (ok.sum() * (c - 2))))
-    var_c, var_a = crlb(torch.from_numpy(res["cbf"]), torch.from_numpy(res["att"]), physics,
-                        torch.full((n,), max(sigma, 1e-12), dtype=torch.float64),
-                        {"t1_tissue_ms": torch.from_numpy(t1)})
+    var_c, var_a = crlb_from_jacobian(res["jacobian"], torch.full((n,), max(sigma, 1e-12), dtype=torch.float64))
     var_c, var_a = var_c.numpy(), var_a.numpy()
     good = ok & np.isfinite(var_c) & np.isfinite(var_a) & (var_c > 0) & (var_a > 0)
     out[good, 0] = res["cbf"][good] / 50.0

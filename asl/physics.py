@@ -334,6 +334,13 @@ def crlb(cbf, att_ms, physics: Mapping, sigma, params: Mapping | None = None) ->
     cbf = torch.as_tensor(cbf, dtype=torch.float64)
     att_ms = torch.as_tensor(att_ms, dtype=torch.float64)
     _, jac = signal_jacobian(cbf, att_ms, physics, params)
+    return crlb_from_jacobian(jac, sigma)
+
+
+def crlb_from_jacobian(jac, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`crlb` from a Jacobian already at hand ((..., C, 2) in ml/100g/min and ms, e.g. the one the batched fit
+    ends with: asl.fitting.fit_batched "jacobian")."""
+    jac = torch.as_tensor(jac, dtype=torch.float64)
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     fisher = jac.transpose(-1, -2) @ jac / (sigma**2)[..., None, None]
     a, b, d = fisher[..., 0, 0], fisher[..., 0, 1], fisher[..., 1, 1]

@@ -38,7 +38,7 @@ from asl.data import load_ensemble, predict_maps
 from asl.defaults import defaults
 from asl.fitting import fit_batched
 from asl.invivo import InvivoError, assemble, load_subject, read_nifti
-from asl.physics import check_physics, crlb
+from asl.physics import check_physics, crlb_from_jacobian
 from common.cli import make_parser, start_run
 from common.config import load_config
 from common.errors import run_cli
@@ -113,26 +113,59 @@ def _sigma_from_residuals(cost: np.ndarray, ok: np.ndarray, m0: np.ndarray, n_ch
 
 
 def fit_maps(signals_vox: np.ndarray, m0_vox: np.ndarray, physics: dict, fit_cfg: dict, device,
-             with_crlb: bool = True, params: dict | None = None) -> dict:
+             with_crlb: bool = True, params: dict | None = None, fit: dict | None = None) -> dict:
     """What predict runs for LS: the batched fit plus the √CRLB maps (timed together: ``seconds``).
-    ``params``: per-voxel physics (e.g. ``t1_tissue_ms`` from GM/WM maps)."""
+    ``params``: per-voxel physics (e.g. ``t1_tissue_ms`` from GM/WM maps); ``fit``: the fit_batched result of this
+    problem when already made (shared with the network's LS inputs; its time is counted in ``seconds``)."""
     import time
 
     start = time.perf_counter()
-    res = fit_batched(signals_vox, physics, params, fit_cfg, device=device)
+    res = fit if fit is not None else fit_batched(signals_vox, physics, params, fit_cfg, device=device)
     out = {"cbf": res["cbf"], "att": res["att"], "failed": res["failed"].astype(np.float64), "fit": res}
     sigma = None
     if with_crlb:
         sigma = _sigma_from_residuals(res["cost"], ~res["failed"], m0_vox, signals_vox.shape[1])
     if sigma is not None:
         sig_v = sigma / np.where(m0_vox > 0, m0_vox, np.inf)
-        var_c, var_a = crlb(torch.from_numpy(res["cbf"]), torch.from_numpy(res["att"]), physics,
-                            torch.from_numpy(sig_v), params)
+        var_c, var_a = crlb_from_jacobian(res["jacobian"], torch.from_numpy(sig_v))  # the fit's final Jacobian
         out["cbf_std"] = np.sqrt(var_c.numpy())
         out["att_std"] = np.sqrt(var_a.numpy())
     out["sigma_abs"] = sigma
-    out["seconds"] = time.perf_counter() - start
+    out["seconds"] = time.perf_counter() - start + (fit["seconds"] if fit is not None else 0.0)
     return out
+
+
+def shared_ls_fit_problem(physics: dict, fit_cfg: dict, network_fit_cfg: dict | None) -> str | None:
+    """None when predict's LS fit can be the one a network with ``ls_inputs`` blends with, so one fit serves both:
+    the same fit settings (up to those that only split the work), the full Buxton PCASL model, and the data's
+    physics equal to the protocol the network is given (asl.ls_inputs: nominal physics held as float32 protocol
+    arrays; 1e-6 relative). Else the first difference, in words. The tissue T1 is then predict's (the map from the
+    GM/WM maps scaled by physics.t1_tissue_ms / 1331 ms, or physics.t1_tissue_ms), not the GM-weight T1 the network
+    fits with on its own (1331 / 832 ms): the network blends with the LS maps written beside it."""
+    from asl.fitting import FIT_DEFAULTS, SPEED_ONLY_FIT_KEYS
+    from asl.ls_inputs import nominal_physics
+    from asl.protocol import protocol_arrays, protocol_from_physics
+
+    if network_fit_cfg is None:
+        return "the checkpoint records no fit settings"
+    a, b = ({k: v for k, v in {**FIT_DEFAULTS, **c}.items() if k not in SPEED_ONLY_FIT_KEYS}
+            for c in (fit_cfg, network_fit_cfg))
+    if a != b:
+        return "fit settings differ: " + ", ".join(f"fit.{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b))
+                                                   if a.get(k) != b.get(k))
+    if "pcasl" in physics["modes"] and physics["pcasl_model"] != "buxton_full":
+        return f"LS uses pcasl_model {physics['pcasl_model']}, the network's inputs buxton_full"
+    nominal = nominal_physics(protocol_arrays(protocol_from_physics(physics)))
+    ours = {**physics, **{f"alpha_{m}": float(physics[f"alpha_{m}"]) * float(physics["alpha_bs1"])
+                          ** int(physics[f"n_bs_{m}"]) for m in ("pcasl", "vsasl")}}
+    if list(nominal["modes"]) != list(physics["modes"]) or not np.allclose(nominal["plds_ms"], physics["plds_ms"],
+                                                                           rtol=1e-6, atol=0):
+        return "the measurements differ"
+    keys = ["tau_ms", "t1_blood_ms", "lambda_blood"] + [f"alpha_{m}" for m in physics["modes"]]
+    for key in keys:
+        if not np.isclose(nominal[key], ours[key], rtol=1e-6, atol=0):
+            return f"physics.{key} {ours[key]:g} vs {nominal[key]:g}"
+    return None
 
 
 def tissue_t1_map(gm: np.ndarray, wm: np.ndarray, physics: dict) -> np.ndarray:
@@ -171,10 +204,12 @@ def partial_volume_correction(signals: np.ndarray, gm: np.ndarray, wm: np.ndarra
 
 
 def nn_predict(models, prep: dict, cfg: dict, signals: np.ndarray, physics: dict | None = None,
-               gm_weight: np.ndarray | None = None, mask: np.ndarray | None = None) -> tuple[dict, float]:
+               gm_weight: np.ndarray | None = None, mask: np.ndarray | None = None,
+               ls_fit: dict | None = None) -> tuple[dict, float]:
     """What predict runs for the network (including its uncertainty passes); signals (X, Y, Z, C).
     Protocol-conditioned networks (checkpoints with ``protocol_range``) take the data's ``physics`` and the GM
-    weight GM/(GM+WM) (None: no partial-volume maps). Returns maps (X, Y, Z) and seconds."""
+    weight GM/(GM+WM) (None: no partial-volume maps); ``ls_fit``: for networks with ls_inputs, the LS fit over the
+    ``mask`` voxels already made (see shared_ls_fit_problem), else they fit it. Returns maps (X, Y, Z) and seconds."""
     import time
 
     if "protocol_range" in prep:
@@ -184,7 +219,7 @@ def nn_predict(models, prep: dict, cfg: dict, signals: np.ndarray, physics: dict
         start = time.perf_counter()
         maps = predict_volume(models, signals.astype(np.float32), protocol_from_physics(physics), gm_weight,
                               prep["target_stats"], device=next(models[0].parameters()).device, mask=mask,
-                              fit_cfg=prep.get("fit"))
+                              fit_cfg=prep.get("fit"), ls_fit=ls_fit)
         seconds = time.perf_counter() - start
         return {"cbf": maps["cbf"], "att": maps["att"], "cbf_std": np.sqrt(maps["cbf_var"]),
                 "att_std": np.sqrt(maps["att_var"])}, seconds
@@ -294,21 +329,33 @@ def main(argv: list[str] | None = None) -> dict:
     affine = subject["affine"]
     files = [_save_nifti(mask.astype(np.float32), affine, out_dir / "mask.nii.gz")]
     nn, ls, timings = {}, {}, {}
+    vox_params = None
+    if pv_maps and pcfg["tissue_t1_from_pv"] and "pcasl" in physics["modes"] and physics["pcasl_model"] == "buxton_full":
+        vox_params = {"t1_tissue_ms": tissue_t1_map(gm, wm, physics)[mask].astype(np.float64)}
+    # A network with ls_inputs blends with an LS fit: when it is the fit of the LS maps (same problem), fit once.
+    shared_fit, ls_inputs_note = None, None
+    if any(getattr(m, "ls_inputs", False) for m in models):
+        why = shared_ls_fit_problem(physics, cfg["fit"], prep.get("fit"))
+        if why is None:
+            shared_fit = fit_batched(signals[mask].astype(np.float64), physics, vox_params, cfg["fit"], device=device)
+            ls_inputs_note = "the LS fit of ls_*.nii.gz (one fit)" if method == "both" else "predict's LS fit"
+        else:
+            ls_inputs_note = f"fitted separately ({why})"
+        run.log(f"network LS inputs: {ls_inputs_note}")
     if models:
         models = [m.to(device) for m in models]
         gm_weight = np.where(gm + wm > 1e-6, gm / np.maximum(gm + wm, 1e-6), 1.0) if pv_maps else None
         nn_maps, timings["nn_s"] = nn_predict(models, prep, cfg, nn_signals / m0_scale, physics, gm_weight,
-                                                mask=mask)
+                                                mask=mask, ls_fit=shared_fit)
         nn = {k: np.where(mask, v, 0.0) for k, v in nn_maps.items()}
         files += [_save_nifti(v, affine, out_dir / f"{k}.nii.gz") for k, v in nn.items()]
-    crlb_info, vox_params, pvc_info = None, None, None
+    crlb_info, pvc_info = None, None
     if method in ("ls", "both"):
         m0_vox = subject["m0"][mask] * m0_scale
-        if pv_maps and pcfg["tissue_t1_from_pv"] and "pcasl" in physics["modes"] and physics["pcasl_model"] == "buxton_full":
-            vox_params = {"t1_tissue_ms": tissue_t1_map(gm, wm, physics)[mask].astype(np.float64)}
+        if vox_params is not None:
             run.log("LS: tissue T1 per voxel from the GM/WM maps (predict.tissue_t1_from_pv)")
         res = fit_maps(signals[mask].astype(np.float64), m0_vox, physics, cfg["fit"], device, bool(pcfg["crlb"]),
-                       vox_params)
+                       vox_params, fit=shared_fit)
         timings["ls_s"] = res["seconds"]
         for key in ("cbf", "att", "failed", "cbf_std", "att_std"):
             if key in res:
@@ -341,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     if models:
         sidecar["network"] = {"checkpoint": str(args.checkpoint), "n_models": len(models),
                               "physics": prep["physics"], "protocol_range": prep.get("protocol_range"),
+                              "ls_inputs": ls_inputs_note,
                               "uncertainty": "log-variance heads + member disagreement" if "protocol_range" in prep
                               else f"MC dropout {int(cfg['validate']['mc_dropout_samples'])} passes + log-variance heads"}
     write_text_atomic(out_dir / "maps.json", json.dumps(sidecar, indent=2, default=str))

@@ -148,13 +148,14 @@ def validation_items(brain_cfg, phantom_cfg, proto_cfg, train_cfg) -> dict:
 @torch.inference_mode()
 def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np.ndarray | None, stats: Mapping,
                    device="cpu", batch_slices: int = 8, mask: np.ndarray | None = None,
-                   fit_cfg: Mapping | None = None) -> dict:
+                   fit_cfg: Mapping | None = None, ls_fit: Mapping | None = None) -> dict:
     """CBF/ATT maps (X, Y, Z) of ΔM/M0 signals (X, Y, Z, M) acquired with ``protocol`` (nominal values:
     asl.protocol.protocol_from_physics), mean over the ensemble; ``gm_weight`` GM/(GM+WM) (X, Y, Z) or None.
     Each slice sees its K neighbours (edge slices repeated). Returns cbf, att, cbf_var, att_var (log-variance
     heads averaged plus member disagreement). Models with ``ls_inputs`` get the LS channels of
     asl.ls_inputs over ``mask`` (X, Y, Z; None: every voxel with a nonzero signal), fitted with ``fit_cfg`` (the
-    checkpoint's ``preprocessing.fit``), σ pooled over the whole volume."""
+    checkpoint's ``preprocessing.fit``), σ pooled over the whole volume; ``ls_fit``: that fit already made (the
+    asl.fitting.fit_batched result over the ``mask`` voxels, as predict_asl.py shares it with its LS maps)."""
     arrays = {k: torch.from_numpy(np.asarray(v))[None].to(device) for k, v in protocol_arrays(protocol).items()}
     s_ref = reference_scale(arrays)
     nx, ny, nz, m = signals.shape
@@ -169,7 +170,7 @@ def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np
         w_vox = np.ones(vox.sum()) if gm_weight is None else np.asarray(gm_weight, np.float64)[vox]
         physics = nominal_physics(protocol_arrays(protocol))
         channels, _ = ls_input_channels(np.asarray(signals, np.float64)[vox][:, :m], w_vox, physics, fit_cfg,
-                                        device=device)
+                                        device=device, fit=ls_fit)
         ls_xyz = _empty_ls((nx, ny, nz), "cpu").numpy()
         ls_xyz[vox] = channels
         ls_full = np.ascontiguousarray(np.moveaxis(ls_xyz, (2, 3), (0, 1)))  # (Z, 5, X, Y)

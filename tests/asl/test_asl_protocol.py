@@ -12,7 +12,7 @@ from asl import benchmark_asl, predict_asl, train_protocol_asl, validate_asl
 from asl.brain_volume import T1_GM_MS, T1_WM_MS, generate_brain
 from asl.defaults import defaults
 from asl.fitting import fit_batched
-from asl.invivo import InvivoError
+from asl.invivo import InvivoError, read_nifti
 from asl.physics import signal_curves
 from asl.protocol import (
     PROTOCOL_DEFAULTS,
@@ -285,3 +285,33 @@ def test_ls_blend_starts_as_the_inverse_variance_combination():
         v_ls = math.exp(ln_v_ls)
         expected = torch.where(valid, (v_ls * theta_net + v_net * theta_ls) / (v_net + v_ls), theta_net)
         assert torch.allclose(out[name][0, 0] * std + mean, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_predict_both_fits_ls_once_for_the_maps_and_the_network(tmp_path, monkeypatch):
+    """With a network that blends with LS, --method both fits LS once: its maps equal --method nn's (network) and
+    --method ls's (LS) bit for bit, each of which also fits once."""
+    import asl.ls_inputs
+
+    net = tmp_path / "net"
+    train_protocol_asl.main([*SMOKE, "--set", "protocol_net.ls_inputs=true", "--set", "train.epochs=1",
+                             "--output-dir", str(net)])
+    physics = {**CFG["physics"], "modes": ["pcasl"], "plds_ms": [700.0, 1400.0, 2100.0], "pcasl_model": "buxton_full"}
+    write_synthetic_subject(tmp_path / "s", {**CFG["phantom"], "size": 16}, physics, n_slices=2, seed=3, snr=8.0)
+    fitted = []
+    for module in (predict_asl, asl.ls_inputs):
+        real = module.fit_batched
+        monkeypatch.setattr(module, "fit_batched", lambda y, *a, real=real, **k: fitted.append(len(y)) or real(y, *a, **k))
+    maps = {}
+    for method in ("both", "nn", "ls"):
+        fitted.clear()
+        summary = predict_asl.main([str(tmp_path / "s" / "bids"), "--checkpoint", str(net), "--method", method, *SMOKE,
+                                    "--output-dir", str(tmp_path / method)])
+        assert fitted == [summary["mask_voxels"]], method  # one fit of the brain voxels
+        maps[method] = {f: read_nifti(tmp_path / method / f)[0] for f in ("cbf.nii.gz", "att_std.nii.gz",
+                                                                          "ls_cbf.nii.gz", "ls_att_std.nii.gz")
+                        if (tmp_path / method / f).exists()}
+    assert set(maps["both"]) == set(maps["nn"]) | set(maps["ls"]) and len(maps["both"]) == 4
+    for method in ("nn", "ls"):
+        assert all(np.array_equal(maps["both"][f], v, equal_nan=True) for f, v in maps[method].items())
+    note = json.loads((tmp_path / "both" / "maps.json").read_text(encoding="utf-8"))["network"]["ls_inputs"]
+    assert note.startswith("the LS fit of ls_")

@@ -164,3 +164,43 @@ def test_failures_are_reported_per_voxel():
     assert res["at_bound"][1] and res["failed"][1] and res["cbf"][1] == pytest.approx(200.0)
     with pytest.raises(ValueError, match="n_voxels, n_channels"):
         fit_batched(np.zeros(12), PH)
+
+
+@pytest.mark.parametrize("modes", [["pcasl", "vsasl"], ["pcasl"], ["vsasl"]])
+def test_nominal_jacobian_of_the_fit_is_signal_jacobian_to_the_bit(modes):
+    """The fit's precomputed blood-T1 / VSASL Jacobian gives exactly asl.physics.signal_jacobian, on every branch of
+    the piecewise models (before the bolus, during it, after it)."""
+    from asl.fitting import _nominal_jacobian
+    from asl.physics import signal_jacobian
+
+    physics = {**PH, "modes": modes, "n_bs_pcasl": 3}
+    rng = np.random.default_rng(5)
+    cbf = torch.from_numpy(rng.uniform(0.0, 150.0, 400))
+    att = torch.from_numpy(np.concatenate([rng.uniform(100.0, 4000.0, 397), [500.0, 1800.0, 2300.0]]))
+    fast = _nominal_jacobian(physics, cbf)(cbf, att)
+    for got, want in zip(fast, signal_jacobian(cbf, att, physics)):
+        assert torch.equal(got, want)
+    assert _nominal_jacobian({**physics, "pcasl_model": "buxton_full"}, cbf) is None or modes == ["vsasl"]
+
+
+@pytest.mark.parametrize("model", ["blood_t1", "buxton_full"])
+def test_fit_blocks_change_nothing_and_the_final_jacobian_gives_the_crlb(model):
+    """Grid and LM blocks (cache-sized work units) leave every voxel's result unchanged to the bit, and the Jacobian
+    the fit ends with is the model's at the estimate (the CRLB maps use it)."""
+    from asl.physics import crlb, crlb_from_jacobian
+
+    physics = {**PH, "pcasl_model": model}
+    _, _, y = voxels(300, 3.0, seed=2)
+    params = {"t1_tissue_ms": np.random.default_rng(2).uniform(800, 1400, 300)} if model == "buxton_full" else None
+    whole = fit_batched(y, physics, params, {"grid_block_voxels": 0, "lm_block_voxels": 0})
+    blocks = fit_batched(y, physics, params, {"grid_block_voxels": 64, "lm_block_voxels": 64})
+    assert whole["n_iter"].max() > 3  # the tail is iterated after the blocks are joined
+    for key in ("cbf", "att", "cost", "n_iter", "converged", "jacobian"):
+        assert np.array_equal(whole[key], blocks[key]), key
+    sigma = torch.full((300,), 1e-3, dtype=torch.float64)
+    tp = None if params is None else {k: torch.from_numpy(v) for k, v in params.items()}
+    want = crlb(torch.from_numpy(whole["cbf"]), torch.from_numpy(whole["att"]), physics, sigma, tp)
+    for got, ref in zip(crlb_from_jacobian(whole["jacobian"], sigma), want):
+        finite = torch.isfinite(ref)
+        assert torch.equal(finite, torch.isfinite(got))
+        assert torch.allclose(got[finite], ref[finite], rtol=1e-6)
