@@ -32,6 +32,7 @@ LENSING_DEFAULTS = {
         "truth_grid": 160,  # grid points per axis for Einstein area / image counting
         "seeing_scatter": 0.0,  # per-image PSF FWHM = preset x exp(N(0, this)) (0 = the preset's FWHM)
         "depth_scatter_mag": 0.0,  # per-image depth shift ~ U(-this, +this) mag (exposure x 10^(0.8 dm))
+        "pixel_scale_scatter": 0.0,  # per render batch pixel scale = preset x exp(U(-this, +this)) (0 = the preset's)
         "artefact_fraction": 0.0,  # share of all images with cosmic rays / a satellite trail (artefacts.py)
         "population": {  # scene distribution (lensing/population.py)
             "lens_fraction": 0.5,
@@ -104,6 +105,8 @@ LENSING_DEFAULTS = {
         "lr": 1.0e-3,  # AdamW; cosine annealing to 0 over the epochs
         "weight_decay": 1.0e-4,
         "grad_clip": 5.0,
+        "hard_negative_weight": 0.0,  # + this x BCE of the batch's highest-scoring non-lenses (0 = plain BCE)
+        "hard_negative_fraction": 0.25,  # the share of each batch's non-lenses counted as hard (highest logits)
         "augment": True,  # random flips and 90° rotations
         "max_steps_per_epoch": 0,  # 0 = full epochs
         "val_batch_size": 256,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,18 @@ def observing_conditions(survey: Survey, n: int, seeing_scatter: float, depth_sc
     return fwhm, bkg, t_exp
 
 
+def batch_survey(survey: Survey, pixel_scale_scatter: float, rng: np.random.Generator) -> Survey:
+    """The preset with its pixel scale times exp(U(−``pixel_scale_scatter``, +``pixel_scale_scatter``)), one draw per
+    render batch (domain randomization: the same scenes sampled by another detector, so a survey whose pixel scale
+    lies between the presets is inside the training range). Everything derived from the pixel scale follows it:
+    the sky per pixel, hence the background σ (Survey.background_rms), the field of view and the catalogue's
+    ``pixel_scale``. Off at 0: the preset itself, no random draw (earlier data sets are reproduced)."""
+    if pixel_scale_scatter <= 0:
+        return survey
+    factor = float(np.exp(rng.uniform(-pixel_scale_scatter, pixel_scale_scatter)))
+    return dataclasses.replace(survey, pixel_scale_arcsec=survey.pixel_scale_arcsec * factor)
+
+
 def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[str], None] = print,
                      device: torch.device | str = "cpu", is_main: bool = True) -> pd.DataFrame:
     """Simulate ``cfg['n_per_survey']`` cutouts for each of ``cfg['surveys']`` into ``out_dir``.
@@ -67,7 +80,7 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
     if len(set(band_counts.values())) > 1:
         raise ConfigError(f"simulate.surveys {band_counts} have different numbers of bands: one data set needs one band "
                          "count (set simulate.band_mode: reference to keep each survey's reference band)")
-    for key in ("seeing_scatter", "depth_scatter_mag", "artefact_fraction"):
+    for key in ("seeing_scatter", "depth_scatter_mag", "pixel_scale_scatter", "artefact_fraction"):
         if not float(cfg[key]) >= 0:
             raise ConfigError(f"simulate.{key} must be >= 0, got {cfg[key]}")
     if cfg["storage"] not in FORMATS:
@@ -98,7 +111,8 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
     else:
         simulator = "lensing.simulator (torch)"
     rows: list[dict] = []
-    for survey, total in zip(surveys, counts):
+    for preset, total in zip(surveys, counts):
+        survey = preset
         te_lo, te_hi, capped = theta_e_range(population, survey, n_pix)
         if capped:
             log(f"[lensing] WARNING: {survey.name}: theta_E drawn from U({te_lo:.3g}, {te_hi:.3g})\" instead of the "
@@ -109,6 +123,7 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
         bar = progress(total=total, desc=f"simulate {survey.name}", is_main=is_main)
         for start in range(0, total, batch_size):
             n = min(batch_size, total - start)
+            survey = batch_survey(preset, float(cfg["pixel_scale_scatter"]), rng)
             params, meta = sample_scenes(n, survey, n_pix, population, rng, dtype)
             params = {g: {k: v.to(device) for k, v in d.items()} for g, d in params.items()}
             fwhm, bkg_i, t_exp_i = observing_conditions(survey, n, float(cfg["seeing_scatter"]),
@@ -173,7 +188,8 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
         bar.close()
         log(f"[lensing] simulated {total} {survey.name} cutouts ({n_pix}x{n_pix}, bands {','.join(survey.bands)}, "
             f"background sigma {', '.join(f'{b:.3g}' for b in bkg)} counts/s at nominal depth; per-image seeing "
-            f"scatter {cfg['seeing_scatter']}, depth scatter +-{cfg['depth_scatter_mag']} mag)")
+            f"scatter {cfg['seeing_scatter']}, depth scatter +-{cfg['depth_scatter_mag']} mag, pixel-scale scatter "
+            f"exp(+-{cfg['pixel_scale_scatter']}) per batch of {batch_size})")
     df = pd.DataFrame(rows)
     df["n_images"] = df["n_images"].astype(int)
     df["lensed_pixels_above_1sigma"] = df["lensed_pixels_above_1sigma"].astype(int)

@@ -1,4 +1,5 @@
-"""Train a lens finder (DeepLens-style ResNet) with BCE, optionally plus the physics-informed loss.
+"""Train a lens finder (DeepLens-style ResNet) with BCE, optionally plus a hard-negative term and the
+physics-informed loss.
 
     python lensing/train_lensing.py --config configs/lensing/baseline.yaml --data data/lensing/smoke
     python lensing/train_lensing.py --config configs/lensing/physics_informed.yaml --data DIR
@@ -82,6 +83,19 @@ def evaluate(model, loader, device, amp, dataset: LensingDataset, is_main: bool)
     return {"val_bce": bce, "val_auroc": metrics["auroc"], "val_tpr0": metrics["tpr0"], "val_tpr10": metrics["tpr10"]}
 
 
+def hard_negative_bce(logit: torch.Tensor, label: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean BCE of the ``fraction`` highest-scoring non-lenses of the batch (at least one): online hard-example
+    mining (Shrivastava, Gupta & Girshick 2016, CVPR) applied to the negatives only. TPR0 and TPR10 are decided
+    by the few non-lenses ranked above the lenses, so this term pushes those down instead of the easy bulk.
+    0 (with a gradient path) when the batch has no non-lens."""
+    negative = logit[label == 0]
+    if negative.numel() == 0:
+        return logit.sum() * 0.0
+    k = max(1, math.ceil(fraction * negative.numel()))
+    top = torch.topk(negative, k).values
+    return F.binary_cross_entropy_with_logits(top, torch.zeros_like(top))
+
+
 def augmentation_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The flips/rotations of optimizer step ``step`` come from a generator seeded by (seed, rank, step), so a
     run resumed mid-epoch draws exactly what the uninterrupted run drew."""
@@ -108,6 +122,9 @@ def train_one_epoch(model, loader, optimizer, amp, physics: PhysicsInformedLoss,
         bce = F.binary_cross_entropy_with_logits(logit[known], label[known]) if bool(known.any()) \
             else logit.sum() * 0.0
         loss = bce
+        if tcfg["hard_negative_weight"] > 0:
+            loss = loss + tcfg["hard_negative_weight"] * hard_negative_bce(logit, label,
+                                                                           tcfg["hard_negative_fraction"])
         if physics.active:
             phys, stats = physics(outputs, batch, epoch)
             loss = loss + phys
@@ -216,6 +233,10 @@ def _check_config(cfg: dict) -> None:
     if name == "deeplens_params" and cfg["data"]["residual_channel"]:
         raise ConfigError("data.residual_channel doubles the input channels; the lens-parameter head of "
                           "model.name: deeplens_params predicts one amplitude per input channel: use model.name: deeplens")
+    fraction = cfg["train"]["hard_negative_fraction"]
+    if not cfg["train"]["hard_negative_weight"] >= 0 or not 0 < fraction <= 1:
+        raise ConfigError(f"train.hard_negative_weight must be >= 0 and train.hard_negative_fraction in (0, 1], got "
+                          f"{cfg['train']['hard_negative_weight']} and {fraction}")
     if physics.active and name != "deeplens_params":
         raise ConfigError("physics.weight / physics.param_supervision_weight > 0 need model.name: deeplens_params "
                           "(a model with a lens-parameter head)")

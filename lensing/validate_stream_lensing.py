@@ -39,7 +39,7 @@ from lensing.defaults import lensing_defaults
 from lensing.metrics import bologna_metrics, bootstrap_comparison, per_survey_metrics
 from lensing.population import PopulationConfig, sample_scenes
 from lensing.psf import GaussianPSF
-from lensing.simulate_data import DTYPES, observing_conditions
+from lensing.simulate_data import DTYPES, batch_survey, observing_conditions
 from lensing.simulator import add_noise, render
 from lensing.surveys import get_survey
 
@@ -62,6 +62,7 @@ def network_inputs(noisy: np.ndarray, variance: np.ndarray, prep: dict) -> np.nd
 
 
 def _render_chunk(n: int, survey, n_pix: int, population: PopulationConfig, scfg: dict, rng, generator, dtype):
+    survey = batch_survey(survey, float(scfg["pixel_scale_scatter"]), rng)
     params, meta = sample_scenes(n, survey, n_pix, population, rng, dtype)
     fwhm, bkg, t_exp = observing_conditions(survey, n, float(scfg["seeing_scatter"]), float(scfg["depth_scatter_mag"]),
                                             rng)

@@ -14,7 +14,7 @@ from lensing.baseline import azimuthal_median_model, azimuthal_residual_score
 from lensing.data import LensingDataset
 from lensing.population import PopulationConfig, sample_scenes
 from lensing.psf import GaussianPSF
-from lensing.simulate_data import observing_conditions
+from lensing.simulate_data import batch_survey, observing_conditions
 from lensing.simulator import render
 from lensing.surveys import get_survey
 
@@ -74,6 +74,49 @@ def test_observing_conditions_scale_seeing_together_and_depth_like_exposure_coun
     assert np.allclose(bkg2**2 * t_exp2, bkg[0] ** 2 * t_exp[0])  # σ ∝ T^-1/2
     depth_shift = 1.25 * np.log10(t_exp2[:, 0] / t_exp[0, 0])
     assert depth_shift.min() >= -0.5 - 1e-9 and depth_shift.max() <= 0.5 + 1e-9
+
+
+def test_pixel_scale_scatter_draws_one_scale_per_batch_and_moves_the_sky_noise_with_it():
+    survey = get_survey("kids")
+    rng = np.random.default_rng(0)
+    assert batch_survey(survey, 0.0, rng) is survey
+    assert rng.uniform() == np.random.default_rng(0).uniform()  # off: nothing drawn
+    scales = []
+    for _ in range(200):
+        drawn = batch_survey(survey, 0.35, rng)
+        factor = drawn.pixel_scale_arcsec / survey.pixel_scale_arcsec
+        assert np.exp(-0.35) <= factor <= np.exp(0.35)
+        # sky per pixel ∝ pixel area; read noise unchanged
+        sky_var = [s.background_rms(2) ** 2 - s.num_exposures[2] * s.read_noise_e**2 / s.total_exposure_s(2) ** 2
+                   for s in (survey, drawn)]
+        assert np.isclose(sky_var[1] / sky_var[0], factor**2)
+        assert drawn.psf_fwhm_arcsec == survey.psf_fwhm_arcsec and drawn.name == survey.name
+        scales.append(np.log(factor))
+    assert np.ptp(scales) > 0.6  # spread over the range, not one value
+
+
+def test_simulated_pixel_scale_scatter_reaches_the_catalogue(tmp_path):
+    out = tmp_path / "data"
+    preprocess_lensing.main(["simulate", "--config", SMOKE, "--output-dir", str(out), "--set", "simulate.n_per_survey=[30]",
+                             "--set", "simulate.batch_size=10", "--set", "simulate.pixel_scale_scatter=0.3",
+                             "--set", "split.enabled=false"])
+    catalog = pd.read_csv(out / "catalog.csv")
+    nominal = get_survey("euclid_vis").pixel_scale_arcsec
+    per_batch = catalog["pixel_scale"].to_numpy().reshape(3, 10)
+    assert (per_batch == per_batch[:, :1]).all() and len(np.unique(per_batch[:, 0])) == 3
+    assert (np.abs(np.log(per_batch / nominal)) <= 0.3 + 1e-9).all()
+
+
+def test_hard_negative_term_weights_only_the_highest_scoring_non_lenses():
+    logit = torch.tensor([3.0, -2.0, 1.0, 0.5, -1.0, 2.0], requires_grad=True)
+    label = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    loss = train_lensing.hard_negative_bce(logit, label, 0.5)  # the top 2 of 4 non-lenses: logits 3 and 1
+    assert torch.isclose(loss, torch.nn.functional.softplus(torch.tensor([3.0, 1.0])).mean())
+    loss.backward()
+    assert (logit.grad[[0, 2]] > 0).all() and (logit.grad[[1, 3, 4, 5]] == 0).all()
+    assert train_lensing.hard_negative_bce(logit, torch.ones(6), 0.5).item() == 0.0
+    one = train_lensing.hard_negative_bce(logit, label, 0.01)  # at least one non-lens
+    assert torch.isclose(one, torch.nn.functional.softplus(torch.tensor(3.0)))
 
 
 def test_artefacts_hit_lenses_and_non_lenses_and_draw_nothing_when_off():
@@ -158,3 +201,14 @@ def test_batch_renderer_renders_source_knots_like_render():
     reference = render(params, 32, survey.pixel_scale_arcsec, psf)
     fast = BatchRenderer(32, survey.pixel_scale_arcsec, psf, 1, n_bands=3, dtype=torch.float64, chunk_elements=2048)
     assert torch.allclose(fast(params), reference, rtol=1e-10, atol=1e-12 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("weight,fraction", [(-1.0, 0.25), (1.0, 0.0), (1.0, 1.5)])
+def test_hard_negative_settings_out_of_range_are_config_errors(weight, fraction):
+    from common.config import ConfigError
+    from lensing.defaults import lensing_defaults
+
+    cfg = lensing_defaults()
+    cfg["train"].update(hard_negative_weight=weight, hard_negative_fraction=fraction)
+    with pytest.raises(ConfigError, match="train.hard_negative"):
+        train_lensing._check_config(cfg)
