@@ -5,15 +5,19 @@
     images = fast(params)          # [B, C, N, N], the same numbers as render(params, 64, 0.1, psf, 3)
 
 What makes it faster than :func:`~lensing.simulator.render` on a CPU (the physics is the same functions,
-``lensing.simulator.deflection`` and ``sersic_bands``, so the two agree to rounding):
+``lensing.simulator.scene_coefficients`` and the ``*_from_coefficients`` per-pixel functions that
+``deflection`` and ``sersic_bands`` are made of, so the two agree to rounding):
 - everything that depends only on the geometry is computed once, in ``__init__``: the (sub-)pixel grid,
-  the PSF as two band matrices per band (the separable Gaussian with nearest-pixel edges, scipy's
+  the PSF taps per band (the separable Gaussian with nearest-pixel edges, scipy's
   ``gaussian_filter(mode="nearest")``), the pixel area;
+- everything that depends only on the scene (the profiles' trigonometry, square roots and divisions) is
+  computed once per batch, before the chunks (:func:`pack_coefficients`), so the per-pixel kernel holds
+  only the per-pixel maths;
 - scenes are rendered in chunks sized to the CPU cache (``chunk_elements`` sub-pixels per chunk), so the
   intermediates of the profile maths stay in cache instead of streaming [B, H·s, W·s] arrays through memory
   (at supersampling 3, 101 px and batch 128 a single pass holds ~47 MB per float32 intermediate);
-- with ``compile=True`` one chunk (deflection, both Sérsic profiles, sub-pixel averaging, pixel area, PSF
-  matrix products) is ONE torch.compile graph (``fullgraph=True``: no graph breaks; the PSF radius, the
+- with ``compile=True`` one chunk (deflection, both Sérsic profiles, sub-pixel averaging, pixel area,
+  separable PSF) is ONE torch.compile graph (``fullgraph=True``: no graph breaks; the PSF radius, the
   only data-dependent size, is fixed in ``__init__``), so inductor fuses the elementwise maths into one
   vectorized loop. The last chunk is padded to the chunk size, so one compilation serves every batch size.
 
@@ -31,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from lensing.psf import FWHM_TO_SIGMA, GaussianPSF, gaussian_kernel_1d
-from lensing.simulator import deflection, neighbour_bands, pixel_grid, sersic_bands
+from lensing.simulator import (deflection_from_coefficients, neighbour_bands_from_coefficients, pixel_grid,
+                               scene_coefficients, sersic_bands_from_coefficients)
 
 GROUPS = ("lens", "shear", "source", "source_knots", "lens_light", "neighbours")
 DEFAULT_CHUNK_ELEMENTS = 1 << 17  # sub-pixels per chunk on CPU, eager: 512 KB per float32 intermediate (L2)
@@ -39,14 +44,30 @@ COMPILED_CHUNK_ELEMENTS = 1 << 17  # compiled (measured best of 2^15, 2^17, 2^19
 RECOMPILE_LIMIT = 64
 
 
+def _pad_nearest(images: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """``images`` with ``radius`` copies of its first and last slice along ``dim`` added on either side."""
+    if radius == 0:
+        return images
+    shape = list(images.shape)
+    shape[dim] = radius
+    first = images.narrow(dim, 0, 1).expand(shape)
+    last = images.narrow(dim, images.shape[dim] - 1, 1).expand(shape)
+    return torch.cat([first, images, last], dim=dim)
+
+
 def separable_nearest(images: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """images [b, C, H, W] convolved with a symmetric 1-D kernel per band ``taps`` [C, 2R+1] along both axes,
     edges continued with the nearest pixel (scipy.ndimage mode="nearest"). 2(2R+1) multiply-adds per pixel
-    (the band-matrix product costs 2N); R is read from the shape, so this traces without graph breaks."""
+    (the band-matrix product costs 2N); R is read from the shape, so this traces without graph breaks.
+
+    The edges are padded by concatenating copies of the border rows and columns rather than with
+    ``F.pad(mode="replicate")``: under torch.compile a pad with a single producer is fused into it, so the
+    whole profile maths was re-evaluated on the padded (N + 2R)² grid with gathered loads and a scalar tail;
+    with several readers the rendered image is stored once and the padding only copies it."""
     width = taps.shape[-1]
     radius = width // 2
     h, w = images.shape[-2:]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    padded = _pad_nearest(_pad_nearest(images, radius, -1), radius, -2)
     k = taps[None, :, :, None, None]  # [1, C, 2R+1, 1, 1]
     rows = padded[..., 0:w] * k[:, :, 0]
     for t in range(1, width):
@@ -70,23 +91,36 @@ def _unpack(packed: torch.Tensor, layout: tuple) -> dict:
     return params
 
 
+def pack_coefficients(params: Mapping) -> tuple[torch.Tensor, tuple]:
+    """(packed [B, P], layout): the per-scene constants of every profile (``scene_coefficients``:
+    trigonometry, square roots, divisions), computed once per batch, as one tensor, so a chunk is one slice
+    and the compiled graph has few guards (its per-call cost). Inside the compiled kernel these constants
+    would be re-evaluated for every vector of pixels (inductor keeps libm's errno semantics, so the C++
+    compiler may not hoist them out of the pixel loop; see the README's speed section)."""
+    coef = scene_coefficients(params)
+    batch = next(iter(next(iter(coef.values())).values())).shape[0]
+    layout = tuple((g, k, tuple(v.shape[1:])) for g, d in coef.items() for k, v in d.items())
+    return torch.cat([v.reshape(batch, -1) for d in coef.values() for v in d.values()], dim=1), layout
+
+
 def _surface_chunk(packed: torch.Tensor, layout: tuple, x: torch.Tensor, y: torch.Tensor, supersampling: int,
                    pixel_area: float, taps: torch.Tensor | None) -> torch.Tensor:
-    """Rendered chunk [b, C, N, N] of the scenes packed in ``packed`` [b, P]: lensed source + lens light +
-    neighbours, averaged over sub-pixels, times the pixel area, convolved with the per-band Gaussian
-    ``taps``. Traceable without graph breaks (all sizes come from shapes and python constants)."""
-    params = _unpack(packed, layout)
+    """Rendered chunk [b, C, N, N] of the scenes whose profile coefficients (``scene_coefficients``) are
+    packed in ``packed`` [b, P]: lensed source + lens light + neighbours, averaged over sub-pixels, times the
+    pixel area, convolved with the per-band Gaussian ``taps``. Traceable without graph breaks (all sizes
+    come from shapes and python constants)."""
+    coef = _unpack(packed, layout)
     total = None
-    if params.get("source") is not None:
-        ax, ay = deflection(x, y, params)
-        total = sersic_bands(x - ax, y - ay, params["source"], "source")
-        if params.get("source_knots") is not None:
-            total = total + neighbour_bands(x - ax, y - ay, params["source_knots"])
-    if params.get("lens_light") is not None:
-        light = sersic_bands(x, y, params["lens_light"], "lens_light")
+    if coef.get("source") is not None:
+        ax, ay = deflection_from_coefficients(x, y, coef)
+        total = sersic_bands_from_coefficients(x - ax, y - ay, coef["source"])
+        if coef.get("source_knots") is not None:
+            total = total + neighbour_bands_from_coefficients(x - ax, y - ay, coef["source_knots"])
+    if coef.get("lens_light") is not None:
+        light = sersic_bands_from_coefficients(x, y, coef["lens_light"])
         total = light if total is None else total + light
-    if params.get("neighbours") is not None:
-        near = neighbour_bands(x, y, params["neighbours"])
+    if coef.get("neighbours") is not None:
+        near = neighbour_bands_from_coefficients(x, y, coef["neighbours"])
         total = near if total is None else total + near
     if supersampling > 1:
         total = F.avg_pool2d(total, kernel_size=supersampling)
@@ -160,9 +194,7 @@ class BatchRenderer:
                                      f"batch {batch}")
             if "amp" in values and values["amp"].shape[-1] != self.n_bands:
                 raise ValueError(f"{group}.amp has {values['amp'].shape[-1]} band(s); the renderer has {self.n_bands}")
-        # one [B, P] tensor: one slice per chunk and few guards for the compiled graph (its per-call cost)
-        layout = tuple((g, k, tuple(v.shape[1:])) for g, d in params.items() for k, v in d.items())
-        packed = torch.cat([v.reshape(batch, -1) for d in params.values() for v in d.values()], dim=1)
+        packed, layout = pack_coefficients(params)
         chunk = self.chunk or batch
         if chunk >= batch and not self.compiled:
             return self._run(packed, layout)

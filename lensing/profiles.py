@@ -59,22 +59,34 @@ def sie_deflection(x, y, theta_E, e1, e2, center_x, center_y) -> tuple[torch.Ten
         α'_y = b/√(1−q²) · arctanh(√(1−q²) y' / (ψ + q² s)),
     then rotated back by φ. √(1−q²) = 2√c/(1+c) is computed from c = |e| without cancellation.
     """
+    return sie_deflection_from_coefficients(x, y, center_x, center_y, *sie_coefficients(theta_E, e1, e2))
+
+
+def sie_coefficients(theta_E, e1, e2) -> tuple[torch.Tensor, ...]:
+    """The per-lens constants of :func:`sie_deflection`: (cos φ, sin φ, q², s, k = √(1−q²), b/k).
+
+    Computed once per lens (and outside a compiled per-pixel kernel, where each would otherwise be
+    re-evaluated for every vector of pixels)."""
     phi, q, c = ellipticity_to_phi_q(e1, e2)
-    cos_phi, sin_phi = torch.cos(phi), torch.sin(phi)
-    dx, dy = x - center_x, y - center_y
-    xr = dx * cos_phi + dy * sin_phi
-    yr = dy * cos_phi - dx * sin_phi
     s = SIE_CORE_ARCSEC / torch.sqrt(q)
-    psi = torch.sqrt((q * q) * (xr * xr + s * s) + yr * yr)
     # k = √(1 − q²) = 2√c/(1 + c) >= 2·10⁻⁵ (float64) or 2·10⁻³ (float32) because |e| is floored in
     # ellipticity_to_phi_q, so arctan(k u)/k needs no q → 1 special case: it equals u to within k²u²/3.
     k = 2 * torch.sqrt(c) / (1 + c)
-    scale = theta_E * torch.sqrt(q) / k  # b / √(1 − q²)
+    return torch.cos(phi), torch.sin(phi), q * q, s, k, theta_E * torch.sqrt(q) / k
+
+
+def sie_deflection_from_coefficients(x, y, center_x, center_y, cos_phi, sin_phi, q2, s, k,
+                                     scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pixel part of :func:`sie_deflection`, from :func:`sie_coefficients` (``scale`` = b/k)."""
+    dx, dy = x - center_x, y - center_y
+    xr = dx * cos_phi + dy * sin_phi
+    yr = dy * cos_phi - dx * sin_phi
+    psi = torch.sqrt(q2 * (xr * xr + s * s) + yr * yr)
     limit = 1 - (1e-15 if x.dtype == torch.float64 else 1e-7)  # |k v| < 1 holds; guard rounding only
     ax_r = scale * torch.atan(k * xr / (psi + s))
     # atanh v = ½·log1p(2v/(1 − v)): exact, and accurate for small v also where a compiled (vectorized)
     # atanh is not (torch.compile's CPU atanh lost 3e-5 relative at k ≈ 2e-3, a round lens in float32)
-    v = (k * yr / (psi + (q * q) * s)).clamp(-limit, limit)
+    v = (k * yr / (psi + q2 * s)).clamp(-limit, limit)
     ay_r = scale * 0.5 * torch.log1p(2 * v / (1 - v))
     return ax_r * cos_phi - ay_r * sin_phi, ax_r * sin_phi + ay_r * cos_phi
 
@@ -98,17 +110,28 @@ def sersic_ellipse(x, y, amp, R_sersic, n_sersic, e1, e2, center_x, center_y) ->
     √(q x'² + y'²/q) (lenstronomy param_util.transform_e1e2_product_average). ``amp`` is the surface
     brightness at R_sersic (per arcsec²).
     """
-    dx, dy = x - center_x, y - center_y
+    return sersic_from_coefficients(x, y, amp, center_x, center_y, *sersic_coefficients(R_sersic, n_sersic, e1, e2))
+
+
+def sersic_coefficients(R_sersic, n_sersic, e1, e2) -> tuple[torch.Tensor, ...]:
+    """The per-profile constants of :func:`sersic_ellipse`: T/R_sersic as (t11, t12, t22), the floor
+    (smoothing/R_sersic)² of (R/R_sersic)², b_n and 1/(2n). R and R_sersic are floored at the smoothing scale."""
     norm = torch.sqrt(torch.clamp(torch.abs(1 - e1 * e1 - e2 * e2), min=1e-6))
-    xe = ((1 - e1) * dx - e2 * dy) / norm
-    ye = (-e2 * dx + (1 + e1) * dy) / norm
-    # (R/R_sersic)^(1/n) = exp(ln(R²/R_sersic²) / 2n), with R and R_sersic floored at the smoothing scale
-    radius2 = (xe * xe + ye * ye).clamp(min=SERSIC_SMOOTHING_ARCSEC**2)
     r_eff = torch.clamp(R_sersic, min=SERSIC_SMOOTHING_ARCSEC)
-    log_ratio2 = torch.log(radius2 / (r_eff * r_eff))
-    b_n = sersic_b_n(n_sersic)
-    profile = torch.exp(b_n - b_n * torch.exp(log_ratio2 * (0.5 / n_sersic)))
-    return amp * profile.masked_fill(log_ratio2 > 2 * math.log(SERSIC_MAX_R_FRAC), 0.0)
+    inv = 1 / (norm * r_eff)
+    floor2 = (SERSIC_SMOOTHING_ARCSEC / r_eff) ** 2
+    return (1 - e1) * inv, -e2 * inv, (1 + e1) * inv, floor2, sersic_b_n(n_sersic), 0.5 / n_sersic
+
+
+def sersic_from_coefficients(x, y, amp, center_x, center_y, t11, t12, t22, floor2, b_n, half_inv_n) -> torch.Tensor:
+    """The per-pixel part of :func:`sersic_ellipse`, from :func:`sersic_coefficients`: 4 multiply-adds for
+    (u, v) = T(x − c)/R_sersic, then (R/R_sersic)^(1/n) = exp(ln(u² + v²)/2n)."""
+    dx, dy = x - center_x, y - center_y
+    u = t11 * dx + t12 * dy
+    v = t12 * dx + t22 * dy
+    ratio2 = torch.maximum(u * u + v * v, floor2)
+    profile = torch.exp(b_n - b_n * torch.exp(torch.log(ratio2) * half_inv_n))
+    return amp * profile.masked_fill(ratio2 > SERSIC_MAX_R_FRAC**2, 0.0)
 
 
 def sersic_total_flux(amp, R_sersic, n_sersic):

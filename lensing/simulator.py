@@ -26,7 +26,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from lensing.profiles import sersic_ellipse, shear_deflection, sie_deflection
+from lensing.profiles import (sersic_coefficients, sersic_from_coefficients, shear_deflection, sie_coefficients,
+                              sie_deflection_from_coefficients)
 from lensing.psf import convolve
 
 LENS_KEYS = ("theta_E", "e1", "e2", "center_x", "center_y")
@@ -62,25 +63,65 @@ def _check_keys(group: str, values: Mapping, keys: tuple[str, ...]) -> None:
         raise KeyError(f"simulator parameters '{group}' lack {missing}; expected {list(keys)}")
 
 
+SIE_COEFFICIENT_KEYS = ("center_x", "center_y", "cos_phi", "sin_phi", "q2", "s", "k", "scale")
+SERSIC_COEFFICIENT_KEYS = ("amp", "center_x", "center_y", "t11", "t12", "t22", "floor2", "b_n", "half_inv_n")
+LIGHT_GROUPS = ("source", "source_knots", "lens_light", "neighbours")
+
+
+def scene_coefficients(params: Mapping) -> dict:
+    """The per-scene constants of every profile (``lensing.profiles.sie_coefficients`` and
+    ``sersic_coefficients``), same leading shapes as the parameters: ``lens`` → SIE_COEFFICIENT_KEYS,
+    light groups → SERSIC_COEFFICIENT_KEYS, ``shear`` as given. :func:`deflection`, :func:`sersic_bands` and
+    :func:`neighbour_bands` are these followed by the ``*_from_coefficients`` per-pixel functions; the batch
+    renderer computes them once per batch, outside its compiled per-pixel kernel."""
+    out: dict = {}
+    if params.get("lens") is not None:
+        lens = params["lens"]
+        _check_keys("lens", lens, LENS_KEYS)
+        coef = sie_coefficients(lens["theta_E"], lens["e1"], lens["e2"])
+        out["lens"] = dict(zip(SIE_COEFFICIENT_KEYS, (lens["center_x"], lens["center_y"], *coef)))
+    if params.get("shear") is not None:
+        _check_keys("shear", params["shear"], SHEAR_KEYS)
+        out["shear"] = {k: params["shear"][k] for k in SHEAR_KEYS}
+    for group in LIGHT_GROUPS:
+        light = params.get(group)
+        if light is not None:
+            out[group] = _light_coefficients(light, group)
+    return out
+
+
+def _light_coefficients(light: Mapping, group: str) -> dict:
+    _check_keys(group, light, SERSIC_KEYS)
+    coef = sersic_coefficients(*(light[k] for k in ("R_sersic", "n_sersic", "e1", "e2")))
+    return dict(zip(SERSIC_COEFFICIENT_KEYS, (light["amp"], light["center_x"], light["center_y"], *coef)))
+
+
 def deflection(x, y, params: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
     """Total deflection of SIE (+ external shear when ``params['shear']`` is given) on grids [B, H, W]."""
-    lens = params["lens"]
-    _check_keys("lens", lens, LENS_KEYS)
-    ax, ay = sie_deflection(x, y, *(_col(lens[k]) for k in LENS_KEYS))
-    if params.get("shear") is not None:
-        shear = params["shear"]
-        _check_keys("shear", shear, SHEAR_KEYS)
-        sx, sy = shear_deflection(x, y, _col(shear["gamma1"]), _col(shear["gamma2"]))
+    if params.get("lens") is None:
+        raise KeyError("deflection: params has no 'lens'")
+    return deflection_from_coefficients(x, y, scene_coefficients({"lens": params["lens"],
+                                                                  "shear": params.get("shear")}))
+
+
+def deflection_from_coefficients(x, y, coef: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`deflection` from :func:`scene_coefficients` (``coef['lens']``, optional ``coef['shear']``)."""
+    ax, ay = sie_deflection_from_coefficients(x, y, *(_col(coef["lens"][k]) for k in SIE_COEFFICIENT_KEYS))
+    if coef.get("shear") is not None:
+        sx, sy = shear_deflection(x, y, _col(coef["shear"]["gamma1"]), _col(coef["shear"]["gamma2"]))
         ax, ay = ax + sx, ay + sy
     return ax, ay
 
 
 def sersic_bands(x, y, light: Mapping, group: str) -> torch.Tensor:
     """Multi-band Sérsic surface brightness [B, C, H, W]: one morphology, ``amp`` [B, C] per band."""
-    _check_keys(group, light, SERSIC_KEYS)
-    shape = sersic_ellipse(x, y, torch.ones_like(_col(light["R_sersic"])),
-                           *(_col(light[k]) for k in SERSIC_KEYS[1:]))
-    amp = light["amp"]
+    return sersic_bands_from_coefficients(x, y, _light_coefficients(light, group))
+
+
+def sersic_bands_from_coefficients(x, y, coef: Mapping) -> torch.Tensor:
+    """:func:`sersic_bands` from one light group of :func:`scene_coefficients`."""
+    shape = sersic_from_coefficients(x, y, 1.0, *(_col(coef[k]) for k in SERSIC_COEFFICIENT_KEYS[1:]))
+    amp = coef["amp"]
     if amp.ndim == 1:
         amp = amp[:, None]
     return shape[:, None] * amp[:, :, None, None]
@@ -88,14 +129,18 @@ def sersic_bands(x, y, light: Mapping, group: str) -> torch.Tensor:
 
 def neighbour_bands(x, y, light: Mapping) -> torch.Tensor:
     """Sum of K unlensed Sérsic neighbours: parameters [B, K] (amp [B, K, C]) → [B, C, H, W]."""
-    _check_keys("neighbours", light, SERSIC_KEYS)
-    amp = light["amp"]
+    return neighbour_bands_from_coefficients(x, y, _light_coefficients(light, "neighbours"))
+
+
+def neighbour_bands_from_coefficients(x, y, coef: Mapping) -> torch.Tensor:
+    """:func:`neighbour_bands` from one [B, K] light group of :func:`scene_coefficients`."""
+    amp = coef["amp"]
     b, k, c = amp.shape
-    flat = {key: light[key].reshape(b * k) for key in SERSIC_KEYS[1:]}
+    flat = {key: coef[key].reshape(b * k) for key in SERSIC_COEFFICIENT_KEYS[1:]}
     flat["amp"] = amp.reshape(b * k, c)
     gx = x.expand(b, -1, -1).repeat_interleave(k, dim=0)
     gy = y.expand(b, -1, -1).repeat_interleave(k, dim=0)
-    return sersic_bands(gx, gy, flat, "neighbours").reshape(b, k, c, *x.shape[-2:]).sum(dim=1)
+    return sersic_bands_from_coefficients(gx, gy, flat).reshape(b, k, c, *x.shape[-2:]).sum(dim=1)
 
 
 def render(params: Mapping, n_pix: int, pixel_scale_arcsec, psf=None, supersampling: int = 1,

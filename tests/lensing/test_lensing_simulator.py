@@ -223,12 +223,11 @@ def test_batch_renderer_float32_matches_lenstronomy_float64():
 def test_batch_renderer_chunk_traces_without_graph_breaks_and_refuses_what_it_cannot_do():
     """The chunk function is one torch.compile graph (dynamo explain: no breaks; the PSF radius, the
     data-dependent size that broke render's graph, is fixed at construction). No C++ compilation here."""
-    from lensing.batch_renderer import BatchRenderer, _surface_chunk
+    from lensing.batch_renderer import BatchRenderer, _surface_chunk, pack_coefficients
 
     params, psf, scale = _hsc_scenes(2, torch.float32, n_pix=12)
     fast = BatchRenderer(12, scale, psf, 2, n_bands=3)
-    layout = tuple((g, k, tuple(v.shape[1:])) for g, d in params.items() for k, v in d.items())
-    packed = torch.cat([v.reshape(2, -1) for d in params.values() for v in d.values()], dim=1)
+    packed, layout = pack_coefficients(params)
     explanation = torch._dynamo.explain(_surface_chunk)(packed, layout, fast.x, fast.y, 2, fast.pixel_area, fast.taps)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     with pytest.raises(TypeError, match="GaussianPSF or None"):
