@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from asl.physics import _param, _plds, pcasl_buxton_full_grid_products, signal_curves, signal_jacobian
+from common.runtime import cpu_threads
 
 FIT_DEFAULTS = {
     "cbf_bounds": [0.0, 200.0],  # ml/100g/min
@@ -336,10 +337,7 @@ def fit_batched(signals, physics: Mapping, params: Mapping | None = None, cfg: M
         raise ValueError(f"signals must be (n_voxels, n_channels), got shape {tuple(y.shape)}")
     n = y.shape[0]
     p = _to_params(params, n, dtype, y.device)
-    threads = torch.get_num_threads()
-    if y.device.type == "cpu" and int(cfg["cpu_threads"]) > 0:
-        torch.set_num_threads(int(cfg["cpu_threads"]))
-    try:
+    with cpu_threads(int(cfg["cpu_threads"]) or None, y.device):  # 0: the process setting
         start = time.perf_counter()
         parts = []
         chunk = int(cfg["chunk_voxels"])
@@ -349,8 +347,6 @@ def fit_batched(signals, physics: Mapping, params: Mapping | None = None, cfg: M
         if y.device.type == "cuda":
             torch.cuda.synchronize(y.device)
         elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
     out = {k: torch.cat([q[k] for q in parts]).cpu().numpy() if parts else np.zeros(0) for k in
            ("cbf", "att", "cost", "converged", "n_iter")}
     out["jacobian"] = (torch.cat([q["jacobian"] for q in parts]).cpu().numpy() if parts

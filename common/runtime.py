@@ -89,6 +89,24 @@ def describe_device(device: torch.device) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ seed
+@contextlib.contextmanager
+def cpu_threads(n: int | None, device: torch.device | str = "cpu"):
+    """Run the block with ``n`` torch intra-op threads when computing on a CPU, restoring the process setting
+    afterwards (None, or a non-CPU device: unchanged). Batched searches and fits issue many short operations,
+    each ending in a thread barrier; on cores shared with other jobs one thread avoids stalling at each."""
+    if n is None or torch.device(device).type != "cpu":
+        yield
+        return
+    if int(n) < 1:
+        raise ValueError(f"cpu_threads must be >= 1 or None, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_everything(seed: int, rank: int = 0) -> int:
     """Seed python, numpy and torch with ``seed + rank`` (different streams per DDP rank); returns it."""
     effective = int(seed) + int(rank)

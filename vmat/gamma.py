@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from common.runtime import cpu_threads as runtime_cpu_threads
 
 _BIG = 1e6  # dose (in units of the normalisation) used outside the evaluated grid
 
@@ -107,22 +108,6 @@ def _neighbourhood_blocks(offsets, lengths, spacing_mm, reach, step, distance_mm
     return out
 
 
-@contextmanager
-def _intra_op_threads(n: int | None, device: torch.device):
-    """Run the block with ``n`` torch intra-op threads on a CPU device (None or CUDA: unchanged)."""
-    if n is None or device.type != "cpu":
-        yield
-        return
-    if int(n) < 1:
-        raise ValueError(f"cpu_threads must be >= 1 or None, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def gamma_index(dose_ref: np.ndarray, dose_eval: np.ndarray, spacing_mm: Sequence[float], dose_percent: float = 3.0,
                 distance_mm: float = 3.0, lower_percent_cutoff: float = 10.0, local: bool = False,
                 global_normalisation: float | None = None, max_gamma: float = 2.0, interp_fraction: int = 10,
@@ -140,7 +125,7 @@ def gamma_index(dose_ref: np.ndarray, dose_eval: np.ndarray, spacing_mm: Sequenc
         cpu_threads: torch intra-op threads for the search on a CPU (None: the process setting); see the
             module docstring.
     """
-    with _intra_op_threads(cpu_threads, torch.device(device)):
+    with runtime_cpu_threads(cpu_threads, device):
         return _gamma_index(dose_ref, dose_eval, spacing_mm, dose_percent, distance_mm, lower_percent_cutoff, local,
                             global_normalisation, max_gamma, interp_fraction, random_subset, seed, mask, device,
                             max_elements)

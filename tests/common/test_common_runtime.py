@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from common.demo import SineSumDataset
 from common.runtime import (CoolingPause, GracefulInterrupt, ResumableSampler, all_reduce_mean, amp_policy,
-                            dataloader_kwargs, distributed_env, optimizer_step, seed_everything, select_device,
+                            cpu_threads, dataloader_kwargs, distributed_env, optimizer_step, seed_everything, select_device,
                             unwrap_model, worker_init_fn)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,3 +147,16 @@ def test_torchrun_ddp_two_gloo_processes(tmp_path):
     assert sum(1 for _ in open(out / "metrics.csv", encoding="utf-8")) == 3  # header + 2 epochs
     assert not (tmp_path / "runs").exists()  # rank 1 created no run folder of its own
     assert "DDP rank 0/2" in log_lines[0]
+
+
+def test_cpu_threads_sets_the_count_for_the_block_only():
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with cpu_threads(target, "cpu"):
+        assert torch.get_num_threads() == target
+    assert torch.get_num_threads() == before
+    with cpu_threads(None, "cpu"), cpu_threads(target, "meta"):  # None and non-CPU devices leave it alone
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="cpu_threads"), cpu_threads(0, "cpu"):
+        pass
+    assert torch.get_num_threads() == before
