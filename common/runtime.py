@@ -117,13 +117,20 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker seeding: numpy and random follow torch's per-worker seed.
+    """DataLoader worker seeding (numpy and random follow torch's per-worker seed), in a process group of its own.
 
     Module-level (picklable under the spawn start method used on Windows and macOS).
     """
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+    # A stop signal sent to the whole process group (`timeout`, a batch scheduler, a closing terminal) would
+    # also reach the workers, and torch's worker handler dies on a SIGTERM from anyone but the parent; the
+    # main process then raises "DataLoader worker ... killed by signal" mid-step instead of saving and
+    # stopping. In their own group the workers are stopped by the main process alone (on POSIX).
+    if hasattr(os, "setpgrp"):
+        with contextlib.suppress(OSError):
+            os.setpgrp()
 
 
 def dataloader_kwargs(device: torch.device, num_workers: int = 0, seed: int | None = None,

@@ -162,6 +162,46 @@ def test_sigterm_is_a_graceful_stop_like_ctrl_c():
         signal.getsignal(signal.SIGTERM), type(interrupt._handler))
 
 
+GROUP_STOP_SCRIPT = """
+import os, subprocess, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from common.runtime import GracefulInterrupt, dataloader_kwargs
+
+class Slow(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return torch.tensor([float(i)])
+
+loader = DataLoader(Slow(), batch_size=2, **dataloader_kwargs(torch.device("cpu"), 2, seed=0, start_method="fork"))
+seen = 0
+with GracefulInterrupt() as stop:
+    for batch in loader:
+        seen += 1
+        if seen == 2:  # SIGTERM to the whole process group from another process, as `timeout` or a scheduler sends
+            subprocess.run(["kill", "-s", "TERM", "--", f"-{os.getpgrp()}"], check=False)
+        time.sleep(0.2)  # the step goes on while the signal arrives
+        if stop.requested:
+            break
+print(f"stopped after {seen} batches: {stop.reason}")
+"""
+
+
+@pytest.mark.skipif(os.name == "nt" or not hasattr(os, "killpg"), reason="POSIX process groups")
+def test_group_sigterm_stops_the_loop_without_killing_dataloader_workers(tmp_path):
+    script = tmp_path / "group_stop.py"
+    script.write_text(GROUP_STOP_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                          start_new_session=True)  # its own group: the signal stays away from pytest
+    assert done.returncode == 0, done.stderr
+    assert "stopped after 2 batches: SIGTERM" in done.stdout
+    assert "killed by signal" not in done.stderr
+
+
 def test_backend_is_gloo_without_nccl(monkeypatch):
     import torch.distributed as dist
 
