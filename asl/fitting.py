@@ -39,6 +39,9 @@ FIT_DEFAULTS = {
 # Settings that change only how the work is split, never a voxel's result (tests/asl: bit-identical estimates).
 SPEED_ONLY_FIT_KEYS = ("chunk_voxels", "grid_block_voxels", "lm_block_voxels", "cpu_threads")
 _UNITS = (100.0, 1000.0)  # parameter scaling for conditioning: CBF/100, ATT/1000
+# Per-voxel parameters with a measurement axis: a PLD list per voxel and a weight per measurement (0 for the padding
+# of a shorter protocol), used to fit voxels of several protocols in one batch (fit_batched_protocols).
+PER_VOXEL_VECTORS = ("plds_ms", "channel_weight")
 
 
 def _select(params: Mapping | None, idx) -> dict | None:
@@ -54,7 +57,10 @@ def _to_params(params: Mapping | None, n: int, dtype, device) -> dict | None:
     for key, value in params.items():
         t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
         t = t.to(device=device, dtype=dtype)
-        out[key] = t.expand(n).contiguous() if t.ndim == 0 else t.reshape(n)
+        if key in PER_VOXEL_VECTORS:  # (N, C) or (N, P): one row per voxel
+            out[key] = t.reshape(n, -1)
+        else:
+            out[key] = t.expand(n).contiguous() if t.ndim == 0 else t.reshape(n)
     return out
 
 
@@ -82,9 +88,11 @@ def _grid_products(grid: torch.Tensor, physics: Mapping, params: Mapping, signal
                 nm, dn = y @ unit.T, (unit * unit).sum(-1)[None, :]
             num, den = num + nm, den + dn
         return num, den
-    p = {k: v[:, None].expand(n, g) for k, v in params.items()}
+    p = {k: v[:, None].expand(n, g, *v.shape[1:]) for k, v in params.items() if k != "channel_weight"}
     unit = signal_curves(torch.ones((n, g), dtype=signals.dtype, device=signals.device), grid[None, :].expand(n, g),
                          physics, p)  # (N, G, C)
+    if params.get("channel_weight") is not None:
+        unit = unit * params["channel_weight"][:, None, :]
     return (unit * signals[:, None, :]).sum(-1), (unit * unit).sum(-1)
 
 
@@ -231,8 +239,10 @@ def _lm_chunk(y: torch.Tensor, physics: Mapping, params: Mapping | None, cfg: Ma
         if nominal is not None:  # Jacobian scaled as it is stored: the same products as jac * units
             sig, jac = nominal(th[:, 0] * _UNITS[0], th[:, 1] * _UNITS[1], _UNITS)
             return sig - y_, jac
-        else:
-            sig, jac = signal_jacobian(th[:, 0] * _UNITS[0], th[:, 1] * _UNITS[1], physics, p_)
+        sig, jac = signal_jacobian(th[:, 0] * _UNITS[0], th[:, 1] * _UNITS[1], physics, p_)
+        if p_ is not None and p_.get("channel_weight") is not None:  # padded measurements: no residual, no gradient
+            weight = p_["channel_weight"]
+            return (sig - y_) * weight, jac * (units * weight[..., None])
         return sig - y_, jac * units
 
     # A voxel's result is set aside when it stops (converged, or max_iter iterations: not converged) and all are
@@ -353,6 +363,76 @@ def fit_batched(signals, physics: Mapping, params: Mapping | None = None, cfg: M
                        else np.zeros((0, y.shape[1], 2)))
     out.update(_status(out["cbf"], out["att"], out["converged"].astype(bool), cfg))
     out["seconds"] = elapsed
+    return out
+
+
+# Physics entries a voxel may take from its own protocol in fit_batched_protocols; the others must agree.
+_PROTOCOL_SCALARS = ("t1_blood_ms", "tau_ms", "alpha_pcasl", "alpha_vsasl", "alpha_bs1")
+
+
+def protocol_fit_group(physics: Mapping) -> tuple:
+    """What voxel sets fitted together by fit_batched_protocols must share."""
+    return (tuple(physics["modes"]), physics["pcasl_model"], int(physics.get("n_bs_pcasl", 0)),
+            int(physics.get("n_bs_vsasl", 0)), float(physics["lambda_blood"]))
+
+
+def fit_batched_protocols(signal_sets, physics_list, params_list=None, cfg: Mapping | None = None,
+                          device: str | torch.device = "cpu") -> list[dict]:
+    """fit_batched of several voxel sets, each acquired with its own protocol, in ONE batched fit: set i has
+    signals (N_i, n_modes·P_i) in the measurement order of physics_list[i] and per-voxel params_list[i] (or None).
+    The protocols may differ in PLD list, labeling duration, efficiencies and blood T1 but must share the modes,
+    the PCASL model, the background-suppression pulse counts and λ. Each set is padded to the longest PLD list with
+    measurements of weight 0 (no residual, no Jacobian row), so each voxel minimizes the same cost as in a fit of
+    its set alone (tests/asl: equal to fit_batched per set to rounding). Used where many short protocol-specific
+    fits would each pay the loop's per-iteration overhead (training batches of random protocols, on GPUs above
+    all). Returns one fit_batched-style dict per set (jacobian over the set's own measurements; seconds: the
+    shared fit's)."""
+    sets = [np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float64) for x in signal_sets]
+    params_list = list(params_list) if params_list is not None else [None] * len(sets)
+    if not (len(sets) == len(physics_list) == len(params_list)):
+        raise ValueError(f"{len(sets)} signal sets, {len(physics_list)} physics, {len(params_list)} params")
+    if not sets:
+        return []
+    groups = {protocol_fit_group(ph) for ph in physics_list}
+    if len(groups) > 1:
+        raise ValueError(f"fit_batched_protocols needs one set of modes/model/BS pulses/λ, got {sorted(groups)}")
+    base = physics_list[0]
+    n_modes = len(base["modes"])
+    p_max = max(len(ph["plds_ms"]) for ph in physics_list)
+    keys = set().union(*(set(p or {}) for p in params_list))
+    rows, weights, plds, scalars, extra, columns = [], [], [], {k: [] for k in _PROTOCOL_SCALARS}, {k: [] for k in keys}, []
+    for x, ph, par in zip(sets, physics_list, params_list):
+        n_i, p_i = x.shape[0], len(ph["plds_ms"])
+        if x.ndim != 2 or x.shape[1] != n_modes * p_i:
+            raise ValueError(f"signals of shape {x.shape} do not match {n_modes} mode(s) x {p_i} PLDs")
+        cols = np.concatenate([m * p_max + np.arange(p_i) for m in range(n_modes)])
+        padded = np.zeros((n_i, n_modes * p_max))
+        padded[:, cols] = x
+        weight = np.zeros(n_modes * p_max)
+        weight[cols] = 1.0
+        pld_row = np.full(p_max, float(ph["plds_ms"][-1]))  # padding: any finite PLD (its weight is 0)
+        pld_row[:p_i] = ph["plds_ms"]
+        rows.append(padded)
+        weights.append(np.broadcast_to(weight, padded.shape))
+        plds.append(np.broadcast_to(pld_row, (n_i, p_max)))
+        for key in _PROTOCOL_SCALARS:
+            scalars[key].append(np.full(n_i, float(ph.get(key, 1.0 if key == "alpha_bs1" else np.nan))))
+        for key in keys:
+            if par is None or par.get(key) is None:
+                raise ValueError(f"params {key!r} given for some voxel sets but not for all")
+            extra[key].append(np.broadcast_to(np.asarray(par[key], np.float64), (n_i,)))
+        columns.append(cols)
+    params = {"plds_ms": np.concatenate(plds), "channel_weight": np.concatenate(weights),
+              **{k: np.concatenate(v) for k, v in scalars.items() if not np.isnan(np.concatenate(v)).any()},
+              **{k: np.concatenate(v) for k, v in extra.items()}}
+    fit = fit_batched(np.concatenate(rows), base, params, cfg, device=device)
+    out, start = [], 0
+    for x, cols in zip(sets, columns):
+        sl = slice(start, start + x.shape[0])
+        start += x.shape[0]
+        one = {k: (v[sl] if isinstance(v, np.ndarray) and v.ndim >= 1 else v) for k, v in fit.items()}
+        one["jacobian"] = fit["jacobian"][sl][:, cols]
+        out.append(one)
     return out
 
 

@@ -69,6 +69,8 @@ def ls_input_channels(signals: np.ndarray, gm_weight: np.ndarray, physics: Mappi
     out[:, 2:4] = LN_VAR_INVALID
     if n == 0:
         return out, {"sigma": None, "n_fitted": 0}
+    if c <= 2 and fit is None:  # σ is not estimable: the channels stay invalid whatever the fit gives
+        return out, {"sigma": None, "n_fitted": 0}
     if fit is None:
         t1 = tissue_t1_from_gm_weight(np.asarray(gm_weight, np.float64))
         res = fit_batched(np.asarray(signals, np.float64), physics, {"t1_tissue_ms": t1}, fit_cfg, device=device)

@@ -99,6 +99,13 @@ def _param(name: str, physics: Mapping, params: Mapping | None, like):
 
 
 def _plds(physics: Mapping, params: Mapping | None, like):
+    """The PLDs (ms) with a trailing measurement axis: the physics' list, or a per-voxel list ``params["plds_ms"]``
+    (..., n) when voxels of several protocols are fitted together (asl.fitting.fit_batched_protocols)."""
+    if params is not None and params.get("plds_ms") is not None:
+        xp = _xp(like)
+        plds = (torch.as_tensor(params["plds_ms"], dtype=like.dtype, device=like.device) if xp is torch
+                else np.asarray(params["plds_ms"], dtype=np.float64))
+        return plds + _param("pld_offset_ms", physics, params, like)
     if _xp(like) is torch:
         plds = torch.as_tensor(list(physics["plds_ms"]), dtype=like.dtype, device=like.device)
     else:

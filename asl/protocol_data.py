@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from asl.brain_volume import generate_brain
-from asl.ls_inputs import LN_VAR_INVALID, LS_CHANNELS, ls_input_channels, nominal_physics
+from asl.fitting import fit_batched_protocols, protocol_fit_group
+from asl.ls_inputs import LN_VAR_INVALID, LS_CHANNELS, ls_input_channels, nominal_physics, tissue_t1_from_gm_weight
 from asl.protocol import M_MAX, draw_protocol, protocol_arrays, protocol_signals, reference_scale
 from asl.simulate import item_seed
 
@@ -122,18 +123,37 @@ def _empty_ls(shape, device) -> torch.Tensor:
 
 
 def ls_slab_inputs(x: torch.Tensor, s_ref: torch.Tensor, nominal: Mapping, gm_weight: torch.Tensor,
-                   mask: torch.Tensor, fit_cfg: Mapping) -> torch.Tensor:
+                   mask: torch.Tensor, fit_cfg: Mapping, joint: bool | None = None) -> torch.Tensor:
     """LS channels (asl.ls_inputs) of each item's brain voxels (all K slices; σ pooled over the item's slab):
-    x (B, K, M, H, W) ÷ S_ref, gm_weight and mask (B, K, H, W) → (B, K, LS_CHANNELS, H, W)."""
+    x (B, K, M, H, W) ÷ S_ref, gm_weight and mask (B, K, H, W) → (B, K, LS_CHANNELS, H, W).
+
+    ``joint`` (default: on CUDA): the items' voxels are fitted in one batched fit over their different protocols
+    (asl.fitting.fit_batched_protocols, equal to the per-item fits to rounding) instead of one fit per item: on a
+    GPU each of the fit's ~100 iterations costs about the same for one item as for all, while on a CPU the
+    per-item fits are faster (their grid start has a closed form for one protocol)."""
     b, k, _, h, w = x.shape
     out = _empty_ls((b, k, h, w), x.device)
+    joint = x.device.type == "cuda" if joint is None else joint
+    items = []
     for i in range(b):
         arrays = {key: v[i] for key, v in nominal.items()}
         valid = arrays["valid"] > 0.5
         sel = mask[i].bool()
         signals = (x[i].movedim(1, -1)[sel][:, valid] * s_ref[i]).double().cpu().numpy()  # (N, C) ΔM/M0
-        channels, _ = ls_input_channels(signals, gm_weight[i][sel].double().cpu().numpy(), nominal_physics(arrays),
-                                        fit_cfg, device=x.device)
+        items.append((i, sel, signals, gm_weight[i][sel].double().cpu().numpy(), nominal_physics(arrays)))
+    fits: dict[int, dict] = {}
+    if joint:  # one fit per group of items that share modes (etc.); items with <= 2 measurements are not fitted
+        groups: dict[tuple, list] = {}
+        for item in items:
+            if item[2].shape[0] and item[2].shape[1] > 2:
+                groups.setdefault(protocol_fit_group(item[4]), []).append(item)
+        for group in groups.values():
+            results = fit_batched_protocols([it[2] for it in group], [it[4] for it in group],
+                                            [{"t1_tissue_ms": tissue_t1_from_gm_weight(it[3])} for it in group],
+                                            fit_cfg, device=x.device)
+            fits.update({it[0]: res for it, res in zip(group, results)})
+    for i, sel, signals, gm, physics in items:
+        channels, _ = ls_input_channels(signals, gm, physics, fit_cfg, device=x.device, fit=fits.get(i))
         out[i][sel] = torch.from_numpy(channels).to(x.device)
     return out.permute(0, 1, 4, 2, 3).contiguous()
 

@@ -58,3 +58,27 @@ def test_batched_ls_on_cuda_matches_cpu():
     # float64 on both devices; a voxel may stop at a different kink of the piecewise model, hence a share
     assert np.mean(np.abs(on_gpu["cbf"] - on_cpu["cbf"])[both] < 1e-3) >= 0.99
     assert np.mean(np.abs(on_gpu["att"] - on_cpu["att"])[both] < 0.1) >= 0.99
+
+
+def test_training_ls_channels_on_cuda_equal_the_per_item_cpu_fits():
+    """On CUDA the training batch's LS channels come from one fit over all items' protocols
+    (asl.protocol_data.ls_slab_inputs' default there); they equal the CPU's per-item fits to rounding."""
+    from torch.utils.data import default_collate
+
+    from asl.defaults import defaults
+    from asl.protocol_data import BrainSlabDataset, ls_slab_inputs, simulate_batch
+    from common.config import load_config
+
+    cfg = load_config("configs/asl/protocol_smoke.yaml", defaults=defaults())
+    dataset = BrainSlabDataset(6, 5, cfg["brain"], cfg["phantom"], cfg["protocol"], {**cfg["protocol_net"], "crop_px": 16})
+    batch = default_collate([dataset[i] for i in range(6)])
+    inputs = simulate_batch(batch, "cpu", torch.Generator().manual_seed(0), snr=8.0)
+    nominal = {k[len("nominal_"):]: v for k, v in batch.items() if k.startswith("nominal_")}
+    args = (inputs["x"], inputs["s_ref"], nominal, inputs["gm_weight"], batch["mask"], cfg["fit"])
+    on_cpu = ls_slab_inputs(*args)
+    on_gpu = ls_slab_inputs(inputs["x"].cuda(), inputs["s_ref"].cuda(), {k: v.cuda() for k, v in nominal.items()},
+                            inputs["gm_weight"].cuda(), batch["mask"].cuda(), cfg["fit"]).cpu()
+    valid = on_cpu[:, :, 4] > 0.5
+    assert valid.sum() > 200 and torch.equal(valid, on_gpu[:, :, 4] > 0.5)
+    assert float((on_cpu - on_gpu).abs().amax(2)[valid].median()) < 1e-5
+

@@ -315,3 +315,24 @@ def test_predict_both_fits_ls_once_for_the_maps_and_the_network(tmp_path, monkey
         assert all(np.array_equal(maps["both"][f], v, equal_nan=True) for f, v in maps[method].items())
     note = json.loads((tmp_path / "both" / "maps.json").read_text(encoding="utf-8"))["network"]["ls_inputs"]
     assert note.startswith("the LS fit of ls_")
+
+
+def test_joint_fit_over_protocols_gives_the_per_item_ls_channels():
+    """One batched fit over a training batch's different protocols (the CUDA path of ls_slab_inputs,
+    asl.fitting.fit_batched_protocols) gives each item the LS channels of its own fit to rounding."""
+    from torch.utils.data import default_collate
+
+    from asl.protocol_data import BrainSlabDataset, simulate_batch
+
+    cfg = {**CFG["protocol_net"], "crop_px": 16}
+    dataset = BrainSlabDataset(6, 5, CFG["brain"], CFG["phantom"], CFG["protocol"], cfg)
+    batch = default_collate([dataset[i] for i in range(6)])
+    assert len({int(v) for v in batch["nominal_valid"].sum(1)}) > 1  # protocols of different lengths
+    inputs = simulate_batch(batch, "cpu", torch.Generator().manual_seed(0), snr=8.0)
+    nominal = {k[len("nominal_"):]: v for k, v in batch.items() if k.startswith("nominal_")}
+    args = (inputs["x"], inputs["s_ref"], nominal, inputs["gm_weight"], batch["mask"], CFG["fit"])
+    apart, joint = ls_slab_inputs(*args, joint=False), ls_slab_inputs(*args, joint=True)
+    valid = apart[:, :, 4] > 0.5
+    assert valid.sum() > 200 and torch.equal(valid, joint[:, :, 4] > 0.5)
+    diff = (apart - joint).abs().amax(2)[valid]
+    assert float(diff.median()) < 1e-6 and float((diff > 1e-3).float().mean()) < 0.01

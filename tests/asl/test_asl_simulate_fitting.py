@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from asl.fitting import FIT_DEFAULTS, fit_batched, fit_scipy, grid_init
+from asl.fitting import FIT_DEFAULTS, fit_batched, fit_batched_protocols, fit_scipy, grid_init
 from asl.physics import PHYSICS_DEFAULTS, noise_sigma, signal_curves, signal_curves_np
 from asl.simulate import (
     LABELS,
@@ -204,3 +204,30 @@ def test_fit_blocks_change_nothing_and_the_final_jacobian_gives_the_crlb(model):
         finite = torch.isfinite(ref)
         assert torch.equal(finite, torch.isfinite(got))
         assert torch.allclose(got[finite], ref[finite], rtol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["blood_t1", "buxton_full"])
+def test_one_fit_over_several_protocols_equals_each_protocol_fitted_alone(model):
+    """fit_batched_protocols pads shorter PLD lists with zero-weight measurements: every voxel minimizes the cost
+    of its own protocol, so estimates, costs and Jacobians equal fit_batched per protocol to rounding."""
+    rng = np.random.default_rng(3)
+    sets, physics, params = [], [], []
+    for plds, tau, t1b in [([500.0, 1000.0, 1500.0, 2000.0, 2500.0], 1800.0, 1650.0), ([700.0, 1600.0, 2600.0], 1400.0, 1600.0),
+                           ([300.0, 800.0, 1300.0, 1800.0, 2300.0, 2800.0, 3300.0], 2000.0, 1700.0)]:
+        ph = {**PHYSICS_DEFAULTS, "modes": ["pcasl", "vsasl"], "plds_ms": plds, "pcasl_model": model, "tau_ms": tau,
+              "t1_blood_ms": t1b}
+        t1 = rng.uniform(832.0, 1331.0, 400)
+        clean = signal_curves_np(rng.uniform(10, 90, 400), rng.uniform(500, 2500, 400), ph, {"t1_tissue_ms": t1})
+        sets.append(clean + rng.normal(0.0, 2e-3, clean.shape))
+        physics.append(ph)
+        params.append({"t1_tissue_ms": t1})
+    joint = fit_batched_protocols(sets, physics, params, FIT_DEFAULTS)
+    for y, ph, p, one in zip(sets, physics, params, joint):
+        alone = fit_batched(y, ph, p, FIT_DEFAULTS)
+        assert one["jacobian"].shape == alone["jacobian"].shape == (*y.shape, 2)
+        assert np.array_equal(one["failed"], alone["failed"]) and (~alone["failed"]).sum() > 300
+        ok = ~alone["failed"]
+        assert np.abs(one["cbf"] - alone["cbf"])[ok].max() < 1e-4 and np.abs(one["att"] - alone["att"])[ok].max() < 1e-2
+        assert np.allclose(one["cost"], alone["cost"], rtol=1e-8, atol=1e-20)
+    with pytest.raises(ValueError, match="one set of modes"):
+        fit_batched_protocols(sets[:2], [physics[0], {**physics[1], "modes": ["pcasl"]}], params[:2])
