@@ -18,7 +18,8 @@ Timed exactly as predict_asl.py runs them (asl.predict_asl.nn_predict / fit_maps
   per-voxel physics and initialization as the batched fit.
 Every method is timed best of benchmark.repeats runs. Prints and returns voxels/s of each, the speed ratios, MAE of each on the scipy subset, the agreement of the
 batched fit with scipy (|ΔCBF|, |ΔATT| on voxels where both converged), the coverage of the 95 % intervals
-(±1.96 σ) of the network and of the LS CRLB maps over all brain voxels, and the machine load (1-minute load
+(±1.96 σ) of the network (σ × the checkpoint's σ scale, as predict writes it; asl.protocol_net step 5) and of the
+LS CRLB maps (not scaled) over all brain voxels, and the machine load (1-minute load
 average before and after).
 
     python asl/benchmark_asl.py --checkpoint runs/asl/smoke --config configs/asl/smoke.yaml --data data/asl/smoke
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     run.log(f"{bench['description']}; {n_vox} brain voxels, SNR {bench['snr']:g}; torch threads "
             f"{torch.get_num_threads()}; 1-min load average {load_before} before, {load_after} after")
     run.log(f"network: {bench['nn_description']}")
+    sigma_scales = [m.sigma_scale_source for m in models if hasattr(m, "sigma_scale_source")]
+    for i, source in enumerate(sigma_scales):
+        run.log(f"network member {i}: {source}")
     run.log(f"LS: {fit_physics['pcasl_model'] if 'pcasl' in fit_physics['modes'] else 'vsasl'} model"
             + (", tissue T1 per voxel" if params else "") + (f"; {other} timed too (speed only)" if other else ""))
     for key, value in rates.items():
@@ -239,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
                "load_average_1min": {"before": load_before, "after": load_after},
                "rates": rates, "ratios": ratios, "agreement": agreement, "accuracy": accuracy, "coverage_95": coverage,
                "targets_met": targets, "seconds": seconds}
+    if sigma_scales:
+        summary["sigma_scale"] = sigma_scales
     if "mc_dropout_samples" in bench:
         summary["mc_dropout_samples"] = bench["mc_dropout_samples"]
     summary["headline"] = {"batched_ls_vs_scipy_speedup": ratios["batched_ls_vs_scipy"],

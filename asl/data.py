@@ -186,6 +186,11 @@ def load_ensemble(paths, device="cpu") -> tuple[list[torch.nn.Module], list[dict
         model, ckpt = load_model(f, device=device, expected_domain="asl")
         if "physics" not in ckpt.get("preprocessing", {}):
             raise CheckpointError(f"{f}: field 'preprocessing.physics' is missing (not written by train_asl.py)")
+        if hasattr(model, "load_sigma_scale"):  # protocol-conditioned networks: post-hoc σ scale (asl.protocol_net)
+            try:
+                model.load_sigma_scale(ckpt)
+            except ValueError as exc:
+                raise CheckpointError(f"{f}: {exc}") from None
         models.append(model)
         ckpts.append(ckpt)
     first = ckpts[0]["preprocessing"]

@@ -80,6 +80,9 @@ DEFAULTS = {
         "pretrain_denoise_epochs": 0,  # exp 20: epochs of denoising pre-training before the main task
         "target_stats_phantoms": 64,  # training phantoms used for the CBF/ATT z-score statistics
         "val_max_phantoms": 0,  # 0 = whole validation set each epoch
+        # train_protocol_asl.py: σ scale (Laves et al. 2020) fitted after training on the validation slabs, each
+        # with this many noise draws at SNRs log-uniform in protocol_net.snr_range (the training mix); 0 = none
+        "calibration_draws": 4,
     },
     "finetune": {
         "enabled": False,  # exp 14: self-supervised fine-tuning on preprocessed in-vivo data

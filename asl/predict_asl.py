@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         nn_maps, timings["nn_s"] = nn_predict(models, prep, cfg, nn_signals / m0_scale, physics, gm_weight,
                                                 mask=mask, ls_fit=shared_fit)
         nn = {k: np.where(mask, v, 0.0) for k, v in nn_maps.items()}
+        if "protocol_range" in prep:
+            for i, m in enumerate(models):
+                run.log(f"network member {i}: {m.sigma_scale_source}")
         files += [_save_nifti(v, affine, out_dir / f"{k}.nii.gz") for k, v in nn.items()]
     crlb_info, pvc_info = None, None
     if method in ("ls", "both"):
@@ -389,8 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
         sidecar["network"] = {"checkpoint": str(args.checkpoint), "n_models": len(models),
                               "physics": prep["physics"], "protocol_range": prep.get("protocol_range"),
                               "ls_inputs": ls_inputs_note,
-                              "uncertainty": "log-variance heads + member disagreement" if "protocol_range" in prep
-                              else f"MC dropout {int(cfg['validate']['mc_dropout_samples'])} passes + log-variance heads"}
+                              "uncertainty": "log-variance heads × σ scale + member disagreement" if "protocol_range"
+                              in prep else f"MC dropout {int(cfg['validate']['mc_dropout_samples'])} passes + "
+                              "log-variance heads"}
+        if "protocol_range" in prep:
+            sidecar["network"]["sigma_scale"] = [m.sigma_scale_source for m in models]
     write_text_atomic(out_dir / "maps.json", json.dumps(sidecar, indent=2, default=str))
     figures = []
     if pcfg["qc_figure"]:

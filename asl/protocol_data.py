@@ -42,7 +42,8 @@ PROTOCOL_NET_DEFAULTS = {
 }
 
 
-def _snr(u: float, lo_hi) -> float:
+def log_uniform_snr(u: float, lo_hi) -> float:
+    """SNR log-uniform in [lo, hi] from u in [0, 1], as training draws it."""
     lo, hi = math.log(float(lo_hi[0])), math.log(float(lo_hi[1]))
     return float(math.exp(lo + u * (hi - lo)))
 
@@ -65,7 +66,7 @@ def make_item(seed: int, brain_cfg: Mapping, phantom_cfg: Mapping, proto_cfg: Ma
     protocol = draw_protocol(rng, proto_cfg)
     item.update({f"nominal_{k_}": v for k_, v in protocol_arrays(protocol).items()})
     item.update({f"true_{k_}": v for k_, v in protocol_arrays(protocol, true=True).items()})
-    item["snr"] = np.float32(_snr(rng.uniform(), train_cfg["snr_range"]))
+    item["snr"] = np.float32(log_uniform_snr(rng.uniform(), train_cfg["snr_range"]))
     return item
 
 
@@ -168,14 +169,18 @@ def validation_items(brain_cfg, phantom_cfg, proto_cfg, train_cfg) -> dict:
 @torch.inference_mode()
 def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np.ndarray | None, stats: Mapping,
                    device="cpu", batch_slices: int = 8, mask: np.ndarray | None = None,
-                   fit_cfg: Mapping | None = None, ls_fit: Mapping | None = None) -> dict:
+                   fit_cfg: Mapping | None = None, ls_fit: Mapping | None = None,
+                   channels_last: bool | None = None) -> dict:
     """CBF/ATT maps (X, Y, Z) of ΔM/M0 signals (X, Y, Z, M) acquired with ``protocol`` (nominal values:
     asl.protocol.protocol_from_physics), mean over the ensemble; ``gm_weight`` GM/(GM+WM) (X, Y, Z) or None.
     Each slice sees its K neighbours (edge slices repeated). Returns cbf, att, cbf_var, att_var (log-variance
-    heads averaged plus member disagreement). Models with ``ls_inputs`` get the LS channels of
+    heads, each × its member's σ scale² (asl.protocol_net step 5), averaged, plus member disagreement). Models with
+    ``ls_inputs`` get the LS channels of
     asl.ls_inputs over ``mask`` (X, Y, Z; None: every voxel with a nonzero signal), fitted with ``fit_cfg`` (the
     checkpoint's ``preprocessing.fit``), σ pooled over the whole volume; ``ls_fit``: that fit already made (the
-    asl.fitting.fit_batched result over the ``mask`` voxels, as predict_asl.py shares it with its LS maps)."""
+    asl.fitting.fit_batched result over the ``mask`` voxels, as predict_asl.py shares it with its LS maps).
+    ``channels_last`` (default: on the CPU) runs the U-Net on channels-last windows: oneDNN convolutions without a
+    layout conversion, maps equal to the channels-first ones to float32 rounding (asl/README.md, "Speed (measured)")."""
     arrays = {k: torch.from_numpy(np.asarray(v))[None].to(device) for k, v in protocol_arrays(protocol).items()}
     s_ref = reference_scale(arrays)
     nx, ny, nz, m = signals.shape
@@ -204,6 +209,8 @@ def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np
         ls_all = torch.nn.functional.pad(torch.from_numpy(ls_full).to(device), (0, pw, 0, ph))
         ls_all[..., nx:, :][:, 2:4] = LN_VAR_INVALID
         ls_all[..., :, ny:][:, 2:4] = LN_VAR_INVALID
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
     out = {key: np.zeros((nz, nx, ny)) for key in ("cbf", "att", "cbf_var", "att_var")}
     sums = {key: torch.zeros((nz, nx, ny), dtype=torch.float64, device=device)
             for key in ("cbf", "att", "var_c", "var_a", "cbf2", "att2")}
@@ -217,18 +224,28 @@ def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np
             parts.append(model.encode_slices(xs, ws, {key: v.expand(n, *v.shape[1:]) for key, v in arrays.items()},
                                              s_ref.expand(n).to(device)))
         feats = torch.cat(parts)
+        if channels_last:  # (Z, H, W, C): each window below is gathered straight into channels-last order
+            feats = feats.permute(0, 2, 3, 1).contiguous()
         for start in range(0, nz, batch_slices):
             zs = list(range(start, min(nz, start + batch_slices)))
             idx = torch.from_numpy(np.clip(np.array(zs)[:, None] + np.arange(k)[None] - k // 2, 0, nz - 1)).to(device)
-            o = model.decode(feats[idx], None if ls_all is None else ls_all[idx])
+            slab = feats[idx]
+            if channels_last:  # (B, K, H, W, C) → a (B, K, C, H, W) view whose K·C channels are the innermost axis
+                b_, k_, h_, w_, c_ = slab.shape
+                slab = slab.permute(0, 2, 3, 1, 4).reshape(b_, h_, w_, k_ * c_)
+                slab = slab.permute(0, 3, 1, 2).unflatten(1, (k_, c_))
+            o = model.decode(slab, None if ls_all is None else ls_all[idx])
             cbf = (o["cbf"][:, 0, :nx, :ny] * stats["cbf_std"] + stats["cbf_mean"]).double()
             att = (o["att"][:, 0, :nx, :ny] * stats["att_std"] + stats["att_mean"]).double()
             sums["cbf"][zs] += cbf
             sums["att"][zs] += att
             sums["cbf2"][zs] += cbf * cbf
             sums["att2"][zs] += att * att
-            sums["var_c"][zs] += torch.exp(o["log_var_cbf"][:, 0, :nx, :ny].clamp(-20, 20)).double() * stats["cbf_std"] ** 2
-            sums["var_a"][zs] += torch.exp(o["log_var_att"][:, 0, :nx, :ny].clamp(-20, 20)).double() * stats["att_std"] ** 2
+            # the log-variance heads' variance in physical units, × the member's σ scale² (asl.protocol_net step 5)
+            sums["var_c"][zs] += (torch.exp(o["log_var_cbf"][:, 0, :nx, :ny].clamp(-20, 20)).double()
+                                  * (stats["cbf_std"] * model.sigma_scale["cbf"]) ** 2)
+            sums["var_a"][zs] += (torch.exp(o["log_var_att"][:, 0, :nx, :ny].clamp(-20, 20)).double()
+                                  * (stats["att_std"] * model.sigma_scale["att"]) ** 2)
     n_models = len(models)
     for key, var_key, sq in (("cbf", "var_c", "cbf2"), ("att", "var_a", "att2")):
         mean = sums[key] / n_models

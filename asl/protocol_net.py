@@ -25,6 +25,11 @@ Per slice and voxel:
    inverse-variance weighting of two independent unbiased estimates (minimum-variance linear combination;
    e.g. Kay, Fundamentals of Statistical Signal Processing I, 1993). The two estimates see the same noise and
    LS is biased at low SNR, so Δ learns where that weighting is off. Where the fit is invalid g = 0.
+5. σ scaling (Laves et al. 2020, MIDL): the variance of the log-variance heads is multiplied by s² per output
+   (``sigma_scale``: CBF, ATT), s fitted on the validation slabs after training (train_protocol_asl.py) and stored
+   in the checkpoint's ``extra["sigma_scale"]``; :meth:`ProtocolASLNet.load_sigma_scale` sets it when a checkpoint
+   is loaded (asl.data.load_ensemble), and asl.protocol_data.predict_volume applies it. ``forward`` returns the
+   unscaled log-variances (the LS blend of step 4 weighs those, as in training). A checkpoint without one: s = 1.
 Steps 1-2 depend on one slice only (:meth:`ProtocolASLNet.encode_slices`), steps 3-4 on a window of K slices
 (:meth:`ProtocolASLNet.decode`): whole-volume inference (asl.protocol_data.predict_volume) encodes each slice once.
 """
@@ -32,6 +37,7 @@ Steps 1-2 depend on one slice only (:meth:`ProtocolASLNet.encode_slices`), steps
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -64,6 +70,8 @@ class ProtocolASLNet(nn.Module):
         self.cbf_mean, self.cbf_std = float(cbf_mean), float(cbf_std)
         self.att_mean, self.att_std = float(att_mean), float(att_std)
         self.ls_inputs = bool(ls_inputs)
+        self.sigma_scale = {"cbf": 1.0, "att": 1.0}  # step 5 of the module docstring; set by load_sigma_scale
+        self.sigma_scale_source = "none stored with the checkpoint: σ scale 1"
         if self.ls_inputs and not self.use_log_var:
             raise ValueError("ls_inputs needs use_log_var (the blend weighs the network's predicted variance)")
         self.register_buffer("att_grid", torch.linspace(float(att_grid_ms[0]), float(att_grid_ms[1]),
@@ -87,6 +95,27 @@ class ProtocolASLNet(nn.Module):
             nn.init.zeros_(self.gate_out.weight)
             nn.init.zeros_(self.gate_out.bias)
 
+    def load_sigma_scale(self, ckpt: Mapping) -> str:
+        """Set ``sigma_scale`` from a checkpoint's ``extra["sigma_scale"]`` (1 for both outputs when it has none:
+        trained before the scale existed, or stopped before it was fitted). Returns where it came from; raises
+        ValueError naming the field for a scale that is not a positive finite number."""
+        stored = (ckpt.get("extra") or {}).get("sigma_scale")
+        if stored is None:
+            self.sigma_scale = {"cbf": 1.0, "att": 1.0}
+            self.sigma_scale_source = ("none stored with the checkpoint: σ scale 1 (fit one with "
+                                       "train_protocol_asl.py --calibrate)")
+            return self.sigma_scale_source
+        scale = {}
+        for key in ("cbf", "att"):
+            value = stored.get(key) if isinstance(stored, Mapping) else None
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"field 'extra.sigma_scale.{key}' must be a positive number, got {value!r}")
+            scale[key] = float(value)
+        self.sigma_scale = scale
+        self.sigma_scale_source = (f"σ scale CBF {scale['cbf']:.3f}, ATT {scale['att']:.3f} "
+                                   f"({stored.get('fitted_on', 'fitted after training')})")
+        return self.sigma_scale_source
+
     # ------------------------------------------------------------------------------------ features
     def unit_tables(self, proto: dict, s_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-CBF signals ÷ S_ref on the ATT grid for GM and WM tissue T1: two (B, G, M) tables."""
@@ -101,15 +130,23 @@ class ProtocolASLNet(nn.Module):
     @torch.no_grad()
     def grid_estimates(self, x: torch.Tensor, w: torch.Tensor, u_gm: torch.Tensor, u_wm: torch.Tensor) -> torch.Tensor:
         """x (B, M, H, W), w (B, H, W) GM weight → (B, 2, H, W): grid CBF/50 and (ATT − 1500)/1000.
-        The voxel's unit signal is w·u_GM + (1 − w)·u_WM, so ⟨u, y⟩ and ⟨u, u⟩ are mixtures of table products."""
+        The voxel's unit signal is w·u_GM + (1 − w)·u_WM, so ⟨u, y⟩ and ⟨u, u⟩ are mixtures of table products:
+        num = w·⟨u_GM, y⟩ + (1 − w)·⟨u_WM, y⟩, den = w²·⟨u_GM, u_GM⟩ + 2w(1 − w)·⟨u_GM, u_WM⟩ + (1 − w)²·⟨u_WM, u_WM⟩,
+        CBF = num / den, cost − |y|² = CBF²·den − 2·CBF·num. The (B, G, H, W) arrays are updated in place (the
+        same floating-point operations, hence the same result to the bit, without a new array per operation)."""
         n_gm = torch.einsum("bmhw,bgm->bghw", x, u_gm)
         n_wm = torch.einsum("bmhw,bgm->bghw", x, u_wm)
         d_gg, d_gw, d_ww = ((a * c).sum(-1)[..., None, None] for a, c in ((u_gm, u_gm), (u_gm, u_wm), (u_wm, u_wm)))
         wv = w[:, None]
-        num = wv * n_gm + (1 - wv) * n_wm
-        den = (wv**2 * d_gg + 2 * wv * (1 - wv) * d_gw + (1 - wv) ** 2 * d_ww).clamp_min(1e-12)
-        cbf = (num / den).clamp(0.0, 200.0)
-        best = (cbf * cbf * den - 2 * cbf * num).argmin(dim=1, keepdim=True)
+        vw = 1 - wv
+        num = n_gm.mul_(wv).add_(n_wm.mul_(vw))
+        scratch = n_wm  # free from here on
+        den = torch.mul(wv**2, d_gg)
+        den.add_(torch.mul(2 * wv * vw, d_gw, out=scratch)).add_(torch.mul(vw**2, d_ww, out=scratch)).clamp_min_(1e-12)
+        cbf = torch.div(num, den).clamp_(0.0, 200.0)
+        cost = torch.mul(cbf, cbf, out=scratch).mul_(den).sub_(num.mul_(2 * cbf))
+        # argmin on a copy with the grid axis last (contiguous): the same index, faster than along a strided axis
+        best = cost.permute(0, 2, 3, 1).contiguous().argmin(dim=-1)[:, None]
         return torch.cat([cbf.gather(1, best) / 50.0, (self.att_grid[best] - 1500.0) / 1000.0], dim=1)
 
     def measurement_features(self, x: torch.Tensor, proto: dict, ref: torch.Tensor) -> torch.Tensor:

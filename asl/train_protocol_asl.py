@@ -9,11 +9,24 @@ fixed slabs of the ``protocol_net.val_seed`` family at ``protocol_net.val_snrs``
 Ctrl+C / SIGTERM / --stop-after-steps stop cleanly mid-epoch; --resume continues exactly (the slabs, protocols
 and noise of step k depend only on (seed, epoch, k)).
 
+σ calibration (Laves et al. 2020, MIDL, "Well-calibrated regression uncertainty in medical imaging with deep
+learning"): after the last epoch the kept checkpoint (checkpoint_best.pt) is reloaded and one scale per output
+(CBF, ATT) of its log-variance σ is fitted by maximum likelihood on the validation slabs (``protocol_net.val_seed``
+family, never the test subjects of ``brain_test``), each with ``train.calibration_draws`` noise draws at SNRs
+log-uniform in ``protocol_net.snr_range`` (the training SNR mix: one scale over all SNRs, since predict does not
+know the SNR); it is stored in checkpoint_best.pt (``extra.sigma_scale``) and applied wherever σ is produced
+(asl.protocol_data.predict_volume: predict, validate, benchmark). For an existing checkpoint, without training:
+``--calibrate CHECKPOINT --output-dir NEW`` writes NEW/checkpoint_best.pt = that checkpoint with its scale (fitted
+on the validation slabs of the checkpoint's own config); the source is never overwritten.
+
     python asl/train_protocol_asl.py --config configs/asl/protocol_general.yaml --output-dir runs/asl/general
     python asl/train_protocol_asl.py --config configs/asl/protocol_smoke.yaml --output-dir runs/asl/psmoke --resume
+    python asl/train_protocol_asl.py --calibrate runs/asl/protocol_pcasl --output-dir runs/asl/protocol_pcasl_cal
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,10 +34,12 @@ from torch.utils.data import DataLoader
 
 from asl.defaults import defaults
 from asl.protocol import protocol_range
-from asl.protocol_data import BrainSlabDataset, simulate_batch, validation_items
+from asl.evaluation import coverage, fit_sigma_scale
+from asl.protocol_data import BrainSlabDataset, log_uniform_snr, simulate_batch, validation_items
 from asl.simulate import EpochSampler, item_seed
 from asl.train_asl import LOSSES, combine, lr_lambda_factory, step_generator, task_losses
-from common.checkpoint import build_model, warm_start
+from common.checkpoint import (CheckpointError, atomic_torch_save, build_model, load_checkpoint, load_model,
+                               resolve_checkpoints, warm_start)
 from common.cli import FROZEN_ON_RESUME, make_parser, start_run
 from common.config import ConfigError
 from common.errors import run_cli
@@ -98,9 +113,109 @@ def evaluate(model, val: dict, cfg: dict, stats: dict, device) -> dict:
     return out
 
 
+@torch.no_grad()
+def calibration_errors(model, cfg: dict, stats: dict, draws: int, device) -> dict:
+    """Errors (estimate − true) and the log-variance heads' unscaled variances (physical units) of CBF and ATT over
+    the brain voxels of the validation slabs' centre slices, ``draws`` noise draws each at SNRs log-uniform in
+    ``protocol_net.snr_range`` (drawn from ``protocol_net.val_seed``); also the SNRs. ``cfg``: the config the model
+    was trained with (its validation slabs)."""
+    net = cfg["protocol_net"]
+    val = validation_items(cfg["brain"], cfg["phantom"], cfg["protocol"], net)
+    n_val = len(val["snr"])
+    rng = np.random.default_rng([int(net["val_seed"]), 29])
+    snrs = np.array([[log_uniform_snr(u, net["snr_range"]) for u in rng.uniform(size=n_val)] for _ in range(draws)])
+    model.eval()
+    out: dict = {"cbf_err": [], "cbf_var": [], "att_err": [], "att_var": []}
+    for d in range(draws):
+        gen = torch.Generator(device=device).manual_seed(int(net["val_seed"]) + 500 + d)
+        inputs = simulate_batch({**val, "snr": torch.from_numpy(snrs[d]).float()}, device, gen,
+                                ls_fit_cfg=ls_fit_cfg(cfg))
+        pred = model(inputs)
+        m = inputs["mask"]
+        for key in ("cbf", "att"):
+            std = stats[f"{key}_std"]
+            est = pred[key] * std + stats[f"{key}_mean"]
+            var = torch.exp(pred[f"log_var_{key}"].clamp(-20, 20)) * std**2  # as predict_volume, before the scale
+            out[f"{key}_err"].append((est - inputs[key])[m].double().cpu().numpy())
+            out[f"{key}_var"].append(var[m].double().cpu().numpy())
+    result = {k: np.concatenate(v) for k, v in out.items()}
+    result["snrs"] = snrs
+    return result
+
+
+CALIBRATION_SECTIONS = ("brain", "phantom", "protocol", "protocol_net", "fit")
+
+
+def calibration_config(ckpt: dict, source: Path) -> dict:
+    """The config sections that define a checkpoint's validation slabs (its own config; keys added to the defaults
+    since it was trained take their default). Refuses a checkpoint that is not a protocol-conditioned network."""
+    if "protocol_range" not in (ckpt.get("preprocessing") or {}):
+        raise CheckpointError(f"{source}: field 'preprocessing.protocol_range' is missing: not a protocol-conditioned "
+                              "network (train_protocol_asl.py)")
+    saved = ckpt.get("config") or {}
+    missing = [k for k in CALIBRATION_SECTIONS if k not in saved]
+    if missing:
+        raise CheckpointError(f"{source}: field 'config' lacks {missing} (needed for its validation slabs)")
+    return {k: {**DEFAULTS[k], **saved[k]} for k in CALIBRATION_SECTIONS}
+
+
+def calibrate_checkpoint(source: Path, target: Path, draws: int, device, log) -> dict:
+    """Fit the σ scale of the checkpoint ``source`` on its validation slabs (:func:`calibration_errors`) and write
+    it with ``extra.sigma_scale`` to ``target`` (atomically). Returns the scale record (also logged): scales,
+    voxels, SNR range and the coverage of the ±1.96 σ interval on those voxels before and after."""
+    model, ckpt = load_model(source, device=device, expected_domain="asl")
+    cfg = calibration_config(ckpt, source)
+    err = calibration_errors(model, cfg, ckpt["preprocessing"]["target_stats"], draws, device)
+    record = {"fitted_on": f"{len(err['cbf_err'])} brain voxels of {err['snrs'].shape[1]} validation slabs × {draws} "
+                           f"noise draws, SNR {err['snrs'].min():.1f}-{err['snrs'].max():.1f}, val_seed "
+                           f"{cfg['protocol_net']['val_seed']}",
+              "method": "Laves et al. 2020 σ scaling: s² = mean(error² / σ²)", "draws": int(draws),
+              "snr_range": [float(err["snrs"].min()), float(err["snrs"].max())]}
+    for key in ("cbf", "att"):
+        scale, n = fit_sigma_scale(err[f"{key}_err"], err[f"{key}_var"])
+        record[key], record[f"{key}_voxels"] = scale, n
+        zero = np.zeros_like(err[f"{key}_err"])  # coverage() of the errors: estimate = error, truth = 0
+        record[f"{key}_val_coverage95_before"] = coverage(err[f"{key}_err"], err[f"{key}_var"], zero)
+        record[f"{key}_val_coverage95_after"] = coverage(err[f"{key}_err"], err[f"{key}_var"] * scale**2, zero)
+    ckpt["extra"] = {**(ckpt.get("extra") or {}), "sigma_scale": record}
+    atomic_torch_save(ckpt, target)
+    log(f"σ scale (Laves et al. 2020) CBF {record['cbf']:.3f}, ATT {record['att']:.3f}, fitted on "
+        f"{record['fitted_on']}; validation ±1.96σ coverage CBF {record['cbf_val_coverage95_before']:.1%} -> "
+        f"{record['cbf_val_coverage95_after']:.1%}, ATT {record['att_val_coverage95_before']:.1%} -> "
+        f"{record['att_val_coverage95_after']:.1%}; stored in {target}")
+    return record
+
+
+def calibrate_only(args, parser, argv: list[str] | None) -> dict:
+    """``--calibrate CHECKPOINT``: the σ scale of an existing checkpoint, written to --output-dir (no training)."""
+    sources = resolve_checkpoints(args.calibrate)
+    if len(sources) != 1:
+        parser.error(f"--calibrate {args.calibrate}: names {len(sources)} checkpoints; give one checkpoint file")
+    if args.output_dir is None:
+        parser.error("--calibrate needs --output-dir (a new folder: the source checkpoint is never overwritten)")
+    if args.resume or args.stop_after_steps is not None:
+        parser.error("--calibrate does not train: drop --resume / --stop-after-steps")
+    if Path(args.output_dir).resolve() == sources[0].parent.resolve():
+        parser.error(f"--output-dir {args.output_dir} is the folder of {sources[0]}; give a new folder")
+    calibration_config(load_checkpoint(sources[0], expected_domain="asl"), sources[0])  # refuse before writing
+    run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv, frozen=FROZEN)
+    draws = int(run.cfg["train"]["calibration_draws"])
+    if draws < 1:
+        raise ConfigError(f"train.calibration_draws must be ≥ 1 with --calibrate, got {draws}")
+    run.record_inputs_valid()
+    record = calibrate_checkpoint(sources[0], run.run_dir / "checkpoint_best.pt", draws, run.device, run.log)
+    return run.finish({"calibrated_from": str(sources[0]), "sigma_scale": record,
+                       "headline": {"sigma_scale_cbf": record["cbf"], "sigma_scale_att": record["att"]}})
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__, train=True)
+    parser.add_argument("--calibrate", type=Path, default=None, metavar="CHECKPOINT",
+                        help="do not train: fit the σ scale of this existing checkpoint (file or run folder) on its "
+                             "validation slabs and write it with the scale to --output-dir/checkpoint_best.pt")
     args = parser.parse_args(argv)
+    if args.calibrate is not None:
+        return calibrate_only(args, parser, argv)
     run = start_run(args, domain="asl", defaults=DEFAULTS, argv=argv, frozen=FROZEN)
     cfg, device, tcfg = run.cfg, run.device, run.cfg["train"]
     if tcfg["loss"] not in LOSSES or tcfg["loss"] == "nll":
@@ -164,6 +279,12 @@ def main(argv: list[str] | None = None) -> dict:
                "epochs_completed": state.epoch, "best_val_loss": state.best_metric, "interrupted": stop.stopped}
     if not stop.stopped:
         summary["headline"] = {k: v for k, v in metrics.items() if "_mae_" in k}
+        best = run.run_dir / "checkpoint_best.pt" if run.run_dir is not None else None
+        draws = int(tcfg["calibration_draws"])
+        if run.is_main and best is not None and best.is_file() and draws > 0:
+            summary["sigma_scale"] = calibrate_checkpoint(best, best, draws, device, run.log)
+        elif run.is_main:
+            run.log("no σ scale fitted (train.calibration_draws 0, or no checkpoint_best.pt): σ scale 1")
     return run.finish(summary)
 
 

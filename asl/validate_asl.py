@@ -11,6 +11,7 @@ report.md and figures/.
 
 A protocol-conditioned checkpoint (train_protocol_asl.py) is validated instead on held-out 3D brain subjects with the
 ``brain_test`` protocols against correctly configured least squares, with 95 % bootstrap intervals over subjects
+and the coverage of the network's ±1.96 σ (its checkpoint's σ scale applied) and of the fit's ±1.96 √CRLB
 (asl/protocol_eval.py); no --data is needed.
 
     python asl/validate_asl.py --checkpoint runs/asl/smoke --config configs/asl/smoke.yaml --data data/asl/smoke
@@ -211,13 +212,17 @@ def validate_protocol_network(run, models, prep: dict) -> dict:
     from asl.protocol_eval import evaluate_protocol_model, render_protocol_report
 
     run.record_inputs_valid()
+    sigma_scales = [m.sigma_scale_source for m in models]
+    for i, source in enumerate(sigma_scales):
+        run.log(f"model {i}: {source}")
     result = evaluate_protocol_model(models, prep, run.cfg, run.log)
     for row in result["rows"]:
         append_csv_row(run.run_dir / "metrics.csv", {k: v for k, v in row.items() if k != "minus_ls_ci95"}
                        | ({"minus_ls_ci95_lo": row["minus_ls_ci95"][0], "minus_ls_ci95_hi": row["minus_ls_ci95"][1]}
                           if "minus_ls_ci95" in row else {}))
     write_text_atomic(run.run_dir / "report.md", render_protocol_report(result))
-    return run.finish({"n_models": len(models), "protocol_range": prep["protocol_range"], **result})
+    return run.finish({"n_models": len(models), "protocol_range": prep["protocol_range"], "sigma_scale": sigma_scales,
+                       **result})
 
 
 def render_report(summary: dict, cfg: dict) -> str:

@@ -7,7 +7,7 @@ ASL_SMOKE := configs/asl/smoke.yaml
 ASL_PROTOCOL_SMOKE := configs/asl/protocol_smoke.yaml
 
 DEMO_TARGETS += asl-demo asl-protocol-demo
-.PHONY: asl-demo asl-protocol-demo asl-preprocess asl-train asl-protocol-train asl-validate asl-bench asl-predict asl-fit
+.PHONY: asl-demo asl-protocol-demo asl-preprocess asl-train asl-protocol-train asl-protocol-calibrate asl-validate asl-bench asl-predict asl-fit
 
 asl-demo: setup
 	$(PYTHON) -m asl.preprocess_asl --config $(ASL_SMOKE) --data $(ASL_DATA)
@@ -26,6 +26,11 @@ asl-protocol-demo: setup
 
 asl-protocol-train: setup
 	$(PYTHON) -m asl.train_protocol_asl --config $(or $(CONFIG),configs/asl/protocol_pcasl.yaml) $(ARGS)
+
+# σ scale (Laves et al. 2020) of an existing protocol-conditioned checkpoint, written to a new folder (no training):
+# make asl-protocol-calibrate ASL_RUN=runs/asl/protocol_pcasl ARGS="--output-dir runs/asl/protocol_pcasl_cal"
+asl-protocol-calibrate: setup
+	$(PYTHON) -m asl.train_protocol_asl --calibrate $(ASL_RUN) --config $(or $(CONFIG),configs/asl/protocol_pcasl.yaml) $(ARGS)
 
 asl-preprocess: setup
 	$(PYTHON) -m asl.preprocess_asl --config $(or $(CONFIG),configs/asl/production_v2.yaml) $(ARGS)

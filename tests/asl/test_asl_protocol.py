@@ -10,6 +10,8 @@ import torch
 
 from asl import benchmark_asl, predict_asl, train_protocol_asl, validate_asl
 from asl.brain_volume import T1_GM_MS, T1_WM_MS, generate_brain
+from asl.data import load_ensemble
+from asl.evaluation import fit_sigma_scale
 from asl.defaults import defaults
 from asl.fitting import fit_batched
 from asl.invivo import InvivoError, read_nifti
@@ -29,6 +31,7 @@ from asl.protocol_data import ls_slab_inputs, predict_volume
 from asl.protocol_net import ProtocolASLNet
 from asl.pvc import linear_regression_pvc
 from asl.synthetic_subject import write_synthetic_subject
+from common.checkpoint import CheckpointError
 from common.config import load_config
 
 SMOKE = ["--config", "configs/asl/protocol_smoke.yaml", "--device", "cpu"]
@@ -64,8 +67,8 @@ def test_brain_subject_has_partial_volumes_and_a_t1_per_tissue():
 def test_fit_with_the_tissue_t1_map_is_exact_and_one_t1_biases_white_matter():
     subject = generate_brain(6, CFG["brain"], CFG["phantom"])
     clean = _clean(subject, PCASL_5PLD)
-    exact = _fit(clean, subject["mask"], PCASL_5PLD, subject["t1_tissue_ms"].astype(np.float64), CFG["fit"])
-    one_t1 = _fit(clean, subject["mask"], PCASL_5PLD, None, CFG["fit"])
+    exact, _ = _fit(clean, subject["mask"], PCASL_5PLD, subject["t1_tissue_ms"].astype(np.float64), CFG["fit"])
+    one_t1, _ = _fit(clean, subject["mask"], PCASL_5PLD, None, CFG["fit"])
     mask, wm = subject["mask"], subject["label"] == 2
     assert np.nanmax(np.abs(exact[0] - subject["cbf"])[mask]) < 1e-2
     perfused = mask & (subject["cbf"] > 5.0)  # ATT is unidentifiable without flow (CSF)
@@ -139,6 +142,81 @@ def test_validate_compares_with_correctly_configured_ls_with_intervals(protocol_
     nn_gm = [r for r in summary["rows"] if r["method"] == "nn" and r["tissue"] == "gm"]
     assert nn_gm and all(len(r["minus_ls_ci95"]) == 2 for r in nn_gm)
     assert (tmp_path / "v" / "report.md").read_text(encoding="utf-8").count("| pcasl_5pld |") == len(summary["rows"])
+    # ±1.96σ coverage for the network (its σ scaled) and the LS √CRLB, none for LS with one T1 (no bound computed)
+    for row in summary["rows"]:
+        assert (row["coverage95"] is None) == (row["method"] == "ls_one_t1")
+        assert row["coverage95"] is None or 0.0 <= row["coverage95"] <= 1.0
+    assert summary["sigma_scale"][0].startswith("σ scale CBF")
+
+
+@pytest.mark.parametrize("err, var, expected, n", [
+    ([1.0, 2.0, -2.0], [1.0, 4.0, 1.0], math.sqrt(2.0), 3),  # s² = mean(1, 1, 4) = 2
+    ([3.0, np.nan, 1.0, 5.0], [9.0, 1.0, np.inf, 0.0], 1.0, 1),  # only finite errors with finite σ² > 0
+    ([np.nan], [1.0], 1.0, 0),  # nothing to fit: 1
+])
+def test_sigma_scale_is_the_maximum_likelihood_factor(err, var, expected, n):
+    assert fit_sigma_scale(np.array(err), np.array(var)) == (pytest.approx(expected), n)
+
+
+def test_training_stores_a_sigma_scale_that_predict_volume_applies(protocol_run, tmp_path):
+    """The scale fitted after training is in checkpoint_best.pt; predict_volume multiplies the variance by s² per
+    output and leaves the maps alone; a checkpoint without one runs with s = 1 and says so."""
+    out, summary = protocol_run
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    record = ckpt["extra"]["sigma_scale"]
+    assert summary["sigma_scale"]["cbf"] == record["cbf"] and record["cbf_voxels"] > 0 and record["draws"] == 4
+    lo, hi = CFG["protocol_net"]["snr_range"]
+    assert lo <= record["snr_range"][0] < record["snr_range"][1] <= hi
+    # coverage on the validation voxels after scaling is the share within ±1.96 s σ: recomputed from the errors
+    model, _ = load_ensemble([out / "checkpoint_best.pt"], "cpu")
+    err = train_protocol_asl.calibration_errors(model[0], CFG, ckpt["preprocessing"]["target_stats"], 4, "cpu")
+    for key in ("cbf", "att"):
+        s = record[key]
+        assert s == pytest.approx(math.sqrt(np.mean(err[f"{key}_err"] ** 2 / err[f"{key}_var"])))
+        inside = np.abs(err[f"{key}_err"]) <= 1.96 * s * np.sqrt(err[f"{key}_var"])
+        assert record[f"{key}_val_coverage95_after"] == pytest.approx(inside.mean())
+    scaled = model[0]
+    assert scaled.sigma_scale == {"cbf": record["cbf"], "att": record["att"]}
+    unscaled = ProtocolASLNet(**ckpt["model"]["kwargs"])
+    unscaled.load_state_dict(ckpt["state_dict"])
+    assert "none stored" in unscaled.load_sigma_scale({k: v for k, v in ckpt.items() if k != "extra"})
+    subject = held_out_subjects(CFG["brain_test"], CFG["brain"], CFG["phantom"], n=1)[0]
+    signals = _clean(subject, PCASL_5PLD).astype(np.float32)
+    protocol = protocol_from_physics(PCASL_5PLD)
+    stats = ckpt["preprocessing"]["target_stats"]
+    a = predict_volume([unscaled], signals, protocol, None, stats)
+    b = predict_volume([scaled], signals, protocol, None, stats)
+    assert np.array_equal(a["cbf"], b["cbf"]) and np.array_equal(a["att"], b["att"])
+    for key in ("cbf", "att"):
+        np.testing.assert_allclose(b[f"{key}_var"], a[f"{key}_var"] * record[key] ** 2, rtol=1e-12)
+
+
+def test_calibrate_fits_an_existing_checkpoint_into_a_new_folder(protocol_run, tmp_path):
+    out, _ = protocol_run
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    old = {k: v for k, v in ckpt.items() if k != "extra"}  # as written before the scale existed
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "checkpoint_best.pt")
+    with pytest.raises(SystemExit):  # never into the source's own folder
+        train_protocol_asl.main([*SMOKE, "--calibrate", str(tmp_path / "old"), "--output-dir", str(tmp_path / "old")])
+    summary = train_protocol_asl.main([*SMOKE, "--calibrate", str(tmp_path / "old"), "--output-dir",
+                                       str(tmp_path / "cal")])
+    assert "extra" not in torch.load(tmp_path / "old" / "checkpoint_best.pt", weights_only=True)
+    new = torch.load(tmp_path / "cal" / "checkpoint_best.pt", weights_only=True)
+    for key in ("cbf", "att"):  # the same validation slabs and noise as the scale fitted after training
+        assert new["extra"]["sigma_scale"][key] == pytest.approx(ckpt["extra"]["sigma_scale"][key], rel=1e-9)
+        assert summary["sigma_scale"][key] == new["extra"]["sigma_scale"][key]
+    assert all(torch.equal(new["state_dict"][k], old["state_dict"][k]) for k in old["state_dict"])
+    fixed = {**old, "preprocessing": {k: v for k, v in old["preprocessing"].items() if k != "protocol_range"}}
+    torch.save(fixed, tmp_path / "fixed.pt")  # not a protocol-conditioned network: refused before anything is written
+    with pytest.raises(CheckpointError, match=r"fixed.pt: field 'preprocessing.protocol_range' is missing"):
+        train_protocol_asl.main([*SMOKE, "--calibrate", str(tmp_path / "fixed.pt"), "--output-dir",
+                                 str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    bad = {**old, "extra": {"sigma_scale": {"cbf": -1.0, "att": 1.0}}}
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad.pt: field 'extra.sigma_scale.cbf' must be a positive number"):
+        load_ensemble([tmp_path / "bad.pt"], "cpu")
 
 
 def test_predict_reads_the_data_protocol_and_refuses_one_outside_the_range(protocol_run, tmp_path):
@@ -153,6 +231,7 @@ def test_predict_reads_the_data_protocol_and_refuses_one_outside_the_range(proto
     assert "cbf.nii.gz" in " ".join(summary["files"]) and np.isfinite(summary["brain_mean"]["nn"]["cbf"])
     maps = json.loads((tmp_path / "p" / "maps.json").read_text(encoding="utf-8"))
     assert maps["tissue_t1"] == "per voxel from GM/WM maps" and maps["network"]["protocol_range"]
+    assert maps["network"]["sigma_scale"][0].startswith("σ scale CBF")
     pvc = predict_asl.main([str(tmp_path / "s3" / "bids"), "--method", "ls", *SMOKE, "--set", "predict.pvc=true",
                             "--output-dir", str(tmp_path / "pvc")])
     assert {f"ls_pvc_{k}_{t}.nii.gz" for k in ("cbf", "att") for t in ("gm", "wm")} <= set(pvc["files"])
@@ -194,6 +273,10 @@ def test_predict_volume_encodes_each_slice_once_and_matches_the_network_on_windo
     weight = rng.uniform(0, 1, (8, 8, 5)).astype(np.float32)
     stats = {"cbf_mean": 40.0, "cbf_std": 20.0, "att_mean": 1500.0, "att_std": 400.0}
     maps = predict_volume([net], signals, protocol, weight, stats, batch_slices=2)
+    # channels-last windows (the CPU default) and channels-first ones: the same maps to float32 rounding
+    first = predict_volume([net], signals, protocol, weight, stats, batch_slices=2, channels_last=False)
+    for key, tol in (("cbf", 1e-4), ("att", 1e-3), ("cbf_var", 1e-3), ("att_var", 1.0)):
+        np.testing.assert_allclose(maps[key], first[key], rtol=1e-5, atol=tol)
     x_all = torch.zeros(5, arrays["valid"].shape[1], 8, 8)
     x_all[:, :5] = torch.from_numpy(np.moveaxis(signals, (2, 3), (0, 1))) / s_ref
     w_all = torch.from_numpy(np.moveaxis(weight, 2, 0))
@@ -203,6 +286,33 @@ def test_predict_volume_encodes_each_slice_once_and_matches_the_network_on_windo
             out = net({"x": x_all[idx][None], "gm_weight": w_all[idx][None], "s_ref": s_ref, **arrays})
         assert np.allclose(maps["cbf"][..., z], out["cbf"][0, 0].numpy() * 20 + 40, atol=1e-4)
         assert np.allclose(maps["att"][..., z], out["att"][0, 0].numpy() * 400 + 1500, atol=1e-3)
+
+
+def test_grid_estimates_in_place_equal_the_plain_formula_to_the_bit():
+    """The in-place grid estimate (asl.protocol_net.ProtocolASLNet.grid_estimates) performs the same floating-point
+    operations as the plain expressions below, so CBF and the argmin's ATT are identical, near-ties included."""
+    torch.manual_seed(1)
+    net = ProtocolASLNet(context_slices=1, set_features=4, features=[8, 16], n_groups=4)
+    protocol = protocol_from_physics(PCASL_5PLD)
+    arrays = {k: torch.from_numpy(np.asarray(v))[None].expand(3, -1) if np.ndim(v) else
+              torch.tensor(float(v)).expand(3) for k, v in protocol_arrays(protocol).items()}
+    s_ref = reference_scale({k: v[:1] for k, v in arrays.items()}).expand(3)
+    u_gm, u_wm = net.unit_tables({k: v.float() for k, v in arrays.items()}, s_ref.float())
+    x = torch.randn(3, u_gm.shape[2], 16, 16) * 0.5 + 1.0
+    w = torch.rand(3, 16, 16)
+    w[0, :4] = 1.0  # no partial-volume maps
+    x[1, :, :2] = 0.0  # flat cost over the grid: ties resolved to the first (shortest) ATT
+    got = net.grid_estimates(x, w, u_gm, u_wm)
+    n_gm, n_wm = torch.einsum("bmhw,bgm->bghw", x, u_gm), torch.einsum("bmhw,bgm->bghw", x, u_wm)
+    d_gg, d_gw, d_ww = ((a * c).sum(-1)[..., None, None] for a, c in ((u_gm, u_gm), (u_gm, u_wm), (u_wm, u_wm)))
+    wv = w[:, None]
+    num = wv * n_gm + (1 - wv) * n_wm
+    den = (wv**2 * d_gg + 2 * wv * (1 - wv) * d_gw + (1 - wv) ** 2 * d_ww).clamp_min(1e-12)
+    cbf = (num / den).clamp(0.0, 200.0)
+    best = (cbf * cbf * den - 2 * cbf * num).argmin(dim=1, keepdim=True)
+    assert torch.equal(got[:, :1], cbf.gather(1, best) / 50.0)
+    assert torch.equal(got[:, 1:], (net.att_grid[best] - 1500.0) / 1000.0)
+    assert bool((got[1, 1, :2] == (net.att_grid[0] - 1500.0) / 1000.0).all())
 
 
 def test_linear_regression_pvc_recovers_two_compartments():
