@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from common.metrics import sigma_scale
+
 
 def outside_training(levels_db: np.ndarray, static_raw: np.ndarray, ckpt_meta: dict, max_z: float) -> list[str]:
     """Reasons an ear lies outside what the model was trained on: levels beyond the training levels by more
@@ -68,13 +70,10 @@ def unsure_reasons(threshold_db: float, sd_db: float, outlier_prob: float, class
 
 
 def fit_threshold_sd_scale(abs_error_db: np.ndarray, sd_db: np.ndarray, bounds=(0.25, 10.0)) -> float:
-    """Maximum-likelihood scale of the model's threshold σ on labelled ears (σ scaling; see the module
-    docstring): sqrt(mean((|error| / σ)²)) over ears with a finite error, clipped to ``bounds``; 1 without any."""
-    e, sd = np.asarray(abs_error_db, np.float64), np.asarray(sd_db, np.float64)
-    keep = np.isfinite(e) & np.isfinite(sd) & (sd > 0)
-    if not keep.any():
-        return 1.0
-    return float(np.clip(np.sqrt(np.mean((e[keep] / sd[keep]) ** 2)), *bounds))
+    """Maximum-likelihood scale of the model's threshold σ on labelled ears (σ scaling, common.metrics.sigma_scale)
+    over ears with a finite error, clipped to ``bounds``; 1 without any."""
+    scale, n = sigma_scale(abs_error_db, np.square(np.asarray(sd_db, np.float64)))
+    return float(np.clip(scale, *bounds)) if n else 1.0
 
 
 def checkpoint_sd_scale(ckpt: dict) -> tuple[float, str]:

@@ -58,18 +58,6 @@ def coverage(mean: np.ndarray, var: np.ndarray, true: np.ndarray, z: float = 1.9
     return float(np.mean(np.abs(mean[ok] - true[ok]) <= z * np.sqrt(np.maximum(var[ok], 0))))
 
 
-def fit_sigma_scale(err: np.ndarray, var: np.ndarray) -> tuple[float, int]:
-    """σ scaling (Laves et al. 2020, MIDL, "Well-calibrated regression uncertainty in medical imaging with deep
-    learning"): the maximum-likelihood factor s of the Gaussian N(estimate, (s·σ)²) given errors (estimate − true)
-    and predicted variances σ², s² = mean(error² / σ²), over entries where both are finite and σ² > 0. Returns
-    (s, number of entries used); (1, 0) without any."""
-    e, v = np.asarray(err, np.float64).ravel(), np.asarray(var, np.float64).ravel()
-    ok = np.isfinite(e) & np.isfinite(v) & (v > 0)
-    if not ok.any():
-        return 1.0, 0
-    return float(np.sqrt(np.mean(e[ok] ** 2 / v[ok]))), int(ok.sum())
-
-
 def uncertainty_auroc(var: np.ndarray, err: np.ndarray, quantile: float) -> float:
     ok = np.isfinite(var) & np.isfinite(err)
     if ok.sum() < 10:

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader
 
 from asl.defaults import defaults
 from asl.protocol import protocol_range
-from asl.evaluation import coverage, fit_sigma_scale
+from asl.evaluation import coverage
+from common.metrics import sigma_scale
 from asl.protocol_data import BrainSlabDataset, log_uniform_snr, simulate_batch, validation_items
 from asl.simulate import EpochSampler, item_seed
 from asl.train_asl import LOSSES, combine, lr_lambda_factory, step_generator, task_losses
@@ -172,7 +173,7 @@ def calibrate_checkpoint(source: Path, target: Path, draws: int, device, log) ->
               "method": "Laves et al. 2020 σ scaling: s² = mean(error² / σ²)", "draws": int(draws),
               "snr_range": [float(err["snrs"].min()), float(err["snrs"].max())]}
     for key in ("cbf", "att"):
-        scale, n = fit_sigma_scale(err[f"{key}_err"], err[f"{key}_var"])
+        scale, n = sigma_scale(err[f"{key}_err"], err[f"{key}_var"])
         record[key], record[f"{key}_voxels"] = scale, n
         zero = np.zeros_like(err[f"{key}_err"])  # coverage() of the errors: estimate = error, truth = 0
         record[f"{key}_val_coverage95_before"] = coverage(err[f"{key}_err"], err[f"{key}_var"], zero)

@@ -3,6 +3,7 @@
 Regression: MAE, RMSE, bias, R², Pearson r, Bland-Altman, ICC(2,1)/ICC(3,1), win rate.
 Classification: per-class recall/precision, balanced accuracy, macro F1, confusion matrix, log loss, ECE.
 Ranking: ROC AUC, TPR at a false-positive *rate*, TPR at a false-positive *count*.
+Uncertainty: the σ-scaling factor of predicted variances.
 scikit-learn is used where it does the job; the tests check the rest against it or by hand.
 """
 
@@ -23,6 +24,19 @@ def _flat_finite(pred, true, valid=None) -> tuple[np.ndarray, np.ndarray]:
     if valid is not None:
         keep &= np.asarray(valid, dtype=bool).ravel()
     return pred[keep], true[keep]
+
+
+# ------------------------------------------------------------------------------------------ uncertainty
+def sigma_scale(error, variance) -> tuple[float, int]:
+    """σ scaling (Laves et al. 2020, MIDL, "Well-calibrated regression uncertainty in medical imaging with deep
+    learning"): the maximum-likelihood factor s of the Gaussian N(estimate, (s·σ)²) given errors (estimate − true)
+    and predicted variances σ², s² = mean(error² / σ²), over entries where both are finite and σ² > 0.
+    Returns (s, number of entries used); (1, 0) without any."""
+    e, v = np.asarray(error, np.float64).ravel(), np.asarray(variance, np.float64).ravel()
+    ok = np.isfinite(e) & np.isfinite(v) & (v > 0)
+    if not ok.any():
+        return 1.0, 0
+    return float(np.sqrt(np.mean(e[ok] ** 2 / v[ok]))), int(ok.sum())
 
 
 # ------------------------------------------------------------------------------------------ regression

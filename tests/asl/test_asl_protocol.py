@@ -11,7 +11,6 @@ import torch
 from asl import benchmark_asl, predict_asl, train_protocol_asl, validate_asl
 from asl.brain_volume import T1_GM_MS, T1_WM_MS, generate_brain
 from asl.data import load_ensemble
-from asl.evaluation import fit_sigma_scale
 from asl.defaults import defaults
 from asl.fitting import fit_batched
 from asl.invivo import InvivoError, read_nifti
@@ -147,15 +146,6 @@ def test_validate_compares_with_correctly_configured_ls_with_intervals(protocol_
         assert (row["coverage95"] is None) == (row["method"] == "ls_one_t1")
         assert row["coverage95"] is None or 0.0 <= row["coverage95"] <= 1.0
     assert summary["sigma_scale"][0].startswith("σ scale CBF")
-
-
-@pytest.mark.parametrize("err, var, expected, n", [
-    ([1.0, 2.0, -2.0], [1.0, 4.0, 1.0], math.sqrt(2.0), 3),  # s² = mean(1, 1, 4) = 2
-    ([3.0, np.nan, 1.0, 5.0], [9.0, 1.0, np.inf, 0.0], 1.0, 1),  # only finite errors with finite σ² > 0
-    ([np.nan], [1.0], 1.0, 0),  # nothing to fit: 1
-])
-def test_sigma_scale_is_the_maximum_likelihood_factor(err, var, expected, n):
-    assert fit_sigma_scale(np.array(err), np.array(var)) == (pytest.approx(expected), n)
 
 
 def test_training_stores_a_sigma_scale_that_predict_volume_applies(protocol_run, tmp_path):

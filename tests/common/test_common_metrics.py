@@ -1,9 +1,12 @@
+import math
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from common.metrics import (bland_altman, classification_metrics, expected_calibration_error, icc,
-                            regression_metrics, reliability_curve, roc_auc, tpr_at_fp_count, tpr_at_fpr, win_rate)
+                            regression_metrics, reliability_curve, roc_auc, sigma_scale, tpr_at_fp_count, tpr_at_fpr,
+                            win_rate)
 
 
 def test_regression_metrics_hand_computed():
@@ -122,3 +125,12 @@ def test_tpr_at_fpr_agrees_with_sklearn_roc_curve():
     fpr, tpr, _ = skm.roc_curve(y, s)
     for limit in (0.01, 0.1, 0.3):
         assert tpr_at_fpr(y, s, limit) == pytest.approx(tpr[fpr <= limit].max())
+
+
+@pytest.mark.parametrize("err, var, expected, n", [
+    ([1.0, 2.0, -2.0], [1.0, 4.0, 1.0], math.sqrt(2.0), 3),  # s² = mean(1, 1, 4) = 2
+    ([3.0, np.nan, 1.0, 5.0], [9.0, 1.0, np.inf, 0.0], 1.0, 1),  # only finite errors with finite σ² > 0
+    ([np.nan], [1.0], 1.0, 0),  # nothing to fit: 1
+])
+def test_sigma_scale_is_the_maximum_likelihood_factor(err, var, expected, n):
+    assert sigma_scale(np.array(err), np.array(var)) == (pytest.approx(expected), n)
