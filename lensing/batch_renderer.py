@@ -13,26 +13,35 @@ What makes it faster than :func:`~lensing.simulator.render` on a CPU (the physic
 - everything that depends only on the scene (the profiles' trigonometry, square roots and divisions) is
   computed once per batch, before the chunks (:func:`pack_coefficients`), so the per-pixel kernel holds
   only the per-pixel maths;
-- scenes are rendered in chunks sized to the CPU cache (``chunk_elements`` sub-pixels per chunk), so the
-  intermediates of the profile maths stay in cache instead of streaming [B, H·s, W·s] arrays through memory
-  (at supersampling 3, 101 px and batch 128 a single pass holds ~47 MB per float32 intermediate);
-- with ``compile=True`` one chunk (deflection, both Sérsic profiles, sub-pixel averaging, pixel area,
-  separable PSF) is ONE torch.compile graph (``fullgraph=True``: no graph breaks; the PSF radius, the
-  only data-dependent size, is fixed in ``__init__``), so inductor fuses the elementwise maths into one
-  vectorized loop. The last chunk is padded to the chunk size, so one compilation serves every batch size.
+- scenes are rendered in chunks (``chunk_elements`` sub-pixels per chunk, rounded down to a power of two
+  of scenes so that the usual power-of-two batches split without a padded chunk), so the intermediates
+  stay in cache instead of streaming [B, H·s, W·s] arrays through memory (at supersampling 3, 101 px and
+  batch 128 a single pass holds ~47 MB per float32 intermediate);
+- the sub-pixel grid is stored sub-pixel-major, [1, s², N²] (:func:`subpixel_major`), so the mean over a
+  pixel's s² sub-pixels is a sum over one axis (no average-pooling pass over an [N·s, N·s] image);
+- with ``compile=True`` one chunk (deflection, both Sérsic profiles, sub-pixel sum, pixel area, separable
+  PSF, written in place into the batch's output) is ONE torch.compile graph (``fullgraph=True``: no graph
+  breaks; the PSF radius, the only data-dependent size, is fixed in ``__init__``). The s² sub-pixel rows
+  are added in one expression, so inductor makes ONE vectorized loop over the pixels that evaluates the
+  profile maths for every sub-pixel and sums them in registers. In that loop the arctan is Cephes'
+  float32 polynomial (``fast_math``, :func:`lensing.profiles.atan_ratio_f32`) rather than a call into
+  SLEEF, the Sérsic profile is written in base 2 (SLEEF's exp2 is cheaper than exp), and multiply-adds
+  are contracted into FMA instructions (:data:`COMPILE_OPTIONS`). The per-scene constants are one small
+  compiled kernel too. The last chunk is padded to the chunk size, so one compilation serves every
+  batch size. The README's speed section has the measured effect of each of these.
 
-On CUDA the whole batch is one chunk (the GPU has no cache to fit and wants large launches): the same code
-runs on either device. Per-scene PSFs (a [B, C] FWHM) and pixel PSFs are outside this fast path: use
-:func:`~lensing.simulator.render`. Gradients flow (the compiled graph is differentiable), but the fast
+On CUDA the whole batch is one chunk (the GPU has no cache to fit and wants large launches) and torch's own
+atan is used (``fast_math`` defaults to CPU only): the same code runs on either device. Per-scene PSFs (a
+[B, C] FWHM) and pixel PSFs are outside this fast path: use :func:`~lensing.simulator.render`. Gradients flow (the compiled graph is differentiable), but the fast
 path is meant for data generation under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from lensing.psf import FWHM_TO_SIGMA, GaussianPSF, gaussian_kernel_1d
 from lensing.simulator import (deflection_from_coefficients, neighbour_bands_from_coefficients, pixel_grid,
@@ -40,42 +49,60 @@ from lensing.simulator import (deflection_from_coefficients, neighbour_bands_fro
 
 GROUPS = ("lens", "shear", "source", "source_knots", "lens_light", "neighbours")
 DEFAULT_CHUNK_ELEMENTS = 1 << 17  # sub-pixels per chunk on CPU, eager: 512 KB per float32 intermediate (L2)
-COMPILED_CHUNK_ELEMENTS = 1 << 17  # compiled (measured best of 2^15, 2^17, 2^19 at 64 px, ss 1 and 3)
+COMPILED_CHUNK_ELEMENTS = 1 << 19  # compiled (measured best of 2^18, 2^19, 2^20 at 64 and 101 px, ss 1 and 3)
 RECOMPILE_LIMIT = 64
+# inductor compiles its C++ with -ffp-contract=off by default; "fast" lets the compiler fuse a·b + c into one
+# FMA instruction (one rounding instead of two; 3 % faster at 101 px, supersampling 3)
+COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 
-def _pad_nearest(images: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
-    """``images`` with ``radius`` copies of its first and last slice along ``dim`` added on either side."""
-    if radius == 0:
-        return images
-    shape = list(images.shape)
-    shape[dim] = radius
-    first = images.narrow(dim, 0, 1).expand(shape)
-    last = images.narrow(dim, images.shape[dim] - 1, 1).expand(shape)
-    return torch.cat([first, images, last], dim=dim)
-
-
-def separable_nearest(images: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+def separable_nearest(images: torch.Tensor, taps: torch.Tensor, fold_edges: bool = False) -> torch.Tensor:
     """images [b, C, H, W] convolved with a symmetric 1-D kernel per band ``taps`` [C, 2R+1] along both axes,
     edges continued with the nearest pixel (scipy.ndimage mode="nearest"). 2(2R+1) multiply-adds per pixel
     (the band-matrix product costs 2N); R is read from the shape, so this traces without graph breaks.
+    ``fold_edges``: the edge outputs fold the outside taps onto the border pixel instead of reading a padded
+    copy (for torch.compile, where it is faster; eagerly its ~4R² small operations per axis cost more)."""
+    return _convolve_nearest(_convolve_nearest(images, taps, -1, fold_edges), taps, -2, fold_edges)
 
-    The edges are padded by concatenating copies of the border rows and columns rather than with
-    ``F.pad(mode="replicate")``: under torch.compile a pad with a single producer is fused into it, so the
-    whole profile maths was re-evaluated on the padded (N + 2R)² grid with gathered loads and a scalar tail;
-    with several readers the rendered image is stored once and the padding only copies it."""
+
+def _convolve_nearest(images: torch.Tensor, taps: torch.Tensor, dim: int, fold_edges: bool) -> torch.Tensor:
+    """One axis of :func:`separable_nearest`. Padded: the image is extended by R copies of its border pixels
+    (concatenation, not ``F.pad(mode="replicate")``: under torch.compile a pad with a single producer is
+    fused into it, and the whole profile maths was re-evaluated on the padded grid) and the output is a sum
+    of 2R + 1 shifted slices. With ``fold_edges`` only the N − 2R interior outputs are such a sum; each of the
+    R outputs at either edge folds the taps that fall outside onto the border pixel, so no padded copy is
+    made (compiled: 12 % faster at 101 px without supersampling). Images of at most 2R pixels are padded."""
     width = taps.shape[-1]
     radius = width // 2
-    h, w = images.shape[-2:]
-    padded = _pad_nearest(_pad_nearest(images, radius, -1), radius, -2)
-    k = taps[None, :, :, None, None]  # [1, C, 2R+1, 1, 1]
-    rows = padded[..., 0:w] * k[:, :, 0]
-    for t in range(1, width):
-        rows = rows + padded[..., t:t + w] * k[:, :, t]
-    out = rows[..., 0:h, :] * k[:, :, 0]
-    for t in range(1, width):
-        out = out + rows[..., t:t + h, :] * k[:, :, t]
-    return out
+    n = images.shape[dim]
+    k = taps.reshape(1, taps.shape[0], width, 1, 1)  # [1, C, 2R+1, 1, 1]
+    if radius == 0:
+        return images * k[:, :, 0]
+    if n <= 2 * radius or not fold_edges:
+        shape = list(images.shape)
+        shape[dim] = radius
+        padded = torch.cat([images.narrow(dim, 0, 1).expand(shape), images,
+                            images.narrow(dim, n - 1, 1).expand(shape)], dim=dim)
+        return sum(padded.narrow(dim, t, n) * k[:, :, t] for t in range(width))
+    interior = sum(images.narrow(dim, t, n - 2 * radius) * k[:, :, t] for t in range(width))
+    left, right = [], []
+    for i in range(radius):  # output i reads pixels i − R … i + R; those below 0 are pixel 0
+        outside = radius - i
+        left.append(images.narrow(dim, 0, 1) * k[:, :, : outside + 1].sum(dim=2)
+                    + sum(images.narrow(dim, j, 1) * k[:, :, outside + j] for j in range(1, i + radius + 1)))
+        j_last = n - 1  # mirror image: output n − 1 − i
+        right.insert(0, images.narrow(dim, j_last, 1) * k[:, :, width - outside - 1:].sum(dim=2)
+                     + sum(images.narrow(dim, j_last - j, 1) * k[:, :, width - outside - 1 - j]
+                           for j in range(1, i + radius + 1)))
+    return torch.cat(left + [interior] + right, dim=dim)
+
+
+def subpixel_major(grid: torch.Tensor, n_pix: int, supersampling: int) -> torch.Tensor:
+    """A [1, N·s, N·s] sub-pixel grid as [1, s², N²] (contiguous): column p holds the s² sub-pixels of pixel p
+    (row-major), so the mean over a pixel's sub-pixels is a sum over dim -2 (F.avg_pool2d on the [N·s, N·s]
+    layout, reordered)."""
+    s = supersampling
+    return grid.reshape(1, n_pix, s, n_pix, s).permute(0, 2, 4, 1, 3).reshape(1, s * s, n_pix * n_pix).contiguous()
 
 
 def _unpack(packed: torch.Tensor, layout: tuple) -> dict:
@@ -103,16 +130,11 @@ def pack_coefficients(params: Mapping) -> tuple[torch.Tensor, tuple]:
     return torch.cat([v.reshape(batch, -1) for d in coef.values() for v in d.values()], dim=1), layout
 
 
-def _surface_chunk(packed: torch.Tensor, layout: tuple, x: torch.Tensor, y: torch.Tensor, supersampling: int,
-                   pixel_area: float, taps: torch.Tensor | None) -> torch.Tensor:
-    """Rendered chunk [b, C, N, N] of the scenes whose profile coefficients (``scene_coefficients``) are
-    packed in ``packed`` [b, P]: lensed source + lens light + neighbours, averaged over sub-pixels, times the
-    pixel area, convolved with the per-band Gaussian ``taps``. Traceable without graph breaks (all sizes
-    come from shapes and python constants)."""
-    coef = _unpack(packed, layout)
+def _surface(coef: Mapping, x: torch.Tensor, y: torch.Tensor, fast_math: bool) -> torch.Tensor:
+    """Surface brightness [b, C, …] of lensed source + lens light + neighbours on the grid (x, y)."""
     total = None
     if coef.get("source") is not None:
-        ax, ay = deflection_from_coefficients(x, y, coef)
+        ax, ay = deflection_from_coefficients(x, y, coef, fast_math)
         total = sersic_bands_from_coefficients(x - ax, y - ay, coef["source"])
         if coef.get("source_knots") is not None:
             total = total + neighbour_bands_from_coefficients(x - ax, y - ay, coef["source_knots"])
@@ -122,12 +144,37 @@ def _surface_chunk(packed: torch.Tensor, layout: tuple, x: torch.Tensor, y: torc
     if coef.get("neighbours") is not None:
         near = neighbour_bands_from_coefficients(x, y, coef["neighbours"])
         total = near if total is None else total + near
-    if supersampling > 1:
-        total = F.avg_pool2d(total, kernel_size=supersampling)
-    total = total * pixel_area
-    if taps is not None:
-        total = separable_nearest(total, taps)
     return total
+
+
+def _surface_chunk(out: torch.Tensor, packed: torch.Tensor, layout: tuple, x: torch.Tensor, y: torch.Tensor,
+                   supersampling: int, pixel_area: float, taps: torch.Tensor | None, fast_math: bool = False,
+                   compiled: bool = False) -> None:
+    """Renders into ``out`` [b, C, N, N] the scenes whose profile coefficients (``scene_coefficients``) are
+    packed in ``packed`` [b, P]: lensed source + lens light + neighbours, averaged over sub-pixels, times the
+    pixel area, convolved with the per-band Gaussian ``taps``. Traceable without graph breaks (all sizes
+    come from shapes and python constants); compiled, the last kernel writes straight into ``out`` (a slice
+    of the batch's images), so the chunks need no concatenation afterwards. ``fast_math``: the float32
+    arctan of :func:`lensing.profiles.atan_ratio_f32`, inlined into the fused loop, instead of ``torch.atan``.
+
+    x, y are [1, s², N²] (:func:`subpixel_major`): row j holds sub-pixel j of every pixel, so the mean over a
+    pixel's sub-pixels is a sum over dim -2. When ``compiled`` (traced for inductor) the s² rows are rendered
+    and added in one expression, which inductor turns into ONE loop over the N² pixels (no [b, C, s², N²]
+    intermediate is stored and read back: 4-10 % faster at s = 3); eagerly, one pass over all sub-pixels
+    and a ``sum`` (fewer, larger operations)."""
+    coef = _unpack(packed, layout)
+    if compiled:
+        total = _surface(coef, x[:, :1], y[:, :1], fast_math)
+        for j in range(1, x.shape[1]):
+            total = total + _surface(coef, x[:, j:j + 1], y[:, j:j + 1], fast_math)
+        total = total[..., 0, :]
+    else:
+        total = _surface(coef, x, y, fast_math).sum(dim=-2)
+    n_pix = math.isqrt(x.shape[-1])
+    total = (total * (pixel_area / supersampling**2)).reshape(*total.shape[:-1], n_pix, n_pix)
+    if taps is not None:
+        total = separable_nearest(total, taps, fold_edges=compiled)
+    out.copy_(total)
 
 
 class BatchRenderer:
@@ -139,16 +186,21 @@ class BatchRenderer:
         n_bands: number of bands C (the length of the ``amp`` rows).
         dtype, device: of the grid; the scene parameters must match.
         compile: torch.compile one chunk (``fullgraph=True``, static shapes); False runs the same chunks eagerly.
-        chunk_elements: sub-pixels per chunk on CPU (default 2^17); 0 = the whole batch at once.
+        chunk_elements: sub-pixels per chunk on CPU (default 2^17 eagerly, 2^19 compiled; rounded down to a
+            power of two of scenes); 0 = the whole batch at once.
+        fast_math: arctan by :func:`lensing.profiles.atan_ratio_f32` (Cephes' float32 algorithm as tensor
+            arithmetic, inlined by the compiler; 3e-7 relative) instead of ``torch.atan``; None (default) = on
+            for compiled float32 on a CPU, off otherwise (CUDA has a fast atan; float64 needs torch's).
     """
 
     def __init__(self, n_pix: int, pixel_scale_arcsec: float, psf=None, supersampling: int = 1, n_bands: int = 1,
-                 dtype=torch.float32, device=None, compile: bool = False, chunk_elements: int | None = None):
+                 dtype=torch.float32, device=None, compile: bool = False, chunk_elements: int | None = None,
+                 fast_math: bool | None = None):
         self.n_pix, self.supersampling, self.n_bands = int(n_pix), int(supersampling), int(n_bands)
         self.pixel_scale = float(pixel_scale_arcsec)
         self.dtype, self.device = dtype, torch.device(device or "cpu")
         x, y = pixel_grid(self.n_pix, self.pixel_scale, self.supersampling, dtype, self.device)
-        self.x, self.y = x.contiguous(), y.contiguous()  # [1, N·s, N·s], computed once
+        self.x, self.y = (subpixel_major(g, self.n_pix, self.supersampling) for g in (x, y))  # computed once
         self.pixel_area = self.pixel_scale**2
         self.taps = None
         if psf is not None:
@@ -167,16 +219,27 @@ class BatchRenderer:
         pixels = (self.n_pix * self.supersampling) ** 2
         default = COMPILED_CHUNK_ELEMENTS if compile else DEFAULT_CHUNK_ELEMENTS
         budget = default if chunk_elements is None else int(chunk_elements)
-        self.chunk = 0 if (self.device.type != "cpu" or budget <= 0) else max(1, budget // pixels)
+        # a power of two of scenes, so that batches of a power of two (the usual) split without a padded chunk
+        self.chunk = 0 if (self.device.type != "cpu" or budget <= 0) else 1 << max(0, (budget // pixels).bit_length() - 1)
         self.compiled = bool(compile)
+        if fast_math is None:
+            fast_math = self.compiled and dtype == torch.float32 and self.device.type == "cpu"
+        if fast_math and dtype != torch.float32:
+            raise ValueError(f"BatchRenderer: fast_math is float32-only, the renderer was built for {dtype}")
+        self.fast_math = bool(fast_math)
         if compile:
             # every geometry (size, supersampling, bands, chunk) is one more specialization of the same code
             # object; dynamo's default limit of 8 would make the 9th a hard error under fullgraph=True
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._fn = torch.compile(_surface_chunk, fullgraph=True, dynamic=False) if compile else _surface_chunk
+        # the per-scene constants: ~40 small operations on [B] tensors, one kernel when compiled (at 64 px and
+        # supersampling 1 they took ~5 % of the time eagerly); dynamic shapes after a second batch size
+        self._pack = torch.compile(pack_coefficients, fullgraph=True, dynamic=None) if compile else pack_coefficients
+        self._fn = torch.compile(_surface_chunk, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
+                                 ) if compile else _surface_chunk
 
-    def _run(self, packed: torch.Tensor, layout: tuple) -> torch.Tensor:
-        return self._fn(packed, layout, self.x, self.y, self.supersampling, self.pixel_area, self.taps)
+    def _run(self, out: torch.Tensor, packed: torch.Tensor, layout: tuple) -> None:
+        self._fn(out, packed, layout, self.x, self.y, self.supersampling, self.pixel_area, self.taps, self.fast_math,
+                 self.compiled)
 
     def __call__(self, params: Mapping) -> torch.Tensor:
         params = {g: dict(params[g]) for g in GROUPS if params.get(g) is not None}
@@ -194,16 +257,16 @@ class BatchRenderer:
                                      f"batch {batch}")
             if "amp" in values and values["amp"].shape[-1] != self.n_bands:
                 raise ValueError(f"{group}.amp has {values['amp'].shape[-1]} band(s); the renderer has {self.n_bands}")
-        packed, layout = pack_coefficients(params)
-        chunk = self.chunk or batch
-        if chunk >= batch and not self.compiled:
-            return self._run(packed, layout)
-        outputs = []
+        packed, layout = self._pack(params)
+        images = torch.empty(batch, self.n_bands, self.n_pix, self.n_pix, dtype=self.dtype, device=self.device)
+        chunk = min(self.chunk, 1 << (batch - 1).bit_length()) if self.chunk else batch  # no chunk above the batch
         for start in range(0, batch, chunk):
             piece = packed[start:start + chunk]
             short = chunk - piece.shape[0]
-            if short:  # pad with copies of the last scene: static shapes, one compilation
-                piece = torch.cat([piece, piece[-1:].expand(short, -1)])
-            out = self._run(piece, layout)
-            outputs.append(out[: chunk - short] if short else out)
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+            if short and self.compiled:  # pad with copies of the last scene: static shapes, one compilation
+                padded = torch.empty(chunk, *images.shape[1:], dtype=self.dtype, device=self.device)
+                self._run(padded, torch.cat([piece, piece[-1:].expand(short, -1)]), layout)
+                images[start:] = padded[: chunk - short]
+            else:
+                self._run(images[start:start + chunk], piece, layout)
+        return images

@@ -64,7 +64,8 @@ def _check_keys(group: str, values: Mapping, keys: tuple[str, ...]) -> None:
 
 
 SIE_COEFFICIENT_KEYS = ("center_x", "center_y", "cos_phi", "sin_phi", "q2", "s", "k", "scale")
-SERSIC_COEFFICIENT_KEYS = ("amp", "center_x", "center_y", "t11", "t12", "t22", "floor2", "b_n", "half_inv_n")
+SERSIC_COEFFICIENT_KEYS = ("amp", "center_x", "center_y", "t11", "t12", "t22", "floor2", "b_n_log2e",
+                           "half_inv_n_log2e")
 LIGHT_GROUPS = ("source", "source_knots", "lens_light", "neighbours")
 
 
@@ -104,9 +105,11 @@ def deflection(x, y, params: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
                                                                   "shear": params.get("shear")}))
 
 
-def deflection_from_coefficients(x, y, coef: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`deflection` from :func:`scene_coefficients` (``coef['lens']``, optional ``coef['shear']``)."""
-    ax, ay = sie_deflection_from_coefficients(x, y, *(_col(coef["lens"][k]) for k in SIE_COEFFICIENT_KEYS))
+def deflection_from_coefficients(x, y, coef: Mapping, fast_math: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`deflection` from :func:`scene_coefficients` (``coef['lens']``, optional ``coef['shear']``);
+    ``fast_math`` as in :func:`lensing.profiles.sie_deflection_from_coefficients`."""
+    ax, ay = sie_deflection_from_coefficients(x, y, *(_col(coef["lens"][k]) for k in SIE_COEFFICIENT_KEYS),
+                                              fast_math=fast_math)
     if coef.get("shear") is not None:
         sx, sy = shear_deflection(x, y, _col(coef["shear"]["gamma1"]), _col(coef["shear"]["gamma2"]))
         ax, ay = ax + sx, ay + sy
