@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from asl.models import head_variance
 from asl.physics import check_physics, reference_signal
 from asl.simulate import (
     PhantomDataset,
@@ -116,8 +117,8 @@ def _forward_maps(model, x: torch.Tensor, stats: Mapping) -> dict:
     res = {"cbf": out["cbf"][..., :h, :w] * stats["cbf_std"] + stats["cbf_mean"],
            "att": out["att"][..., :h, :w] * stats["att_std"] + stats["att_mean"]}
     if "log_var_cbf" in out:
-        res["aleatoric_var_cbf"] = torch.exp(out["log_var_cbf"][..., :h, :w].clamp(-20, 20)) * stats["cbf_std"] ** 2
-        res["aleatoric_var_att"] = torch.exp(out["log_var_att"][..., :h, :w].clamp(-20, 20)) * stats["att_std"] ** 2
+        res["aleatoric_var_cbf"] = head_variance(out["log_var_cbf"][..., :h, :w]) * stats["cbf_std"] ** 2
+        res["aleatoric_var_att"] = head_variance(out["log_var_att"][..., :h, :w]) * stats["att_std"] ** 2
     return {k: v[:, 0].float() for k, v in res.items()}
 
 

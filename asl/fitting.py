@@ -402,7 +402,12 @@ def fit_batched_protocols(signal_sets, physics_list, params_list=None, cfg: Mapp
     n_modes = len(base["modes"])
     p_max = max(len(ph["plds_ms"]) for ph in physics_list)
     keys = set().union(*(set(p or {}) for p in params_list))
-    rows, weights, plds, scalars, extra, columns = [], [], [], {k: [] for k in _PROTOCOL_SCALARS}, {k: [] for k in keys}, []
+    # The protocol values the model reads become per-voxel parameters (alpha_vsasl etc. only where the base has them).
+    scalar_keys = [k for k in _PROTOCOL_SCALARS if k in base]
+    missing = sorted({k for ph in physics_list for k in scalar_keys if k not in ph})
+    if missing:
+        raise ValueError(f"fit_batched_protocols: physics {missing} given for some protocols but not for all")
+    rows, weights, plds, scalars, extra, columns = [], [], [], {k: [] for k in scalar_keys}, {k: [] for k in keys}, []
     for x, ph, par in zip(sets, physics_list, params_list):
         n_i, p_i = x.shape[0], len(ph["plds_ms"])
         if x.ndim != 2 or x.shape[1] != n_modes * p_i:
@@ -417,15 +422,15 @@ def fit_batched_protocols(signal_sets, physics_list, params_list=None, cfg: Mapp
         rows.append(padded)
         weights.append(np.broadcast_to(weight, padded.shape))
         plds.append(np.broadcast_to(pld_row, (n_i, p_max)))
-        for key in _PROTOCOL_SCALARS:
-            scalars[key].append(np.full(n_i, float(ph.get(key, 1.0 if key == "alpha_bs1" else np.nan))))
+        for key in scalar_keys:
+            scalars[key].append(np.full(n_i, float(ph[key])))
         for key in keys:
             if par is None or par.get(key) is None:
                 raise ValueError(f"params {key!r} given for some voxel sets but not for all")
             extra[key].append(np.broadcast_to(np.asarray(par[key], np.float64), (n_i,)))
         columns.append(cols)
     params = {"plds_ms": np.concatenate(plds), "channel_weight": np.concatenate(weights),
-              **{k: np.concatenate(v) for k, v in scalars.items() if not np.isnan(np.concatenate(v)).any()},
+              **{k: np.concatenate(v) for k, v in scalars.items()},
               **{k: np.concatenate(v) for k, v in extra.items()}}
     fit = fit_batched(np.concatenate(rows), base, params, cfg, device=device)
     out, start = [], 0

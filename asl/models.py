@@ -25,6 +25,15 @@ import torch.nn.functional as F
 from common.layers import film, group_norm
 from common.checkpoint import register_model
 
+# Range of the log-variance heads' output (normalized units) before it is exponentiated: keeps exp() finite.
+LOG_VAR_RANGE = (-20.0, 20.0)
+
+
+def head_variance(log_var: torch.Tensor) -> torch.Tensor:
+    """Variance in normalized target units from a log-variance head (clamped to LOG_VAR_RANGE); × target std² gives
+    physical units. One definition for prediction, calibration and the LS blend."""
+    return torch.exp(log_var.clamp(*LOG_VAR_RANGE))
+
 
 class ConvBlock(nn.Module):
     """(3×3 conv → GroupNorm → SiLU) × 2, optional channel dropout between."""

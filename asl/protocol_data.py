@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from asl.brain_volume import generate_brain
 from asl.fitting import fit_batched_protocols, protocol_fit_group
 from asl.ls_inputs import LN_VAR_INVALID, LS_CHANNELS, ls_input_channels, nominal_physics, tissue_t1_from_gm_weight
+from asl.models import head_variance
 from asl.protocol import M_MAX, draw_protocol, protocol_arrays, protocol_signals, reference_scale
 from asl.simulate import item_seed
 
@@ -242,9 +243,9 @@ def predict_volume(models, signals: np.ndarray, protocol: Mapping, gm_weight: np
             sums["cbf2"][zs] += cbf * cbf
             sums["att2"][zs] += att * att
             # the log-variance heads' variance in physical units, × the member's σ scale² (asl.protocol_net step 5)
-            sums["var_c"][zs] += (torch.exp(o["log_var_cbf"][:, 0, :nx, :ny].clamp(-20, 20)).double()
+            sums["var_c"][zs] += (head_variance(o["log_var_cbf"][:, 0, :nx, :ny]).double()
                                   * (stats["cbf_std"] * model.sigma_scale["cbf"]) ** 2)
-            sums["var_a"][zs] += (torch.exp(o["log_var_att"][:, 0, :nx, :ny].clamp(-20, 20)).double()
+            sums["var_a"][zs] += (head_variance(o["log_var_att"][:, 0, :nx, :ny]).double()
                                   * (stats["att_std"] * model.sigma_scale["att"]) ** 2)
     n_models = len(models)
     for key, var_key, sq in (("cbf", "var_c", "cbf2"), ("att", "var_a", "att2")):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from asl.brain_volume import T1_GM_MS, T1_WM_MS
 from asl.ls_inputs import LS_CHANNELS
-from asl.models import Decoder, Encoder
+from asl.models import LOG_VAR_RANGE, Decoder, Encoder
 from asl.protocol import protocol_signals
 from common.checkpoint import register_model
 
@@ -224,8 +224,8 @@ class ProtocolASLNet(nn.Module):
         ls_cbf, ls_att = ls[:, 0:1] * 50.0, ls[:, 1:2] * 1000.0 + 1500.0
         ln_v_ls_cbf, ln_v_ls_att, valid = ls[:, 2:3], ls[:, 3:4], ls[:, 4:5] > 0.5
         # the network's variances in physical units: ln v = log_var(z) + 2 ln std
-        ln_v_net_cbf = log_var_cbf.detach().clamp(-20, 20) + 2 * math.log(self.cbf_std)
-        ln_v_net_att = log_var_att.detach().clamp(-20, 20) + 2 * math.log(self.att_std)
+        ln_v_net_cbf = log_var_cbf.detach().clamp(*LOG_VAR_RANGE) + 2 * math.log(self.cbf_std)
+        ln_v_net_att = log_var_att.detach().clamp(*LOG_VAR_RANGE) + 2 * math.log(self.att_std)
         scaled = torch.cat([ls[:, :2], ls[:, 2:4] / 10.0, ls[:, 4:5]], dim=1)
         delta = self.gate_out(F.silu(self.gate_hidden(torch.cat([feat, scaled], dim=1))))
         g_cbf = torch.sigmoid(ln_v_net_cbf - ln_v_ls_cbf + delta[:, 0:1]) * valid

@@ -33,8 +33,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from asl.defaults import defaults
-from asl.protocol import protocol_range
 from asl.evaluation import coverage
+from asl.models import head_variance
+from asl.protocol import protocol_range
 from common.metrics import sigma_scale
 from asl.protocol_data import BrainSlabDataset, log_uniform_snr, simulate_batch, validation_items
 from asl.simulate import EpochSampler, item_seed
@@ -136,7 +137,7 @@ def calibration_errors(model, cfg: dict, stats: dict, draws: int, device) -> dic
         for key in ("cbf", "att"):
             std = stats[f"{key}_std"]
             est = pred[key] * std + stats[f"{key}_mean"]
-            var = torch.exp(pred[f"log_var_{key}"].clamp(-20, 20)) * std**2  # as predict_volume, before the scale
+            var = head_variance(pred[f"log_var_{key}"]) * std**2  # as predict_volume, before the scale
             out[f"{key}_err"].append((est - inputs[key])[m].double().cpu().numpy())
             out[f"{key}_var"].append(var[m].double().cpu().numpy())
     result = {k: np.concatenate(v) for k, v in out.items()}
