@@ -36,7 +36,6 @@ from asl.defaults import defaults
 from asl.evaluation import coverage
 from asl.models import head_variance
 from asl.protocol import protocol_range
-from common.metrics import sigma_scale
 from asl.protocol_data import BrainSlabDataset, log_uniform_snr, simulate_batch, validation_items
 from asl.simulate import EpochSampler, item_seed
 from asl.train_asl import LOSSES, combine, lr_lambda_factory, step_generator, task_losses
@@ -45,6 +44,7 @@ from common.checkpoint import (CheckpointError, atomic_torch_save, build_model, 
 from common.cli import FROZEN_ON_RESUME, make_parser, start_run
 from common.config import ConfigError
 from common.errors import run_cli
+from common.metrics import sigma_scale
 from common.runlog import progress
 from common.runtime import ResumableSampler, amp_policy, dataloader_kwargs, optimizer_step
 from common.training import CheckpointSaver, StopRequest, resume_training
