@@ -322,7 +322,7 @@ class StructureSamples:
         (z, y, x) mm, spacing (z, y, x) mm) when ``dose`` is on another grid than the samples' (the
         reference dose on its RTDOSE grid, see :func:`reference_dose`)."""
         coords, half_box, exact = self._on(dose_grid)
-        d = self.doses(dose, dose_grid)
+        d = self._read(dose, coords, exact)
         if half_box is None or not len(d):
             return SampledDVH(d, self.weights)
         from scipy import ndimage
@@ -343,6 +343,11 @@ class StructureSamples:
 
     def doses(self, dose: np.ndarray, dose_grid: tuple | None = None) -> np.ndarray:
         coords, _, exact = self._on(dose_grid)
+        return self._read(dose, coords, exact)
+
+    @staticmethod
+    def _read(dose: np.ndarray, coords: np.ndarray, exact: bool) -> np.ndarray:
+        """The dose at ``coords`` (indices of ``dose``): indexed at exact voxel centres, else trilinear."""
         dose = np.asarray(dose)
         if exact:
             k, j, i = coords.astype(np.int64).T
