@@ -22,9 +22,12 @@ What makes it faster than :func:`~lensing.simulator.render` on a CPU (the physic
 - with ``compile=True`` one chunk (deflection, both Sérsic profiles, sub-pixel sum, pixel area, separable
   PSF, written in place into the batch's output) is ONE torch.compile graph (``fullgraph=True``: no graph
   breaks; the PSF radius, the only data-dependent size, is fixed in ``__init__``). The s² sub-pixel rows
-  are added in one expression, so inductor makes ONE vectorized loop over the pixels that evaluates the
-  profile maths for every sub-pixel and sums them in registers. In that loop the arctan is Cephes'
-  float32 polynomial (``fast_math``, :func:`lensing.profiles.atan_ratio_f32`) rather than a call into
+  are added in one expression, so inductor makes a few vectorized loops over the pixels and no
+  [b, C, s², N²] intermediate (at 101 px, supersampling 3: six loops that each store one sub-pixel's
+  lensed-source radius, [b, N²], because inductor stores an expression of > 30 operations that is read
+  twice, and one loop that evaluates the rest for all nine sub-pixels and sums them in registers). In
+  these loops the arctan and the logarithms are Cephes' float32 algorithms (``fast_math``,
+  :func:`lensing.profiles.atan_ratio_f32`, :func:`lensing.profiles.log_f32`) rather than calls into
   SLEEF, the Sérsic profile is written in base 2 (SLEEF's exp2 is cheaper than exp), and multiply-adds
   are contracted into FMA instructions (:data:`COMPILE_OPTIONS`). The per-scene constants are one small
   compiled kernel too. The last chunk is padded to the chunk size, so one compilation serves every
@@ -135,14 +138,14 @@ def _surface(coef: Mapping, x: torch.Tensor, y: torch.Tensor, fast_math: bool) -
     total = None
     if coef.get("source") is not None:
         ax, ay = deflection_from_coefficients(x, y, coef, fast_math)
-        total = sersic_bands_from_coefficients(x - ax, y - ay, coef["source"])
+        total = sersic_bands_from_coefficients(x - ax, y - ay, coef["source"], fast_math)
         if coef.get("source_knots") is not None:
-            total = total + neighbour_bands_from_coefficients(x - ax, y - ay, coef["source_knots"])
+            total = total + neighbour_bands_from_coefficients(x - ax, y - ay, coef["source_knots"], fast_math)
     if coef.get("lens_light") is not None:
-        light = sersic_bands_from_coefficients(x, y, coef["lens_light"])
+        light = sersic_bands_from_coefficients(x, y, coef["lens_light"], fast_math)
         total = light if total is None else total + light
     if coef.get("neighbours") is not None:
-        near = neighbour_bands_from_coefficients(x, y, coef["neighbours"])
+        near = neighbour_bands_from_coefficients(x, y, coef["neighbours"], fast_math)
         total = near if total is None else total + near
     return total
 
@@ -155,13 +158,14 @@ def _surface_chunk(out: torch.Tensor, packed: torch.Tensor, layout: tuple, x: to
     pixel area, convolved with the per-band Gaussian ``taps``. Traceable without graph breaks (all sizes
     come from shapes and python constants); compiled, the last kernel writes straight into ``out`` (a slice
     of the batch's images), so the chunks need no concatenation afterwards. ``fast_math``: the float32
-    arctan of :func:`lensing.profiles.atan_ratio_f32`, inlined into the fused loop, instead of ``torch.atan``.
+    arctan and log of :func:`lensing.profiles.atan_ratio_f32` and :func:`lensing.profiles.log_f32`, inlined
+    into the fused loops, instead of ``torch.atan`` and ``torch.log``.
 
     x, y are [1, s², N²] (:func:`subpixel_major`): row j holds sub-pixel j of every pixel, so the mean over a
     pixel's sub-pixels is a sum over dim -2. When ``compiled`` (traced for inductor) the s² rows are rendered
-    and added in one expression, which inductor turns into ONE loop over the N² pixels (no [b, C, s², N²]
-    intermediate is stored and read back: 4-10 % faster at s = 3); eagerly, one pass over all sub-pixels
-    and a ``sum`` (fewer, larger operations)."""
+    and added in one expression, which inductor turns into a few loops over the N² pixels (no [b, C, s², N²]
+    intermediate is stored and read back: 4-10 % faster at s = 3; see the module docstring); eagerly, one
+    pass over all sub-pixels and a ``sum`` (fewer, larger operations)."""
     coef = _unpack(packed, layout)
     if compiled:
         total = _surface(coef, x[:, :1], y[:, :1], fast_math)
@@ -188,9 +192,10 @@ class BatchRenderer:
         compile: torch.compile one chunk (``fullgraph=True``, static shapes); False runs the same chunks eagerly.
         chunk_elements: sub-pixels per chunk on CPU (default 2^17 eagerly, 2^19 compiled; rounded down to a
             power of two of scenes); 0 = the whole batch at once.
-        fast_math: arctan by :func:`lensing.profiles.atan_ratio_f32` (Cephes' float32 algorithm as tensor
-            arithmetic, inlined by the compiler; 3e-7 relative) instead of ``torch.atan``; None (default) = on
-            for compiled float32 on a CPU, off otherwise (CUDA has a fast atan; float64 needs torch's).
+        fast_math: arctan and log by :func:`lensing.profiles.atan_ratio_f32` and
+            :func:`lensing.profiles.log_f32` (Cephes' float32 algorithms as tensor arithmetic, inlined by the
+            compiler; 3e-7 relative, 1 ulp) instead of ``torch.atan`` and ``torch.log``; None (default) = on
+            for compiled float32 on a CPU, off otherwise (CUDA has fast ones; float64 needs torch's).
     """
 
     def __init__(self, n_pix: int, pixel_scale_arcsec: float, psf=None, supersampling: int = 1, n_bands: int = 1,

@@ -121,9 +121,11 @@ def sersic_bands(x, y, light: Mapping, group: str) -> torch.Tensor:
     return sersic_bands_from_coefficients(x, y, _light_coefficients(light, group))
 
 
-def sersic_bands_from_coefficients(x, y, coef: Mapping) -> torch.Tensor:
-    """:func:`sersic_bands` from one light group of :func:`scene_coefficients`."""
-    shape = sersic_from_coefficients(x, y, 1.0, *(_col(coef[k]) for k in SERSIC_COEFFICIENT_KEYS[1:]))
+def sersic_bands_from_coefficients(x, y, coef: Mapping, fast_math: bool = False) -> torch.Tensor:
+    """:func:`sersic_bands` from one light group of :func:`scene_coefficients`; ``fast_math`` as in
+    :func:`lensing.profiles.sersic_from_coefficients`."""
+    shape = sersic_from_coefficients(x, y, 1.0, *(_col(coef[k]) for k in SERSIC_COEFFICIENT_KEYS[1:]),
+                                     fast_math=fast_math)
     amp = coef["amp"]
     if amp.ndim == 1:
         amp = amp[:, None]
@@ -135,7 +137,7 @@ def neighbour_bands(x, y, light: Mapping) -> torch.Tensor:
     return neighbour_bands_from_coefficients(x, y, _light_coefficients(light, "neighbours"))
 
 
-def neighbour_bands_from_coefficients(x, y, coef: Mapping) -> torch.Tensor:
+def neighbour_bands_from_coefficients(x, y, coef: Mapping, fast_math: bool = False) -> torch.Tensor:
     """:func:`neighbour_bands` from one [B, K] light group of :func:`scene_coefficients`."""
     amp = coef["amp"]
     b, k, c = amp.shape
@@ -143,7 +145,7 @@ def neighbour_bands_from_coefficients(x, y, coef: Mapping) -> torch.Tensor:
     flat["amp"] = amp.reshape(b * k, c)
     gx = x.expand(b, -1, -1).repeat_interleave(k, dim=0)
     gy = y.expand(b, -1, -1).repeat_interleave(k, dim=0)
-    return sersic_bands_from_coefficients(gx, gy, flat).reshape(b, k, c, *x.shape[-2:]).sum(dim=1)
+    return sersic_bands_from_coefficients(gx, gy, flat, fast_math).reshape(b, k, c, *x.shape[-2:]).sum(dim=1)
 
 
 def render(params: Mapping, n_pix: int, pixel_scale_arcsec, psf=None, supersampling: int = 1,

@@ -269,6 +269,27 @@ def test_atan_ratio_f32_and_atanh_log1p_against_float64():
     torch.testing.assert_close(u.grad.double(), 1 / (1 + u.detach().double()), rtol=1e-6, atol=0)
 
 
+def test_log_f32_against_float64_and_its_gradient():
+    """The compiled renderer's float32 log (Cephes logf from the exponent and mantissa bits) within 1 ulp of
+    float64's log of the same float32 inputs (0.74 measured) from the smallest normal float32 to 1e38, across the √½ mantissa
+    split and at exact powers of two; where a gradient is needed it is torch.log (value and gradient)."""
+    from lensing.profiles import log_f32
+
+    values = np.concatenate([np.geomspace(1.2e-38, 1e38, 20001), np.geomspace(0.5, 2.0, 4001),
+                             [2.0**k for k in range(-126, 127)], [1.0, 0.70710677, 0.70710683, 5e-8]])
+    x = torch.tensor(values, dtype=torch.float32)
+    exact = np.log(x.double().numpy())
+    ours = log_f32(x).double().numpy()
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)  # one float32 ulp of the result
+    assert (np.abs(ours - exact) / np.maximum(ulp, np.spacing(np.float32(0)))).max() <= 1.0
+    assert log_f32(torch.tensor([1.0]))[0] == 0.0
+    leaf = torch.tensor([0.3, 7.0], requires_grad=True)
+    out = log_f32(leaf)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), torch.log(leaf.detach()))
+    torch.testing.assert_close(leaf.grad, 1 / leaf.detach())
+
+
 def test_sie_deflection_with_fast_math_matches_float64():
     """The float32 SIE deflection with the polynomial arctan agrees with torch.atan's to 5e-7 of θ_E (measured
     2.4e-7), for elliptical, round (q = 1) and extreme (|e| = 0.9999, the clip) lenses, on and off the axes;
