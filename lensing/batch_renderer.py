@@ -3,13 +3,15 @@
     fast = BatchRenderer(n_pix=64, pixel_scale_arcsec=0.1, psf=GaussianPSF(0.18), supersampling=3,
                          n_bands=1, dtype=torch.float32, compile=True)
     images = fast(params)          # [B, C, N, N], the same numbers as render(params, 64, 0.1, psf, 3)
+    images = fast(params, psf_fwhm_arcsec=fwhm_bc, pixel_scale_arcsec=0.168)  # per-scene seeing [B, C], another scale
 
 What makes it faster than :func:`~lensing.simulator.render` on a CPU (the physics is the same functions,
 ``lensing.simulator.scene_coefficients`` and the ``*_from_coefficients`` per-pixel functions that
 ``deflection`` and ``sersic_bands`` are made of, so the two agree to rounding):
 - everything that depends only on the geometry is computed once, in ``__init__``: the (sub-)pixel grid,
   the PSF taps per band (the separable Gaussian with nearest-pixel edges, scipy's
-  ``gaussian_filter(mode="nearest")``), the pixel area;
+  ``gaussian_filter(mode="nearest")``), the pixel area; a call with its own pixel scale or per-scene PSF
+  (the validation stream's varying seeing) recomputes only these, once per call;
 - everything that depends only on the scene (the profiles' trigonometry, square roots and divisions) is
   computed once per batch, before the chunks (:func:`pack_coefficients`), so the per-pixel kernel holds
   only the per-pixel maths;
@@ -34,9 +36,10 @@ What makes it faster than :func:`~lensing.simulator.render` on a CPU (the physic
   batch size. The README's speed section has the measured effect of each of these.
 
 On CUDA the whole batch is one chunk (the GPU has no cache to fit and wants large launches) and torch's own
-atan is used (``fast_math`` defaults to CPU only): the same code runs on either device. Per-scene PSFs (a
-[B, C] FWHM) and pixel PSFs are outside this fast path: use :func:`~lensing.simulator.render`. Gradients flow (the compiled graph is differentiable), but the fast
-path is meant for data generation under ``torch.no_grad()``.
+atan is used (``fast_math`` defaults to CPU only): the same code runs on either device. Pixel PSFs and
+the per-component images of ``render(return_components=True)`` are outside this fast path: use
+:func:`~lensing.simulator.render`. Gradients flow (the compiled graph is differentiable), but the fast path
+is meant for data generation under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lensing.psf import FWHM_TO_SIGMA, GaussianPSF, gaussian_kernel_1d
+from lensing.psf import FWHM_TO_SIGMA, GaussianPSF, gaussian_kernel_1d, per_sample_band
 from lensing.simulator import (deflection_from_coefficients, neighbour_bands_from_coefficients, pixel_grid,
                                scene_coefficients, sersic_bands_from_coefficients)
 
@@ -54,13 +57,18 @@ GROUPS = ("lens", "shear", "source", "source_knots", "lens_light", "neighbours")
 DEFAULT_CHUNK_ELEMENTS = 1 << 17  # sub-pixels per chunk on CPU, eager: 512 KB per float32 intermediate (L2)
 COMPILED_CHUNK_ELEMENTS = 1 << 19  # compiled (measured best of 2^18, 2^19, 2^20 at 64 and 101 px, ss 1 and 3)
 RECOMPILE_LIMIT = 64
+# per-call PSF kernels: radius rounded up to a multiple of this (zero taps), so that a stream of batches with
+# varying seeing compiles once or twice, not once per largest radius (one compilation of a scene layout with
+# neighbours and source knots took 70-90 s here)
+CALL_RADIUS_STEP = 4
 # inductor compiles its C++ with -ffp-contract=off by default; "fast" lets the compiler fuse a·b + c into one
 # FMA instruction (one rounding instead of two; 3 % faster at 101 px, supersampling 3)
 COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 
 def separable_nearest(images: torch.Tensor, taps: torch.Tensor, fold_edges: bool = False) -> torch.Tensor:
-    """images [b, C, H, W] convolved with a symmetric 1-D kernel per band ``taps`` [C, 2R+1] along both axes,
+    """images [b, C, H, W] convolved with a symmetric 1-D kernel per band ``taps`` [C, 2R+1] (or per scene and
+    band, [b, C, 2R+1]) along both axes,
     edges continued with the nearest pixel (scipy.ndimage mode="nearest"). 2(2R+1) multiply-adds per pixel
     (the band-matrix product costs 2N); R is read from the shape, so this traces without graph breaks.
     ``fold_edges``: the edge outputs fold the outside taps onto the border pixel instead of reading a padded
@@ -78,7 +86,7 @@ def _convolve_nearest(images: torch.Tensor, taps: torch.Tensor, dim: int, fold_e
     width = taps.shape[-1]
     radius = width // 2
     n = images.shape[dim]
-    k = taps.reshape(1, taps.shape[0], width, 1, 1)  # [1, C, 2R+1, 1, 1]
+    k = taps.reshape(-1, taps.shape[-2], width, 1, 1)  # [1 or b, C, 2R+1, 1, 1]
     if radius == 0:
         return images * k[:, :, 0]
     if n <= 2 * radius or not fold_edges:
@@ -151,11 +159,12 @@ def _surface(coef: Mapping, x: torch.Tensor, y: torch.Tensor, fast_math: bool) -
 
 
 def _surface_chunk(out: torch.Tensor, packed: torch.Tensor, layout: tuple, x: torch.Tensor, y: torch.Tensor,
-                   supersampling: int, pixel_area: float, taps: torch.Tensor | None, fast_math: bool = False,
-                   compiled: bool = False) -> None:
+                   supersampling: int, subpixel_area: torch.Tensor, taps: torch.Tensor | None,
+                   fast_math: bool = False, compiled: bool = False) -> None:
     """Renders into ``out`` [b, C, N, N] the scenes whose profile coefficients (``scene_coefficients``) are
-    packed in ``packed`` [b, P]: lensed source + lens light + neighbours, averaged over sub-pixels, times the
-    pixel area, convolved with the per-band Gaussian ``taps``. Traceable without graph breaks (all sizes
+    packed in ``packed`` [b, P]: lensed source + lens light + neighbours, summed over sub-pixels, times
+    ``subpixel_area`` ([1], arcsec²: the pixel area over s², a tensor so that a new pixel scale is not a new
+    compilation), convolved with the per-scene, per-band Gaussian ``taps`` [b, C, 2R+1]. Traceable without graph breaks (all sizes
     come from shapes and python constants); compiled, the last kernel writes straight into ``out`` (a slice
     of the batch's images), so the chunks need no concatenation afterwards. ``fast_math``: the float32
     arctan and log of :func:`lensing.profiles.atan_ratio_f32` and :func:`lensing.profiles.log_f32`, inlined
@@ -175,7 +184,7 @@ def _surface_chunk(out: torch.Tensor, packed: torch.Tensor, layout: tuple, x: to
     else:
         total = _surface(coef, x, y, fast_math).sum(dim=-2)
     n_pix = math.isqrt(x.shape[-1])
-    total = (total * (pixel_area / supersampling**2)).reshape(*total.shape[:-1], n_pix, n_pix)
+    total = (total * subpixel_area).reshape(*total.shape[:-1], n_pix, n_pix)
     if taps is not None:
         total = separable_nearest(total, taps, fold_edges=compiled)
     out.copy_(total)
@@ -185,8 +194,12 @@ class BatchRenderer:
     """Render batches of scenes on one fixed grid and PSF; see the module docstring.
 
     Args:
-        n_pix, pixel_scale_arcsec, supersampling: the image geometry (one pixel scale for every scene).
-        psf: ``GaussianPSF`` with a float or per-band [C] FWHM, or None.
+        n_pix, pixel_scale_arcsec, supersampling: the image geometry (one pixel scale for every scene of a call;
+            a call may give another, ``pixel_scale_arcsec=``).
+        psf: ``GaussianPSF`` with a float or per-band [C] FWHM, or None. A call may give other FWHMs, also one
+            per scene and band (``psf_fwhm_arcsec=`` [B, C], seeing that varies from image to image), rendered
+            exactly as :func:`~lensing.simulator.render` does with ``GaussianPSF([B, C])``: per-scene sampled
+            kernels, zero beyond each one's own radius. A new largest radius is a new compilation.
         n_bands: number of bands C (the length of the ``amp`` rows).
         dtype, device: of the grid; the scene parameters must match.
         compile: torch.compile one chunk (``fullgraph=True``, static shapes); False runs the same chunks eagerly.
@@ -204,23 +217,21 @@ class BatchRenderer:
         self.n_pix, self.supersampling, self.n_bands = int(n_pix), int(supersampling), int(n_bands)
         self.pixel_scale = float(pixel_scale_arcsec)
         self.dtype, self.device = dtype, torch.device(device or "cpu")
-        x, y = pixel_grid(self.n_pix, self.pixel_scale, self.supersampling, dtype, self.device)
-        self.x, self.y = (subpixel_major(g, self.n_pix, self.supersampling) for g in (x, y))  # computed once
+        # the sub-pixel grid in pixel units, computed once (pixel_grid's offsets; times the scale per geometry)
+        x, y = pixel_grid(self.n_pix, 1.0, self.supersampling, dtype, self.device)
+        self.unit_x, self.unit_y = (subpixel_major(g, self.n_pix, self.supersampling) for g in (x, y))
+        self.x, self.y = self.unit_x * self.pixel_scale, self.unit_y * self.pixel_scale
         self.pixel_area = self.pixel_scale**2
-        self.taps = None
+        self.psf, self.taps = psf, None
         if psf is not None:
             if not isinstance(psf, GaussianPSF):
                 raise TypeError(f"BatchRenderer supports GaussianPSF or None, got {type(psf).__name__}; use "
                                 "lensing.simulator.render for pixel PSFs")
-            fwhm = torch.as_tensor(psf.fwhm_arcsec, dtype=torch.float64).reshape(-1)
-            if fwhm.numel() == 1:
-                fwhm = fwhm.expand(self.n_bands)
-            if fwhm.numel() != self.n_bands:
-                raise ValueError(f"BatchRenderer: PSF FWHM has {fwhm.numel()} values for {self.n_bands} bands (a "
-                                 "per-scene [B, C] PSF needs lensing.simulator.render)")
-            # sampled kernels once (float64, then cast): the radius, a data-dependent size, is fixed here
-            k1 = gaussian_kernel_1d(fwhm * FWHM_TO_SIGMA / self.pixel_scale, psf.truncation)
-            self.taps = k1.to(dtype=dtype, device=self.device)  # [C, 2R+1], symmetric
+            fwhm = torch.as_tensor(psf.fwhm_arcsec, dtype=torch.float64)
+            if fwhm.ndim > 1 or fwhm.numel() not in (1, self.n_bands):
+                raise ValueError(f"BatchRenderer: PSF FWHM of shape {list(fwhm.shape)} for {self.n_bands} bands "
+                                 "(give a per-scene [B, C] FWHM per call: psf_fwhm_arcsec=)")
+            self.taps = self._kernels(fwhm, self.pixel_scale, 1)[0]  # [C, 2R+1], sampled once
         pixels = (self.n_pix * self.supersampling) ** 2
         default = COMPILED_CHUNK_ELEMENTS if compile else DEFAULT_CHUNK_ELEMENTS
         budget = default if chunk_elements is None else int(chunk_elements)
@@ -242,11 +253,38 @@ class BatchRenderer:
         self._fn = torch.compile(_surface_chunk, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
                                  ) if compile else _surface_chunk
 
-    def _run(self, out: torch.Tensor, packed: torch.Tensor, layout: tuple) -> None:
-        self._fn(out, packed, layout, self.x, self.y, self.supersampling, self.pixel_area, self.taps, self.fast_math,
-                 self.compiled)
+    def _kernels(self, fwhm_arcsec, pixel_scale: float, batch: int, radius_step: int = 1) -> torch.Tensor:
+        """Sampled Gaussian kernels [batch, C, 2R+1] (float64, then cast) for a float, [C] or [B, C] FWHM; R is
+        rounded up to a multiple of ``radius_step`` with zero taps (the same images: each kernel is zero beyond
+        its own radius anyway), so that calls whose largest radius differs a little share one compilation."""
+        fwhm = per_sample_band(fwhm_arcsec, batch, self.n_bands, torch.float64, "cpu")
+        k1 = gaussian_kernel_1d(fwhm.reshape(-1) * FWHM_TO_SIGMA / pixel_scale, self.psf.truncation)
+        extra = -(k1.shape[-1] // 2) % radius_step
+        k1 = torch.nn.functional.pad(k1, (extra, extra))
+        return k1.reshape(batch, self.n_bands, -1).to(dtype=self.dtype, device=self.device)
 
-    def __call__(self, params: Mapping) -> torch.Tensor:
+    def _geometry(self, batch: int, psf_fwhm_arcsec, pixel_scale_arcsec):
+        """(x, y, sub-pixel area [1], taps [batch, C, 2R+1] or None) of one call."""
+        scale = self.pixel_scale if pixel_scale_arcsec is None else float(pixel_scale_arcsec)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"BatchRenderer: pixel_scale_arcsec must be positive and finite, got {scale}")
+        x, y = (self.x, self.y) if scale == self.pixel_scale else (self.unit_x * scale, self.unit_y * scale)
+        area = torch.full((1,), scale**2 / self.supersampling**2, dtype=self.dtype, device=self.device)
+        if psf_fwhm_arcsec is not None and self.psf is None:
+            raise ValueError("BatchRenderer: psf_fwhm_arcsec given to a renderer built without a PSF (build it with "
+                             "psf=GaussianPSF(...), whose truncation the call's kernels use)")
+        if self.psf is None:
+            taps = None
+        elif psf_fwhm_arcsec is None and scale == self.pixel_scale:
+            taps = self.taps.expand(batch, -1, -1).contiguous()  # contiguous: one compiled variant either way
+        else:
+            taps = self._kernels(self.psf.fwhm_arcsec if psf_fwhm_arcsec is None else psf_fwhm_arcsec, scale, batch,
+                                 CALL_RADIUS_STEP)
+        return x, y, area, taps
+
+    def __call__(self, params: Mapping, psf_fwhm_arcsec=None, pixel_scale_arcsec: float | None = None) -> torch.Tensor:
+        """Images [B, C, N, N] of the scenes in ``params``; ``psf_fwhm_arcsec`` (float, [C] or [B, C]) and
+        ``pixel_scale_arcsec`` replace the renderer's for this call."""
         params = {g: dict(params[g]) for g in GROUPS if params.get(g) is not None}
         if not any(g in params for g in ("source", "lens_light", "neighbours")):
             raise KeyError("nothing to render: give at least one of 'source', 'lens_light', 'neighbours'")
@@ -262,16 +300,25 @@ class BatchRenderer:
                                      f"batch {batch}")
             if "amp" in values and values["amp"].shape[-1] != self.n_bands:
                 raise ValueError(f"{group}.amp has {values['amp'].shape[-1]} band(s); the renderer has {self.n_bands}")
+        try:
+            x, y, area, taps = self._geometry(batch, psf_fwhm_arcsec, pixel_scale_arcsec)
+        except ValueError as exc:  # a PSF of the wrong shape for this batch
+            raise ValueError(f"BatchRenderer: {exc}") from None
         packed, layout = self._pack(params)
         images = torch.empty(batch, self.n_bands, self.n_pix, self.n_pix, dtype=self.dtype, device=self.device)
         chunk = min(self.chunk, 1 << (batch - 1).bit_length()) if self.chunk else batch  # no chunk above the batch
         for start in range(0, batch, chunk):
             piece = packed[start:start + chunk]
+            piece_taps = None if taps is None else taps[start:start + chunk]
             short = chunk - piece.shape[0]
             if short and self.compiled:  # pad with copies of the last scene: static shapes, one compilation
                 padded = torch.empty(chunk, *images.shape[1:], dtype=self.dtype, device=self.device)
-                self._run(padded, torch.cat([piece, piece[-1:].expand(short, -1)]), layout)
+                if piece_taps is not None:
+                    piece_taps = torch.cat([piece_taps, piece_taps[-1:].expand(short, -1, -1)])
+                self._fn(padded, torch.cat([piece, piece[-1:].expand(short, -1)]), layout, x, y, self.supersampling,
+                         area, piece_taps, self.fast_math, self.compiled)
                 images[start:] = padded[: chunk - short]
             else:
-                self._run(images[start:start + chunk], piece, layout)
+                self._fn(images[start:start + chunk], piece, layout, x, y, self.supersampling, area, piece_taps,
+                         self.fast_math, self.compiled)
         return images

@@ -50,7 +50,7 @@ class PixelPSF:
     kernel: torch.Tensor
 
 
-def _per_sample_band(value, batch: int, bands: int, dtype, device) -> torch.Tensor:
+def per_sample_band(value, batch: int, bands: int, dtype, device) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=dtype, device=device)
     if t.ndim == 0:
         t = t.expand(batch, bands)
@@ -154,7 +154,7 @@ def convolve(images: torch.Tensor, psf, pixel_scale_arcsec, method: str = "auto"
     b, c, h, w = images.shape
     flat = images.reshape(b * c, h, w)
     if isinstance(psf, GaussianPSF):
-        fwhm = _per_sample_band(psf.fwhm_arcsec, b, c, images.dtype, images.device)
+        fwhm = per_sample_band(psf.fwhm_arcsec, b, c, images.dtype, images.device)
         scale = torch.as_tensor(pixel_scale_arcsec, dtype=images.dtype, device=images.device).reshape(-1)
         scale = scale[:, None].expand(b, c) if scale.numel() == b else scale.reshape(1, 1).expand(b, c)
         k1 = gaussian_kernel_1d((fwhm * FWHM_TO_SIGMA / scale).reshape(-1), psf.truncation)

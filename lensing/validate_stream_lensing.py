@@ -6,7 +6,8 @@ TPR0 (the highest TPR before the first false positive) and TPR10 (fewer than ten
 (Metcalf et al. 2019): on a test set of a few hundred non-lenses they say little; the Bologna challenge had
 100,000 candidates. This script draws ``stream.n_nonlenses`` non-lenses and ``stream.n_lenses`` lenses per
 survey of ``simulate.surveys`` from the ``simulate`` section (population, seeing and depth scatter, size,
-supersampling; torch renderer), in chunks of ``stream.chunk`` scenes with seed ``seed``: each chunk is
+supersampling; torch's fused ``BatchRenderer``, compiled with ``simulate.compile``), in chunks of
+``stream.chunk`` scenes with seed ``seed``: each chunk is
 rendered, noised, normalized exactly as lensing/data.py normalizes a stored cutout (σ = √median variance per
 band, clip, stretch, residual channel, crop/pad to the model's size) and scored by the model(s) and the
 azimuthal-residual baseline; only the scores are kept. Writes ``scores.csv`` (one row per scene: survey,
@@ -32,6 +33,7 @@ from common.config import ConfigError
 from common.errors import run_cli
 from common.runlog import write_text_atomic
 from lensing.artefacts import add_artefacts
+from lensing.batch_renderer import BatchRenderer
 from lensing.baseline import azimuthal_median_model, azimuthal_residual_score
 from lensing.combine import apply_stack, checkpoint_identity, combined_report, describe, load_stack, stack_path
 from lensing.data import STRETCHES, fit_size, normalize
@@ -40,7 +42,7 @@ from lensing.metrics import bologna_metrics, bootstrap_comparison, per_survey_me
 from lensing.population import PopulationConfig, sample_scenes
 from lensing.psf import GaussianPSF
 from lensing.simulate_data import DTYPES, batch_survey, observing_conditions
-from lensing.simulator import add_noise, render
+from lensing.simulator import add_noise
 from lensing.surveys import get_survey
 
 DEFAULTS = lensing_defaults()  # sections read here: seed, simulate, stream, validate, runtime
@@ -61,14 +63,24 @@ def network_inputs(noisy: np.ndarray, variance: np.ndarray, prep: dict) -> np.nd
     return x.astype(np.float32)
 
 
-def _render_chunk(n: int, survey, n_pix: int, population: PopulationConfig, scfg: dict, rng, generator, dtype):
+def stream_renderer(survey, n_pix: int, scfg: dict, dtype, device) -> BatchRenderer:
+    """The fused renderer of one survey's stream (``simulate.compile``: torch.compile'd, needs a C++ compiler
+    on a CPU); each chunk passes its own pixel scale and per-image seeing. Its images equal ``render``'s with
+    ``GaussianPSF([B, C])`` to rounding (tests/lensing/test_lensing_simulator.py)."""
+    return BatchRenderer(n_pix, survey.pixel_scale_arcsec, GaussianPSF(torch.as_tensor(survey.psf_fwhm_arcsec)),
+                         int(scfg["supersampling"]), n_bands=len(survey.bands), dtype=dtype, device=device,
+                         compile=bool(scfg["compile"]))
+
+
+def _render_chunk(n: int, survey, renderer: BatchRenderer, n_pix: int, population: PopulationConfig, scfg: dict,
+                  rng, generator, dtype):
     survey = batch_survey(survey, float(scfg["pixel_scale_scatter"]), rng)
     params, meta = sample_scenes(n, survey, n_pix, population, rng, dtype)
     fwhm, bkg, t_exp = observing_conditions(survey, n, float(scfg["seeing_scatter"]), float(scfg["depth_scatter_mag"]),
                                             rng)
     with torch.no_grad():
-        model = render(params, n_pix, survey.pixel_scale_arcsec, GaussianPSF(torch.as_tensor(fwhm, dtype=dtype)),
-                       int(scfg["supersampling"]))
+        model = renderer(params, psf_fwhm_arcsec=torch.from_numpy(fwhm),
+                         pixel_scale_arcsec=survey.pixel_scale_arcsec)
         model, artefacts = add_artefacts(model, bkg, fwhm, survey.pixel_scale_arcsec, float(scfg["artefact_fraction"]),
                                          rng)
         noisy, variance = add_noise(model, bkg, t_exp, generator=generator)
@@ -119,11 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
     parts, seconds = [], {"render": 0.0, "model": 0.0, "baseline": 0.0}
     start_all = time.perf_counter()
     for survey in surveys:
+        renderer = stream_renderer(survey, n_pix, scfg, dtype, "cpu")
         for label, total in counts.items():
             for start in range(0, total, chunk):
                 n = min(chunk, total - start)
                 tick = time.perf_counter()
-                noisy, variance, meta = _render_chunk(n, survey, n_pix, population[label], scfg, rng, generator, dtype)
+                noisy, variance, meta = _render_chunk(n, survey, renderer, n_pix, population[label], scfg, rng,
+                                                      generator, dtype)
                 x = network_inputs(noisy, variance, prep)
                 seconds["render"] += time.perf_counter() - tick
                 tick = time.perf_counter()

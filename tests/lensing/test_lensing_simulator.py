@@ -207,6 +207,28 @@ def test_batch_renderer_equals_render_in_chunks(supersampling, chunk_elements, c
     torch.testing.assert_close(no_psf(params), render(params, 20, scale, None, supersampling))
 
 
+@pytest.mark.parametrize("supersampling,chunk_elements", [(1, 900), (2, 0)])
+def test_batch_renderer_per_call_seeing_and_pixel_scale_equal_render(supersampling, chunk_elements):
+    """A call with its own per-scene, per-band FWHM [B, C] (seeing that varies from image to image, radii
+    from 2 to 5 pixels in one batch) and its own pixel scale gives render's float64 images with
+    GaussianPSF([B, C]) at that scale, in chunks (the last one short) or whole; the same renderer then still
+    renders its own geometry; a per-band [C] FWHM per call, too."""
+    from lensing.batch_renderer import BatchRenderer
+
+    params, psf, scale = _hsc_scenes(7, F64, seed=3)
+    fwhm = torch.from_numpy(np.random.default_rng(5).uniform(0.3, 1.2, (7, 3)))
+    other_scale = 0.21
+    expected = render(params, 20, other_scale, GaussianPSF(fwhm), supersampling)
+    fast = BatchRenderer(20, scale, psf, supersampling, n_bands=3, dtype=F64, chunk_elements=chunk_elements)
+    ours = fast(params, psf_fwhm_arcsec=fwhm, pixel_scale_arcsec=other_scale)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item())
+    own = render(params, 20, scale, psf, supersampling)
+    torch.testing.assert_close(fast(params), own, rtol=1e-12, atol=1e-12 * own.abs().max().item())
+    per_band = render(params, 20, scale, GaussianPSF(fwhm[0]), supersampling)
+    torch.testing.assert_close(fast(params, psf_fwhm_arcsec=fwhm[0]), per_band, rtol=1e-12,
+                               atol=1e-12 * per_band.abs().max().item())
+
+
 @pytest.mark.parametrize("fast_math", [False, True])
 def test_batch_renderer_float32_matches_lenstronomy_float64(fast_math):
     """float32 fused rendering vs lenstronomy's float64 ImageModel, incl. round lenses (q → 1, where a
@@ -319,11 +341,11 @@ def test_unrolled_subpixel_sum_equals_the_reduction_and_fast_math_needs_float32(
     params, psf, scale = _hsc_scenes(3, F64)
     fast = BatchRenderer(16, scale, psf, 3, n_bands=3, dtype=F64)
     packed, layout = pack_coefficients(params)
+    x, y, area, taps = fast._geometry(3, None, None)
     images = {}
     for compiled in (False, True):
         images[compiled] = torch.empty(3, 3, 16, 16, dtype=F64)
-        _surface_chunk(images[compiled], packed, layout, fast.x, fast.y, 3, fast.pixel_area, fast.taps, False,
-                       compiled)
+        _surface_chunk(images[compiled], packed, layout, x, y, 3, area, taps, False, compiled)
     torch.testing.assert_close(images[True], images[False], rtol=1e-13, atol=0)
     torch.testing.assert_close(images[False], render(params, 16, scale, psf, 3), rtol=1e-12, atol=0)
     assert not fast.fast_math and not BatchRenderer(16, scale, psf, 3, n_bands=3).fast_math
@@ -340,14 +362,21 @@ def test_batch_renderer_chunk_traces_without_graph_breaks_and_refuses_what_it_ca
     fast = BatchRenderer(12, scale, psf, 2, n_bands=3)
     packed, layout = pack_coefficients(params)
     out = torch.empty(2, 3, 12, 12)
+    x, y, area, taps = fast._geometry(2, torch.full((2, 3), 0.5), 0.21)  # per-scene PSF, another pixel scale
     for fast_math, compiled in ((False, False), (True, True)):
-        explanation = torch._dynamo.explain(_surface_chunk)(out, packed, layout, fast.x, fast.y, 2, fast.pixel_area,
-                                                            fast.taps, fast_math, compiled)
+        explanation = torch._dynamo.explain(_surface_chunk)(out, packed, layout, x, y, 2, area, taps, fast_math,
+                                                            compiled)
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     with pytest.raises(TypeError, match="GaussianPSF or None"):
         BatchRenderer(12, scale, PixelPSF(torch.ones(3, 3)), n_bands=3)
     with pytest.raises(ValueError, match="per-scene"):
         BatchRenderer(12, scale, GaussianPSF(torch.full((2, 3), 0.6)), n_bands=3)
+    with pytest.raises(ValueError, match="fits neither"):
+        fast(params, psf_fwhm_arcsec=torch.full((5,), 0.6))
+    with pytest.raises(ValueError, match="built without a PSF"):
+        BatchRenderer(12, scale, None, n_bands=3)(params, psf_fwhm_arcsec=0.6)
+    with pytest.raises(ValueError, match="positive and finite"):
+        fast(params, pixel_scale_arcsec=0.0)
     with pytest.raises(ValueError, match="built for torch.float64"):
         BatchRenderer(12, scale, psf, n_bands=3, dtype=F64)(params)
     with pytest.raises(ValueError, match="the renderer has 1"):
