@@ -27,7 +27,7 @@ LENSING_DEFAULTS = {
         "storage": "npy",  # npy | fits | tiff16
         "dtype": "float32",  # float32 | float64 rendering precision
         "renderer": "torch",  # torch | lenstronomy (held-out sets by an independent simulator: sim:external)
-        "compile": False,  # torch.compile the renderer (faster for large data sets; ~1 min to compile)
+        "compile": False,  # torch.compile the fused renderer (needs a C++ compiler on CPU; 1-90 s per scene layout and PSF radius, cached)
         "batch_size": 256,  # scenes rendered per batch
         "truth_grid": 160,  # grid points per axis for Einstein area / image counting
         "seeing_scatter": 0.0,  # per-image PSF FWHM = preset x exp(N(0, this)) (0 = the preset's FWHM)

@@ -14,10 +14,11 @@ from common.config import ConfigError
 from common.errors import NothingProcessedError
 from common.runlog import progress
 from lensing.artefacts import add_artefacts
+from lensing.batch_renderer import BatchRenderer
 from lensing.catalog import SCHEMA_VERSION, join_bands
 from lensing.population import PopulationConfig, params_to_columns, sample_scenes, theta_e_range
 from lensing.psf import GaussianPSF
-from lensing.simulator import add_noise, renderer, variance_map
+from lensing.simulator import add_noise, variance_map
 from lensing.storage import FORMATS, write_array
 from lensing.surveys import Survey, get_survey
 from lensing.truth import lens_truth
@@ -118,6 +119,10 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
             log(f"[lensing] WARNING: {survey.name}: theta_E drawn from U({te_lo:.3g}, {te_hi:.3g})\" instead of the "
                 f"configured {list(population.theta_E_range_arcsec)} (simulate.population.theta_E_max_fov_fraction "
                 f"{population.theta_E_max_fov_fraction} of the {n_pix}-px half width)")
+        # the fused renderer (render's physics to rounding; per-batch pixel scale and per-image seeing per call)
+        fused = BatchRenderer(n_pix, survey.pixel_scale_arcsec, GaussianPSF(torch.as_tensor(survey.psf_fwhm_arcsec)),
+                              int(cfg["supersampling"]), n_bands=len(survey.bands), dtype=dtype, device=device,
+                              compile=bool(cfg["compile"]))
         bkg = np.array([survey.background_rms(b) for b in range(len(survey.bands))])
         ref_band = survey.band_index(survey.reference_band)
         bar = progress(total=total, desc=f"simulate {survey.name}", is_main=is_main)
@@ -128,10 +133,9 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
             params = {g: {k: v.to(device) for k, v in d.items()} for g, d in params.items()}
             fwhm, bkg_i, t_exp_i = observing_conditions(survey, n, float(cfg["seeing_scatter"]),
                                                         float(cfg["depth_scatter_mag"]), rng)
-            psf = GaussianPSF(torch.as_tensor(fwhm, dtype=dtype, device=device))
             with torch.no_grad():
-                comps = renderer(bool(cfg["compile"]))(params, n_pix, survey.pixel_scale_arcsec, psf, int(cfg["supersampling"]),
-                               return_components=True)
+                comps = fused.components(params, psf_fwhm_arcsec=torch.from_numpy(fwhm),
+                                         pixel_scale_arcsec=survey.pixel_scale_arcsec)
                 is_lens = torch.as_tensor(meta["label"] == 1, device=device)
                 truth = lens_truth(params, comps, torch.as_tensor(bkg_i, dtype=dtype, device=device),
                                    survey.pixel_scale_arcsec, is_lens, int(cfg["truth_grid"]))

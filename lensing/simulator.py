@@ -207,19 +207,6 @@ def render(params: Mapping, n_pix: int, pixel_scale_arcsec, psf=None, supersampl
     return convolve(stacked, psf, pixel_scale_arcsec, conv_method)
 
 
-_COMPILED: dict = {}
-
-
-def renderer(compile: bool = False):
-    """:func:`render`, or its torch.compile'd version (fuses the elementwise profile maths into one loop;
-    several times faster on CPU and GPU after a one-off compilation of ~1 min; needs a C++ compiler on CPU)."""
-    if not compile:
-        return render
-    if "render" not in _COMPILED:
-        _COMPILED["render"] = torch.compile(render, dynamic=False)
-    return _COMPILED["render"]
-
-
 def _repeat_psf(psf, times: int):
     """The PSF for a [B, times·C] stack of components (per-band FWHMs / kernels tiled)."""
     from lensing.psf import GaussianPSF, PixelPSF

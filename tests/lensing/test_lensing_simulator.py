@@ -229,6 +229,28 @@ def test_batch_renderer_per_call_seeing_and_pixel_scale_equal_render(supersampli
                                atol=1e-12 * per_band.abs().max().item())
 
 
+def test_batch_renderer_components_equal_render_components():
+    """What the truth table reads of render(return_components=True): the total and the PSF-convolved lensed
+    source (with its knots), float64, per-scene seeing; scenes without a source give no "source"."""
+    from lensing.batch_renderer import BatchRenderer
+    from lensing.population import PopulationConfig, sample_scenes
+    from lensing.surveys import get_survey
+
+    survey = get_survey("hsc")
+    params, _ = sample_scenes(5, survey, 20, PopulationConfig(source_knots_max=3), np.random.default_rng(8), F64)
+    assert params.get("source_knots") is not None
+    fwhm = torch.from_numpy(np.random.default_rng(9).uniform(0.5, 1.0, (5, 3)))
+    expected = render(params, 20, survey.pixel_scale_arcsec, GaussianPSF(fwhm), 2, return_components=True)
+    fast = BatchRenderer(20, survey.pixel_scale_arcsec, GaussianPSF(0.7), 2, n_bands=3, dtype=F64)
+    ours = fast.components(params, psf_fwhm_arcsec=fwhm)
+    assert set(ours) == {"total", "source"}
+    for key in ours:
+        torch.testing.assert_close(ours[key], expected[key], rtol=1e-12,
+                                   atol=1e-12 * expected["total"].abs().max().item())
+    unlensed = {g: params[g] for g in ("lens_light", "neighbours")}
+    assert set(fast.components(unlensed, psf_fwhm_arcsec=fwhm)) == {"total"}
+
+
 @pytest.mark.parametrize("fast_math", [False, True])
 def test_batch_renderer_float32_matches_lenstronomy_float64(fast_math):
     """float32 fused rendering vs lenstronomy's float64 ImageModel, incl. round lenses (q → 1, where a
