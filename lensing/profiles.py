@@ -126,10 +126,10 @@ def log_f32(x: torch.Tensor) -> torch.Tensor:
     ``logf``, with the exponent and mantissa read from the bits (an integer shift and mask) instead of
     ``frexp``, written as elementwise tensor arithmetic. Under torch.compile on a CPU this is inlined into the
     fused pixel loop, where ``torch.log`` is a call into SLEEF (``logf_u10``) and every live vector register
-    is saved around each call (the loop makes 9 such calls per pixel at supersampling 3): 15-18 % faster
-    renderer at 101 px, supersampling 3 (the README's speed section). Zero, negatives, denormals, inf and NaN
-    are outside its domain (it returns finite nonsense). Where a gradient is needed it is ``torch.log``'s
-    (the value then is torch's too)."""
+    is saved around each call (the loop makes 3 such calls per sub-pixel): 18-19 % faster renderer at 101 px,
+    supersampling 3 (the README's speed section). Zero, negatives and denormals are outside its domain
+    (finite nonsense); NaN gives NaN and inf NaN (``+ (x − x)``, 0 for finite x), so a bad parameter still
+    shows in the image. Where a gradient is needed it is ``torch.log``'s (the value then is torch's too)."""
     if x.requires_grad:
         return torch.log(x)
     bits = x.view(torch.int32)
@@ -142,7 +142,7 @@ def log_f32(x: torch.Tensor) -> torch.Tensor:
     p = LOG_POLY[0]
     for c in LOG_POLY[1:]:
         p = p * f + c
-    return f + (p * f * z + LN2_LOW * exponent - 0.5 * z) + LN2_HIGH * exponent
+    return f + (p * f * z + LN2_LOW * exponent - 0.5 * z) + LN2_HIGH * exponent + (x - x)
 
 
 # Cephes atanf.c (S. L. Moshier, Cephes Math Library 2.2, 1992): arctan t = π/2 + arctan(−1/t) for

@@ -327,6 +327,7 @@ def test_log_f32_against_float64_and_its_gradient():
     ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)  # one float32 ulp of the result
     assert (np.abs(ours - exact) / np.maximum(ulp, np.spacing(np.float32(0)))).max() <= 1.0
     assert log_f32(torch.tensor([1.0]))[0] == 0.0
+    assert log_f32(torch.tensor([float("nan"), float("inf")])).isnan().all()  # a bad input is not hidden
     leaf = torch.tensor([0.3, 7.0], requires_grad=True)
     out = log_f32(leaf)
     out.sum().backward()
