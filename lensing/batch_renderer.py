@@ -311,8 +311,9 @@ class BatchRenderer:
                     raise ValueError(f"parameter {group}.{key}: {value.dtype} on {value.device}, batch "
                                      f"{value.shape[0]}; the renderer was built for {self.dtype} on {self.device}, "
                                      f"batch {batch}")
-            if "amp" in values and values["amp"].shape[-1] != self.n_bands:
-                raise ValueError(f"{group}.amp has {values['amp'].shape[-1]} band(s); the renderer has {self.n_bands}")
+            bands = values["amp"].shape[-1] if "amp" in values and values["amp"].ndim >= 2 else 1  # [B] amp: one band
+            if "amp" in values and bands != self.n_bands:
+                raise ValueError(f"{group}.amp has {bands} band(s); the renderer has {self.n_bands}")
         try:
             x, y, area, taps = self._geometry(batch, psf_fwhm_arcsec, pixel_scale_arcsec)
         except ValueError as exc:  # a PSF of the wrong shape for this batch, a bad pixel scale

@@ -404,6 +404,9 @@ def test_batch_renderer_chunk_traces_without_graph_breaks_and_refuses_what_it_ca
         BatchRenderer(12, scale, psf, n_bands=3, dtype=F64)(params)
     with pytest.raises(ValueError, match="the renderer has 1"):
         BatchRenderer(12, scale, None, n_bands=1)(params)
+    one_band = {"lens_light": {k: v[:, 0] if k == "amp" else v for k, v in params["lens_light"].items()}}
+    torch.testing.assert_close(BatchRenderer(12, scale, None, n_bands=1)(one_band),  # amp [B]: one band
+                               render(one_band, 12, scale, None))
 
 
 @pytest.mark.slow
