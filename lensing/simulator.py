@@ -247,6 +247,13 @@ def add_noise(model: torch.Tensor, background_rms, exposure_time_s, generator: t
     counts; lenstronomy 1.14's image_util.add_poisson draws the Gaussian approximation N(0, |model|/t)
     instead: the same variance, different tails at low counts), plus Gaussian background noise σ = ``background_rms`` (counts/s); both are
     floats, [C] or [B, C]. Variance map = σ_bkg² + max(model, 0)/t. Noise is not differentiable.
+
+    Each image draws from its own stream: ``generator`` gives one 63-bit seed per image (B draws, whatever
+    the images hold), and the image's Poisson and Gaussian noise come from a generator seeded with it.
+    ``torch.poisson`` consumes a value-dependent number of random numbers (inversion below 10 counts,
+    rejection above), so with one shared stream a rounding-level change of one expected count (another
+    renderer, another device, float32 vs float64) re-drew the noise of every later image of the batch;
+    now it can change only that image's.
     """
     b, c = model.shape[:2]
     sigma = _broadcast_bc(background_rms, b, c, model)
@@ -258,11 +265,17 @@ def add_noise(model: torch.Tensor, background_rms, exposure_time_s, generator: t
     # draw on the generator's device (a CPU generator with a CUDA model is allowed): the same generator
     # then gives the same noise whichever device rendered the model
     draw = generator.device if generator is not None else model.device
+    seeds = torch.randint(0, 2**63 - 1, (b,), generator=generator, device=draw).tolist()
+    expected = (clean * t_exp).to(draw)
+    counts, gauss = torch.empty_like(expected), torch.empty(model.shape, dtype=model.dtype, device=draw)
+    for i, seed in enumerate(seeds):
+        stream = torch.Generator(device=draw).manual_seed(seed)
+        if poisson:
+            counts[i] = torch.poisson(expected[i], generator=stream)
+        gauss[i] = torch.randn(model.shape[1:], generator=stream, dtype=model.dtype, device=draw)
     if poisson:
-        counts = torch.poisson((clean * t_exp).to(draw), generator=generator).to(model.device)
-        noisy = noisy + counts / t_exp - clean
-    gauss = torch.randn(model.shape, generator=generator, dtype=model.dtype, device=draw).to(model.device)
-    noisy = noisy + gauss * sigma
+        noisy = noisy + counts.to(model.device) / t_exp - clean
+    noisy = noisy + gauss.to(model.device) * sigma
     variance = sigma**2 + (clean / t_exp if poisson else 0.0)
     return noisy, variance
 

@@ -156,6 +156,21 @@ def test_ellipticity_roundtrip_and_sersic_total_flux():
     assert abs(numeric / sersic_total_flux(2.0, 0.8, 2.5) - 1) < 0.02  # the tail beyond ±8" is missing
 
 
+def test_noise_of_an_image_does_not_depend_on_the_other_images():
+    """Each image draws from its own stream: a change of the first image's expected counts (Poisson's
+    inversion and rejection consume a value-dependent number of random numbers; with one shared stream this
+    re-drew every later image) leaves the noise of every other image bit for bit unchanged; the same seed
+    gives the same noise."""
+    model = torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(1), dtype=F64) * 0.2  # ≤ 20 counts
+    nudged = model.clone()
+    nudged[0] = nudged[0] * 1.05
+    first, _ = add_noise(model, 0.1, 100.0, generator=torch.Generator().manual_seed(3))
+    again, _ = add_noise(model, 0.1, 100.0, generator=torch.Generator().manual_seed(3))
+    other, _ = add_noise(nudged, 0.1, 100.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    assert torch.equal(first[1:] - model[1:], other[1:] - nudged[1:])
+
+
 def test_noise_statistics_match_variance_map():
     model = torch.full((4, 2, 64, 64), 0.5, dtype=F64)
     gen = torch.Generator().manual_seed(0)
