@@ -222,7 +222,6 @@ class BatchRenderer:
         x, y = pixel_grid(self.n_pix, 1.0, self.supersampling, dtype, self.device)
         self.unit_x, self.unit_y = (subpixel_major(g, self.n_pix, self.supersampling) for g in (x, y))
         self.x, self.y = self.unit_x * self.pixel_scale, self.unit_y * self.pixel_scale
-        self.pixel_area = self.pixel_scale**2
         self.psf, self.taps = psf, None
         if psf is not None:
             if not isinstance(psf, GaussianPSF):

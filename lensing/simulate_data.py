@@ -51,6 +51,15 @@ def observing_conditions(survey: Survey, n: int, seeing_scatter: float, depth_sc
     return fwhm, bkg, t_exp
 
 
+def survey_renderer(survey: Survey, n_pix: int, cfg: dict, dtype, device) -> BatchRenderer:
+    """The fused renderer of one survey preset (``render``'s physics to rounding, tested) for the ``simulate``
+    section ``cfg`` (``supersampling``; ``compile``: torch.compile'd, needs a C++ compiler on a CPU); each
+    batch passes its own pixel scale and per-image seeing per call."""
+    return BatchRenderer(n_pix, survey.pixel_scale_arcsec, GaussianPSF(torch.as_tensor(survey.psf_fwhm_arcsec)),
+                         int(cfg["supersampling"]), n_bands=len(survey.bands), dtype=dtype, device=device,
+                         compile=bool(cfg["compile"]))
+
+
 def batch_survey(survey: Survey, pixel_scale_scatter: float, rng: np.random.Generator) -> Survey:
     """The preset with its pixel scale times exp(U(−``pixel_scale_scatter``, +``pixel_scale_scatter``)), one draw per
     render batch (domain randomization: the same scenes sampled by another detector, so a survey whose pixel scale
@@ -119,10 +128,7 @@ def simulate_dataset(cfg: dict, out_dir: str | Path, seed: int, log: Callable[[s
             log(f"[lensing] WARNING: {survey.name}: theta_E drawn from U({te_lo:.3g}, {te_hi:.3g})\" instead of the "
                 f"configured {list(population.theta_E_range_arcsec)} (simulate.population.theta_E_max_fov_fraction "
                 f"{population.theta_E_max_fov_fraction} of the {n_pix}-px half width)")
-        # the fused renderer (render's physics to rounding; per-batch pixel scale and per-image seeing per call)
-        fused = BatchRenderer(n_pix, survey.pixel_scale_arcsec, GaussianPSF(torch.as_tensor(survey.psf_fwhm_arcsec)),
-                              int(cfg["supersampling"]), n_bands=len(survey.bands), dtype=dtype, device=device,
-                              compile=bool(cfg["compile"]))
+        fused = survey_renderer(survey, n_pix, cfg, dtype, device)
         bkg = np.array([survey.background_rms(b) for b in range(len(survey.bands))])
         ref_band = survey.band_index(survey.reference_band)
         bar = progress(total=total, desc=f"simulate {survey.name}", is_main=is_main)

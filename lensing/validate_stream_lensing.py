@@ -40,8 +40,7 @@ from lensing.data import STRETCHES, fit_size, normalize
 from lensing.defaults import lensing_defaults
 from lensing.metrics import bologna_metrics, bootstrap_comparison, per_survey_metrics
 from lensing.population import PopulationConfig, sample_scenes
-from lensing.psf import GaussianPSF
-from lensing.simulate_data import DTYPES, batch_survey, observing_conditions
+from lensing.simulate_data import DTYPES, batch_survey, observing_conditions, survey_renderer
 from lensing.simulator import add_noise
 from lensing.surveys import get_survey
 
@@ -61,15 +60,6 @@ def network_inputs(noisy: np.ndarray, variance: np.ndarray, prep: dict) -> np.nd
     if prep.get("residual_channel", False):
         x = np.concatenate([x, x - azimuthal_median_model(x.reshape(-1, *x.shape[-2:])).reshape(x.shape)], axis=1)
     return x.astype(np.float32)
-
-
-def stream_renderer(survey, n_pix: int, scfg: dict, dtype, device) -> BatchRenderer:
-    """The fused renderer of one survey's stream (``simulate.compile``: torch.compile'd, needs a C++ compiler
-    on a CPU); each chunk passes its own pixel scale and per-image seeing. Its images equal ``render``'s with
-    ``GaussianPSF([B, C])`` to rounding (tests/lensing/test_lensing_simulator.py)."""
-    return BatchRenderer(n_pix, survey.pixel_scale_arcsec, GaussianPSF(torch.as_tensor(survey.psf_fwhm_arcsec)),
-                         int(scfg["supersampling"]), n_bands=len(survey.bands), dtype=dtype, device=device,
-                         compile=bool(scfg["compile"]))
 
 
 def _render_chunk(n: int, survey, renderer: BatchRenderer, n_pix: int, population: PopulationConfig, scfg: dict,
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts, seconds = [], {"render": 0.0, "model": 0.0, "baseline": 0.0}
     start_all = time.perf_counter()
     for survey in surveys:
-        renderer = stream_renderer(survey, n_pix, scfg, dtype, "cpu")
+        renderer = survey_renderer(survey, n_pix, scfg, dtype, "cpu")
         for label, total in counts.items():
             for start in range(0, total, chunk):
                 n = min(chunk, total - start)
